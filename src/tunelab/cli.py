@@ -1,0 +1,129 @@
+"""``tunelab <command>``: a thin layer over the library functions."""
+
+from __future__ import annotations
+
+import json
+import sys
+import textwrap
+from pathlib import Path
+from typing import Optional
+
+import typer
+import yaml
+from rich.console import Console
+
+from tunelab.errors import ConfigError, TunelabError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Fine-tune language models on your own data.")
+data_app = typer.Typer(no_args_is_help=True, help="Validate data and report on its quality.")
+app.add_typer(data_app, name="data")
+console = Console()
+error_console = Console(stderr=True)
+
+
+def _overrides(pairs: list[str]) -> dict:
+    overrides = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {pair!r} is not KEY=VALUE", where="--set",
+                              fix="write e.g. --set train.lr=1e-4")
+        overrides[key] = yaml.safe_load(value)
+    return overrides
+
+
+@app.command()
+def train(
+    config: Optional[Path] = typer.Argument(None, help="YAML config of the run."),
+    resume: Optional[Path] = typer.Option(None, help="Continue this run directory exactly."),
+    overwrite: bool = typer.Option(False, help="Replace an existing run directory."),
+    set_: list[str] = typer.Option([], "--set", help="Override a config key: train.lr=1e-4"),
+) -> None:
+    """Fine-tune a model: data files → LoRA or full fine-tuning → a run directory."""
+    from tunelab.config import load_config
+    from tunelab.runs import open_run
+    from tunelab.train.loop import train as run_training
+
+    if resume is not None:
+        _, cfg = open_run(resume)
+    elif config is None:
+        raise ConfigError("give a config file, or --resume RUN", where="tunelab train",
+                          fix="tunelab train examples/sentiment/config.yaml")
+    else:
+        cfg = load_config(config, _overrides(set_))
+    run_training(cfg, resume=resume, overwrite=overwrite, console=console)
+
+
+@data_app.command("check")
+def data_check(
+    source: Path = typer.Argument(..., help="A config (its train/validation data) or a data file."),
+    max_seq_len: Optional[int] = typer.Option(None, help="Report truncation at this length."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the report here."),
+) -> None:
+    """Validate data files and print a quality report."""
+    from tunelab.data.check import check_data
+
+    report = check_data(source, max_seq_len=max_seq_len, console=console)
+    if json_out:
+        json_out.write_text(json.dumps(report, indent=2))
+        console.print(f"Report written to {json_out}")
+
+
+@app.command()
+def generate(
+    run: Path = typer.Argument(..., help="A run directory made by tunelab train."),
+    prompt: str = typer.Option(..., help="The prompt text."),
+    max_new_tokens: int = typer.Option(64, help="Most new tokens to generate."),
+    temperature: float = typer.Option(0.0, help="0 = greedy; above 0 samples."),
+    top_p: float = typer.Option(1.0, help="Nucleus sampling mass when sampling."),
+    seed: int = typer.Option(0, help="Seed for sampling."),
+    chat: Optional[bool] = typer.Option(None, help="Wrap the prompt in the chat template "
+                                        "(default: when the run trained on chat data)."),
+    base: bool = typer.Option(False, help="Use the base model, without the run's adapter."),
+) -> None:
+    """Load base + adapter of a run and complete a prompt."""
+    from tunelab.data.tokenize import render_user_prompt
+    from tunelab.eval.generate import generate_texts
+    from tunelab.model.adapters import load_run_model
+
+    model, tokenizer, cfg = load_run_model(run, base=base)
+    if chat is None:
+        chat = cfg.data.format == "chat" or _trained_on_chat(cfg)
+    text = render_user_prompt(prompt, tokenizer, chat=chat, chat_template=cfg.data.chat_template)
+    output = generate_texts(model, tokenizer, [text], max_new_tokens=max_new_tokens,
+                            temperature=temperature, top_p=top_p, seed=seed)[0]
+    console.print(output, markup=False, highlight=False)
+
+
+def _trained_on_chat(cfg) -> bool:
+    from tunelab.runs import read_manifest
+
+    return read_manifest(cfg.run_dir).get("data_report", {}).get("format") == "chat"
+
+
+def main() -> None:
+    """Entry point: run the app; a TunelabError becomes one paragraph and its exit code."""
+    try:
+        app(standalone_mode=False)
+    except TunelabError as error:
+        width = min(100, error_console.width)
+        text = textwrap.fill(f"{error.kind}: {error.render()}", width=width)
+        error_console.print(text, style="red", markup=False, highlight=False)
+        sys.exit(error.exit_code)
+    except KeyboardInterrupt:
+        error_console.print("interrupted", style="red")
+        sys.exit(130)
+    except (typer.Exit, SystemExit) as stop:
+        sys.exit(getattr(stop, "exit_code", getattr(stop, "code", 0)))
+    except Exception as error:  # click's own usage errors
+        import click
+
+        if isinstance(error, click.ClickException):
+            error.show()
+            sys.exit(error.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

