@@ -89,17 +89,17 @@ def generate(
 
     model, tokenizer, cfg = load_run_model(run, base=base)
     if chat is None:
-        chat = cfg.data.format == "chat" or _trained_on_chat(cfg)
+        chat = cfg.data.format == "chat" or _trained_on_chat(run)
     text = render_user_prompt(prompt, tokenizer, chat=chat, chat_template=cfg.data.chat_template)
     output = generate_texts(model, tokenizer, [text], max_new_tokens=max_new_tokens,
                             temperature=temperature, top_p=top_p, seed=seed)[0]
     console.print(output, markup=False, highlight=False)
 
 
-def _trained_on_chat(cfg) -> bool:
+def _trained_on_chat(run: Path) -> bool:
     from tunelab.runs import read_manifest
 
-    return read_manifest(cfg.run_dir).get("data_report", {}).get("format") == "chat"
+    return read_manifest(run).get("data_report", {}).get("format") == "chat"
 
 
 def main() -> None:

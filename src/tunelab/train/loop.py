@@ -81,6 +81,7 @@ def prepare(config: Config, console: Console) -> Prepared:
         chat_template=data.chat_template)
     train_tokens, validation_tokens = tokenize(train_examples), tokenize(validation_examples)
     report = {
+        "format": train_examples[0].format if train_examples else None,
         "train_examples": len(train_tokens), "validation_examples": len(validation_tokens),
         "train_tokens": sum(len(ex.input_ids) for ex in train_tokens),
         "train_target_tokens": sum(ex.n_target_tokens for ex in train_tokens),
