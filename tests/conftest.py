@@ -51,7 +51,9 @@ def _corpus() -> list[str]:
             f"Review: {opener} {noun} was {adjective}, {stars}/10! Sentiment: {label}\n"
         )
         if index % 7 == 0:
-            sentences.append(f"Is this review positive or negative? {opener} {noun} is {adjective}.")
+            sentences.append(
+                f"Is this review positive or negative? {opener} {noun} is {adjective}."
+            )
     sentences.append(" ".join(str(number) for number in range(200)))
     return sentences
 

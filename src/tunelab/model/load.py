@@ -1,4 +1,4 @@
-"""Load the base model and tokenizer from a local folder, a GGUF file, a hub id or the embedded default.
+"""Load the base model and tokenizer: a local folder, a GGUF file, a hub id or the embedded default.
 
 Every path goes through :func:`resolve_model_path`, which turns what the user wrote into
 something ``from_pretrained`` loads offline and fast: a GGUF file is converted once into an
@@ -80,9 +80,9 @@ def resolve_dtype(dtype: str, device: torch.device | str) -> torch.dtype:
     if key not in _DTYPES:
         choices = ["auto", *_DTYPES]
         close = difflib.get_close_matches(str(dtype).lower(), choices, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ModelError(
-            f"unknown dtype {dtype!r}.{hint}",
+            f"unknown dtype {dtype!r}{hint}",
             where="model.dtype",
             fix=f"use one of: {', '.join(choices)}",
         )
@@ -126,7 +126,8 @@ def load_tokenizer(path: str, gguf_file: str | None = None) -> Any:
     resolved = resolve_model_path(path, gguf_file)
     try:
         tokenizer = AutoTokenizer.from_pretrained(resolved)
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+    except Exception as exc:
+        # a broken tokenizer.json raises the tokenizers library's bare Exception
         raise _load_failure(path, resolved, "tokenizer", exc) from exc
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
@@ -159,6 +160,13 @@ def load_model(
             resolved, dtype=torch_dtype, attn_implementation=attn_implementation
         )
     except Exception as exc:
+        if "attn_implementation" in str(exc) or "FlashAttention" in str(exc):
+            raise ModelError(
+                f"attention implementation {attn_implementation!r} cannot be used for "
+                f"{path}: {exc}",
+                where="model.attn_implementation",
+                fix="use sdpa (the default) or eager",
+            ) from exc
         # safetensors, torch and transformers raise many unrelated types for a broken
         # folder (SafetensorError, OSError, ValueError, KeyError, RuntimeError ...).
         raise _load_failure(path, resolved, "model", exc) from exc
@@ -249,7 +257,7 @@ def _not_a_model_folder(path: str, folder: Path) -> ModelError:
     if ggufs:
         fix = f"set model.gguf_file to {ggufs[0]} (or point model.path at that file)"
     else:
-        fix = f"point model.path at the folder that holds config.json; {_PATH_FIX}"
+        fix = _PATH_FIX
     return ModelError(
         f"{path} is not a model folder: it has no config.json (it holds: {shown or 'nothing'})",
         where="model.path",
@@ -264,20 +272,21 @@ def _does_not_exist(path: str, local: Path) -> ModelError:
         siblings = [p.name for p in parent.iterdir()]
         close = difflib.get_close_matches(local.name, siblings, n=3, cutoff=0.6)
         if close:
-            hint = " Did you mean " + " or ".join(repr(str(parent / c)) for c in close) + "?"
+            hint = " (did you mean " + " or ".join(repr(str(parent / c)) for c in close) + "?)"
     else:
         hint = f" (its folder {parent} does not exist either)"
-    return ModelError(f"{path} does not exist.{hint}", where="model.path", fix=_PATH_FIX)
+    return ModelError(f"{path} does not exist{hint}", where="model.path", fix=_PATH_FIX)
 
 
 def _load_failure(path: str, resolved: str, what: str, exc: Exception) -> ModelError:
     if resolved == path and not Path(path).expanduser().exists():
         return ModelError(
             f"cannot load the {what} for hub id {path!r}: the Hugging Face hub cannot be "
-            f"reached (or refused it) and the id is not in the local HF cache ({exc})",
+            f"reached (or refused it) and the id is not in the local HF cache "
+            f"({' '.join(str(exc).split())})",
             where="model.path",
             fix=f"pass a local model folder or {EMBEDDED}; or download it on a machine "
-            "with network first (huggingface-cli download), then set HF_HUB_OFFLINE=1",
+            f"with network first (hf download {path}), then set HF_HUB_OFFLINE=1",
         )
     return ModelError(
         f"cannot load the {what} from {resolved}: {type(exc).__name__}: {exc}",
@@ -335,6 +344,7 @@ def _convert_once(gguf_path: Path) -> str:
                 fix="check that the file is a complete GGUF of a causal LM that transformers "
                 "supports (re-download it if it was truncated)",
             ) from exc
+        _make_readable(scratch)
         try:
             os.replace(scratch, target)
         except OSError:
@@ -344,6 +354,13 @@ def _convert_once(gguf_path: Path) -> str:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return str(target)
+
+
+def _make_readable(folder: Path) -> None:
+    # mkdtemp creates the folder private (0700); a cache entry is an ordinary readable folder
+    folder.chmod(0o755)
+    for file in folder.iterdir():
+        file.chmod(0o644)
 
 
 def _write_converted(gguf_path: Path, out_dir: Path) -> None:
