@@ -1,9 +1,41 @@
-"""Detect and normalise chat / instruction / prompt-completion / text / template records → Example."""
+"""Detect and normalise chat / instruction / completion / text / template records → Example.
+
+Accepted record shapes (one per file in auto mode):
+
+- chat: OpenAI fine-tuning format, ``{"messages": [{"role", "content", "weight"?}, ...]}``;
+  roles system/user/assistant/tool; ``weight`` (0 or 1) only on assistant turns.
+- instruction (Alpaca): ``{"instruction", "input"?, "output"}``. The prompt is the standard
+  Alpaca template, ``ALPACA_PROMPT`` when ``input`` is non-empty::
+
+      Below is an instruction that describes a task, paired with an input that provides further
+      context. Write a response that appropriately completes the request.
+
+      ### Instruction:
+      {instruction}
+
+      ### Input:
+      {input}
+
+      ### Response:
+
+  and ``ALPACA_PROMPT_NO_INPUT`` (no "paired with an input..." clause, no Input section) when
+  ``input`` is missing, null, empty or whitespace. The output is the trained segment.
+- completion: ``{"prompt", "completion"}``; the completion is trained.
+- text: ``{"text"}``; all of it is trained.
+- template: any columns, rendered by ``data.prompt`` / ``data.completion`` format strings.
+
+An empty target is kept, not rejected: the quality report flags it.
+"""
 
 from __future__ import annotations
 
+import difflib
+import os
+import string
 from dataclasses import dataclass, field
 from typing import Any
+
+from tunelab.errors import ConfigError, DataError
 
 
 @dataclass(frozen=True)
@@ -50,3 +82,405 @@ class Example:
     @property
     def where(self) -> str:
         return f"{self.source}:{self.line}"
+
+
+# --- detection and normalisation ------------------------------------------------------------
+
+FORMATS = ("chat", "instruction", "completion", "text", "template")
+ROLES = ("system", "user", "assistant", "tool")
+
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task, paired with an input that provides further "
+    "context. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately "
+    "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+)
+
+_SHAPES = (
+    '{"messages": [{"role": ..., "content": ...}, ...]} (chat), '
+    '{"instruction", "input" (optional), "output"} (instruction), '
+    '{"prompt", "completion"} (completion), {"text"} (text)'
+)
+_TEMPLATE_FIX = (
+    "rename the fields to one of these shapes, or use template mode: set data.prompt and "
+    'data.completion in the config to format strings over your columns, e.g. prompt: '
+    '"Review: {text}\\nSentiment:" and completion: " {label}"'
+)
+_ROLE_HINTS = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant"}
+
+
+def detect_format(record: Record) -> str:
+    """The record's format from its keys: chat, instruction, completion or text.
+
+    Raises DataError listing the record's keys and the accepted shapes when none fits.
+    """
+    keys = record.fields
+    if "messages" in keys:
+        return "chat"
+    if "instruction" in keys and "output" in keys:
+        return "instruction"
+    if "prompt" in keys and "completion" in keys:
+        return "completion"
+    if "text" in keys and not keys.keys() & {"prompt", "completion", "instruction"}:
+        return "text"
+    raise DataError(
+        f"cannot tell the format of a record with keys {_key_list(record)}; accepted shapes: "
+        f"{_SHAPES}",
+        where=record.where,
+        fix=_TEMPLATE_FIX,
+    )
+
+
+def to_example(
+    record: Record, fmt: str, *, prompt: str | None = None, completion: str | None = None
+) -> Example:
+    """Normalise one record of a known format into an Example (segments or chat messages).
+
+    ``prompt`` and ``completion`` are the format strings of template mode (``fmt="template"``).
+    Raises DataError naming file:line and the field for missing fields and wrong types.
+    """
+    if fmt == "chat":
+        messages = _chat_messages(record)
+        return Example("chat", record.source, record.line, messages=messages)
+    if fmt == "instruction":
+        instruction = _string_field(record, "instruction", fmt)
+        output = _string_field(record, "output", fmt)
+        context = _string_field(record, "input", fmt, required=False)
+        if context and not context.isspace():
+            prompt_text = ALPACA_PROMPT.format(instruction=instruction, input=context)
+        else:
+            prompt_text = ALPACA_PROMPT_NO_INPUT.format(instruction=instruction)
+        segments = [Segment(prompt_text, train=False), Segment(output, train=True)]
+        return Example(fmt, record.source, record.line, segments=segments, label=output)
+    if fmt == "completion":
+        prompt_text = _string_field(record, "prompt", fmt)
+        target = _string_field(record, "completion", fmt)
+        segments = [Segment(prompt_text, train=False), Segment(target, train=True)]
+        return Example(fmt, record.source, record.line, segments=segments, label=target)
+    if fmt == "text":
+        segments = [Segment(_string_field(record, "text", fmt), train=True)]
+        return Example(fmt, record.source, record.line, segments=segments)
+    if fmt == "template":
+        if prompt is None or completion is None:
+            raise ValueError("template format needs both prompt and completion format strings")
+        prompt_text = _render_template(record, prompt, "data.prompt")
+        target = _render_template(record, completion, "data.completion")
+        segments = [Segment(prompt_text, train=False), Segment(target, train=True)]
+        return Example(fmt, record.source, record.line, segments=segments, label=target.strip())
+    raise ConfigError(
+        f"unknown data format '{fmt}'",
+        where="data.format",
+        fix=f"use auto or one of {', '.join(FORMATS)}",
+    )
+
+
+def _key_list(record: Record) -> str:
+    return ", ".join(map(repr, record.fields)) or "(none)"
+
+
+def _kind(value: Any) -> str:
+    """What a JSON-ish value is, with its article: 'a string', 'a number', 'null'."""
+    if value is None:
+        return "null"
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean",
+             int: "a number", float: "a number"}
+    return names.get(type(value), f"a {type(value).__name__}")
+
+
+def _string_field(record: Record, name: str, fmt: str, *, required: bool = True) -> str:
+    if name not in record.fields:
+        if not required:
+            return ""
+        raise DataError(
+            f"missing field '{name}' (format '{fmt}' needs {_NEEDS[fmt]}; the record has keys "
+            f"{_key_list(record)})",
+            where=record.where,
+            fix=f"add '{name}' to every record, or set data.format to the format the file uses",
+        )
+    value = record.fields[name]
+    if value is None and not required:
+        return ""
+    if not isinstance(value, str):
+        raise DataError(
+            f"field '{name}' is {_kind(value)} ({_preview(value)}), expected a string",
+            where=record.where,
+            fix=f"write '{name}' as a JSON string, e.g. \"{value}\"",
+        )
+    return value
+
+
+_NEEDS = {
+    "chat": "messages",
+    "instruction": "instruction and output",
+    "completion": "prompt and completion",
+    "text": "text",
+}
+
+
+def _preview(value: Any, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _chat_messages(record: Record) -> list[Message]:
+    """Validate OpenAI fine-tuning chat messages; errors name the field path."""
+    if "messages" not in record.fields:
+        raise DataError(
+            f"missing field 'messages' (format 'chat' needs messages; the record has keys "
+            f"{_key_list(record)})",
+            where=record.where,
+            fix="add a messages list to every record, or set data.format to the file's format",
+        )
+    raw_messages = record.fields["messages"]
+    if not isinstance(raw_messages, list) or not raw_messages:
+        what = "an empty list" if raw_messages == [] else _kind(raw_messages)
+        raise DataError(
+            f"messages is {what}, expected a non-empty list of {{role, content}} objects",
+            where=record.where,
+            fix='write messages as [{"role": "user", "content": "..."}, '
+            '{"role": "assistant", "content": "..."}]',
+        )
+    messages = [_chat_message(record, index, raw) for index, raw in enumerate(raw_messages)]
+    if not any(m.role == "assistant" and m.weight != 0 for m in messages):
+        raise DataError(
+            "no assistant message is trained: there is none, or every one has weight 0",
+            where=record.where,
+            fix="add an assistant message (the reply the model should learn) with weight 1 "
+            "or without a weight",
+        )
+    return messages
+
+
+def _chat_message(record: Record, index: int, raw: Any) -> Message:
+    path = f"messages[{index}]"
+    if not isinstance(raw, dict):
+        raise DataError(
+            f"{path} is {_kind(raw)}, expected an object with role and content",
+            where=record.where,
+            fix='write each message as {"role": "user", "content": "..."}',
+        )
+    role = raw.get("role")
+    if role not in ROLES:
+        hint = _ROLE_HINTS.get(role) if isinstance(role, str) else None
+        described = "missing" if role is None else f"{_preview(role)}"
+        raise DataError(
+            f"{path}.role {described} is not one of {', '.join(ROLES)}",
+            where=record.where,
+            fix=f"use role '{hint}'" if hint else "use 'user' for the human turns and "
+            "'assistant' for the replies the model should learn",
+        )
+    if raw.get("tool_calls"):
+        raise DataError(
+            f"{path}.tool_calls: assistant messages with tool calls are not supported yet",
+            where=record.where,
+            fix="drop these records, or write the tool call into the assistant's content as text",
+        )
+    content = raw.get("content")
+    if not isinstance(content, str):
+        raise DataError(
+            f"{path}.content is {'missing' if 'content' not in raw else _kind(content)}, "
+            "expected a string",
+            where=record.where,
+            fix="give every message its text as a string in content (lists of content parts "
+            "are not supported)",
+        )
+    weight = raw.get("weight")
+    if weight is not None:
+        _check_weight(record, path, role, weight)
+        weight = int(weight)
+    return Message(role=role, content=content, weight=weight)
+
+
+def _check_weight(record: Record, path: str, role: str, weight: Any) -> None:
+    if role != "assistant":
+        raise DataError(
+            f"{path}.weight is set on a {role} message; only assistant messages carry a weight",
+            where=record.where,
+            fix="remove the weight (only assistant replies are trained)",
+        )
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight not in (0, 1):
+        raise DataError(
+            f"{path}.weight is {_preview(weight)}, expected 0 or 1",
+            where=record.where,
+            fix="use weight 1 to train on this reply and 0 to skip it",
+        )
+
+
+def _template_fields(template: str, config_key: str) -> list[str]:
+    """The column names a format string uses; ConfigError for a malformed template."""
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as error:
+        raise ConfigError(
+            f"the format string {template!r} is malformed ({error})",
+            where=config_key,
+            fix="write columns as {name}; write a literal brace as {{ or }}",
+        ) from None
+    names = []
+    for _, name, _, _ in parsed:
+        if name is None:
+            continue
+        if not name.isidentifier():
+            raise ConfigError(
+                f"the format string {template!r} uses {{{name}}}; only plain column names work",
+                where=config_key,
+                fix="name a column, e.g. {text}",
+            )
+        names.append(name)
+    return names
+
+
+def _render_template(record: Record, template: str, config_key: str) -> str:
+    values = {}
+    for name in _template_fields(template, config_key):
+        values[name] = _template_value(record, name, config_key)
+    try:
+        return template.format_map(values)
+    except (ValueError, TypeError) as error:
+        raise DataError(
+            f"{config_key} {template!r} cannot format this record ({error})",
+            where=record.where,
+            fix=f"check the format spec in {config_key} against the column's values",
+        ) from None
+
+
+def _template_value(record: Record, name: str, config_key: str) -> Any:
+    if name not in record.fields:
+        similar = difflib.get_close_matches(name, list(map(str, record.fields)), n=1)
+        hint = f"did you mean '{similar[0]}'? " if similar else ""
+        raise DataError(
+            f"{config_key} uses column '{name}', which this record does not have "
+            f"(columns: {_key_list(record)})",
+            where=record.where,
+            fix=f"{hint}use one of the record's columns in {config_key}",
+        )
+    value = record.fields[name]
+    # numbers and booleans format as str(value); anything else would print Python reprs
+    if isinstance(value, (str, int, float)):
+        return value
+    raise DataError(
+        f"column '{name}' is {_kind(value)}, which cannot be put into {config_key}",
+        where=record.where,
+        fix=f"give '{name}' a text or number value in every record",
+    )
+
+
+# --- whole files ----------------------------------------------------------------------------
+
+
+def load_examples(
+    paths: list[str],
+    fmt: str = "auto",
+    *,
+    prompt: str | None = None,
+    completion: str | None = None,
+) -> list[Example]:
+    """Read and normalise every file; ``fmt`` is auto, template or a format to force.
+
+    With ``prompt``/``completion`` format strings the format is template. In auto mode each
+    record is detected, and one file may not mix formats.
+    """
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    if prompt is not None or completion is not None:
+        fmt = _template_mode(fmt, prompt, completion)
+    elif fmt == "template":
+        raise ConfigError(
+            "data.format is template but data.prompt and data.completion are not set",
+            where="data.format",
+            fix='set data.prompt and data.completion, e.g. "Review: {text}\\nSentiment:" and '
+            '" {label}"',
+        )
+    elif fmt != "auto" and fmt not in FORMATS:
+        raise ConfigError(
+            f"unknown data format '{fmt}'",
+            where="data.format",
+            fix=f"use auto or one of {', '.join(FORMATS)}",
+        )
+    from tunelab.data.readers import read_records  # readers imports Record from this module
+
+    examples = []
+    for path in paths:
+        records = read_records(path)
+        if fmt == "auto":
+            examples.extend(_auto_examples(records))
+        else:
+            examples.extend(
+                to_example(record, fmt, prompt=prompt, completion=completion)
+                for record in records
+            )
+    return examples
+
+
+def _template_mode(fmt: str, prompt: str | None, completion: str | None) -> str:
+    if prompt is None or completion is None:
+        missing, given = ("data.completion", "data.prompt") if prompt else ("data.prompt",
+                                                                            "data.completion")
+        raise ConfigError(
+            f"{given} is set but {missing} is not; template mode needs both",
+            where=missing,
+            fix=f"set {missing} too, e.g. prompt: \"Review: {{text}}\\nSentiment:\" and "
+            'completion: " {label}"',
+        )
+    if fmt not in ("auto", "template"):
+        raise ConfigError(
+            f"data.format is '{fmt}' but data.prompt/data.completion are set (template mode)",
+            where="data.format",
+            fix="remove data.prompt and data.completion, or set data.format to auto",
+        )
+    _template_fields(prompt, "data.prompt")
+    _template_fields(completion, "data.completion")
+    return "template"
+
+
+def _auto_examples(records: list[Record]) -> list[Example]:
+    first = records[0]
+    file_format = detect_format(first)
+    examples = []
+    for record in records:
+        record_format = detect_format(record)
+        if record_format != file_format:
+            raise DataError(
+                f"this record is {record_format} but the file's first record (line {first.line}) "
+                f"is {file_format}; one file must use one format",
+                where=record.where,
+                fix="split the file by format, or convert the records to one shape",
+            )
+        examples.append(to_example(record, record_format))
+    return examples
+
+
+# --- text views used by quality checks ------------------------------------------------------
+
+
+def example_text(example: Example) -> str:
+    """The whole example as plain text: chat as "role: content" lines, else the segments."""
+    if example.messages is not None:
+        return "\n".join(f"{m.role}: {m.content}" for m in example.messages)
+    return "".join(segment.text for segment in example.segments)
+
+
+def example_prompt(example: Example) -> str:
+    """The untrained part: chat messages before the last trained reply, else untrained segments."""
+    if example.messages is not None:
+        last = _last_trained_turn(example.messages)
+        return "\n".join(f"{m.role}: {m.content}" for m in example.messages[:last])
+    return "".join(segment.text for segment in example.segments if not segment.train)
+
+
+def example_target(example: Example) -> str:
+    """The trained part: the last trained assistant reply (chat), else the trained segments."""
+    if example.messages is not None:
+        last = _last_trained_turn(example.messages)
+        return example.messages[last].content if last >= 0 else ""
+    return "".join(segment.text for segment in example.segments if segment.train)
+
+
+def _last_trained_turn(messages: list[Message]) -> int:
+    for index in range(len(messages) - 1, -1, -1):
+        if messages[index].role == "assistant" and messages[index].weight != 0:
+            return index
+    return -1

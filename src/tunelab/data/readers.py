@@ -1,4 +1,4 @@
-"""Read data files (JSONL, JSON, CSV/TSV, Parquet, Hugging Face datasets) into records with file:line.
+"""Read data files (JSONL, JSON, CSV, Parquet, Hugging Face datasets) into records with file:line.
 
 Every record remembers where it came from, so later stages can say "train.jsonl:17: ...". Bad
 user data never escapes as a parser traceback: it becomes a DataError naming the file, the line
@@ -82,10 +82,12 @@ def _split_suffix(source: str) -> tuple[str, str | None]:
 def _missing_file_fix(file_path: Path) -> str:
     folder = file_path.parent
     if not folder.is_dir():
-        return f"the folder '{folder}' does not exist either; check the path (relative paths "
-        "are resolved from the current directory)"
+        return (
+            f"the folder '{folder}' does not exist either; check the path (relative paths are "
+            "resolved from the current directory)"
+        )
     names = sorted(entry.name for entry in folder.iterdir())
-    similar = difflib.get_close_matches(file_path.name, names, n=3, cutoff=0.5)
+    similar = difflib.get_close_matches(file_path.name, names, n=3, cutoff=0.8)
     if similar:
         return "did you mean " + " or ".join(f"'{folder / name}'" for name in similar) + "?"
     return f"check the path; '{folder}' holds no file with a similar name"
@@ -199,7 +201,7 @@ def _json_error(
     return DataError(
         f"not valid JSON: {error.msg} (column {column})",
         where=f"{source}:{line_number}",
-        fix="fix the JSON on that line (each line must be one complete JSON object; check quotes, "
+        fix="correct the JSON on that line (each line must be one complete JSON object; check quotes, "
         "commas and escaped newlines)",
     )
 
@@ -231,7 +233,7 @@ def _read_csv(text: str, source: str, delimiter: str) -> list[Record]:
             if row:  # the csv module returns [] for a blank line
                 if len(row) != len(header):
                     raise _ragged_row(row, header, source, row_start)
-                records.append(Record(dict(zip(header, row)), source, row_start))
+                records.append(Record(dict(zip(header, row, strict=True)), source, row_start))
             row_start = reader.line_num + 1
     except csv.Error as error:
         raise DataError(

@@ -27,6 +27,7 @@ from tunelab.data.tokenize import TokenizedExample, prompt_and_target, tokenize_
 from tunelab.errors import DataError, RunError, TrainingError
 from tunelab.eval.generate import generate_texts
 from tunelab.model.adapters import apply_method, save_final
+from tunelab.model import varlen
 from tunelab.model.load import describe_model, load_model, load_tokenizer, resolve_device
 from tunelab.runs import MetricsLog, create_run, hash_file, versions, write_manifest
 from tunelab.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
@@ -102,6 +103,8 @@ def prepare(config: Config, console: Console) -> Prepared:
                        gguf_file=config.model.gguf_file,
                        attn_implementation=config.model.attn_implementation)
     model.config.use_cache = False
+    if train_cfg.packing:
+        varlen.enable(model)
     method = config.method
     model = apply_method(model, kind=method.kind, r=method.r, alpha=method.alpha,
                          dropout=method.dropout, targets=method.targets, rslora=method.rslora)
@@ -250,7 +253,8 @@ def _run_steps(model, prepared: Prepared, micro_batches, optimizer, scheduler, s
     model.train()
     progress = Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("step {task.completed}"
                         "/{task.total}"), TextColumn("{task.fields[status]}"),
-                        TimeRemainingColumn(), console=console, transient=False)
+                        TimeRemainingColumn(), console=console, transient=False,
+                        disable=not console.is_terminal)
     with progress:
         task = progress.add_task("train", total=total_steps, completed=state["step"], status="")
         while state["step"] < total_steps:
@@ -269,7 +273,7 @@ def _run_steps(model, prepared: Prepared, micro_batches, optimizer, scheduler, s
                 if not torch.isfinite(loss):
                     raise _non_finite(loss, state["step"] + 1, batch, group, prepared)
                 (loss / n_target).backward()
-                loss_sum += float(loss)
+                loss_sum += float(loss.detach())
             grad_norm = clip_gradients(model, train_cfg.max_grad_norm)
             if not math.isfinite(grad_norm):
                 raise _non_finite(torch.tensor(grad_norm), state["step"] + 1, None, group,
@@ -297,6 +301,9 @@ def _run_steps(model, prepared: Prepared, micro_batches, optimizer, scheduler, s
                 metrics.write(step=state["step"], val_loss=val)
                 status += f"  val {_fmt(val)}"
             progress.update(task, completed=state["step"], status=status)
+            if not console.is_terminal and (state["step"] % max(1, total_steps // 10) == 0
+                                            or state["step"] == total_steps):
+                console.print(f"step {state['step']}/{total_steps}  {status}")
             at_save = train_cfg.save_every and state["step"] % train_cfg.save_every == 0
             stopping = stop_after_steps is not None and steps_this_call >= stop_after_steps
             if (at_save or stopping) and state["step"] < total_steps:

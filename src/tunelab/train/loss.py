@@ -14,6 +14,7 @@ from torch.utils.checkpoint import checkpoint
 
 from tunelab.data.packing import Batch
 from tunelab.data.tokenize import IGNORE_INDEX
+from tunelab.model.varlen import cu_seq_lens
 
 
 def model_parts(model: nn.Module) -> tuple[nn.Module, nn.Module, float | None]:
@@ -27,8 +28,12 @@ def model_parts(model: nn.Module) -> tuple[nn.Module, nn.Module, float | None]:
 def hidden_states(model: nn.Module, batch: Batch) -> torch.Tensor:
     """The last hidden states ``[rows, length, hidden]`` of the decoder body."""
     body, _, _ = model_parts(model)
+    extra = {}
+    if batch.attention_mask is None and batch.input_ids.shape[0] == 1:
+        # Packed row: example boundaries for per-example attention (model/varlen.py).
+        extra["cu_seq_lens_q"] = cu_seq_lens(batch.position_ids)
     output = body(input_ids=batch.input_ids, position_ids=batch.position_ids,
-                  attention_mask=batch.attention_mask, use_cache=False)
+                  attention_mask=batch.attention_mask, use_cache=False, **extra)
     return output.last_hidden_state
 
 

@@ -1,0 +1,110 @@
+"""Training end to end on the tiny model: run directory, learning, exact resume, reloadable adapter."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from rich.console import Console
+from safetensors.torch import load_file
+
+from tunelab.config import config_from_dict
+from tunelab.model.load import load_model
+from tunelab.train.loop import train
+
+GOOD = ["good", "great", "fine", "lovely", "fun"]
+BAD = ["bad", "awful", "boring", "dull", "poor"]
+
+
+def write_reviews(path: Path, n: int, seed: int) -> str:
+    rng = random.Random(seed)
+    with open(path, "w") as handle:
+        for _ in range(n):
+            positive = rng.random() < 0.5
+            word = rng.choice(GOOD if positive else BAD)
+            handle.write(json.dumps({"text": f"the movie was {word}",
+                                     "label": "positive" if positive else "negative"}) + "\n")
+    return str(path)
+
+
+def make_config(tmp_path: Path, model_dir: str, **train_overrides):
+    train_cfg = {"epochs": 2, "lr": 1e-2, "batch_tokens": 128, "max_seq_len": 64, "samples": 2,
+                 "max_new_tokens": 3, "seed": 0}
+    train_cfg.update(train_overrides)
+    method = train_cfg.pop("method", {"kind": "lora", "r": 4, "alpha": 8, "dropout": 0.1})
+    return config_from_dict({
+        "name": train_cfg.pop("name", "reviews"),
+        "output_dir": str(tmp_path / "runs"),
+        "model": {"path": model_dir},
+        "method": method,
+        "data": {"train": write_reviews(tmp_path / "train.jsonl", 120, 0),
+                 "validation": write_reviews(tmp_path / "valid.jsonl", 30, 1),
+                 "prompt": "Review: {text}\nSentiment:", "completion": " {label}"},
+        "train": train_cfg,
+    })
+
+
+def quiet() -> Console:
+    return Console(quiet=True)
+
+
+def test_lora_run_learns_and_writes_a_complete_run_directory(tmp_path, tiny_model_dir):
+    result = train(make_config(tmp_path, tiny_model_dir, epochs=3), console=quiet())
+    run = result.run_dir
+    assert result.val_loss_after < result.val_loss_before - 0.5
+    for name in ("config.yaml", "manifest.json", "metrics.jsonl", "adapter/adapter_config.json",
+                 "adapter/adapter_model.safetensors"):
+        assert (run / name).is_file(), name
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["status"] == "finished" and manifest["seed"] == 0
+    assert len(manifest["data"]) == 2 and all(len(h) == 64 for h in manifest["data"].values())
+    steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps if "loss" in s] == list(range(1, result.steps + 1))
+    assert len(result.samples) == 2 and all("after" in s for s in result.samples)
+
+
+def test_resume_after_interruption_ends_bit_identical(tmp_path, tiny_model_dir):
+    whole = train(make_config(tmp_path / "a", tiny_model_dir, save_every=3), console=quiet())
+    config = make_config(tmp_path / "b", tiny_model_dir, save_every=3)
+    stopped = train(config, stop_after_steps=4, console=quiet())
+    assert stopped.steps == 4 and not (stopped.run_dir / "adapter").exists()
+    resumed = train(config, resume=stopped.run_dir, console=quiet())
+    assert resumed.steps == whole.steps
+    assert resumed.final_train_loss == whole.final_train_loss  # bit-identical on CPU
+    assert resumed.val_loss_after == whole.val_loss_after
+    a = load_file(whole.run_dir / "adapter" / "adapter_model.safetensors")
+    b = load_file(resumed.run_dir / "adapter" / "adapter_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_saved_adapter_reloads_with_peft_and_changes_the_output(tmp_path, tiny_model_dir):
+    result = train(make_config(tmp_path, tiny_model_dir), console=quiet())
+    inputs = torch.tensor([[5, 6, 7, 8, 9]])
+    base = load_model(tiny_model_dir, device="cpu").eval()
+    with torch.no_grad():
+        base_logits = base(input_ids=inputs).logits
+    tuned = PeftModel.from_pretrained(base, result.run_dir / "adapter").eval()
+    with torch.no_grad():
+        tuned_logits = tuned(input_ids=inputs).logits
+    assert not torch.allclose(base_logits, tuned_logits, atol=1e-4)
+
+
+def test_full_fine_tuning_saves_whole_weights(tmp_path, tiny_model_dir):
+    result = train(make_config(tmp_path, tiny_model_dir, lr=1e-3, method={"kind": "full"}),
+                   console=quiet())
+    assert result.val_loss_after < result.val_loss_before
+    reloaded = load_model(str(result.run_dir / "model"), device="cpu")
+    assert sum(p.numel() for p in reloaded.parameters()) > 10_000
+
+
+def test_existing_run_is_not_overwritten(tmp_path, tiny_model_dir):
+    from tunelab.errors import RunError
+
+    config = make_config(tmp_path, tiny_model_dir, max_steps=2)
+    train(config, console=quiet())
+    with pytest.raises(RunError, match="already exists"):
+        train(config, console=quiet())
