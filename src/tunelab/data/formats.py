@@ -106,7 +106,7 @@ _SHAPES = (
 )
 _TEMPLATE_FIX = (
     "rename the fields to one of these shapes, or use template mode: set data.prompt and "
-    'data.completion in the config to format strings over your columns, e.g. prompt: '
+    "data.completion in the config to format strings over your columns, e.g. prompt: "
     '"Review: {text}\\nSentiment:" and completion: " {label}"'
 )
 _ROLE_HINTS = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant"}
@@ -185,8 +185,14 @@ def _kind(value: Any) -> str:
     """What a JSON-ish value is, with its article: 'a string', 'a number', 'null'."""
     if value is None:
         return "null"
-    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean",
-             int: "a number", float: "a number"}
+    names = {
+        dict: "an object",
+        list: "a list",
+        str: "a string",
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+    }
     return names.get(type(value), f"a {type(value).__name__}")
 
 
@@ -266,11 +272,11 @@ def _chat_message(record: Record, index: int, raw: Any) -> Message:
     if role not in ROLES:
         hint = _ROLE_HINTS.get(role) if isinstance(role, str) else None
         described = "missing" if role is None else f"{_preview(role)}"
+        fix = f"use role '{hint}'" if hint else "use 'user' for the human turns"
         raise DataError(
             f"{path}.role {described} is not one of {', '.join(ROLES)}",
             where=record.where,
-            fix=f"use role '{hint}'" if hint else "use 'user' for the human turns and "
-            "'assistant' for the replies the model should learn",
+            fix=f"{fix} and 'assistant' for the replies the model should learn",
         )
     if raw.get("tool_calls"):
         raise DataError(
@@ -409,20 +415,20 @@ def load_examples(
             examples.extend(_auto_examples(records))
         else:
             examples.extend(
-                to_example(record, fmt, prompt=prompt, completion=completion)
-                for record in records
+                to_example(record, fmt, prompt=prompt, completion=completion) for record in records
             )
     return examples
 
 
 def _template_mode(fmt: str, prompt: str | None, completion: str | None) -> str:
     if prompt is None or completion is None:
-        missing, given = ("data.completion", "data.prompt") if prompt else ("data.prompt",
-                                                                            "data.completion")
+        given, missing = ("data.prompt", "data.completion")
+        if prompt is None:
+            given, missing = missing, given
         raise ConfigError(
             f"{given} is set but {missing} is not; template mode needs both",
             where=missing,
-            fix=f"set {missing} too, e.g. prompt: \"Review: {{text}}\\nSentiment:\" and "
+            fix=f'set {missing} too, e.g. prompt: "Review: {{text}}\\nSentiment:" and '
             'completion: " {label}"',
         )
     if fmt not in ("auto", "template"):

@@ -6,15 +6,16 @@ prints); ``render_quality_report`` draws it with rich. Lists of places are cut t
 
 Near-duplicates are found with MinHash over character 5-gram shingles of the lower-cased,
 whitespace-collapsed text, using one-permutation hashing with rotation densification (one hash
-per shingle, 128 bins) and LSH banding, all in numpy. Character shingles rather than word
-5-shingles because fine-tuning examples are short: one changed word among 40 leaves word
-5-shingles only ~0.76 similar, character 5-grams ~0.9. Two adjustments keep this honest and
-fast on large or templated data:
+per shingle, 128 bins) and LSH banding, all in numpy; the Jaccard similarity of each candidate
+pair is then computed exactly, so reported similarities carry no estimation noise. Character
+shingles rather than word 5-shingles because fine-tuning examples are short: one changed word
+among 40 leaves word 5-shingles only ~0.76 similar, character 5-grams ~0.9. Two adjustments
+keep this honest and fast on large or templated data:
 
 - shingles found in more than half of all texts (a shared system prompt, the Alpaca preamble,
   a "Review: ... Sentiment:" scaffold) are ignored, so similarity measures the content;
 - past ``MAX_SHINGLES`` shingles in total, a fixed hash-range subsample is used for every text,
-  which keeps the similarity estimate unbiased.
+  which keeps the similarity unbiased.
 
 An LSH bucket is compared within a window of ``MAX_BUCKET_WINDOW`` neighbours, so in a cluster of
 more than ~100 mutual near-duplicates the pair count is a lower bound.
@@ -41,6 +42,7 @@ COMMON_SHINGLE_SHARE = 0.5
 MIN_COMMON_SHINGLE_TEXTS = 20  # below this many texts, no shingle counts as boilerplate
 COMMON_SHINGLE_SAMPLE = 2_000  # texts sampled to find boilerplate shingles
 MAX_BUCKET_WINDOW = 100  # an LSH bucket is compared within this many neighbours
+ESTIMATE_MARGIN = 0.15  # candidates estimated this far below the threshold are not checked
 
 _U64_MAX = np.iinfo(np.uint64).max
 _BIN_SHIFT = np.uint64(64 - 7)  # 2**7 == N_BINS
@@ -64,8 +66,9 @@ def quality_report(
     splits = {"train": train}
     if validation is not None:
         splits["validation"] = validation
-    texts = {name: [example_text(example) for example in examples] for name, examples in
-             splits.items()}
+    texts = {
+        name: [example_text(example) for example in examples] for name, examples in splits.items()
+    }
     near = _near_duplicates_by_split(splits, texts, near_duplicate_threshold)
     report: dict[str, Any] = {"near_duplicate_threshold": near_duplicate_threshold, "splits": {}}
     for name, examples in splits.items():
@@ -99,8 +102,9 @@ def _length_stats(lengths: list[int] | None, n_examples: int, split: str) -> dic
     if lengths is None:
         return None
     if len(lengths) != n_examples:
-        raise ValueError(f"token_lengths['{split}'] has {len(lengths)} entries for {n_examples} "
-                         "examples")
+        raise ValueError(
+            f"token_lengths['{split}'] has {len(lengths)} entries for {n_examples} examples"
+        )
     if not lengths:
         return None
     values = np.asarray(lengths)
@@ -172,8 +176,13 @@ def _label_balance(examples: list[Example]) -> dict | None:
         return None
     total = sum(counts.values())
     if len(counts) > MAX_BALANCE_LABELS:
-        return {"n_labels": len(counts), "n_labelled": total, "counts": None, "shares": None,
-                "imbalance_ratio": None}
+        return {
+            "n_labels": len(counts),
+            "n_labelled": total,
+            "counts": None,
+            "shares": None,
+            "imbalance_ratio": None,
+        }
     ordered = counts.most_common()
     return {
         "n_labels": len(counts),
@@ -198,12 +207,17 @@ def _exact_leakage(
     first_train_index: dict[str, int] = {}
     for index, text in enumerate(train_texts):
         first_train_index.setdefault(text, index)
-    leaked = [(i, first_train_index[text]) for i, text in enumerate(val_texts)
-              if text in first_train_index]
+    leaked = [
+        (i, first_train_index[text])
+        for i, text in enumerate(val_texts)
+        if text in first_train_index
+    ]
     return {
         "count": len(leaked),
-        "places": [{"validation": validation[i].where, "train": train[j].where}
-                   for i, j in leaked[:MAX_PLACES]],
+        "places": [
+            {"validation": validation[i].where, "train": train[j].where}
+            for i, j in leaked[:MAX_PLACES]
+        ],
     }
 
 
@@ -232,8 +246,9 @@ def _prompt_overlap(
     n_train = len(train_prompts)
     left, right, similarity = _near_duplicate_pairs(train_prompts + val_prompts, threshold)
     cross = (left < n_train) & (right >= n_train)
-    for i, j, sim in zip(left[cross].tolist(), right[cross].tolist(), similarity[cross].tolist(),
-                         strict=True):
+    for i, j, sim in zip(
+        left[cross].tolist(), right[cross].tolist(), similarity[cross].tolist(), strict=True
+    ):
         train_index = train_prompt_index[train_prompts[i]]
         for val_index in val_indices_by_prompt[val_prompts[j - n_train]]:
             found.setdefault(val_index, (train_index, sim))
@@ -242,8 +257,11 @@ def _prompt_overlap(
     return {
         "count": len(leaked),
         "places": [
-            {"validation": validation[i].where, "train": train[found[i][0]].where,
-             "similarity": round(found[i][1], 3)}
+            {
+                "validation": validation[i].where,
+                "train": train[found[i][0]].where,
+                "similarity": round(found[i][1], 3),
+            }
             for i in leaked[:MAX_PLACES]
         ],
     }
@@ -285,33 +303,89 @@ def _pair_summary(pairs: list[tuple[float, str, str]]) -> dict:
     pairs = sorted(pairs, key=lambda pair: -pair[0])
     return {
         "count": len(pairs),
-        "pairs": [{"a": a, "b": b, "similarity": round(sim, 3)}
-                  for sim, a, b in pairs[:MAX_PLACES]],
+        "pairs": [
+            {"a": a, "b": b, "similarity": round(sim, 3)} for sim, a, b in pairs[:MAX_PLACES]
+        ],
     }
 
 
 def _near_duplicate_pairs(texts: list[str], threshold: float) -> tuple[np.ndarray, ...]:
-    """Index pairs (i < j) whose estimated Jaccard similarity is at least ``threshold``.
+    """Index pairs (i < j) whose shingle sets have Jaccard similarity at least ``threshold``.
 
-    Returns (left, right, similarity) arrays. Texts shorter than one shingle are skipped.
+    MinHash + LSH find candidates; their similarity is then computed exactly, so the numbers
+    reported carry no estimation noise. Returns (left, right, similarity) arrays. Texts
+    shorter than one shingle are skipped.
     """
     empty = (np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float64))
     text_ids, hashes = _shingle_hashes(texts)
+    text_ids, hashes = _drop_common_shingles(text_ids, hashes, len(texts))
     if len(hashes) == 0:
         return empty
-    text_ids, hashes = _drop_common_shingles(text_ids, hashes, len(texts))
     members, signatures = _signatures(text_ids, hashes, len(texts))
     rows = _rows_per_band(threshold)
     left, right = _lsh_candidates(signatures, rows, N_BINS // rows)
-    if len(left) == 0:
-        return empty
     step = 50_000  # pairs per block: bounds the (pairs, N_BINS) comparison in memory
-    similarity = np.concatenate([
-        (signatures[left[s:s + step]] == signatures[right[s:s + step]]).mean(axis=1)
-        for s in range(0, len(left), step)
-    ])
+    estimate = np.concatenate(
+        [
+            (signatures[left[s : s + step]] == signatures[right[s : s + step]]).mean(axis=1)
+            for s in range(0, len(left), step)
+        ]
+        + [np.empty(0)]
+    )
+    # the estimate's spread is under 0.05: far-off candidates need no exact check
+    plausible = estimate >= threshold - ESTIMATE_MARGIN
+    left, right = members[left[plausible]], members[right[plausible]]
+    similarity = _exact_jaccard(text_ids, hashes, left, right, len(texts))
     keep = similarity >= threshold
-    return members[left[keep]], members[right[keep]], similarity[keep]
+    return left[keep], right[keep], similarity[keep]
+
+
+def _exact_jaccard(
+    text_ids: np.ndarray, hashes: np.ndarray, left: np.ndarray, right: np.ndarray, n_texts: int
+) -> np.ndarray:
+    """Jaccard similarity of the shingle sets of each pair, vectorised over pairs."""
+    if len(left) == 0:
+        return np.empty(0)
+    involved = np.zeros(n_texts, bool)
+    involved[left] = involved[right] = True
+    selected = involved[text_ids]
+    ids, values = text_ids[selected], hashes[selected]
+    order = np.lexsort((values, ids))  # by text, then hash: each text's set, sorted
+    ids, values = ids[order], values[order]
+    distinct = np.concatenate(([True], (ids[1:] != ids[:-1]) | (values[1:] != values[:-1])))
+    ids, values = ids[distinct], values[distinct]
+    sizes = np.bincount(ids, minlength=n_texts)
+    starts = np.concatenate(([0], np.cumsum(sizes)[:-1]))
+    overlap = np.concatenate(
+        [
+            _overlap_counts(values, starts, sizes, left[s : s + 20_000], right[s : s + 20_000])
+            for s in range(0, len(left), 20_000)
+        ]
+    )
+    return overlap / (sizes[left] + sizes[right] - overlap)
+
+
+def _overlap_counts(
+    values: np.ndarray, starts: np.ndarray, sizes: np.ndarray, left: np.ndarray, right: np.ndarray
+) -> np.ndarray:
+    """|A ∩ B| per pair: put both sets of each pair side by side and count repeated hashes."""
+    pair_sizes = sizes[left] + sizes[right]
+    pair_of_element = np.repeat(np.arange(len(left)), pair_sizes)
+    # element k of a pair comes from left's set for k < sizes[left], then from right's
+    within_pair = np.arange(len(pair_of_element)) - np.repeat(
+        np.cumsum(pair_sizes) - pair_sizes, pair_sizes
+    )
+    from_left = within_pair < sizes[left][pair_of_element]
+    source = np.where(
+        from_left,
+        starts[left][pair_of_element] + within_pair,
+        starts[right][pair_of_element] + within_pair - sizes[left][pair_of_element],
+    )
+    element_values = values[source]
+    order = np.lexsort((element_values, pair_of_element))
+    pairs_sorted, values_sorted = pair_of_element[order], element_values[order]
+    repeated = (pairs_sorted[1:] == pairs_sorted[:-1]) & (values_sorted[1:] == values_sorted[:-1])
+    return np.bincount(pairs_sorted[1:][repeated], minlength=len(left)).astype(np.float64)
 
 
 def _shingle_hashes(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -322,8 +396,7 @@ def _shingle_hashes(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     if total == 0:
         return np.empty(0, np.int64), np.empty(0, np.uint64)
     # a fixed hash range keeps the same shingles in every text: similarity stays unbiased
-    keep_below = _U64_MAX if total <= MAX_SHINGLES else np.uint64(
-        int(2**64 * MAX_SHINGLES / total))
+    keep_below = _U64_MAX if total <= MAX_SHINGLES else np.uint64(int(2**64 * MAX_SHINGLES / total))
     ids_parts, hash_parts = [], []
     chunk_start = 0
     while chunk_start < len(encoded):
@@ -348,7 +421,7 @@ def _chunk_hashes(encoded: list[bytes], lengths: np.ndarray) -> tuple[np.ndarray
         return np.empty(0, np.int64), np.empty(0, np.uint64)
     codes = np.zeros(n_windows, np.uint64)
     for offset in range(SHINGLE_BYTES):  # the 5 bytes themselves: an exact 40-bit code
-        codes |= buffer[offset:offset + n_windows].astype(np.uint64) << np.uint64(8 * offset)
+        codes |= buffer[offset : offset + n_windows].astype(np.uint64) << np.uint64(8 * offset)
     starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
     text_ids = np.repeat(np.arange(len(encoded)), lengths)[:n_windows]
     inside = np.arange(n_windows) - starts[text_ids] <= lengths[text_ids] - SHINGLE_BYTES
@@ -403,8 +476,10 @@ def _signatures(
     members = np.flatnonzero(filled.any(axis=1))
     signatures, filled = signatures[members], filled[members]
     step = 10_000  # rows per block: bounds the (rows, 2 * N_BINS) work arrays in memory
-    dense = [_densify(signatures[s:s + step], filled[s:s + step])
-             for s in range(0, len(members), step)]
+    dense = [
+        _densify(signatures[s : s + step], filled[s : s + step])
+        for s in range(0, len(members), step)
+    ]
     return members, np.concatenate(dense) if dense else signatures
 
 
@@ -412,8 +487,9 @@ def _densify(signatures: np.ndarray, filled: np.ndarray) -> np.ndarray:
     """Rotation densification: an empty bin borrows the next filled bin to its right (cyclic),
     tagged with the distance so that borrowed values only match values borrowed the same way."""
     doubled = np.concatenate([signatures, signatures], axis=1)
-    positions = np.where(np.concatenate([filled, filled], axis=1), np.arange(2 * N_BINS),
-                         2 * N_BINS)
+    positions = np.where(
+        np.concatenate([filled, filled], axis=1), np.arange(2 * N_BINS), 2 * N_BINS
+    )
     next_filled = np.minimum.accumulate(positions[:, ::-1], axis=1)[:, ::-1][:, :N_BINS]
     distance = (next_filled - np.arange(N_BINS)).astype(np.uint64)
     borrowed = np.take_along_axis(doubled, next_filled, axis=1)
@@ -473,32 +549,39 @@ def _split_warnings(split: str, stats: dict, threshold: float) -> list[str]:
     truncated = stats["truncated"]
     if truncated and truncated["count"]:
         warnings.append(
-            f"{truncated['share']:.1%} of {split} examples ({truncated['count']}) are longer than "
-            f"max_seq_len={truncated['max_seq_len']} and will be truncated: raise "
-            "train.max_seq_len or shorten them")
+            f"{truncated['share']:.1%} of {split} examples ({truncated['count']:,}) "
+            f"{_are(truncated['count'])} longer than max_seq_len={truncated['max_seq_len']} and "
+            "will be truncated: raise train.max_seq_len or shorten them"
+        )
     duplicates = stats["exact_duplicates"]
     if duplicates["redundant"]:
         warnings.append(
-            f"{duplicates['redundant']} exact duplicates in {split} ({duplicates['n_groups']} "
-            f"texts repeated, e.g. {_places(duplicates['groups'][0]['places'])}): deduplicate "
-            "them; repeats are over-learned and skew the loss")
+            f"{_n(duplicates['redundant'], 'exact duplicate')} in {split} "
+            f"({_n(duplicates['n_groups'], 'text')} repeated, e.g. "
+            f"{_places(duplicates['groups'][0]['places'])}): deduplicate; repeated examples are "
+            "over-learned and skew the loss"
+        )
     near = stats["near_duplicates"]
     if near["count"]:
         first = near["pairs"][0]
         warnings.append(
-            f"{near['count']} near-duplicate pairs in {split} (similarity >= {threshold}), e.g. "
-            f"{first['a']} and {first['b']}: review them and keep one of each pair")
+            f"{_n(near['count'], 'near-duplicate pair')} in {split} (similarity >= {threshold}), "
+            f"e.g. {first['a']} and {first['b']}: review them and keep one of each pair"
+        )
     conflicts = stats["conflicting_targets"]
     if conflicts["count"]:
         warnings.append(
-            f"{conflicts['count']} prompts in {split} appear with different targets, e.g. "
-            f"{_places(conflicts['groups'][0]['places'])}: check the labels; contradictory "
-            "examples teach noise")
+            f"{_n(conflicts['count'], 'prompt')} in {split} {_appear(conflicts['count'])} with "
+            f"different targets, e.g. {_places(conflicts['groups'][0]['places'])}: check the "
+            "labels; contradictory examples teach noise"
+        )
     empty = stats["empty_targets"]
     if empty["count"]:
         warnings.append(
-            f"{empty['count']} {split} examples have an empty target, e.g. "
-            f"{_places(empty['places'])}: they teach nothing; fill in the target or drop them")
+            f"{_n(empty['count'], f'{split} example')} {'has' if empty['count'] == 1 else 'have'} "
+            f"an empty target, e.g. {_places(empty['places'])}: it teaches nothing; fill in the "
+            "target or drop the example"
+        )
     warnings.extend(_balance_warnings(split, stats["label_balance"]))
     return warnings
 
@@ -509,8 +592,8 @@ def _balance_warnings(split: str, balance: dict | None) -> list[str]:
     rare_share = 1 / (3 * balance["n_labels"])  # a third of an even share
     rare = [(label, share) for label, share in balance["shares"].items() if share < rare_share]
     return [
-        f"label '{label}' is {share:.1%} of {split} ({balance['counts'][label]} of "
-        f"{balance['n_labelled']}): add examples of it or up-sample it, or the model may learn "
+        f"label '{label}' is {share:.1%} of {split} ({balance['counts'][label]:,} of "
+        f"{balance['n_labelled']:,}): add examples of it or up-sample it, or the model may learn "
         "to rarely predict it"
         for label, share in rare[:MAX_PLACES]
     ]
@@ -522,37 +605,53 @@ def _leakage_warnings(leakage: dict, threshold: float) -> list[str]:
     if exact["count"]:
         place = exact["places"][0]
         warnings.append(
-            f"{exact['count']} validation examples also appear in train (leakage), e.g. "
-            f"{place['validation']} = {place['train']}: remove them from validation")
+            f"{_n(exact['count'], 'validation example')} also {_appear(exact['count'])} in "
+            f"train (leakage), e.g. {place['validation']} = {place['train']}: remove them from "
+            "validation"
+        )
     near = leakage["near"]
     if near["count"]:
         pair = near["pairs"][0]
         warnings.append(
-            f"{near['count']} validation examples are near-duplicates of train examples "
-            f"(similarity >= {threshold}), e.g. {pair['b']} ~ {pair['a']}: remove them from "
-            "validation; they inflate validation scores")
+            f"{_n(near['count'], 'validation example')} {_are(near['count'])} near-duplicates of "
+            f"train examples (similarity >= {threshold}), e.g. {pair['b']} ~ {pair['a']}: remove "
+            "them from validation; they inflate validation scores"
+        )
     overlap = leakage["prompt_overlap"]
     if overlap["count"]:
         place = overlap["places"][0]
         warnings.append(
-            f"{overlap['count']} validation examples have the same or a nearly identical prompt "
+            f"{_n(overlap['count'], 'validation example')} "
+            f"{'has' if overlap['count'] == 1 else 'have'} the same or a nearly identical prompt "
             f"as a train example, e.g. {place['validation']} ~ {place['train']}: the inputs leak "
-            "even where the targets differ; remove them from validation")
+            "even where the targets differ; remove them from validation"
+        )
     return warnings
 
 
 def _unseen_label_warnings(splits: dict) -> list[str]:
-    train_balance = splits["train"]["label_balance"]
-    val_balance = splits["validation"]["label_balance"]
-    if not train_balance or not val_balance or not train_balance["counts"] or not val_balance[
-            "counts"]:
+    train_counts = (splits["train"]["label_balance"] or {}).get("counts")
+    val_counts = (splits["validation"]["label_balance"] or {}).get("counts")
+    if not train_counts or not val_counts:
         return []
-    unseen = [label for label in val_balance["counts"] if label not in train_balance["counts"]]
+    unseen = [label for label in val_counts if label not in train_counts]
     return [
-        f"label '{label}' appears in validation ({val_balance['counts'][label]} examples) but "
-        "never in train: add training examples for it"
+        f"label '{label}' appears in validation ({_n(val_counts[label], 'example')}) but never "
+        "in train: add training examples for it"
         for label in unseen[:MAX_PLACES]
     ]
+
+
+def _n(count: int, noun: str) -> str:
+    return f"{count:,} {noun}" + ("" if count == 1 else "s")
+
+
+def _are(count: int) -> str:
+    return "is" if count == 1 else "are"
+
+
+def _appear(count: int) -> str:
+    return "appears" if count == 1 else "appear"
 
 
 def _places(places: list[str], limit: int = 3) -> str:
@@ -593,9 +692,15 @@ def _overview_table(report: dict) -> Table:
         "formats": lambda s: ", ".join(f"{name} {count:,}" for name, count in s["formats"].items()),
         "tokens p50 / p90 / max": lambda s: (
             f"{s['token_length']['p50']:.0f} / {s['token_length']['p90']:.0f} / "
-            f"{s['token_length']['max']}" if s["token_length"] else "-"),
-        "truncated": lambda s: (f"{s['truncated']['count']:,} ({s['truncated']['share']:.1%})"
-                                if s["truncated"] else "-"),
+            f"{s['token_length']['max']}"
+            if s["token_length"]
+            else "-"
+        ),
+        "truncated": lambda s: (
+            f"{s['truncated']['count']:,} ({s['truncated']['share']:.1%})"
+            if s["truncated"]
+            else "-"
+        ),
         "exact duplicates": lambda s: f"{s['exact_duplicates']['redundant']:,}",
         "near-duplicate pairs": lambda s: f"{s['near_duplicates']['count']:,}",
         "conflicting targets": lambda s: f"{s['conflicting_targets']['count']:,}",
@@ -612,11 +717,15 @@ def _leakage_table(leakage: dict) -> Table:
     table.add_column("validation examples", justify="right")
     table.add_column("e.g.")
     exact, near, overlap = leakage["exact"], leakage["near"], leakage["prompt_overlap"]
-    table.add_row("same text", f"{exact['count']:,}", _first_pair(exact["places"], "validation",
-                                                                  "train"))
+    table.add_row(
+        "same text", f"{exact['count']:,}", _first_pair(exact["places"], "validation", "train")
+    )
     table.add_row("near-duplicate", f"{near['count']:,}", _first_pair(near["pairs"], "b", "a"))
-    table.add_row("same prompt, other target", f"{overlap['count']:,}",
-                  _first_pair(overlap["places"], "validation", "train"))
+    table.add_row(
+        "same prompt, other target",
+        f"{overlap['count']:,}",
+        _first_pair(overlap["places"], "validation", "train"),
+    )
     return table
 
 
@@ -625,8 +734,12 @@ def _first_pair(places: list[dict], left: str, right: str) -> str:
 
 
 def _balance_table(split: str, balance: dict) -> Table:
-    table = Table(title=f"Labels in {split} (max/min = {balance['imbalance_ratio']})",
-                  title_justify="left")
+    table = Table(
+        title=f"Labels in {split}",
+        title_justify="left",
+        caption=f"largest / smallest = {balance['imbalance_ratio']}",
+        caption_justify="left",
+    )
     table.add_column("label")
     table.add_column("count", justify="right")
     table.add_column("share", justify="right")

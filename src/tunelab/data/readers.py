@@ -201,8 +201,8 @@ def _json_error(
     return DataError(
         f"not valid JSON: {error.msg} (column {column})",
         where=f"{source}:{line_number}",
-        fix="correct the JSON on that line (each line must be one complete JSON object; check quotes, "
-        "commas and escaped newlines)",
+        fix="correct the JSON on that line (each line must be one complete JSON object; check "
+        "quotes, commas and escaped newlines)",
     )
 
 
