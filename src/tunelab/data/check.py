@@ -1,0 +1,79 @@
+"""``tunelab data check``: validate a config's data (or one file) and report on its quality."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+
+from tunelab.data.formats import Example, load_examples
+from tunelab.data.quality import quality_report, render_quality_report
+from tunelab.data.tokenize import tokenize_examples
+from tunelab.errors import ModelError
+
+
+def check_data(source: str | Path, *, max_seq_len: int | None = None, model: str | None = None,
+               console: Console | None = None) -> dict:
+    """Read and normalise every record (errors name file:line), then build the quality report.
+
+    ``source`` is a YAML config (its train and validation data, template and tokenizer) or a data
+    file (format auto-detected; token lengths with ``model``'s tokenizer when given).
+    """
+    from tunelab.config import load_config
+
+    console = console or Console()
+    source = Path(source)
+    if source.suffix in (".yaml", ".yml"):
+        config = load_config(source)
+        data = config.data
+        train = load_examples(data.train, data.format, prompt=data.prompt,
+                              completion=data.completion)
+        validation = (load_examples(data.validation, data.format, prompt=data.prompt,
+                                    completion=data.completion) if data.validation else None)
+        model = model or config.model.path
+        max_seq_len = max_seq_len or config.train.max_seq_len
+        train_on, chat_template = data.train_on, data.chat_template
+    else:
+        train, validation = load_examples([str(source)]), None
+        train_on, chat_template = "completion", None
+    lengths = None
+    if model:
+        lengths = _token_lengths({"train": train, "validation": validation or []}, model,
+                                 train_on=train_on, chat_template=chat_template, console=console)
+    report = quality_report(train, validation, token_lengths=lengths, max_seq_len=max_seq_len)
+    report["warnings"] = _ignored_columns(train) + report.get("warnings", [])
+    render_quality_report(report, console)
+    return report
+
+
+def _token_lengths(splits: dict[str, list[Example]], model: str, *, train_on: str,
+                   chat_template: str | None, console: Console) -> dict[str, list[int]] | None:
+    from tunelab.model.load import load_tokenizer
+
+    try:
+        tokenizer = load_tokenizer(model)
+    except ModelError as error:
+        console.print(f"[yellow]warning:[/] no token lengths: {error.render()}")
+        return None
+    return {split: [len(ex.input_ids) for ex in tokenize_examples(
+        examples, tokenizer, max_seq_len=10**9, train_on=train_on, chat_template=chat_template)]
+        for split, examples in splits.items()}
+
+
+def _ignored_columns(examples: list[Example]) -> list[str]:
+    """Plain-text records with a label-like column: the label would be silently ignored."""
+    text_examples = [ex for ex in examples if ex.format == "text"]
+    if not text_examples:
+        return []
+    return [f"{len(text_examples)} records were read as plain text (format 'text'): every token is "
+            "trained and any other column (a label, say) is ignored. For classification-style "
+            "data set data.prompt and data.completion, e.g. prompt: \"{text}\\nLabel:\" and "
+            "completion: \" {label}\""] if _has_other_columns(text_examples[0]) else []
+
+
+def _has_other_columns(example: Example) -> bool:
+    from tunelab.data.readers import read_records
+
+    records = read_records(example.source.split("::")[0]) if Path(
+        example.source.split("::")[0]).is_file() else []
+    return bool(records) and set(records[0].fields) - {"text"} != set()
