@@ -50,7 +50,8 @@ def project(tmp_path: Path, model_dir: str, lines: list[str] | None = None,
 BAD_DATA = {
     "bad JSON line": ['{"text": "fine", "label": "positive"}', '{"text": "oops", "label": '],
     "missing field": ['{"text": "fine", "label": "positive"}', '{"text": "no label here"}'],
-    "wrong type": ['{"text": "fine", "label": "positive"}', '{"text": ["a", "list"], "label": "x"}'],
+    "wrong type": ['{"text": "fine", "label": "positive"}',
+                   '{"text": ["a", "list"], "label": "x"}'],
 }
 
 

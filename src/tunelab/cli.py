@@ -6,7 +6,6 @@ import json
 import sys
 import textwrap
 from pathlib import Path
-from typing import Optional
 
 import typer
 import yaml
@@ -35,8 +34,8 @@ def _overrides(pairs: list[str]) -> dict:
 
 @app.command()
 def train(
-    config: Optional[Path] = typer.Argument(None, help="YAML config of the run."),
-    resume: Optional[Path] = typer.Option(None, help="Continue this run directory exactly."),
+    config: Path | None = typer.Argument(None, help="YAML config of the run."),
+    resume: Path | None = typer.Option(None, help="Continue this run directory exactly."),
     overwrite: bool = typer.Option(False, help="Replace an existing run directory."),
     set_: list[str] = typer.Option([], "--set", help="Override a config key: train.lr=1e-4"),
 ) -> None:
@@ -58,8 +57,8 @@ def train(
 @data_app.command("check")
 def data_check(
     source: Path = typer.Argument(..., help="A config (its train/validation data) or a data file."),
-    max_seq_len: Optional[int] = typer.Option(None, help="Report truncation at this length."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the report here."),
+    max_seq_len: int | None = typer.Option(None, help="Report truncation at this length."),
+    json_out: Path | None = typer.Option(None, "--json", help="Also write the report here."),
 ) -> None:
     """Validate data files and print a quality report."""
     from tunelab.data.check import check_data
@@ -78,7 +77,7 @@ def generate(
     temperature: float = typer.Option(0.0, help="0 = greedy; above 0 samples."),
     top_p: float = typer.Option(1.0, help="Nucleus sampling mass when sampling."),
     seed: int = typer.Option(0, help="Seed for sampling."),
-    chat: Optional[bool] = typer.Option(None, help="Wrap the prompt in the chat template "
+    chat: bool | None = typer.Option(None, help="Wrap the prompt in the chat template "
                                         "(default: when the run trained on chat data)."),
     base: bool = typer.Option(False, help="Use the base model, without the run's adapter."),
 ) -> None:

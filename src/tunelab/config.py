@@ -1,4 +1,4 @@
-"""The YAML config schema as pydantic models; ``load_config`` turns every mistake into a ConfigError.
+"""The YAML config schema as pydantic models; ``load_config`` makes every mistake a ConfigError.
 
 Relative paths in a config file (data files, a local model folder) are resolved against the
 folder that holds the config file, so an example runs from any working directory.
@@ -22,7 +22,7 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
-    """The base model: a local folder, a hub id, a .gguf file, or ``embedded:smollm2-135m-instruct``."""
+    """The base model: a local folder, a hub id, a .gguf file, or the embedded default."""
 
     path: str = "embedded:smollm2-135m-instruct"
     gguf_file: str | None = None
@@ -177,7 +177,8 @@ def _resolve_paths(config: Config, base_dir: Path, source: str, document: Any) -
             if not candidate.is_absolute():
                 candidate = base_dir / candidate
             if not candidate.exists():
-                field_path = f"data.{key}" if len(getattr(data, key)) == 1 else f"data.{key}[{index}]"
+                several = len(getattr(data, key)) > 1
+                field_path = f"data.{key}[{index}]" if several else f"data.{key}"
                 raise ConfigError(
                     f"{field_path}: data file {str(candidate)!r} does not exist",
                     where=_where(source, document, ("data", key)),

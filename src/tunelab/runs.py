@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+import shutil
 import sys
 import time
 from importlib import metadata
@@ -54,8 +55,6 @@ def create_run(config: Config, *, overwrite: bool = False) -> Path:
                 fix=f"resume it with `tunelab train --resume {run_dir}`, pick another name, "
                 "or pass --overwrite to replace it",
             )
-        import shutil
-
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_config(config, run_dir / "config.yaml")

@@ -1,4 +1,4 @@
-"""Training end to end on the tiny model: run directory, learning, exact resume, reloadable adapter."""
+"""Training on the tiny model: run directory, learning, exact resume, reloadable adapter."""
 
 from __future__ import annotations
 

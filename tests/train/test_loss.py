@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 from tunelab.data.packing import collate, plan_batches
 from tunelab.data.tokenize import IGNORE_INDEX, TokenizedExample
-from tunelab.model.adapters import apply_method
 from tunelab.model import varlen
+from tunelab.model.adapters import apply_method
 from tunelab.model.load import load_model
 from tunelab.train.loss import batch_loss_sum, chunked_loss
 

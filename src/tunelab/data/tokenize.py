@@ -77,7 +77,7 @@ def tokenize_examples(examples: list[Example], tokenizer, *, max_seq_len: int,
     eos = tokenizer.eos_token_id
     out = []
     cursor = 0
-    for example, segments in zip(examples, rendered):
+    for example, segments in zip(examples, rendered, strict=True):
         input_ids: list[int] = [bos] if bos is not None else []
         labels: list[int] = [IGNORE_INDEX] * len(input_ids)
         for segment in segments:

@@ -31,7 +31,7 @@ def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     groups = query.shape[1] // key.shape[1]
     outputs = []
     bounds = cu_seq_lens_q.tolist()
-    for start, end in zip(bounds[:-1], bounds[1:]):
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
         outputs.append(F.scaled_dot_product_attention(
             query[:, :, start:end], key[:, :, start:end], value[:, :, start:end],
             is_causal=True, dropout_p=dropout, scale=scaling, enable_gqa=groups > 1))
@@ -46,7 +46,7 @@ def cu_seq_lens(position_ids: torch.Tensor) -> torch.Tensor:
 
 
 def enable(model: torch.nn.Module) -> bool:
-    """Use per-example attention for packed rows if the model runs on SDPA; returns whether it did."""
+    """Use per-example attention for packed rows if the model runs on SDPA; True if it did."""
     if getattr(model.config, "_attn_implementation", None) != "sdpa":
         return False
     model.set_attn_implementation(NAME)

@@ -26,8 +26,8 @@ from tunelab.data.packing import Batch, collate, plan_batches
 from tunelab.data.tokenize import TokenizedExample, prompt_and_target, tokenize_examples
 from tunelab.errors import DataError, RunError, TrainingError
 from tunelab.eval.generate import generate_texts
-from tunelab.model.adapters import apply_method, save_final
 from tunelab.model import varlen
+from tunelab.model.adapters import apply_method, save_final
 from tunelab.model.load import describe_model, load_model, load_tokenizer, resolve_device
 from tunelab.runs import MetricsLog, create_run, hash_file, versions, write_manifest
 from tunelab.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
@@ -232,7 +232,7 @@ def train(config: Config, *, resume: str | Path | None = None, overwrite: bool =
     prompts = _sample_prompts(prepared, config)
     after = _generate(model, tokenizer, prompts, config)
     samples = [{"prompt": p, "target": t, "before": b, "after": a} for (p, t), b, a in
-               zip(prompts, state["samples_before"], after)]
+               zip(prompts, state["samples_before"], after, strict=True)]
     result = _result(run_dir, state, val_after, time.perf_counter() - started, samples)
     manifest.update(status="finished", val_loss_before=result.val_loss_before,
                     val_loss_after=val_after, tokens_per_second=result.tokens_per_second,

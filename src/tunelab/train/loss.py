@@ -18,7 +18,7 @@ from tunelab.model.varlen import cu_seq_lens
 
 
 def model_parts(model: nn.Module) -> tuple[nn.Module, nn.Module, float | None]:
-    """The decoder body, the output layer and the logit soft-cap of a causal LM (peft-wrapped or not)."""
+    """The decoder body, output layer and logit soft-cap of a causal LM, peft-wrapped or not."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     body = base.get_decoder() if hasattr(base, "get_decoder") else base.model
     softcap = getattr(base.config, "final_logit_softcapping", None)
