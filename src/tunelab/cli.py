@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import typer
 import yaml
 from rich.console import Console
 
-from tunelab.errors import ConfigError, TunelabError
+from tunelab.errors import ConfigError, Interrupted, TunelabError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Fine-tune language models on your own data.")
@@ -51,7 +52,12 @@ def train(
                           fix="tunelab train examples/sentiment/config.yaml")
     else:
         cfg = load_config(config, _overrides(set_))
-    run_training(cfg, resume=resume, overwrite=overwrite, console=console)
+    try:
+        run_training(cfg, resume=resume, overwrite=overwrite, console=console)
+    except KeyboardInterrupt:
+        raise Interrupted("training was interrupted", where=str(cfg.run_dir),
+                          fix="continue it with tunelab train --resume RUN (the checkpoint "
+                          "written at the interruption is used)") from None
 
 
 @data_app.command("check")
@@ -103,25 +109,16 @@ def _trained_on_chat(run: Path) -> bool:
 
 def main() -> None:
     """Entry point: run the app; a TunelabError becomes one paragraph and its exit code."""
+    # peft still calls a transformers property that warns on every model load; not the user's
+    # problem and not actionable for them.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is deprecated")
     try:
-        app(standalone_mode=False)
+        app()  # standalone: usage errors and --help print and exit by themselves
     except TunelabError as error:
         width = min(100, error_console.width)
         text = textwrap.fill(f"{error.kind}: {error.render()}", width=width)
         error_console.print(text, style="red", markup=False, highlight=False)
         sys.exit(error.exit_code)
-    except KeyboardInterrupt:
-        error_console.print("interrupted", style="red")
-        sys.exit(130)
-    except (typer.Exit, SystemExit) as stop:
-        sys.exit(getattr(stop, "exit_code", getattr(stop, "code", 0)))
-    except Exception as error:  # click's own usage errors
-        import click
-
-        if isinstance(error, click.ClickException):
-            error.show()
-            sys.exit(error.exit_code)
-        raise
 
 
 if __name__ == "__main__":

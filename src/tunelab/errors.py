@@ -51,6 +51,13 @@ class RunError(TunelabError):
     kind = "run error"
 
 
+class Interrupted(TunelabError):
+    """The user pressed Ctrl-C; what could be saved was saved."""
+
+    exit_code = 130
+    kind = "interrupted"
+
+
 class TrainingError(TunelabError):
     """Training cannot go on: NaN/inf loss, disk full, no trainable parameters."""
 

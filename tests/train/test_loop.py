@@ -109,3 +109,45 @@ def test_existing_run_is_not_overwritten(tmp_path, tiny_model_dir):
     train(config, console=quiet())
     with pytest.raises(RunError, match="already exists"):
         train(config, console=quiet())
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_matches(tmp_path, tiny_model_dir):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    def config_file(folder: Path) -> Path:
+        config = make_config(folder, tiny_model_dir, epochs=40, lr=1e-3).model_dump()
+        path = folder / "config.yaml"
+        path.write_text(yaml.safe_dump(config))
+        return path
+
+    whole = train(make_config(tmp_path / "a", tiny_model_dir, epochs=40, lr=1e-3),
+                  console=quiet())
+    config = config_file(tmp_path / "b")
+    run = tmp_path / "b" / "runs" / "reviews"
+    process = subprocess.Popen([sys.executable, "-m", "tunelab.cli", "train", str(config)],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        metrics = run / "metrics.jsonl"
+        if metrics.is_file() and metrics.read_text().count('"loss"') >= 5:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    output = process.communicate(timeout=60)[0]
+    assert process.returncode == 130, output
+    assert "Interrupted: saved checkpoint" in output
+    assert not (run / "adapter").exists()
+    resumed = train(config_from_yaml(config), resume=run, console=quiet())
+    assert resumed.steps == whole.steps
+    assert resumed.final_train_loss == whole.final_train_loss
+
+
+def config_from_yaml(path: Path):
+    from tunelab.config import load_config
+
+    return load_config(path)

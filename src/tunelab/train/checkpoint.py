@@ -21,8 +21,11 @@ from tunelab.model.adapters import trainable_state
 
 
 def save_checkpoint(checkpoints: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler, state: dict, keep: int) -> Path:
-    """Write checkpoint ``step-<state['step']>`` atomically and keep only the newest ``keep``."""
+                    scheduler, state: dict, keep: int, rng: dict | None = None) -> Path:
+    """Write checkpoint ``step-<state['step']>`` atomically and keep only the newest ``keep``.
+
+    ``rng`` overrides the RNG states to store (those at the start of an interrupted step).
+    """
     final = checkpoints / f"step-{state['step']}"
     temporary = checkpoints / f".step-{state['step']}.tmp"
     shutil.rmtree(temporary, ignore_errors=True)
@@ -32,7 +35,7 @@ def save_checkpoint(checkpoints: Path, *, model: nn.Module, optimizer: torch.opt
                    trainable_state(model).items()}
         save_file(weights, temporary / "trainable.safetensors")
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "rng": _rng_states()}, temporary / "optimizer.pt")
+                    "rng": rng or rng_states()}, temporary / "optimizer.pt")
         (temporary / "trainer_state.json").write_text(json.dumps(state, indent=2))
         shutil.rmtree(final, ignore_errors=True)
         temporary.rename(final)
@@ -73,11 +76,12 @@ def load_checkpoint(folder: Path, *, model: nn.Module, optimizer: torch.optim.Op
     model.load_state_dict(weights, strict=False)
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
-    _set_rng_states(saved["rng"])
+    _setrng_states(saved["rng"])
     return state
 
 
-def _rng_states() -> dict:
+def rng_states() -> dict:
+    """Python, numpy, torch (and CUDA) generator states."""
     states = {"python": random.getstate(), "numpy": np.random.get_state(),
               "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -85,7 +89,7 @@ def _rng_states() -> dict:
     return states
 
 
-def _set_rng_states(states: dict) -> None:
+def _setrng_states(states: dict) -> None:
     random.setstate(states["python"])
     np.random.set_state(states["numpy"])
     torch.set_rng_state(states["torch"])

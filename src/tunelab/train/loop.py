@@ -30,7 +30,12 @@ from tunelab.model import varlen
 from tunelab.model.adapters import apply_method, save_final
 from tunelab.model.load import describe_model, load_model, load_tokenizer, resolve_device
 from tunelab.runs import MetricsLog, create_run, hash_file, versions, write_manifest
-from tunelab.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from tunelab.train.checkpoint import (
+    list_checkpoints,
+    load_checkpoint,
+    rng_states,
+    save_checkpoint,
+)
 from tunelab.train.loss import batch_loss_sum
 from tunelab.train.optim import build_optimizer, build_scheduler, clip_gradients
 
@@ -245,75 +250,107 @@ def train(config: Config, *, resume: str | Path | None = None, overwrite: bool =
 def _run_steps(model, prepared: Prepared, micro_batches, optimizer, scheduler, state, metrics,
                run_dir: Path, config: Config, console: Console, evaluate,
                stop_after_steps: int | None) -> dict:
-    """The optimizer steps from ``state['step']`` to the end (or to ``stop_after_steps``)."""
+    """The optimizer steps from ``state['step']`` to the end (or to ``stop_after_steps``).
+
+    Ctrl-C between steps saves a checkpoint of the last finished step, so no work is lost.
+    """
     train_cfg = config.train
     total_steps = len(micro_batches) // train_cfg.grad_accum
     pad_id = prepared.tokenizer.pad_token_id or 0
-    steps_this_call = 0
+    save = lambda rng=None: save_checkpoint(  # noqa: E731
+        run_dir / "checkpoints", model=model, optimizer=optimizer, scheduler=scheduler,
+        state=state, keep=train_cfg.keep_checkpoints, rng=rng)
+    steps_this_call, saved_step, rng_at_step_start = 0, state["step"], rng_states()
+    stepping = False
     model.train()
     progress = Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("step {task.completed}"
                         "/{task.total}"), TextColumn("{task.fields[status]}"),
                         TimeRemainingColumn(), console=console, transient=False,
                         disable=not console.is_terminal)
-    with progress:
-        task = progress.add_task("train", total=total_steps, completed=state["step"], status="")
-        while state["step"] < total_steps:
-            if stop_after_steps is not None and steps_this_call >= stop_after_steps:
-                break
-            step_started = time.perf_counter()
-            group = micro_batches[state["micro_batch"]:state["micro_batch"] + train_cfg.grad_accum]
-            batches = [collate([prepared.train[i] for i in indices], packing=train_cfg.packing,
-                               pad_id=pad_id) for indices in group]
-            n_target = sum(batch.n_target_tokens for batch in batches)
-            loss_sum = 0.0
-            for batch in batches:
-                batch = batch.to(prepared.device)
-                with _autocast(prepared.device):
-                    loss = batch_loss_sum(model, batch, chunk_tokens=train_cfg.loss_chunk_tokens)
-                if not torch.isfinite(loss):
-                    raise _non_finite(loss, state["step"] + 1, batch, group, prepared)
-                (loss / n_target).backward()
-                loss_sum += float(loss.detach())
-            grad_norm = clip_gradients(model, train_cfg.max_grad_norm)
-            if not math.isfinite(grad_norm):
-                raise _non_finite(torch.tensor(grad_norm), state["step"] + 1, None, group,
-                                  prepared, what="gradient norm")
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
+    try:
+        with progress:
+            task = progress.add_task("train", total=total_steps, completed=state["step"],
+                                     status="")
+            while state["step"] < total_steps:
+                if stop_after_steps is not None and steps_this_call >= stop_after_steps:
+                    break
+                rng_at_step_start = rng_states()
+                started = time.perf_counter()
+                group = micro_batches[state["micro_batch"]:
+                                      state["micro_batch"] + train_cfg.grad_accum]
+                batches = [collate([prepared.train[i] for i in indices],
+                                   packing=train_cfg.packing, pad_id=pad_id) for indices in group]
+                loss, grad_norm = _forward_backward(model, batches, prepared, group,
+                                                    state["step"] + 1, config)
+                lr = scheduler.get_last_lr()[0]
+                stepping = True  # a Ctrl-C from here on would leave half-updated weights
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                stepping = False
+                step_s = time.perf_counter() - started
+                tokens = sum(batch.n_tokens for batch in batches)
+                state.update(step=state["step"] + 1,
+                             micro_batch=state["micro_batch"] + len(group),
+                             train_tokens=state["train_tokens"] + tokens,
+                             train_s=state["train_s"] + step_s, last_loss=loss)
+                steps_this_call += 1
+                tokens_per_second = state["train_tokens"] / max(state["train_s"], 1e-9)
+                if state["step"] % train_cfg.log_every == 0 or state["step"] == total_steps:
+                    metrics.write(step=state["step"], loss=loss, lr=lr, grad_norm=grad_norm,
+                                  tokens=tokens,
+                                  target_tokens=sum(b.n_target_tokens for b in batches),
+                                  tokens_per_second=round(tokens_per_second, 1),
+                                  step_s=round(step_s, 4))
+                status = f"loss {loss:.4f}  {tokens_per_second:,.0f} tok/s"
+                if train_cfg.eval_every and state["step"] % train_cfg.eval_every == 0 \
+                        and state["step"] < total_steps:
+                    val = evaluate()
+                    metrics.write(step=state["step"], val_loss=val)
+                    status += f"  val {_fmt(val)}"
+                progress.update(task, completed=state["step"], status=status)
+                if not console.is_terminal and (state["step"] % max(1, total_steps // 10) == 0
+                                                or state["step"] == total_steps):
+                    console.print(f"step {state['step']}/{total_steps}  {status}")
+                at_save = train_cfg.save_every and state["step"] % train_cfg.save_every == 0
+                stopping = stop_after_steps is not None and steps_this_call >= stop_after_steps
+                if (at_save or stopping) and state["step"] < total_steps:
+                    save()
+                    saved_step = state["step"]
+    except KeyboardInterrupt:
+        if state["step"] > saved_step and not stepping:
             optimizer.zero_grad(set_to_none=True)
-            step_s = time.perf_counter() - step_started
-            tokens = sum(batch.n_tokens for batch in batches)
-            state.update(step=state["step"] + 1, micro_batch=state["micro_batch"] + len(group),
-                         train_tokens=state["train_tokens"] + tokens,
-                         train_s=state["train_s"] + step_s, last_loss=loss_sum / n_target)
-            steps_this_call += 1
-            tokens_per_second = state["train_tokens"] / max(state["train_s"], 1e-9)
-            if state["step"] % train_cfg.log_every == 0 or state["step"] == total_steps:
-                metrics.write(step=state["step"], loss=state["last_loss"], lr=lr,
-                              grad_norm=grad_norm, tokens=tokens, target_tokens=n_target,
-                              tokens_per_second=round(tokens_per_second, 1),
-                              step_s=round(step_s, 4))
-            status = f"loss {state['last_loss']:.4f}  {tokens_per_second:,.0f} tok/s"
-            if train_cfg.eval_every and state["step"] % train_cfg.eval_every == 0 \
-                    and state["step"] < total_steps:
-                val = evaluate()
-                metrics.write(step=state["step"], val_loss=val)
-                status += f"  val {_fmt(val)}"
-            progress.update(task, completed=state["step"], status=status)
-            if not console.is_terminal and (state["step"] % max(1, total_steps // 10) == 0
-                                            or state["step"] == total_steps):
-                console.print(f"step {state['step']}/{total_steps}  {status}")
-            at_save = train_cfg.save_every and state["step"] % train_cfg.save_every == 0
-            stopping = stop_after_steps is not None and steps_this_call >= stop_after_steps
-            if (at_save or stopping) and state["step"] < total_steps:
-                save_checkpoint(run_dir / "checkpoints", model=model, optimizer=optimizer,
-                                scheduler=scheduler, state=state,
-                                keep=train_cfg.keep_checkpoints)
+            # The interrupted step's dropout draws never happened, as far as resuming goes.
+            save(rng=rng_at_step_start)
+            console.print(f"Interrupted: saved checkpoint step-{state['step']}; continue with "
+                          f"[bold]tunelab train --resume {run_dir}[/]")
+        raise
     return state
 
 
-def _non_finite(value: torch.Tensor, step: int, batch: Batch | None, group, prepared: Prepared,
+def _forward_backward(model, batches: list[Batch], prepared: Prepared, group: list[list[int]],
+                      step: int, config: Config) -> tuple[float, float]:
+    """Accumulate the gradients of one optimizer step and clip them; returns (loss, grad norm).
+
+    The loss is the mean over the step's target tokens, whatever the micro-batch sizes.
+    """
+    n_target = sum(batch.n_target_tokens for batch in batches)
+    loss_sum = 0.0
+    for batch in batches:
+        batch = batch.to(prepared.device)
+        with _autocast(prepared.device):
+            loss = batch_loss_sum(model, batch, chunk_tokens=config.train.loss_chunk_tokens)
+        if not torch.isfinite(loss):
+            raise _non_finite(loss, step, group, prepared)
+        (loss / n_target).backward()
+        loss_sum += float(loss.detach())
+    grad_norm = clip_gradients(model, config.train.max_grad_norm)
+    if not math.isfinite(grad_norm):
+        raise _non_finite(torch.tensor(grad_norm), step, group, prepared, what="gradient norm")
+    return loss_sum / n_target, grad_norm
+
+
+def _non_finite(value: torch.Tensor, step: int, group: list[list[int]], prepared: Prepared,
                 what: str = "loss") -> TrainingError:
     places = [f"{prepared.train[i].source}:{prepared.train[i].line}"
               for indices in group for i in indices][:5]
