@@ -101,6 +101,46 @@ def generate(
     console.print(output, markup=False, highlight=False)
 
 
+@app.command("eval")
+def eval_(
+    config: Path = typer.Argument(..., help="YAML config with an eval section."),
+    run: Optional[Path] = typer.Option(None, help="Run directory whose tuned model to evaluate "
+                                       "(default: the config's run, if it exists)."),
+    base: bool = typer.Option(True, help="Also evaluate the base model (--no-base: tuned only)."),
+    base_only: bool = typer.Option(False, "--base-only", help="Evaluate the base model alone."),
+) -> None:
+    """Evaluate base and tuned models: metrics with intervals, prompt sensitivity, comparison."""
+    from tunelab.config import load_config
+    from tunelab.eval.evaluate import evaluate
+    from tunelab.runs import create_run
+
+    cfg = load_config(config)
+    if run is None and not base_only and (cfg.run_dir / "config.yaml").is_file():
+        run = cfg.run_dir
+    if run is None:
+        # Base-only results still get a run directory of their own, like every result.
+        cfg.name = f"{cfg.name}-base"
+        run = cfg.run_dir if (cfg.run_dir / "config.yaml").is_file() else create_run(
+            cfg, overwrite=False)
+        evaluate(cfg, run_dir=run, base=True, tuned=False, console=console)
+        return
+    evaluate(cfg, run_dir=run, base=base or base_only, tuned=not base_only, console=console)
+
+
+@app.command()
+def report(
+    run: Path = typer.Argument(..., help="A run directory."),
+    output: Optional[Path] = typer.Option(None, help="Where to write (default RUN/report.html)."),
+) -> None:
+    """Write one self-contained HTML report: loss curves, metrics, sensitivity, examples."""
+    from tunelab.report.html import write_report
+    from tunelab.runs import open_run
+
+    open_run(run)
+    path = write_report(run, output=output)
+    console.print(f"Report written to {path}")
+
+
 def _trained_on_chat(run: Path) -> bool:
     from tunelab.runs import read_manifest
 

@@ -47,6 +47,7 @@ class DataConfig(_Section):
 
     train: list[str]
     validation: list[str] = []
+    test: list[str] = []
     validation_split: float = Field(0.0, ge=0.0, lt=1.0)
     format: Literal["auto", "chat", "instruction", "completion", "text", "template"] = "auto"
     prompt: str | None = None
@@ -54,7 +55,7 @@ class DataConfig(_Section):
     train_on: Literal["completion", "all"] = "completion"
     chat_template: str | None = None
 
-    @field_validator("train", "validation", mode="before")
+    @field_validator("train", "validation", "test", mode="before")
     @classmethod
     def _one_or_many(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
@@ -105,6 +106,32 @@ class TrainConfig(_Section):
         return self
 
 
+class EvalConfig(_Section):
+    """How a model is evaluated: the task, its prompts, and the statistics."""
+
+    task: Literal["classification", "ner", "translation", "qa", "summarisation"] = \
+        "classification"
+    split: Literal["test", "validation"] = "test"
+    labels: list[str] = []
+    entity_types: list[str] = []
+    predict: Literal["score", "generate", "both"] = "score"
+    prompt_variants: list[str] = []
+    shots: int = Field(0, ge=0)
+    context: str | None = None  # the text answers must come from, e.g. "{text}"; for grounding
+    max_new_tokens: int = Field(64, ge=1)
+    stop: list[str] = ["\n\n"]
+    max_examples: int | None = Field(None, ge=1)
+    batch_size: int = Field(16, ge=1)
+    bootstrap: int = Field(1000, ge=100)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _labels_for_classification(self) -> EvalConfig:
+        if self.task == "classification" and not self.labels:
+            raise ValueError("eval.task classification needs eval.labels, the label strings")
+        return self
+
+
 class Config(_Section):
     """A whole tunelab run."""
 
@@ -114,6 +141,7 @@ class Config(_Section):
     method: MethodConfig = MethodConfig()
     data: DataConfig
     train: TrainConfig = TrainConfig()
+    eval: EvalConfig | None = None
 
     @property
     def run_dir(self) -> Path:
@@ -166,7 +194,7 @@ def dump_config(config: Config, path: Path) -> None:
 
 def _resolve_paths(config: Config, base_dir: Path, source: str, document: Any) -> Config:
     data = config.data
-    for key in ("train", "validation"):
+    for key in ("train", "validation", "test"):
         resolved = []
         for index, name in enumerate(getattr(data, key)):
             if name.startswith("hf://"):

@@ -58,3 +58,46 @@ def _cut(text: str, stop: list[str] | None) -> str:
         if index >= 0:
             text = text[:index]
     return text
+
+
+@torch.no_grad()
+def score_continuations(model: nn.Module, tokenizer, prompts: list[str], options: list[str], *,
+                        batch_tokens: int = 4096, add_eos: bool = True) -> torch.Tensor:
+    """Log-likelihood of each option after each prompt: a ``[prompts, options]`` tensor.
+
+    Every (prompt, option) pair is one example of a padding-free packed batch, so no compute goes
+    to padding; the option's tokens (and EOS, which stops a label that is a prefix of another
+    from winning) are summed. Prompt and option are tokenized separately, as in training.
+    """
+    from tunelab.data.packing import collate, plan_batches
+    from tunelab.data.tokenize import IGNORE_INDEX, TokenizedExample
+    from tunelab.train.loss import hidden_states, model_parts
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    prompt_ids = tokenizer([encode_ready(p, tokenizer) for p in prompts],
+                           add_special_tokens=False)["input_ids"]
+    option_ids = tokenizer(options, add_special_tokens=False)["input_ids"]
+    eos = [tokenizer.eos_token_id] if add_eos and tokenizer.eos_token_id is not None else []
+    pairs = [TokenizedExample(p + o + eos, [IGNORE_INDEX] * len(p) + o + eos, "", 0)
+             for p in prompt_ids for o in option_ids]
+    _, output_layer, softcap = model_parts(model)
+    scores = torch.empty(len(pairs))
+    for indices in plan_batches([len(p.input_ids) for p in pairs], batch_tokens=batch_tokens,
+                                packing=True):
+        batch = collate([pairs[i] for i in indices], packing=True).to(device)
+        hidden = hidden_states(model, batch)[0, :-1]
+        targets = batch.labels[0, 1:]
+        selected = targets != IGNORE_INDEX
+        logits = output_layer(hidden[selected]).float()
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        token_logp = torch.log_softmax(logits, -1).gather(1, targets[selected, None])[:, 0]
+        lengths = torch.tensor([len(pairs[i].input_ids) for i in indices], device=device)
+        owner = torch.repeat_interleave(torch.arange(len(indices), device=device), lengths)[1:]
+        sums = torch.zeros(len(indices), device=device).index_add_(0, owner[selected],
+                                                                    token_logp)
+        scores[indices] = sums.cpu()
+    model.train(was_training)
+    return scores.view(len(prompts), len(options))

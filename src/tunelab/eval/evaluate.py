@@ -1,0 +1,298 @@
+"""The evaluation pipeline: base and tuned model × prompt variants → metrics, comparison, JSON.
+
+``evaluate(config, run_dir=...)`` answers "did fine-tuning help, and is it more than noise?":
+every metric with a bootstrap 95% interval, the metric under each prompt variant (mean ± spread),
+a paired comparison of tuned against base on the same examples (McNemar for accuracy), and the
+outputs themselves, so the worst cases can be read. The result is written to
+``<run>/eval/<split>.json`` and returned.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import string
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from tunelab.config import Config, EvalConfig
+from tunelab.data.formats import Record, to_example
+from tunelab.data.readers import read_records
+from tunelab.errors import ConfigError, RunError
+from tunelab.eval.generate import generate_texts, score_continuations
+from tunelab.eval.stats import mcnemar, paired_bootstrap, spread
+from tunelab.eval.tasks import TASKS, Task
+
+
+def evaluate(config: Config, *, run_dir: str | Path | None = None, base: bool = True,
+             tuned: bool = True, console: Console | None = None) -> dict:
+    """Evaluate the base model and/or a run's tuned model on the config's test split."""
+    console = console or Console()
+    if config.eval is None:
+        raise ConfigError("the config has no eval section", where="eval",
+                          fix="add e.g. eval: {task: classification, labels: [negative, "
+                          "positive]}")
+    eval_cfg = config.eval
+    prompt, completion = _templates(config)
+    records = _records(config, eval_cfg)
+    pool = _shot_pool(config, eval_cfg)
+    task = TASKS[eval_cfg.task](labels=eval_cfg.labels, entity_types=eval_cfg.entity_types,
+                                n_resamples=eval_cfg.bootstrap, seed=eval_cfg.seed)
+    variants = eval_cfg.prompt_variants or [prompt]
+    golds = [task.gold(_render(r, prompt, completion)[1]) for r in records]
+    contexts = [_context(r, eval_cfg.context) for r in records]
+    models = _load_models(config, run_dir, want_base=base, want_tuned=tuned)
+    started = time.perf_counter()
+    result = {"name": eval_cfg.split, "task": task.kind, "split": eval_cfg.split,
+              "n": len(records), "primary_metric": task.primary, "shots": eval_cfg.shots,
+              "predict": eval_cfg.predict if task.kind == "classification" else "generate",
+              "models": {}}
+    for which, (model, tokenizer, context) in models.items():
+        with context():
+            result["models"][which] = _evaluate_model(
+                model, tokenizer, task, eval_cfg, records, variants, completion, pool, golds,
+                contexts)
+    result["comparison"] = _compare(result["models"], task)
+    result["wall_s"] = round(time.perf_counter() - started, 1)
+    if run_dir is not None:
+        out = Path(run_dir) / "eval"
+        out.mkdir(exist_ok=True)
+        temporary = out / f".{eval_cfg.split}.json.tmp"
+        temporary.write_text(json.dumps(result, indent=1, default=_jsonable))
+        temporary.replace(out / f"{eval_cfg.split}.json")
+        result["path"] = str(out / f"{eval_cfg.split}.json")
+    render_eval(result, console)
+    return result
+
+
+def _evaluate_model(model, tokenizer, task: Task, eval_cfg: EvalConfig, records: list[Record],
+                    variants: list[str], completion: str, pool: list[Record], golds: list,
+                    contexts: list) -> dict:
+    outcome = {"variants": []}
+    for number, template in enumerate(variants):
+        prompts = build_prompts(records, template, completion, shots=eval_cfg.shots, pool=pool,
+                                seed=eval_cfg.seed)
+        raw, predictions, failures = _predict(model, tokenizer, task, eval_cfg, prompts,
+                                              records, completion)
+        scored = task.score(golds, predictions, contexts)
+        outcome["variants"].append({"prompt": template, "metrics": scored.metrics,
+                                    "parse_failures": {"count": failures,
+                                                       "rate": failures / max(1, len(records))}})
+        if number == 0:
+            outcome.update(metrics=scored.metrics, per_example=scored.per_example, **scored.extra)
+            outcome["parse_failures"] = outcome["variants"][0]["parse_failures"]
+            outcome["predictions"] = [
+                {"index": i, "input": p[-600:], "gold": _show(g), "prediction": _show(r),
+                 "score": s}
+                for i, (p, g, r, s) in enumerate(zip(prompts, golds, raw, scored.per_example,
+                                                     strict=True))]
+    outcome["sensitivity"] = {
+        name: spread([v["metrics"][name]["value"] for v in outcome["variants"]])
+        for name in outcome["metrics"]}
+    return outcome
+
+
+def build_prompts(records: list[Record], template: str, completion: str, *, shots: int = 0,
+                  pool: list[Record] | None = None, seed: int = 0) -> list[str]:
+    """Render each record's prompt; with ``shots`` k, prepend k solved training examples.
+
+    Demonstrations are drawn per example with a fixed seed, never the example itself (nor any
+    training record with the same prompt), and use the same template as the query.
+    """
+    prompts = []
+    for index, record in enumerate(records):
+        query, _ = _render(record, template, completion)
+        demos = []
+        if shots and pool:
+            rng = random.Random(seed * 1_000_003 + index)
+            candidates = rng.sample(range(len(pool)), min(len(pool), shots * 3 + 3))
+            for choice in candidates:
+                demo_prompt, demo_completion = _render(pool[choice], template, completion)
+                if demo_prompt != query:
+                    demos.append(demo_prompt + demo_completion)
+                if len(demos) == shots:
+                    break
+        prompts.append("\n\n".join(demos + [query]))
+    return prompts
+
+
+def _predict(model, tokenizer, task: Task, eval_cfg: EvalConfig, prompts: list[str],
+             records: list[Record], completion: str) -> tuple[list[str], list, int]:
+    """Raw outputs, parsed predictions and the number of unparseable outputs."""
+    if task.kind == "classification" and eval_cfg.predict in ("score", "both"):
+        options = [_label_completion(completion, label) for label in eval_cfg.labels]
+        scores = score_continuations(model, tokenizer, prompts, options)
+        chosen = [eval_cfg.labels[i] for i in scores.argmax(1).tolist()]
+        return chosen, chosen, 0
+    outputs = generate_texts(model, tokenizer, prompts, max_new_tokens=eval_cfg.max_new_tokens,
+                             batch_size=eval_cfg.batch_size, stop=eval_cfg.stop)
+    parsed = [task.parse(output) for output in outputs]
+    return outputs, [p for p, _ in parsed], sum(failed for _, failed in parsed)
+
+
+def _compare(models: dict, task: Task) -> dict:
+    if not {"base", "tuned"} <= models.keys():
+        return {}
+    base, tuned = models["base"], models["tuned"]
+    comparison = {}
+    for name, tuned_metric in tuned["metrics"].items():
+        entry = {"base": base["metrics"][name]["value"], "tuned": tuned_metric["value"],
+                 "delta": tuned_metric["value"] - base["metrics"][name]["value"]}
+        if name == task.primary:
+            paired = paired_bootstrap(base["per_example"], tuned["per_example"],
+                                      n_resamples=task.n_resamples, seed=task.seed)
+            entry.update(ci=paired["ci"], p_value=paired["p_value"],
+                         significant=paired["significant"], test="paired bootstrap")
+            if name == "accuracy":
+                exact = mcnemar([s > 0.5 for s in base["per_example"]],
+                                [s > 0.5 for s in tuned["per_example"]])
+                entry.update(p_value=exact["p_value"], significant=exact["significant"],
+                             test="mcnemar", discordant=[exact["b"], exact["c"]])
+        comparison[name] = entry
+    return comparison
+
+
+def _load_models(config: Config, run_dir, *, want_base: bool, want_tuned: bool) -> dict:
+    """name → (model, tokenizer, context manager factory) sharing one base model for LoRA."""
+    from contextlib import nullcontext
+
+    from tunelab.model import varlen
+    from tunelab.model.adapters import load_tuned
+    from tunelab.model.load import load_model, load_tokenizer
+
+    if want_tuned and run_dir is None:
+        raise RunError("a tuned model needs a run directory", where="--run",
+                       fix="pass --run runs/<name>, or --base alone to measure the base model")
+    load = lambda path, gguf: load_model(  # noqa: E731
+        path, dtype=config.model.dtype, device=config.model.device, gguf_file=gguf,
+        attn_implementation=config.model.attn_implementation)
+    tokenizer = load_tokenizer(config.model.path, config.model.gguf_file)
+    models = {}
+    base_model = load(config.model.path, config.model.gguf_file)
+    varlen.enable(base_model)
+    if want_tuned and config.method.kind == "full":
+        tuned = load(str(Path(run_dir) / "model"), None)
+        varlen.enable(tuned)
+        if want_base:
+            models["base"] = (base_model, tokenizer, nullcontext)
+        models["tuned"] = (tuned, tokenizer, nullcontext)
+    elif want_tuned:
+        tuned = load_tuned(base_model, Path(run_dir))
+        if want_base:
+            models["base"] = (tuned, tokenizer, tuned.disable_adapter)
+        models["tuned"] = (tuned, tokenizer, nullcontext)
+    else:
+        models["base"] = (base_model, tokenizer, nullcontext)
+    for model, _, _ in models.values():
+        model.eval()
+    return models
+
+
+def _templates(config: Config) -> tuple[str, str]:
+    if config.data.prompt is not None:
+        return config.data.prompt, config.data.completion
+    if config.data.format in ("auto", "completion"):
+        return "{prompt}", "{completion}"
+    raise ConfigError(f"evaluation needs prompt/completion data, not data.format "
+                      f"{config.data.format!r}", where="data.prompt",
+                      fix="set data.prompt and data.completion templates over the columns")
+
+
+def _records(config: Config, eval_cfg: EvalConfig) -> list[Record]:
+    paths = config.data.test if eval_cfg.split == "test" else config.data.validation
+    if not paths:
+        raise ConfigError(f"eval.split is {eval_cfg.split!r} but data.{eval_cfg.split} is empty",
+                          where=f"data.{eval_cfg.split}",
+                          fix=f"add data.{eval_cfg.split}: <file>, or set eval.split")
+    records = [record for path in paths for record in read_records(path)]
+    return records[:eval_cfg.max_examples] if eval_cfg.max_examples else records
+
+
+def _shot_pool(config: Config, eval_cfg: EvalConfig) -> list[Record]:
+    if not eval_cfg.shots:
+        return []
+    return [record for path in config.data.train for record in read_records(path)]
+
+
+def _render(record: Record, prompt: str, completion: str) -> tuple[str, str]:
+    example = to_example(record, "template", prompt=prompt, completion=completion)
+    return example.segments[0].text, example.segments[1].text
+
+
+def _label_completion(completion: str, label: str) -> str:
+    """The completion template with the label in its one field (e.g. " {label}" → " positive")."""
+    fields = [name for _, name, _, _ in string.Formatter().parse(completion) if name]
+    if len(set(fields)) == 1:
+        return completion.format_map({fields[0]: label})
+    return " " + label
+
+
+def _context(record: Record, template: str | None) -> str | None:
+    return template.format_map(record.fields) if template else None
+
+
+def _show(value) -> str:
+    if isinstance(value, (set, frozenset)):
+        return "\n".join(f"{kind}: {span}" for kind, span in sorted(value))
+    return str(value)
+
+
+def _jsonable(value):
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    return str(value)
+
+
+def render_eval(result: dict, console: Console) -> None:
+    """The metric table on screen: base, tuned, and the delta with its interval."""
+    models = result["models"]
+    table = Table(title=f"{result['task']} on {result['split']} (n={result['n']}, "
+                  f"{result['shots']}-shot, {result['predict']})")
+    table.add_column("metric")
+    for which in models:
+        table.add_column(which, justify="right")
+    if result["comparison"]:
+        table.add_column("tuned − base", justify="right")
+    for name in next(iter(models.values()))["metrics"]:
+        row = [name]
+        for outcome in models.values():
+            metric = outcome["metrics"][name]
+            row.append(f"{_num(metric['value'])} [{_num(metric['ci'][0])}, "
+                       f"{_num(metric['ci'][1])}]")
+        entry = result["comparison"].get(name)
+        if entry:
+            text = f"{entry['delta']:+.3f}"
+            if "ci" in entry:
+                mark = "significant" if entry["significant"] else "not significant"
+                text += (f" [{entry['ci'][0]:+.3f}, {entry['ci'][1]:+.3f}] "
+                         f"p={entry['p_value']:.3g} ({entry['test']}, {mark})")
+            row.append(text)
+        table.add_row(*row)
+    console.print(table)
+    primary = result["primary_metric"]
+    for which, outcome in models.items():
+        variation = outcome["sensitivity"][primary]
+        if variation["n_variants"] > 1:
+            console.print(f"{which}: {primary} over {variation['n_variants']} prompt variants "
+                          f"{_num(variation['mean'])} ± {_num(variation['std'])} (min "
+                          f"{_num(variation['min'])}, max {_num(variation['max'])})")
+        failures = outcome["parse_failures"]
+        if failures["count"]:
+            console.print(f"[yellow]{which}: {failures['count']} outputs "
+                          f"({failures['rate']:.1%}) could not be parsed; they count as wrong.")
+        if outcome.get("hallucination"):
+            rate = outcome["hallucination"]["rate"]
+            console.print(f"{which}: hallucination rate {rate:.1%} of predicted spans not in "
+                          "the input")
+    if "path" in result:
+        console.print(f"Written to {result['path']}")
+
+
+def _num(value: float) -> str:
+    return f"{value:.3f}" if abs(value) <= 1.5 else f"{value:.1f}"
