@@ -57,6 +57,8 @@ def evaluate(config: Config, *, run_dir: str | Path | None = None, base: bool = 
                 model, tokenizer, task, eval_cfg, records, variants, completion, pool, golds,
                 contexts)
     result["comparison"] = _compare(result["models"], task)
+    for outcome in result["models"].values():
+        outcome.pop("paired")  # a function of resampled indices for corpus metrics: not data
     result["wall_s"] = round(time.perf_counter() - started, 1)
     if run_dir is not None:
         out = Path(run_dir) / "eval"
@@ -83,7 +85,7 @@ def _evaluate_model(model, tokenizer, task: Task, eval_cfg: EvalConfig, records:
                                     "parse_failures": {"count": failures,
                                                        "rate": failures / max(1, len(records))}})
         if number == 0:
-            outcome.update(metrics=scored.metrics, per_example=scored.per_example, **scored.extra)
+            outcome.update(metrics=scored.metrics, paired=scored.paired, **scored.extra)
             outcome["parse_failures"] = outcome["variants"][0]["parse_failures"]
             outcome["predictions"] = [
                 {"index": i, "input": p[-600:], "gold": _show(g), "prediction": _show(r),
@@ -135,6 +137,7 @@ def _predict(model, tokenizer, task: Task, eval_cfg: EvalConfig, prompts: list[s
 
 
 def _compare(models: dict, task: Task) -> dict:
+    """Tuned minus base on the same examples: paired bootstrap, McNemar for accuracy."""
     if not {"base", "tuned"} <= models.keys():
         return {}
     base, tuned = models["base"], models["tuned"]
@@ -143,13 +146,13 @@ def _compare(models: dict, task: Task) -> dict:
         entry = {"base": base["metrics"][name]["value"], "tuned": tuned_metric["value"],
                  "delta": tuned_metric["value"] - base["metrics"][name]["value"]}
         if name == task.primary:
-            paired = paired_bootstrap(base["per_example"], tuned["per_example"],
+            paired = paired_bootstrap(base["paired"], tuned["paired"], n=tuned_metric["n"],
                                       n_resamples=task.n_resamples, seed=task.seed)
             entry.update(ci=paired["ci"], p_value=paired["p_value"],
                          significant=paired["significant"], test="paired bootstrap")
             if name == "accuracy":
-                exact = mcnemar([s > 0.5 for s in base["per_example"]],
-                                [s > 0.5 for s in tuned["per_example"]])
+                exact = mcnemar([s > 0.5 for s in base["paired"]],
+                                [s > 0.5 for s in tuned["paired"]])
                 entry.update(p_value=exact["p_value"], significant=exact["significant"],
                              test="mcnemar", discordant=[exact["b"], exact["c"]])
         comparison[name] = entry

@@ -14,31 +14,30 @@ scores for paired comparisons, and a count of outputs that could not be parsed �
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-import numpy as np
-
 from tunelab.eval import metrics as M
 from tunelab.eval.grounding import hallucination_report
-from tunelab.eval.stats import bootstrap_ci
+from tunelab.eval.stats import Statistic, bootstrap_ci, metric_with_ci, ratio_statistic
 
 
 @dataclass
 class Scored:
     """A task's verdict on one model's outputs for one prompt variant."""
 
-    metrics: dict[str, dict]  # name → {"value", "ci", "n"}
-    per_example: list[float]  # the primary per-example score (0..1) for paired comparisons
-    extra: dict = field(default_factory=dict)  # confusion, per_class, hallucination
+    metrics: dict[str, dict]  # name → {"value", "ci": [lo, hi], "n"}
+    per_example: list[float]  # a 0..1 score per example, to rank the worst cases
+    paired: Sequence[float] | Statistic  # the primary metric, as the paired comparison takes it
+    extra: dict = field(default_factory=dict)  # confusion, per_class, per_type, hallucination
 
 
 class Task:
-    """One task kind. Subclasses set ``primary`` and implement ``parse`` and ``score``."""
+    """One task kind. Subclasses set ``primary`` and implement ``score`` (and ``parse``)."""
 
     kind: ClassVar[str]
     primary: ClassVar[str]
-    generates: ClassVar[bool] = True
 
     def __init__(self, *, labels: list[str] | None = None, entity_types: list[str] | None = None,
                  n_resamples: int = 1000, seed: int = 0):
@@ -48,7 +47,7 @@ class Task:
         self.seed = seed
 
     def parse(self, output: str) -> tuple[Any, bool]:
-        """(prediction, failed) for one raw model output."""
+        """(prediction, failed) for one raw model output; an empty output is a failure."""
         text = output.strip()
         return text, not text
 
@@ -59,18 +58,11 @@ class Task:
     def score(self, golds: list, predictions: list, contexts: list[str | None]) -> Scored:
         raise NotImplementedError
 
-    def _ci(self, per_example: list[float] | None = None, statistic=None, n: int = 0) -> dict:
-        values = per_example if per_example is not None else None
-        n = len(values) if values is not None else n
-        if values is not None:
-            value = float(np.mean(values)) if n else 0.0
-            low, high = bootstrap_ci(values, n_resamples=self.n_resamples, seed=self.seed) \
-                if n else (0.0, 0.0)
-        else:
-            value = float(statistic(np.arange(n)))
-            low, high = bootstrap_ci(statistic=statistic, n=n, n_resamples=self.n_resamples,
-                                     seed=self.seed)
-        return {"value": value, "ci": [float(low), float(high)], "n": n}
+    def _metric(self, values: Sequence[float] | Statistic, n: int) -> dict:
+        if callable(values):
+            return metric_with_ci(statistic=values, n=n, n_resamples=self.n_resamples,
+                                  seed=self.seed)
+        return metric_with_ci(values, n_resamples=self.n_resamples, seed=self.seed)
 
 
 class Classification(Task):
@@ -81,15 +73,12 @@ class Classification(Task):
         return label, label is None
 
     def score(self, golds, predictions, contexts) -> Scored:
-        correct = [float(p == g) for g, p in zip(golds, predictions, strict=True)]
         report = M.classification_metrics(golds, predictions, self.labels)
-        gold_array = np.array(golds, dtype=object)
-        pred_array = np.array(predictions, dtype=object)
-        macro = lambda idx: M.macro_f1(list(gold_array[idx]), list(pred_array[idx]),  # noqa: E731
-                                       self.labels)
-        metrics = {"accuracy": self._ci(correct),
-                   "macro_f1": self._ci(statistic=macro, n=len(golds))}
-        return Scored(metrics, correct,
+        correct = [float(ok) for ok in report["per_example_correct"]]
+        metrics = {"accuracy": self._metric(correct, len(golds)),
+                   "macro_f1": self._metric(M.macro_f1_statistic(golds, predictions, self.labels),
+                                            len(golds))}
+        return Scored(metrics, correct, correct,
                       {"confusion": report["confusion"], "per_class": report["per_class"]})
 
 
@@ -97,8 +86,7 @@ class NER(Task):
     kind, primary = "ner", "f1"
 
     def parse(self, output: str) -> tuple[Any, bool]:
-        entities, failed = M.parse_entities(output, self.entity_types or None)
-        return entities, failed
+        return M.parse_entities(output, self.entity_types or None)
 
     def gold(self, text: str) -> Any:
         return M.parse_entities(text, self.entity_types or None)[0]
@@ -106,28 +94,30 @@ class NER(Task):
     def score(self, golds, predictions, contexts) -> Scored:
         sets = [p or set() for p in predictions]
         report = M.entity_f1(golds, sets)
-        gold_array, pred_array = np.array(golds, dtype=object), np.array(sets, dtype=object)
-        part = lambda key: lambda idx: M.entity_f1(list(gold_array[idx]),  # noqa: E731
-                                                   list(pred_array[idx]))[key]
-        metrics = {key: self._ci(statistic=part(key), n=len(golds))
-                   for key in ("f1", "precision", "recall")}
-        extra = {"per_type": report.get("per_type", {})}
-        extra["hallucination"] = _hallucination(
-            [[span for _, span in sorted(s)] for s in sets], contexts, self)
-        return Scored(metrics, list(report["per_example_f1"]), extra)
+        micro_f1 = M.entity_f1_statistic(golds, sets)
+        hits = [len(g & p) for g, p in zip(golds, sets, strict=True)]
+        metrics = {
+            "f1": self._metric(micro_f1, len(golds)),
+            "precision": self._metric(ratio_statistic(hits, [len(p) for p in sets]), len(golds)),
+            "recall": self._metric(ratio_statistic(hits, [len(g) for g in golds]), len(golds)),
+        }
+        extra = {"per_type": report["per_type"],
+                 "hallucination": _hallucination([[span for _, span in sorted(s)] for s in sets],
+                                                 contexts, self)}
+        return Scored(metrics, report["per_example_f1"], micro_f1, extra)
 
 
 class Translation(Task):
     kind, primary = "translation", "chrf"
 
     def score(self, golds, predictions, contexts) -> Scored:
-        hyps = [p or "" for p in predictions]
-        hyp_array, ref_array = np.array(hyps, dtype=object), np.array(golds, dtype=object)
-        corpus = lambda fn: lambda idx: fn(list(hyp_array[idx]), list(ref_array[idx]))  # noqa
-        metrics = {"chrf": self._ci(statistic=corpus(M.chrf), n=len(golds)),
-                   "bleu": self._ci(statistic=corpus(M.bleu), n=len(golds))}
-        per_example = [M.sentence_chrf(h, r) / 100 for h, r in zip(hyps, golds, strict=True)]
-        return Scored(metrics, per_example)
+        hypotheses = [p or "" for p in predictions]
+        chrf = M.chrf_statistic(hypotheses, golds)
+        metrics = {"chrf": self._metric(chrf, len(golds)),
+                   "bleu": self._metric(M.bleu_statistic(hypotheses, golds), len(golds))}
+        per_example = [M.sentence_chrf(h, r) / 100
+                       for h, r in zip(hypotheses, golds, strict=True)]
+        return Scored(metrics, per_example, chrf)
 
 
 class QA(Task):
@@ -140,28 +130,32 @@ class QA(Task):
         f1 = [M.token_f1(a, g) for a, g in zip(answers, gold_lists, strict=True)]
         extra = {"hallucination": _hallucination([[a] if a else [] for a in answers], contexts,
                                                  self)}
-        return Scored({"exact_match": self._ci(em), "token_f1": self._ci(f1)}, em, extra)
+        metrics = {"exact_match": self._metric(em, len(em)), "token_f1": self._metric(f1, len(f1))}
+        return Scored(metrics, em, em, extra)
 
 
 class Summarisation(Task):
     kind, primary = "summarisation", "rouge_l"
 
     def score(self, golds, predictions, contexts) -> Scored:
-        outputs = [p or "" for p in predictions]
-        rouge = [M.rouge_l(o, g) for o, g in zip(outputs, golds, strict=True)]
-        return Scored({"rouge_l": self._ci(rouge)}, rouge)
+        rouge = [M.rouge_l(p or "", g) for p, g in zip(predictions, golds, strict=True)]
+        return Scored({"rouge_l": self._metric(rouge, len(rouge))}, rouge, rouge)
 
 
 def _hallucination(spans: list[list[str]], contexts: list[str | None], task: Task) -> dict | None:
-    if not any(c for c in contexts):
+    """Share of predicted spans absent from the input, with a span-weighted interval."""
+    if not any(contexts):
         return None
-    items = [{"index": i, "source": c or "", "spans": s}
+    items = [{"index": i, "source": c, "spans": s}
              for i, (s, c) in enumerate(zip(spans, contexts, strict=True)) if c]
     report = hallucination_report(items)
-    per_example = report.get("per_example") or []
-    report["ci"] = list(bootstrap_ci(per_example, n_resamples=task.n_resamples, seed=task.seed)) \
-        if per_example else [0.0, 0.0]
-    report.pop("per_example", None)
+    n_spans = report.pop("per_example_n_spans")
+    unsupported = [share * count for share, count in zip(report.pop("per_example"), n_spans,
+                                                         strict=True)]
+    report.pop("per_example_index")
+    report["ci"] = (bootstrap_ci(statistic=ratio_statistic(unsupported, n_spans), n=len(n_spans),
+                                 n_resamples=task.n_resamples, seed=task.seed)
+                    if n_spans else [0.0, 0.0])
     return report
 
 
