@@ -104,7 +104,7 @@ def generate(
 @app.command("eval")
 def eval_(
     config: Path = typer.Argument(..., help="YAML config with an eval section."),
-    run: Optional[Path] = typer.Option(None, help="Run directory whose tuned model to evaluate "
+    run: Path | None = typer.Option(None, help="Run directory whose tuned model to evaluate "
                                        "(default: the config's run, if it exists)."),
     base: bool = typer.Option(True, help="Also evaluate the base model (--no-base: tuned only)."),
     base_only: bool = typer.Option(False, "--base-only", help="Evaluate the base model alone."),
@@ -130,7 +130,7 @@ def eval_(
 @app.command()
 def report(
     run: Path = typer.Argument(..., help="A run directory."),
-    output: Optional[Path] = typer.Option(None, help="Where to write (default RUN/report.html)."),
+    output: Path | None = typer.Option(None, help="Where to write (default RUN/report.html)."),
 ) -> None:
     """Write one self-contained HTML report: loss curves, metrics, sensitivity, examples."""
     from tunelab.report.html import write_report

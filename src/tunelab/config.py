@@ -184,7 +184,8 @@ def config_from_dict(raw: dict[str, Any], *, source: str = "<config>", document:
         config = Config.model_validate(raw)
     except ValidationError as error:
         raise _friendly(error, source, document) from None
-    return _resolve_paths(config, base_dir or Path.cwd(), source, document)
+    # Absolute paths, so the resolved config saved in a run directory works from anywhere.
+    return _resolve_paths(config, (base_dir or Path.cwd()).resolve(), source, document)
 
 
 def dump_config(config: Config, path: Path) -> None:

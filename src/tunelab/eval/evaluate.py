@@ -49,6 +49,7 @@ def evaluate(config: Config, *, run_dir: str | Path | None = None, base: bool = 
     started = time.perf_counter()
     result = {"name": eval_cfg.split, "task": task.kind, "split": eval_cfg.split,
               "n": len(records), "primary_metric": task.primary, "shots": eval_cfg.shots,
+              "ci_level": 0.95, "n_resamples": eval_cfg.bootstrap,
               "predict": eval_cfg.predict if task.kind == "classification" else "generate",
               "models": {}}
     for which, (model, tokenizer, context) in models.items():

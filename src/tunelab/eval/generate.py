@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import nn
 
@@ -65,39 +67,77 @@ def score_continuations(model: nn.Module, tokenizer, prompts: list[str], options
                         batch_tokens: int = 4096, add_eos: bool = True) -> torch.Tensor:
     """Log-likelihood of each option after each prompt: a ``[prompts, options]`` tensor.
 
-    Every (prompt, option) pair is one example of a padding-free packed batch, so no compute goes
-    to padding; the option's tokens (and EOS, which stops a label that is a prefix of another
-    from winning) are summed. Prompt and option are tokenized separately, as in training.
+    Each prompt is computed once: its row holds the prompt followed by every option, each
+    option attending to the prompt and to itself only (a tree mask, through the per-example
+    attention of model/varlen.py), and rows are packed without padding. The option's tokens
+    (and EOS, which stops a label that is a prefix of another from winning) are summed. Prompt
+    and option are tokenized separately, as in training.
     """
-    from tunelab.data.packing import collate, plan_batches
-    from tunelab.data.tokenize import IGNORE_INDEX, TokenizedExample
-    from tunelab.train.loss import hidden_states, model_parts
+    from tunelab.data.packing import plan_batches
+    from tunelab.model import varlen
+    from tunelab.train.loss import model_parts
 
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     prompt_ids = tokenizer([encode_ready(p, tokenizer) for p in prompts],
                            add_special_tokens=False)["input_ids"]
-    option_ids = tokenizer(options, add_special_tokens=False)["input_ids"]
     eos = [tokenizer.eos_token_id] if add_eos and tokenizer.eos_token_id is not None else []
-    pairs = [TokenizedExample(p + o + eos, [IGNORE_INDEX] * len(p) + o + eos, "", 0)
-             for p in prompt_ids for o in option_ids]
-    _, output_layer, softcap = model_parts(model)
-    scores = torch.empty(len(pairs))
-    for indices in plan_batches([len(p.input_ids) for p in pairs], batch_tokens=batch_tokens,
-                                packing=True):
-        batch = collate([pairs[i] for i in indices], packing=True).to(device)
-        hidden = hidden_states(model, batch)[0, :-1]
-        targets = batch.labels[0, 1:]
-        selected = targets != IGNORE_INDEX
-        logits = output_layer(hidden[selected]).float()
-        if softcap:
-            logits = torch.tanh(logits / softcap) * softcap
-        token_logp = torch.log_softmax(logits, -1).gather(1, targets[selected, None])[:, 0]
-        lengths = torch.tensor([len(pairs[i].input_ids) for i in indices], device=device)
-        owner = torch.repeat_interleave(torch.arange(len(indices), device=device), lengths)[1:]
-        sums = torch.zeros(len(indices), device=device).index_add_(0, owner[selected],
-                                                                    token_logp)
-        scores[indices] = sums.cpu()
-    model.train(was_training)
-    return scores.view(len(prompts), len(options))
+    option_ids = [ids + eos for ids in tokenizer(options, add_special_tokens=False)["input_ids"]]
+    row_length = lambda ids: len(ids) + sum(len(o) for o in option_ids)  # noqa: E731
+    body, output_layer, softcap = model_parts(model)
+    switched = varlen.enable(model)
+    scores = torch.empty(len(prompts), len(options))
+    try:
+        for indices in plan_batches([row_length(prompt_ids[i]) for i in range(len(prompts))],
+                                    batch_tokens=batch_tokens, packing=True):
+            rows = [_tree_row(prompt_ids[i], option_ids) for i in indices]
+            ids = torch.tensor([[t for row in rows for t in row["ids"]]], device=device)
+            positions = torch.tensor([[p for row in rows for p in row["positions"]]],
+                                     device=device)
+            bounds = torch.tensor([0] + list(itertools.accumulate(len(r["ids"]) for r in rows)),
+                                  device=device, dtype=torch.int32)
+            hidden = body(input_ids=ids, position_ids=positions, use_cache=False,
+                          cu_seq_lens_q=bounds,
+                          segment_masks=[row["mask"].to(device) for row in rows]
+                          ).last_hidden_state[0]
+            offsets = bounds[:-1].tolist()
+            sources = torch.tensor([offsets[r] + s for r, row in enumerate(rows)
+                                    for s in row["sources"]], device=device)
+            targets = torch.tensor([t for row in rows for t in row["targets"]], device=device)
+            logits = output_layer(hidden[sources]).float()
+            if softcap:
+                logits = torch.tanh(logits / softcap) * softcap
+            token_logp = torch.log_softmax(logits, -1).gather(1, targets[:, None])[:, 0]
+            owners = torch.tensor([r * len(options) + j for r, row in enumerate(rows)
+                                   for j in row["owners"]], device=device)
+            sums = torch.zeros(len(rows) * len(options), device=device).index_add_(
+                0, owners, token_logp)
+            scores[indices] = sums.view(len(rows), len(options)).cpu()
+    finally:
+        if switched:
+            model.set_attn_implementation("sdpa")
+        model.train(was_training)
+    return scores
+
+
+def _tree_row(prompt: list[int], options: list[list[int]]) -> dict:
+    """One prompt and all its options in one row, with the mask and the scored positions."""
+    length = len(prompt) + sum(len(o) for o in options)
+    mask = torch.zeros(length, length, dtype=torch.bool)
+    mask[:len(prompt), :len(prompt)] = torch.ones(len(prompt), len(prompt)).tril().bool()
+    ids, positions = list(prompt), list(range(len(prompt)))
+    sources, targets, owners = [], [], []
+    for number, option in enumerate(options):
+        start = len(ids)
+        mask[start:start + len(option), :len(prompt)] = True
+        mask[start:start + len(option), start:start + len(option)] = torch.ones(
+            len(option), len(option)).tril().bool()
+        # Option token k is predicted from the prompt's last token (k = 0) or option token k-1.
+        sources += [len(prompt) - 1] + list(range(start, start + len(option) - 1))
+        targets += option
+        owners += [number] * len(option)
+        ids += option
+        positions += range(len(prompt), len(prompt) + len(option))
+    return {"ids": ids, "positions": positions, "mask": mask, "sources": sources,
+            "targets": targets, "owners": owners}

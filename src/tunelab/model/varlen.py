@@ -23,18 +23,25 @@ NAME = "tunelab_varlen"
 def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
                              value: torch.Tensor, attention_mask: torch.Tensor | None,
                              dropout: float = 0.0, scaling: float | None = None,
-                             cu_seq_lens_q: torch.Tensor | None = None, **kwargs):
-    """Causal SDPA per example when ``cu_seq_lens_q`` marks the examples of a single packed row."""
+                             cu_seq_lens_q: torch.Tensor | None = None,
+                             segment_masks: list[torch.Tensor] | None = None, **kwargs):
+    """Causal SDPA per example when ``cu_seq_lens_q`` marks the examples of a single packed row.
+
+    ``segment_masks`` (one boolean ``[length, length]`` mask per example) replaces the causal
+    pattern, e.g. for a prompt followed by several continuations that each see only the prompt.
+    """
     if cu_seq_lens_q is None or query.shape[0] != 1 or query.shape[2] != key.shape[2]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
     groups = query.shape[1] // key.shape[1]
     outputs = []
     bounds = cu_seq_lens_q.tolist()
-    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+    for number, (start, end) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+        mask = segment_masks[number] if segment_masks is not None else None
         outputs.append(F.scaled_dot_product_attention(
             query[:, :, start:end], key[:, :, start:end], value[:, :, start:end],
-            is_causal=True, dropout_p=dropout, scale=scaling, enable_gqa=groups > 1))
+            attn_mask=mask, is_causal=mask is None, dropout_p=dropout, scale=scaling,
+            enable_gqa=groups > 1))
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
 
 

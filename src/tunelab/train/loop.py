@@ -210,6 +210,7 @@ def train(config: Config, *, resume: str | Path | None = None, overwrite: bool =
         "data": {path: hash_file(path) for path in config.data.train + config.data.validation},
         "data_report": prepared.data_report, "total_steps": total_steps,
         "warmup_steps": warmup, "status": "running",
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     try:
         write_manifest(run_dir, manifest)
@@ -241,7 +242,8 @@ def train(config: Config, *, resume: str | Path | None = None, overwrite: bool =
     result = _result(run_dir, state, val_after, time.perf_counter() - started, samples)
     manifest.update(status="finished", val_loss_before=result.val_loss_before,
                     val_loss_after=val_after, tokens_per_second=result.tokens_per_second,
-                    final_train_loss=result.final_train_loss, steps=state["step"])
+                    final_train_loss=result.final_train_loss, steps=state["step"],
+                    wall_s=round(result.wall_s, 1), train_s=round(state["train_s"], 1))
     write_manifest(run_dir, manifest)
     _print_summary(result, console)
     return result
