@@ -21,6 +21,8 @@ def test_embedded_model_learns_the_sentiment_example(tmp_path, embedded_model):
     (tmp_path / "train.jsonl").write_text("\n".join(lines[:96]) + "\n")
     (tmp_path / "valid.jsonl").write_text(
         "\n".join((EXAMPLE / "valid.jsonl").read_text().splitlines()[:24]) + "\n")
+    config["data"].pop("test")
+    config.pop("eval")
     config["model"]["path"] = embedded_model
     config["output_dir"] = str(tmp_path / "runs")
     config["train"].update(max_steps=4, batch_tokens=768, eval_every=0, save_every=0, samples=2)
