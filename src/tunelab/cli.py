@@ -108,13 +108,14 @@ def eval_(
                                        "(default: the config's run, if it exists)."),
     base: bool = typer.Option(True, help="Also evaluate the base model (--no-base: tuned only)."),
     base_only: bool = typer.Option(False, "--base-only", help="Evaluate the base model alone."),
+    set_: list[str] = typer.Option([], "--set", help="Override a config key: eval.shots=3"),
 ) -> None:
     """Evaluate base and tuned models: metrics with intervals, prompt sensitivity, comparison."""
     from tunelab.config import load_config
     from tunelab.eval.evaluate import evaluate
     from tunelab.runs import create_run
 
-    cfg = load_config(config)
+    cfg = load_config(config, _overrides(set_))
     if run is None and not base_only and (cfg.run_dir / "config.yaml").is_file():
         run = cfg.run_dir
     if run is None:
