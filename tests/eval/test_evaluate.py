@@ -109,3 +109,44 @@ def test_few_shot_prompts_exclude_the_example_itself():
         blocks = prompt.split("\n\n")
         assert len(blocks) == 3 and blocks[-1] == f"Q: text {index}\nA:"
         assert f"Q: text {index}\nA: a" not in blocks[:-1]
+
+
+GENERATIVE = {
+    "ner": ({"text": "Ada met Bob in Paris", "target": "PERSON: Ada\nPERSON: Bob\nGPE: Paris"},
+            "Text: {text}\nEntities:\n", "{target}",
+            {"entity_types": ["PERSON", "GPE"], "context": "{text}"}),
+    "qa": ({"context": "the movie was good", "question": "How was it?", "answer": "good"},
+           "Context: {context}\nQuestion: {question}\nAnswer:", " {answer}",
+           {"context": "{context}"}),
+    "translation": ({"en": "the movie was good", "fr": "le film était bon"},
+                    "English: {en}\nFrench:", " {fr}", {}),
+    "summarisation": ({"document": "the movie was good and fun and long", "summary": "good"},
+                      "{document}\nSummary:", " {summary}", {}),
+}
+
+
+@pytest.mark.parametrize("task", sorted(GENERATIVE))
+def test_every_generative_task_runs_end_to_end(task, tmp_path, tiny_model_dir):
+    record, prompt, completion, options = GENERATIVE[task]
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps(record) for _ in range(6)) + "\n")
+    cfg = config_from_dict({
+        "name": task, "output_dir": str(tmp_path / "runs"), "model": {"path": tiny_model_dir},
+        "data": {"train": str(data), "test": str(data), "prompt": prompt,
+                 "completion": completion},
+        "eval": {"task": task, "max_new_tokens": 4, "bootstrap": 100,
+                 "prompt_variants": [prompt, "Again: " + prompt], **options},
+    })
+    run_dir = tmp_path / "runs" / task
+    run_dir.mkdir(parents=True)
+    result = evaluate(cfg, run_dir=run_dir, base=True, tuned=False, console=Console(quiet=True))
+    outcome = result["models"]["base"]
+    primary = outcome["metrics"][result["primary_metric"]]
+    assert primary["n"] == 6 and primary["ci"][0] <= primary["value"] <= primary["ci"][1]
+    assert outcome["sensitivity"][result["primary_metric"]]["n_variants"] == 2
+    assert 0 <= outcome["parse_failures"]["rate"] <= 1
+    assert len(outcome["predictions"]) == 6
+    if "context" in options:
+        assert 0 <= outcome["hallucination"]["rate"] <= 1
+    saved = json.loads((run_dir / "eval" / "test.json").read_text())
+    assert saved["task"] == task
