@@ -129,6 +129,24 @@ def eval_(
 
 
 @app.command()
+def plan(
+    config: Path = typer.Argument(..., help="YAML config of the run to plan."),
+    calibrate: bool = typer.Option(False, help="Measure a few real training steps and scale."),
+    json_out: Path | None = typer.Option(None, "--json", help="Also write the plan here."),
+    set_: list[str] = typer.Option([], "--set", help="Override a config key: train.lr=1e-4"),
+) -> None:
+    """Predict peak memory, tokens/s and wall time of a run before starting it."""
+    from tunelab.config import load_config
+    from tunelab.model.plan import plan as make_plan
+    from tunelab.model.plan import render_plan
+
+    result = make_plan(load_config(config, _overrides(set_)), calibrate=calibrate)
+    render_plan(result, console)
+    if json_out:
+        json_out.write_text(json.dumps(result, indent=2, default=str))
+
+
+@app.command()
 def report(
     run: Path = typer.Argument(..., help="A run directory."),
     output: Path | None = typer.Option(None, help="Where to write (default RUN/report.html)."),

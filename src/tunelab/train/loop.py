@@ -211,7 +211,9 @@ def train(config: Config, *, resume: str | Path | None = None, overwrite: bool =
         "data_report": prepared.data_report, "total_steps": total_steps,
         "warmup_steps": warmup, "status": "running",
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "plan": state.get("plan") or _predicted(config, console),
     }
+    state["plan"] = manifest["plan"]
     try:
         write_manifest(run_dir, manifest)
         if not resume:
@@ -243,7 +245,8 @@ def train(config: Config, *, resume: str | Path | None = None, overwrite: bool =
     manifest.update(status="finished", val_loss_before=result.val_loss_before,
                     val_loss_after=val_after, tokens_per_second=result.tokens_per_second,
                     final_train_loss=result.final_train_loss, steps=state["step"],
-                    wall_s=round(result.wall_s, 1), train_s=round(state["train_s"], 1))
+                    wall_s=round(result.wall_s, 1), train_s=round(state["train_s"], 1),
+                    measured_peak_rss_bytes=_peak_rss_bytes())
     write_manifest(run_dir, manifest)
     _print_summary(result, console)
     return result
@@ -376,6 +379,28 @@ def _generate(model, tokenizer, prompts: list[tuple[str, str]], config: Config) 
         return []
     return generate_texts(model, tokenizer, [prompt for prompt, _ in prompts],
                           max_new_tokens=config.train.max_new_tokens)
+
+
+def _predicted(config: Config, console: Console) -> dict:
+    """The planner's prediction for this run, kept in the manifest to track its error."""
+    from tunelab.model.plan import plan
+
+    try:
+        with torch.random.fork_rng(devices=[]):  # its matmul benchmark must not move the seed
+            predicted = plan(config)
+    except Exception as error:  # the planner must never stop a run it only describes
+        console.print(f"[yellow]warning:[/] no cost prediction for the manifest: {error}")
+        return {"error": str(error)}
+    return {"predicted_peak_bytes": predicted["memory"]["predicted_peak_bytes"],
+            "predicted_tokens_per_second": predicted["time"]["predicted_tokens_per_second"],
+            "predicted_wall_s": predicted["time"]["predicted_wall_s"]}
+
+
+def _peak_rss_bytes() -> int:
+    """Peak resident memory of this process so far (ru_maxrss is in KiB on Linux)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _autocast(device: torch.device):
