@@ -1,0 +1,830 @@
+"""Memory and time prediction for a config on a given device, before any weight is loaded.
+
+``plan(config)`` reads the model's dimensions from its ``config.json`` (``AutoConfig``), tokenizes
+the training data exactly as ``train()`` will, lays out every micro-batch of the run, and predicts:
+
+- peak memory, broken down: framework runtime, tokenized data, base weights (by dtype), adapter,
+  gradients, AdamW state, activations saved for the backward pass, the chunked-loss logits and
+  a backward workspace. Peak RSS on CPU; ``torch.cuda.max_memory_allocated`` plus the CUDA
+  context on GPU.
+- tokens/s and wall time: training FLOPs per token (frozen weights cost forward + input
+  gradient; trainable ones also their weight gradient), divided by the device's measured matmul
+  FLOP/s times the fraction of it a training step reaches. ``calibrate=True`` instead runs a few
+  real steps of this config in a subprocess and scales by what they measured.
+
+Activations follow the Llama decoder block (RMSNorm → q/k/v → RoPE → SDPA → o → RMSNorm →
+gate/up → SiLU·up → down). Per token and layer autograd keeps, in elements:
+
+- RMSNorm: its input (fp32) and the inverse RMS (1); with a trainable weight also the normalised
+  input.
+- a frozen projection keeps nothing of its own; a trainable one keeps its input. Inputs are shared
+  (q/k/v read the same normed hidden state, gate/up another), so each is counted once.
+- a LoRA projection keeps lora_B's input (r); with dropout > 0 also the dropout mask (a float
+  tensor on CPU, bool on CUDA) and the dropped input that lora_A reads, per projection.
+- SDPA keeps q, k, v, its output and the log-sum-exp (heads); SiLU keeps its input, SiLU·up both
+  factors.
+
+The same counts are checked against ``torch.autograd.graph.saved_tensors_hooks`` in
+tests/model/test_plan.py. Activation checkpointing (per decoder layer) keeps only each layer's
+input, and re-creates one layer's activations at a time during the backward pass.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from tunelab.config import Config
+from tunelab.errors import ConfigError, DataError
+
+GIB = 2**30
+
+# Measured on CPU (torch 2.13, transformers 5.24, peft 0.21, Python 3.11), see
+# benchmarks/README.md: RSS of a process that has imported the training stack and run a
+# training step of a model with negligible weights (the tiny test model), minus that model.
+CPU_RUNTIME_BYTES = 470 * 2**20
+# The tokenizer in memory per byte of its tokenizer.json (49k-token BPE: 3.5 MB file -> ~45 MB).
+TOKENIZER_BYTES_PER_FILE_BYTE = 13.0
+# CUDA context and allocator slack outside max_memory_allocated; cuBLAS/cuDNN workspaces.
+GPU_RUNTIME_BYTES = 600 * 2**20
+# Tokenized data (Python lists of ids and labels, example text, tokenizer output kept by the
+# allocator), per train + validation token: 167 B measured on 4.5M tokens.
+DATA_BYTES_PER_TOKEN = 170
+# Fraction of the matmul benchmark's FLOP/s that a training step's FLOPs reach (measured: see
+# README), and costs that are not matmuls: the log-softmax over the vocabulary per loss target
+# (memory-bound), and per micro-batch, per layer, per example and per step overheads (Python,
+# kernel launches, optimizer) that dominate small models.
+TRAINING_EFFICIENCY = {"cpu": 0.45, "cuda": 0.45}
+SECONDS_PER_LOGIT = {"cpu": 4e-9, "cuda": 2e-11}
+SECONDS_PER_LAYER = {"cpu": 5e-3, "cuda": 5e-4}
+SECONDS_PER_EXAMPLE_LAYER = {"cpu": 2e-4, "cuda": 5e-5}
+SECONDS_PER_STEP = {"cpu": 6e-3, "cuda": 5e-3}
+# glibc's malloc strands freed forward temporaries between live tensors (its mmap threshold
+# adapts upwards), so peak RSS exceeds the live tensors by about this fraction of one forward
+# pass's per-layer activations × layers, with or without checkpointing (measured; see README).
+# Zero when MALLOC_MMAP_THRESHOLD_ fixes the threshold.
+GLIBC_FRAGMENTATION = {"lora": 0.55, "dora": 0.55, "full": 0.2}
+# Frozen weights: forward + input gradient. Trainable: + weight gradient.
+FROZEN_PASSES, TRAINABLE_PASSES = 2, 3
+
+LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_PARENTS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn",
+            "o_proj": "self_attn", "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+# Projections that read the same input tensor (saved once when several need it).
+_SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"),
+                  ("down_proj",))
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The dimensions of a Llama-style decoder that cost memory and time."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    tied_embeddings: bool
+    model_type: str = "llama"
+
+    @classmethod
+    def from_config(cls, hf_config: Any) -> ModelShape:
+        """From a transformers ``PretrainedConfig`` (``AutoConfig.from_pretrained``)."""
+        text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+        heads = text.num_attention_heads
+        return cls(hidden_size=text.hidden_size, intermediate_size=text.intermediate_size,
+                   num_layers=text.num_hidden_layers, num_heads=heads,
+                   num_kv_heads=getattr(text, "num_key_value_heads", None) or heads,
+                   head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
+                   vocab_size=text.vocab_size,
+                   tied_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
+                   model_type=getattr(text, "model_type", "llama"))
+
+    def linears(self) -> dict[str, tuple[int, int]]:
+        """(in_features, out_features) of each projection of one decoder layer."""
+        h, i = self.hidden_size, self.intermediate_size
+        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+    @property
+    def layer_params(self) -> int:
+        return sum(a * b for a, b in self.linears().values()) + 2 * self.hidden_size
+
+    @property
+    def embedding_params(self) -> int:
+        return self.vocab_size * self.hidden_size
+
+    @property
+    def params(self) -> int:
+        head = 0 if self.tied_embeddings else self.embedding_params
+        return (self.num_layers * self.layer_params + self.embedding_params + head
+                + self.hidden_size)
+
+
+def target_modules(targets: str | list[str]) -> list[str]:
+    """Which projections of a Llama block peft adapts for ``method.targets``."""
+    if targets == "all-linear":
+        return list(LINEAR_NAMES)
+    if isinstance(targets, str):
+        return [name for name in LINEAR_NAMES
+                if re.fullmatch(targets, f"model.layers.0.{_PARENTS[name]}.{name}")]
+    return [name for name in LINEAR_NAMES if name in targets]
+
+
+def adapter_params(shape: ModelShape, *, kind: str, r: int, targets: str | list[str]) -> int:
+    """Trainable adapter parameters: r·(in + out) per adapted projection (+ out for DoRA)."""
+    if kind == "full":
+        return 0
+    linears = shape.linears()
+    per_layer = sum(r * (linears[n][0] + linears[n][1]) + (linears[n][1] if kind == "dora" else 0)
+                    for n in target_modules(targets))
+    return per_layer * shape.num_layers
+
+
+def layer_activation_bytes(shape: ModelShape, *, kind: str, r: int, dropout: float,
+                           targets: str | list[str], element_bytes: int, mask_bytes: int) -> dict:
+    """Bytes per token that one decoder layer keeps for the backward pass, by part."""
+    e, fp32 = element_bytes, 4
+    h, i = shape.hidden_size, shape.intermediate_size
+    q, kv = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
+    full = kind == "full"
+    adapted = set(LINEAR_NAMES) if full else set(target_modules(targets))
+    linears = shape.linears()
+    norms = 2 * (h * fp32 + fp32 + (h * e if full else 0))
+    projections = 0
+    for group in _SHARED_INPUTS:
+        inputs_needed = False
+        for name in group:
+            if name not in adapted:
+                continue
+            in_features = linears[name][0]
+            if full:
+                inputs_needed = True
+            elif dropout > 0:
+                projections += in_features * (e + mask_bytes) + r * e
+            else:
+                inputs_needed = True
+                projections += r * e
+            if kind == "dora":
+                projections += 2 * linears[name][1] * e
+        if inputs_needed:
+            projections += linears[group[0]][0] * e
+    attention = (2 * q + 2 * kv) * e + shape.num_heads * fp32
+    mlp = 3 * i * e
+    return {"norms": norms, "projections": projections, "attention": attention, "mlp": mlp,
+            "total": norms + projections + attention + mlp}
+
+
+def activation_bytes(shape: ModelShape, *, tokens: int, kind: str, r: int, dropout: float,
+                     targets: str | list[str], checkpointing: bool, element_bytes: int,
+                     mask_bytes: int, eager_attention_elements: int = 0) -> dict:
+    """Saved activations of one micro-batch of ``tokens`` positions (padding included).
+
+    ``eager_attention_elements`` is Σ heads·rowlength² for eager attention (it keeps the
+    probabilities); SDPA keeps none.
+    """
+    per_layer = layer_activation_bytes(shape, kind=kind, r=r, dropout=dropout, targets=targets,
+                                       element_bytes=element_bytes, mask_bytes=mask_bytes)
+    layer = tokens * per_layer["total"] + eager_attention_elements * element_bytes
+    # final RMSNorm; RoPE cos/sin shared by all layers
+    outside = tokens * (shape.hidden_size * 4 + 4 + 2 * shape.head_dim * element_bytes)
+    if checkpointing:
+        kept = shape.num_layers * tokens * shape.hidden_size * element_bytes
+        return {"per_token_per_layer": per_layer, "layers": kept, "recomputed_layer": layer,
+                "outside_layers": outside, "total": kept + layer + outside}
+    kept = shape.num_layers * layer
+    return {"per_token_per_layer": per_layer, "layers": kept, "recomputed_layer": 0,
+            "outside_layers": outside, "total": kept + outside}
+
+
+def logits_bytes(shape: ModelShape, *, target_tokens: int, chunk_tokens: int,
+                 element_bytes: int) -> int:
+    """Peak of the chunked loss: one chunk's fp32 log-probabilities, their gradient and the
+    gradient of the logits (plus the low-precision logits when the model is not fp32)."""
+    rows = min(target_tokens, chunk_tokens)
+    per_element = 12 + (element_bytes if element_bytes != 4 else 0)
+    return rows * shape.vocab_size * per_element
+
+
+def workspace_bytes(shape: ModelShape, *, tokens: int, element_bytes: int) -> int:
+    """Transient gradients of the layer being back-propagated (a few [tokens × width] tensors)."""
+    return 4 * tokens * max(shape.intermediate_size, shape.hidden_size) * element_bytes
+
+
+def training_flops(shape: ModelShape, lengths: list[int], *, n_target_tokens: int, kind: str,
+                   r: int, checkpointing: bool, targets: str | list[str] = "all-linear",
+                   padded_length: int | None = None, chunk_tokens: int | None = None) -> float:
+    """FLOPs of one forward + backward over examples of ``lengths`` (one micro-batch).
+
+    Frozen weights cost 2 FLOPs per parameter and token forward and 2 more for the input gradient;
+    trainable ones 2 more for their weight gradient. The output layer runs only at the
+    ``n_target_tokens`` loss positions. Padded batches (``padded_length``) pay for padding.
+    """
+    positions = len(lengths) * padded_length if padded_length else sum(lengths)
+    full = kind == "full"
+    body = shape.num_layers * sum(a * b for a, b in shape.linears().values())
+    lora = adapter_params(shape, kind=kind, r=r, targets=targets)
+    linear = 2 * positions * body * (TRAINABLE_PASSES if full else FROZEN_PASSES)
+    linear += 2 * positions * lora * TRAINABLE_PASSES
+    # causal attention: QKᵀ and AV, 2 FLOPs per multiply-add, Σ (p+1) keys per example;
+    # the backward pass costs twice the forward.
+    keys = sum((padded_length if padded_length else n) * ((padded_length or n) + 1) // 2
+               for n in lengths)
+    attention = 3 * 4 * shape.num_layers * shape.num_heads * shape.head_dim * keys
+    head_trainable = full
+    head_passes = TRAINABLE_PASSES if head_trainable else FROZEN_PASSES
+    if chunk_tokens is not None and n_target_tokens > chunk_tokens:
+        head_passes += 1  # each chunk's logits are recomputed in the backward pass
+    head = 2 * n_target_tokens * shape.hidden_size * shape.vocab_size * head_passes
+    recompute = 2 * positions * (body + lora) + attention / 3 if checkpointing else 0
+    return float(linear + attention + head + recompute)
+
+
+def measure_matmul_flops(device: str = "cpu", *, dtype: str = "float32",
+                         seconds: float = 0.5, size: tuple[int, int, int] = (1024, 1024, 2048)
+                         ) -> float:
+    """FLOP/s of a dense matmul of a training-like shape on ``device`` (a quick benchmark)."""
+    import torch
+
+    torch_dtype = getattr(torch, dtype)
+    m, k, n = size
+    a = torch.randn(m, k, device=device, dtype=torch_dtype)
+    b = torch.randn(k, n, device=device, dtype=torch_dtype)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    for _ in range(2):
+        a @ b
+    sync()
+    count, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        a @ b
+        count += 1
+    sync()
+    return 2 * m * k * n * count / (time.perf_counter() - started)
+
+
+# --- the data as train() will see it ------------------------------------------------------------
+
+
+@dataclass
+class DataLayout:
+    """Token counts of the training data and of the run's micro-batches."""
+
+    train_examples: int
+    train_tokens: int
+    target_tokens: int
+    validation_tokens: int
+    steps: int
+    micro_batches: int
+    run_tokens: int  # non-padding tokens over all epochs (or max_steps)
+    run_target_tokens: int
+    processed_tokens: int  # positions the model runs over, padding included
+    tokenizer_file_bytes: int
+
+
+@dataclass
+class TokenCounts:
+    """Per training example: its length and its target tokens (as ``train()`` keeps them)."""
+
+    lengths: list[int]
+    targets: list[int]
+    validation_tokens: int
+
+    @classmethod
+    def from_tokenized(cls, train: list, validation: list) -> TokenCounts:
+        """From ``TokenizedExample`` lists, e.g. ``train/loop.py``'s ``Prepared.train``."""
+        return cls([len(ex.input_ids) for ex in train], [ex.n_target_tokens for ex in train],
+                   sum(len(ex.input_ids) for ex in validation))
+
+
+def count_tokens(config: Config, tokenizer) -> TokenCounts:
+    """Read, split and tokenize the data as ``train/loop.py``'s ``prepare`` does."""
+    from tunelab.data.formats import load_examples
+    from tunelab.data.tokenize import tokenize_examples
+
+    data, train_cfg = config.data, config.train
+    examples = load_examples(data.train, data.format, prompt=data.prompt,
+                             completion=data.completion)
+    validation = (load_examples(data.validation, data.format, prompt=data.prompt,
+                                completion=data.completion) if data.validation else [])
+    if not validation and data.validation_split > 0:
+        order = list(range(len(examples)))
+        random.Random(train_cfg.seed).shuffle(order)
+        held_out = set(order[:max(1, round(len(order) * data.validation_split))])
+        validation = [examples[i] for i in sorted(held_out)]
+        examples = [ex for i, ex in enumerate(examples) if i not in held_out]
+    tokenize = lambda items: tokenize_examples(  # noqa: E731
+        items, tokenizer, max_seq_len=train_cfg.max_seq_len, train_on=data.train_on,
+        chat_template=data.chat_template)
+    train_tokens = [ex for ex in tokenize(examples) if ex.n_target_tokens > 0]
+    if not train_tokens:
+        raise DataError("no training example has a target token to learn from",
+                        where=", ".join(data.train),
+                        fix="check data.prompt/data.completion and train.max_seq_len")
+    validation_tokens = sum(len(ex.input_ids) for ex in tokenize(validation)) if validation else 0
+    return TokenCounts([len(ex.input_ids) for ex in train_tokens],
+                       [ex.n_target_tokens for ex in train_tokens], validation_tokens)
+
+
+def micro_batches(counts: TokenCounts, config: Config) -> list[dict]:
+    """Every micro-batch of the run (``train()``'s schedule): lengths, positions, targets."""
+    from tunelab.train.loop import schedule_micro_batches
+
+    packing = config.train.packing
+    batches = []
+    for indices in schedule_micro_batches(counts.lengths, config=config):
+        sizes = [counts.lengths[i] for i in indices]
+        padded = None if packing else max(sizes)
+        batches.append({"lengths": sizes, "padded_length": padded,
+                        "positions": len(sizes) * padded if padded else sum(sizes),
+                        "targets": sum(counts.targets[i] for i in indices)})
+    return batches
+
+
+def describe_data(counts: TokenCounts, batches: list[dict], config: Config,
+                  model_folder: str) -> DataLayout:
+    tokenizer_file = os.path.join(model_folder, "tokenizer.json")
+    return DataLayout(
+        train_examples=len(counts.lengths), train_tokens=sum(counts.lengths),
+        target_tokens=sum(counts.targets), validation_tokens=counts.validation_tokens,
+        steps=len(batches) // config.train.grad_accum, micro_batches=len(batches),
+        run_tokens=sum(sum(b["lengths"]) for b in batches),
+        run_target_tokens=sum(b["targets"] for b in batches),
+        processed_tokens=sum(b["positions"] for b in batches),
+        tokenizer_file_bytes=os.path.getsize(tokenizer_file)
+        if os.path.isfile(tokenizer_file) else 0)
+
+
+# --- the plan -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Setting:
+    """What the prediction depends on, resolved from the config and the device."""
+
+    device: str
+    weight_dtype: str
+    element_bytes: int
+    mask_bytes: int
+    kind: str
+    r: int
+    dropout: float
+    targets: str | list[str]
+    checkpointing: bool
+    chunk_tokens: int
+    eager: bool
+
+
+def plan(config: Config, *, calibrate: bool = False, memory_budget_bytes: int | None = None,
+         calibration_steps: int = 4) -> dict:
+    """Predict peak memory (broken down), tokens/s and wall time of ``train(config)``.
+
+    Tokenizes the data as ``train()`` will; reads the model's ``config.json`` only.
+    ``memory_budget_bytes`` replaces the device's available memory when judging the fit.
+    ``calibrate=True`` also runs ``calibration_steps`` real steps of the config in a subprocess:
+    their tokens/s replaces the predicted rate, their peak memory is reported beside the
+    prediction. Returns a JSON-serialisable dict (see ``render_plan``).
+    """
+    from tunelab.model.load import load_tokenizer
+
+    counts = count_tokens(config, load_tokenizer(config.model.path, config.model.gguf_file))
+    return plan_counts(config, counts, calibrate=calibrate,
+                       memory_budget_bytes=memory_budget_bytes,
+                       calibration_steps=calibration_steps)
+
+
+def plan_counts(config: Config, counts: TokenCounts, *, calibrate: bool = False,
+                memory_budget_bytes: int | None = None, calibration_steps: int = 4) -> dict:
+    """``plan`` for data already tokenized (``TokenCounts.from_tokenized``), as in ``train()``."""
+    from transformers import AutoConfig
+
+    from tunelab.model.load import resolve_device, resolve_dtype, resolve_model_path
+
+    resolved = resolve_model_path(config.model.path, config.model.gguf_file)
+    try:
+        shape = ModelShape.from_config(AutoConfig.from_pretrained(resolved))
+    except (OSError, ValueError, AttributeError) as error:
+        raise ConfigError(f"cannot read the model's dimensions from {resolved}: {error}",
+                          where="model.path",
+                          fix="point model.path at a causal LM folder with a config.json") from None
+    batches = micro_batches(counts, config)
+    layout = describe_data(counts, batches, config, resolved)
+    device = resolve_device(config.model.device)
+    dtype = str(resolve_dtype(config.model.dtype, device)).removeprefix("torch.")
+    setting = _setting(config, device.type, dtype)
+    result = {
+        "config": config.name,
+        "model": {"path": config.model.path, "resolved": resolved, **asdict(shape),
+                  "params": shape.params, "trainable_params": _trainable(shape, setting)},
+        "device": _describe_device(device.type, memory_budget_bytes),
+        "setting": asdict(setting),
+        "data": asdict(layout),
+        "memory": predict_memory(shape, batches, setting, layout),
+        "time": predict_time(shape, layout, batches, setting, config),
+        "calibration": None,
+    }
+    if calibrate:
+        result["calibration"] = calibrate_run(config, steps=calibration_steps)
+        _apply_calibration(result)
+    peak = max(result["memory"]["predicted_peak_bytes"],
+               result["memory"].get("measured_peak_bytes", 0))
+    result["fits"] = peak <= result["device"]["budget_bytes"]
+    result["advice"] = advise(result, shape, counts, setting, config)
+    return result
+
+
+def plan_summary(plan: dict) -> dict:
+    """The few numbers a run manifest keeps, to compare with what the run measured."""
+    memory, timing = plan["memory"], plan["time"]
+    return {"predicted_peak_bytes": memory["predicted_peak_bytes"],
+            "breakdown_bytes": memory["breakdown_bytes"],
+            "predicted_tokens_per_second": round(timing["predicted_tokens_per_second"], 1),
+            "predicted_wall_s": round(timing["predicted_wall_s"], 1), "fits": plan["fits"]}
+
+
+def measured_peak_bytes(device_type: str) -> int:
+    """This process's peak memory as the plan predicts it: RSS on CPU; on GPU the allocator's
+    peak plus the CUDA context allowance."""
+    if device_type == "cuda":
+        import torch
+
+        return torch.cuda.max_memory_allocated() + GPU_RUNTIME_BYTES
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _setting(config: Config, device: str, weight_dtype: str) -> Setting:
+    element = 4 if weight_dtype == "float32" else 2
+    method, train_cfg = config.method, config.train
+    return Setting(device=device, weight_dtype=weight_dtype, element_bytes=element,
+                   mask_bytes=1 if device == "cuda" else element, kind=method.kind, r=method.r,
+                   dropout=method.dropout, targets=method.targets,
+                   checkpointing=train_cfg.gradient_checkpointing,
+                   chunk_tokens=train_cfg.loss_chunk_tokens,
+                   eager=config.model.attn_implementation == "eager")
+
+
+def _trainable(shape: ModelShape, setting: Setting) -> int:
+    if setting.kind == "full":
+        return shape.params
+    return adapter_params(shape, kind=setting.kind, r=setting.r, targets=setting.targets)
+
+
+def predict_memory(shape: ModelShape, batches: list[dict], setting: Setting,
+                   layout: DataLayout) -> dict:
+    """The peak-memory breakdown of a training step on the run's heaviest micro-batch."""
+    weight_bytes = 4 if setting.weight_dtype == "float32" else 2
+    trainable = _trainable(shape, setting)
+    full = setting.kind == "full"
+    # peft keeps adapters in fp32 (autocast_adapter_dtype); AdamW state has the param's dtype
+    trainable_bytes = weight_bytes if full else 4
+    heaviest = max(batches, key=lambda batch: _batch_bytes(shape, batch, setting)["total"])
+    transient = _batch_bytes(shape, heaviest, setting)
+    cpu = setting.device != "cuda"
+    tokenizer_bytes = int(layout.tokenizer_file_bytes * TOKENIZER_BYTES_PER_FILE_BYTE)
+    breakdown = {
+        "framework": CPU_RUNTIME_BYTES + tokenizer_bytes if cpu else GPU_RUNTIME_BYTES,
+        "data": (layout.train_tokens + layout.validation_tokens) * DATA_BYTES_PER_TOKEN
+        if cpu else 0,
+        "weights": shape.params * weight_bytes,
+        "adapter": 0 if full else trainable * trainable_bytes,
+        "gradients": trainable * trainable_bytes,
+        "optimizer": 2 * trainable * trainable_bytes,
+        "activations": transient["activations"]["total"],
+        "logits": transient["logits"],
+        "workspace": transient["workspace"],
+        "allocator": _fragmentation_bytes(shape, heaviest, setting) if cpu else 0,
+    }
+    by_dtype = {setting.weight_dtype: breakdown["weights"]}
+    if not full:
+        by_dtype["float32 (adapter)"] = breakdown["adapter"]
+    return {
+        "breakdown_bytes": breakdown,
+        "predicted_peak_bytes": sum(breakdown.values()),
+        "weights_by_dtype": by_dtype,
+        "activations_detail": transient["activations"],
+        "peak_batch": {"positions": heaviest["positions"], "targets": heaviest["targets"],
+                       "examples": len(heaviest["lengths"])},
+    }
+
+
+def _fragmentation_bytes(shape: ModelShape, batch: dict, setting: Setting) -> int:
+    """RSS that glibc malloc holds beyond the live tensors (see GLIBC_FRAGMENTATION)."""
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") or not sys.platform.startswith("linux"):
+        return 0
+    per_layer = layer_activation_bytes(shape, kind=setting.kind, r=setting.r,
+                                       dropout=setting.dropout, targets=setting.targets,
+                                       element_bytes=setting.element_bytes,
+                                       mask_bytes=setting.mask_bytes)["total"]
+    return int(GLIBC_FRAGMENTATION[setting.kind] * shape.num_layers * batch["positions"]
+               * per_layer)
+
+
+def _batch_bytes(shape: ModelShape, batch: dict, setting: Setting) -> dict:
+    eager = 0
+    if setting.eager:
+        rows = ([batch["padded_length"]] * len(batch["lengths"]) if batch["padded_length"]
+                else [sum(batch["lengths"])])  # a packed row without varlen: T×T per head
+        eager = shape.num_heads * sum(n * n for n in rows)
+    activations = activation_bytes(
+        shape, tokens=batch["positions"], kind=setting.kind, r=setting.r,
+        dropout=setting.dropout, targets=setting.targets, checkpointing=setting.checkpointing,
+        element_bytes=setting.element_bytes, mask_bytes=setting.mask_bytes,
+        eager_attention_elements=eager)
+    logits = logits_bytes(shape, target_tokens=batch["targets"],
+                          chunk_tokens=setting.chunk_tokens, element_bytes=setting.element_bytes)
+    workspace = workspace_bytes(shape, tokens=batch["positions"],
+                                element_bytes=setting.element_bytes)
+    return {"activations": activations, "logits": logits, "workspace": workspace,
+            "eager_attention_elements": eager,
+            "total": activations["total"] + logits + workspace}
+
+
+def predict_time(shape: ModelShape, layout: DataLayout, batches: list[dict],
+                 setting: Setting, config: Config) -> dict:
+    """Training FLOPs over the measured matmul FLOP/s × efficiency, plus non-matmul costs."""
+    device = "cuda" if setting.device == "cuda" else "cpu"
+    run_flops = sum(training_flops(
+        shape, batch["lengths"], n_target_tokens=batch["targets"], kind=setting.kind,
+        r=setting.r, checkpointing=setting.checkpointing, targets=setting.targets,
+        padded_length=batch["padded_length"], chunk_tokens=setting.chunk_tokens)
+        for batch in batches)
+    matmul = measure_matmul_flops(
+        device, dtype="float32" if setting.element_bytes == 4 else "bfloat16",
+        size=(1024, 1024, 2048) if device == "cpu" else (8192, 8192, 8192))
+    effective = matmul * TRAINING_EFFICIENCY[device]
+    overhead_s = (layout.run_target_tokens * shape.vocab_size * SECONDS_PER_LOGIT[device]
+                  + len(batches) * shape.num_layers * SECONDS_PER_LAYER[device]
+                  + sum(len(b["lengths"]) for b in batches) * shape.num_layers
+                  * SECONDS_PER_EXAMPLE_LAYER[device] + layout.steps * SECONDS_PER_STEP[device])
+    train_s = run_flops / effective + overhead_s
+    train_cfg = config.train
+    evals = 2 + (layout.steps // train_cfg.eval_every if train_cfg.eval_every else 0)
+    target_fraction = layout.target_tokens / max(1, layout.train_tokens)
+    forward_per_token = 2 * (shape.params - shape.embedding_params
+                             + target_fraction * shape.embedding_params)
+    eval_s = evals * layout.validation_tokens * forward_per_token / effective
+    load_s = 2.0 + shape.params * 4 / 1e9
+    return {
+        "run_flops": run_flops,
+        "flops_per_token": run_flops / max(1, layout.run_tokens),
+        "device_matmul_flops_per_s": matmul,
+        "training_efficiency": TRAINING_EFFICIENCY[device],
+        "non_matmul_s": overhead_s,
+        "predicted_tokens_per_second": layout.run_tokens / train_s,
+        "train_s": train_s, "eval_s": eval_s, "load_s": load_s,
+        "predicted_wall_s": train_s + eval_s + load_s,
+        "source": "matmul benchmark",
+    }
+
+
+def _describe_device(device: str, budget: int | None) -> dict:
+    if device == "cuda":
+        import torch
+
+        free, total = torch.cuda.mem_get_info()
+        name = torch.cuda.get_device_name()
+        available = free
+    else:
+        name = _cpu_name()
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        available = _mem_available() or total
+    return {"type": device, "name": name, "cpu_cores": os.cpu_count(), "memory_bytes": total,
+            "available_bytes": available,
+            "budget_bytes": budget if budget is not None else available}
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "cpu"
+
+
+def _mem_available() -> int | None:
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+# --- calibration: a few real steps in a subprocess ----------------------------------------------
+
+
+def calibrate_run(config: Config, *, steps: int = 4) -> dict:
+    """Run ``steps`` real optimiser steps of ``config`` in a fresh process; measured numbers.
+
+    The first step is the one holding the run's largest micro-batch (for the memory peak); the
+    others are the run's first steps, timed after the first (which pays one-off set-up costs).
+    """
+    import json
+
+    code = "from tunelab.model.plan import _calibration_main; _calibration_main()"
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                               input=json.dumps({"config": config.model_dump(mode="json"),
+                                                 "steps": steps}))
+    if completed.returncode != 0:
+        raise RuntimeError(f"calibration run failed:\n{completed.stderr[-4000:]}")
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def _calibration_main() -> None:
+    import json
+
+    import torch
+    from rich.console import Console
+
+    from tunelab.config import config_from_dict
+    from tunelab.data.packing import collate
+    from tunelab.train.loop import _autocast, prepare, schedule_micro_batches
+    from tunelab.train.loss import batch_loss_sum
+    from tunelab.train.optim import build_optimizer, clip_gradients
+
+    request = json.loads(sys.stdin.read())
+    config = config_from_dict(request["config"])
+    torch.manual_seed(config.train.seed)
+    prepared = prepare(config, Console(quiet=True))
+    model, device, accum = prepared.model, prepared.device, config.train.grad_accum
+    lengths = [len(ex.input_ids) for ex in prepared.train]
+    micro = schedule_micro_batches(lengths, config=config)
+    groups = [micro[i:i + accum] for i in range(0, len(micro), accum)]
+    heaviest = max(range(len(groups)), key=lambda g: max(
+        sum(lengths[i] for i in batch) for batch in groups[g]))
+    chosen = [groups[heaviest]] + [g for i, g in enumerate(groups) if i != heaviest]
+    chosen = chosen[:max(2, request["steps"])]
+    optimizer = build_optimizer(model, lr=config.train.lr, weight_decay=config.train.weight_decay)
+    pad_id = prepared.tokenizer.pad_token_id or 0
+    model.train()
+    timed_s, timed_tokens = 0.0, 0
+    for number, group in enumerate(chosen):
+        started = time.perf_counter()
+        batches = [collate([prepared.train[i] for i in indices], packing=config.train.packing,
+                           pad_id=pad_id) for indices in group]
+        n_target = sum(batch.n_target_tokens for batch in batches)
+        for batch in batches:
+            with _autocast(device):
+                loss = batch_loss_sum(model, batch.to(device),
+                                      chunk_tokens=config.train.loss_chunk_tokens)
+            (loss / n_target).backward()
+        clip_gradients(model, config.train.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if number > 0:
+            timed_s += time.perf_counter() - started
+            timed_tokens += sum(batch.n_tokens for batch in batches)
+    peak = measured_peak_bytes(device.type)
+    print(json.dumps({"steps": len(chosen), "timed_tokens": timed_tokens, "timed_s": timed_s,
+                      "tokens_per_second": timed_tokens / max(timed_s, 1e-9),
+                      "measured_peak_bytes": peak,
+                      "threads": torch.get_num_threads()}))
+
+
+def _apply_calibration(result: dict) -> None:
+    calibration, timing = result["calibration"], result["time"]
+    rate = calibration["tokens_per_second"]
+    if rate <= 0:
+        return
+    scale = rate / timing["predicted_tokens_per_second"]
+    timing.update(predicted_tokens_per_second=rate, train_s=timing["train_s"] / scale,
+                  eval_s=timing["eval_s"] / scale, source="calibration run",
+                  training_efficiency=timing["training_efficiency"] * scale)
+    timing["predicted_wall_s"] = timing["train_s"] + timing["eval_s"] + timing["load_s"]
+    memory = result["memory"]
+    memory["measured_peak_bytes"] = calibration["measured_peak_bytes"]
+    memory["prediction_error"] = (memory["predicted_peak_bytes"]
+                                  / calibration["measured_peak_bytes"] - 1)
+
+
+# --- advice and rendering -----------------------------------------------------------------------
+
+
+def advise(result: dict, shape: ModelShape, counts: TokenCounts, setting: Setting,
+           config: Config) -> list[str]:
+    """What to change when the run will not fit (each with its predicted effect), and waste."""
+    memory, budget = result["memory"], result["device"]["budget_bytes"]
+    peak = memory["predicted_peak_bytes"]
+    advice = []
+    layout = DataLayout(**result["data"])
+    if peak > budget:
+        advice.append(f"The predicted peak ({_gib(peak)}) exceeds the memory budget "
+                      f"({_gib(budget)}).")
+        alternatives = []
+        if setting.kind == "full":
+            alternatives.append(("method.kind: lora (gradients and AdamW state only for the "
+                                 "adapter)", replace_setting(setting, kind="lora"), config))
+        if not setting.checkpointing:
+            alternatives.append(("train.gradient_checkpointing: true (keeps one hidden state "
+                                 "per layer, ~30% slower)",
+                                 replace_setting(setting, checkpointing=True), config))
+        chunk = min(setting.chunk_tokens, 256)
+        if chunk < setting.chunk_tokens:
+            alternatives.append((f"train.loss_chunk_tokens: {chunk}",
+                                 replace_setting(setting, chunk_tokens=chunk), config))
+        for text, alternative, alt_config in alternatives:
+            batches = micro_batches(counts, alt_config)
+            new_peak = predict_memory(shape, batches, alternative, layout)["predicted_peak_bytes"]
+            advice.append(f"{text}: peak {_gib(new_peak)}"
+                          + (" — fits" if new_peak <= budget else ""))
+        advice += _smaller_batch_advice(shape, counts, setting, config, layout, budget)
+        if setting.device == "cuda":
+            quantised = shape.params * 0.56
+            advice.append(f"a 4-bit (NF4) quantised base model on the GPU (QLoRA) would hold "
+                          f"the weights in ~{_gib(quantised)} instead of "
+                          f"{_gib(memory['breakdown_bytes']['weights'])}")
+    elif peak > 0.9 * budget:
+        advice.append(f"The predicted peak ({_gib(peak)}) is within 10% of the memory budget "
+                      f"({_gib(budget)}); other processes may push it over.")
+    if layout.processed_tokens > 1.1 * layout.run_tokens:
+        waste = 1 - layout.run_tokens / layout.processed_tokens
+        advice.append(f"{waste:.0%} of the positions are padding: train.packing: true removes "
+                      "them.")
+    return advice
+
+
+def replace_setting(setting: Setting, **changes: Any) -> Setting:
+    return Setting(**{**asdict(setting), **changes})
+
+
+def _smaller_batch_advice(shape: ModelShape, counts: TokenCounts, setting: Setting,
+                          config: Config, layout: DataLayout, budget: int) -> list[str]:
+    batch_tokens = config.train.batch_tokens
+    floor = config.train.max_seq_len if not config.train.packing else 256
+    while batch_tokens // 2 >= floor:
+        batch_tokens //= 2
+        smaller = config.model_copy(update={"train": config.train.model_copy(
+            update={"batch_tokens": batch_tokens,
+                    "grad_accum": config.train.grad_accum * config.train.batch_tokens
+                    // batch_tokens})})
+        peak = predict_memory(shape, micro_batches(counts, smaller), setting,
+                              layout)["predicted_peak_bytes"]
+        if peak <= budget:
+            return [f"train.batch_tokens: {batch_tokens} with train.grad_accum: "
+                    f"{smaller.train.grad_accum} (same tokens per step): peak {_gib(peak)} — fits"]
+    return []
+
+
+def _gib(value: float) -> str:
+    return f"{value / GIB:.2f} GiB"
+
+
+def render_plan(plan: dict, console) -> None:
+    """Print a plan as tables: the memory breakdown against the budget, time, advice."""
+    from rich.table import Table
+
+    memory, timing, data = plan["memory"], plan["time"], plan["data"]
+    model, device = plan["model"], plan["device"]
+    console.print(f"[bold]{plan['config']}[/]: {model['model_type']} "
+                  f"{model['params'] / 1e6:,.0f}M parameters, "
+                  f"{model['trainable_params'] / 1e6:,.2f}M trainable "
+                  f"({plan['setting']['kind']}) on {device['type']} ({device['name']})")
+    table = Table(title="Predicted peak memory", show_footer=True)
+    table.add_column("part", footer="total")
+    table.add_column("GiB", justify="right", footer=f"{memory['predicted_peak_bytes'] / GIB:.2f}")
+    for part, value in memory["breakdown_bytes"].items():
+        table.add_row(part, f"{value / GIB:.2f}")
+    console.print(table)
+    verdict = "[green]fits[/]" if plan["fits"] else "[red]does not fit[/]"
+    console.print(f"Budget {_gib(device['budget_bytes'])}: {verdict}.  Heaviest micro-batch: "
+                  f"{memory['peak_batch']['positions']:,} positions, "
+                  f"{memory['peak_batch']['targets']:,} loss targets.")
+    if "measured_peak_bytes" in memory:
+        console.print(f"Calibration run peak: {_gib(memory['measured_peak_bytes'])} "
+                      f"(prediction {memory['prediction_error']:+.0%}).")
+    console.print(f"Data: {data['train_examples']:,} examples, {data['train_tokens']:,} tokens "
+                  f"({data['target_tokens']:,} targets); {data['steps']:,} steps, "
+                  f"{data['run_tokens']:,} tokens in the run.")
+    console.print(f"Time ({timing['source']}): {timing['predicted_tokens_per_second']:,.0f} "
+                  f"tokens/s, training {_duration(timing['train_s'])}, evaluation "
+                  f"{_duration(timing['eval_s'])}, total ≈ {_duration(timing['predicted_wall_s'])}"
+                  f" ({timing['flops_per_token'] / 1e9:.2f} GFLOP/token).")
+    for line in plan["advice"]:
+        console.print(f"[yellow]advice:[/] {line}")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
