@@ -31,7 +31,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import random
 import resource
 import statistics
@@ -41,6 +40,8 @@ import tempfile
 import time
 from datetime import date
 from pathlib import Path
+
+from provenance import provenance  # benchmarks/provenance.py, beside this script
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parent.parent
@@ -71,6 +72,8 @@ LEVERS = {
     "packing off (padded rows)": {"packing": False},
     "varlen off (packed, T×T block mask)": {"varlen": False},
     "chunked loss off (full logits)": {"chunked_loss": False},
+    "loss chunk 1024 tokens (default 2048)": {"chunk_tokens": 1024},
+    "loss chunk 512 tokens (default 2048)": {"chunk_tokens": 512},
     "activation checkpointing on": {"checkpointing": True},
     "1 thread instead of all cores": {"threads": 1},
     "torch.compile per decoder layer": {"compile": True},
@@ -234,7 +237,7 @@ def run_tunelab(spec: dict) -> dict:
 
     levers = {"packing": True, "varlen": True, "chunked_loss": True, "checkpointing": False,
               "threads": None, "compile": False, "malloc_mmap_threshold": None,
-              **spec.get("levers", {})}
+              "chunk_tokens": spec["chunk_tokens"], **spec.get("levers", {})}
     if levers["threads"]:
         torch.set_num_threads(levers["threads"])
     gpu = spec["gpu"]
@@ -277,7 +280,7 @@ def run_tunelab(spec: dict) -> dict:
             batch = batch.to(device)
             processed += batch.input_ids.numel()
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=gpu):
-                loss = loss_sum(model, batch, chunk_tokens=spec["chunk_tokens"])
+                loss = loss_sum(model, batch, chunk_tokens=levers["chunk_tokens"])
             (loss / n_target).backward()
             step_loss += float(loss.detach())
         clip_gradients(model, 1.0)
@@ -326,6 +329,8 @@ class StepClock:
         """Tokens/s, peak memory, losses; ``processed_tokens`` counts padding too."""
         import torch
 
+        from tunelab.model.plan import peak_rss_bytes
+
         tokens_per_step = [sum(len(examples[i]["input_ids"]) for i in step)
                            for step in spec["schedule"]]
         train_s = self.step_ends[-1] - self.started
@@ -333,8 +338,8 @@ class StepClock:
         if torch.cuda.is_available():
             peak, peak_kind = torch.cuda.max_memory_allocated(), "cuda_max_memory_allocated"
         else:
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-            peak_kind = "ru_maxrss"
+            # VmHWM, not ru_maxrss: after fork+exec Linux starts ru_maxrss at the parent's RSS
+            peak, peak_kind = peak_rss_bytes(), "VmHWM"
         quarter = max(1, len(losses) // 4)
         step_s = [b - a for a, b in zip([self.started, *self.step_ends[:-1]], self.step_ends,
                                          strict=True)]
@@ -352,6 +357,7 @@ class StepClock:
             "tokens_per_second_median_step": 1 / typical,
             "slowest_step_vs_median": max(seconds_per_token) / typical,
             "peak_memory_bytes": peak, "peak_memory_kind": peak_kind,
+            "ru_maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "final_loss": losses[-1], "final_quarter_mean_loss": statistics.fmean(
                 losses[-quarter:]), "losses": [round(x, 5) for x in losses],
             "step_s": [round(x, 3) for x in step_s], "tokens_per_step": tokens_per_step,
@@ -416,30 +422,6 @@ def run_worker(side: str, spec: dict, workdir: Path, label: str) -> dict:
           f"({row['process_wall_s']:.0f} s, load {row['load_average_before']}→"
           f"{row['load_average_after']})", flush=True)
     return row
-
-
-def machine_description(gpu: bool) -> dict:
-    import peft
-    import torch
-    import transformers
-
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    description = {
-        "cpu": cpu, "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__, "transformers": transformers.__version__,
-        "peft": peft.__version__, "python": platform.python_version(),
-        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
-    }
-    if gpu and torch.cuda.is_available():
-        description["gpu"] = torch.cuda.get_device_name()
-    return description
 
 
 def prepare(workdir: Path, workload: dict, *, gpu: bool, seed: int, lr: float) -> dict:
@@ -568,6 +550,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1-2 minute smoke run")
     parser.add_argument("--levers", action="store_true", help="ablate tunelab's levers")
+    parser.add_argument("--only", nargs="+", default=[],
+                        help="with --levers: only the levers whose names contain these words")
     parser.add_argument("--plan-check", action="store_true",
                         help="compare tunelab plan's predicted peak memory with measured runs")
     parser.add_argument("--gpu", action="store_true", help="~1B model in bf16 on a CUDA GPU")
@@ -593,28 +577,31 @@ def main(argv: list[str] | None = None) -> None:
         workload["steps"] = args.steps
     if args.repeats:
         workload["repeats"] = args.repeats
-    machine = machine_description(args.gpu)
-    print(f"machine: {machine}", flush=True)
+    origin = provenance()
+    print(f"provenance: {origin}", flush=True)
     with tempfile.TemporaryDirectory(prefix="tunelab-bench-") as tmp:
         workdir = Path(tmp)
         spec = prepare(workdir, workload, gpu=args.gpu, seed=args.seed, lr=args.lr)
         rows = []
         if args.levers:
+            chosen = {name: options for name, options in LEVERS.items()
+                      if not options or not args.only
+                      or any(word in name for word in args.only)}
             for repeat in range(workload["repeats"]):
-                for lever, options in LEVERS.items():
+                for lever, options in chosen.items():
                     row = run_worker("tunelab", {**spec, "levers": options}, workdir,
                                      f"{lever} #{repeat + 1}")
                     rows.append({**row, "lever": lever, "repeat": repeat + 1})
-            rows = median_per_lever(rows)
+            rows = median_per_lever(rows, list(chosen))
             print_levers(rows)
         else:
             for repeat in range(workload["repeats"]):
                 for side in ("baseline", "tunelab"):
                     row = run_worker(side, spec, workdir, f"{side} #{repeat + 1}")
                     rows.append({**row, "repeat": repeat + 1})
-        machine["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+        origin["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
         report = {"benchmark": "train_throughput", "mode": "levers" if args.levers else name,
-                  "date": date.today().isoformat(), "machine": machine,
+                  "date": date.today().isoformat(), **origin,
                   "model": {"architecture": "LlamaForCausalLM", "weights": "random",
                             "parameters": spec["n_params"],
                             **(GPU_MODEL if args.gpu else CPU_MODEL)},
@@ -630,16 +617,17 @@ def main(argv: list[str] | None = None) -> None:
                         report["summary"].get("model_flops_utilisation"))
     out = args.out or RESULTS / (f"{'gpu' if args.gpu else 'cpu'}-"
                                  f"{'levers-' if args.levers else ''}"
+                                 f"{'partial-' if args.levers and args.only else ''}"
                                  f"{'quick-' if args.quick else ''}{date.today().isoformat()}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {out}")
 
 
-def median_per_lever(rows: list[dict]) -> list[dict]:
+def median_per_lever(rows: list[dict], levers: list[str]) -> list[dict]:
     """One row per lever: the median run (by tokens/s) of its repeats, with every repeat kept."""
     merged = []
-    for lever in LEVERS:
+    for lever in levers:
         runs = sorted((row for row in rows if row["lever"] == lever),
                       key=lambda row: row["tokens_per_second"])
         middle = dict(runs[len(runs) // 2])
@@ -697,12 +685,13 @@ def plan_check_configs(workdir: Path, seed: int) -> dict[str, dict]:
 
 
 MEASURE_TRAIN = """
-import json, resource, sys
+import json, sys
 from rich.console import Console
 from tunelab.config import config_from_dict
+from tunelab.model.plan import peak_rss_bytes
 from tunelab.train.loop import train
 result = train(config_from_dict(json.loads(sys.argv[1])), console=Console(quiet=True))
-print(json.dumps({"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+print(json.dumps({"peak_rss_bytes": peak_rss_bytes(),
                   "tokens_per_second": result.tokens_per_second}))
 """
 
@@ -715,7 +704,7 @@ def plan_check(args) -> None:
     from tunelab.config import config_from_dict
     from tunelab.model.plan import plan
 
-    rows = []
+    rows, origin = [], provenance()
     with tempfile.TemporaryDirectory(prefix="tunelab-plan-check-") as tmp:
         workdir = Path(tmp)
         for name, raw in plan_check_configs(workdir, args.seed).items():
@@ -756,7 +745,7 @@ def plan_check(args) -> None:
     out = args.out or RESULTS / f"plan-cpu-{date.today().isoformat()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"benchmark": "plan_check", "date": date.today().isoformat(),
-                               "machine": machine_description(False), "runs": rows},
+                               **origin, "runs": rows},
                               indent=1) + "\n")
     print(f"wrote {out}")
 

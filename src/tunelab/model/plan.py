@@ -66,10 +66,13 @@ SECONDS_PER_LAYER = {"cpu": 5e-3, "cuda": 5e-4}
 SECONDS_PER_EXAMPLE_LAYER = {"cpu": 2e-4, "cuda": 5e-5}
 SECONDS_PER_STEP = {"cpu": 6e-3, "cuda": 5e-3}
 # glibc's malloc strands freed forward temporaries between live tensors (its mmap threshold
-# adapts upwards), so peak RSS exceeds the live tensors by about this fraction of one forward
-# pass's per-layer activations × layers, with or without checkpointing (measured; see README).
-# Zero when MALLOC_MMAP_THRESHOLD_ fixes the threshold.
+# adapts upwards to 32 MB), so peak RSS exceeds the live tensors by about this fraction of one
+# forward pass's activations (all layers, not checkpointed) — measured on SmolLM2-135M and the
+# 113M benchmark model, see benchmarks/README.md. With activation checkpointing the recomputed
+# forward passes strand more and the amount varies from run to run (±20% of the peak over 7
+# runs of one config); 0.68 is their mean. Zero when MALLOC_MMAP_THRESHOLD_ fixes the threshold.
 GLIBC_FRAGMENTATION = {"lora": 0.55, "dora": 0.55, "full": 0.2}
+GLIBC_FRAGMENTATION_CHECKPOINTED = {"lora": 0.68, "dora": 0.68, "full": 0.2}
 # Frozen weights: forward + input gradient. Trainable: + weight gradient.
 FROZEN_PASSES, TRAINABLE_PASSES = 2, 3
 
@@ -451,15 +454,29 @@ def plan_summary(plan: dict) -> dict:
 
 
 def measured_peak_bytes(device_type: str) -> int:
-    """This process's peak memory as the plan predicts it: RSS on CPU; on GPU the allocator's
-    peak plus the CUDA context allowance."""
+    """This process's peak memory as the plan predicts it: on CPU the peak RSS of this process
+    image (VmHWM; ``ru_maxrss`` is no good after fork+exec on Linux, where it starts at the
+    parent's RSS), on GPU the allocator's peak plus the CUDA context allowance."""
     if device_type == "cuda":
         import torch
 
         return torch.cuda.max_memory_allocated() + GPU_RUNTIME_BYTES
+    return peak_rss_bytes()
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process image: /proc's VmHWM, else ``ru_maxrss``."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB elsewhere
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
 def _setting(config: Config, device: str, weight_dtype: str) -> Setting:
@@ -525,8 +542,9 @@ def _fragmentation_bytes(shape: ModelShape, batch: dict, setting: Setting) -> in
                                        dropout=setting.dropout, targets=setting.targets,
                                        element_bytes=setting.element_bytes,
                                        mask_bytes=setting.mask_bytes)["total"]
-    return int(GLIBC_FRAGMENTATION[setting.kind] * shape.num_layers * batch["positions"]
-               * per_layer)
+    factor = (GLIBC_FRAGMENTATION_CHECKPOINTED if setting.checkpointing
+              else GLIBC_FRAGMENTATION)[setting.kind]
+    return int(factor * shape.num_layers * batch["positions"] * per_layer)
 
 
 def _batch_bytes(shape: ModelShape, batch: dict, setting: Setting) -> dict:
