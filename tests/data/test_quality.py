@@ -1,5 +1,6 @@
 """quality_report: duplicates, near-duplicates, leakage, balance, lengths, empty targets."""
 
+import dataclasses
 import json
 import random
 import string
@@ -8,7 +9,7 @@ import time
 from rich.console import Console
 
 from tunelab.data.formats import Example, Message, Segment
-from tunelab.data.quality import quality_report, render_quality_report
+from tunelab.data.quality import leaked_examples, quality_report, render_quality_report
 
 ALPACA_PREAMBLE = (
     "Below is an instruction that describes a task. Write a response that appropriately "
@@ -130,14 +131,65 @@ def test_leakage_exact_near_and_by_prompt():
         labelled(f"Review: {random_words(rng, 30)}\nSentiment:", "pos", 4, "valid.jsonl"),
     ]
     report = quality_report(train, validation)
-    leakage = report["leakage"]
+    assert list(report["leakage"]) == ["train/validation"]
+    leakage = report["leakage"]["train/validation"]
     assert leakage["exact"]["count"] == 1
     assert leakage["exact"]["places"] == [{"validation": "valid.jsonl:1", "train": "train.jsonl:1"}]
     assert leakage["near"]["count"] == 2  # the changed word, and the same review relabelled
     assert {pair["b"] for pair in leakage["near"]["pairs"]} == {"valid.jsonl:2", "valid.jsonl:3"}
     assert leakage["prompt_overlap"]["count"] == 1
     assert leakage["prompt_overlap"]["places"][0]["validation"] == "valid.jsonl:2"
-    assert any("1 validation example also appears in train" in w for w in report["warnings"])
+
+
+def test_every_pair_of_splits_is_checked_for_leakage_into_the_test_split():
+    """A test review that is also in train, another that is in validation, and a test prompt
+    shared with train: each is reported against the split it leaks from, with a warning."""
+    rng = random.Random(4)
+    reviews = [random_words(rng, 30) for _ in range(30)]
+    train = [labelled(f"Review: {r}\nSentiment:", "pos", i + 1) for i, r in enumerate(reviews)]
+    validation = [labelled(f"Review: {random_words(rng, 30)}\nSentiment:", "neg", i + 1,
+                           "valid.jsonl") for i in range(5)]
+    test = [
+        labelled(f"Review: {random_words(rng, 30)}\nSentiment:", "pos", 1, "test.jsonl"),
+        labelled(f"Review: {reviews[7]}\nSentiment:", "pos", 2, "test.jsonl"),  # train copy
+        dataclasses.replace(validation[3], source="test.jsonl", line=3),  # validation copy
+        labelled(f"Review: {reviews[9]}\nSentiment:", "neg", 4, "test.jsonl"),  # train input
+    ]
+    report = quality_report(train, validation, test)
+    leakage = report["leakage"]
+    assert list(leakage) == ["train/validation", "train/test", "validation/test"]
+    assert leakage["train/validation"]["exact"]["count"] == 0
+    assert leakage["train/test"]["exact"]["places"] == [
+        {"test": "test.jsonl:2", "train": "train.jsonl:8"}]
+    assert leakage["train/test"]["prompt_overlap"]["places"][0]["test"] == "test.jsonl:4"
+    assert leakage["validation/test"]["exact"]["places"] == [
+        {"test": "test.jsonl:3", "validation": "valid.jsonl:4"}]
+    warnings = " ".join(report["warnings"])
+    assert "test example also appears in train" in warnings
+    assert "test example also appears in validation" in warnings
+    console = Console(record=True, width=140)
+    render_quality_report(report, console)
+    assert "validation → test" in console.export_text()
+
+
+def test_leaked_examples_name_each_leaking_test_example_and_its_source():
+    rng = random.Random(5)
+    reviews = [random_words(rng, 30) for _ in range(20)]
+    train = [labelled(f"Review: {r}\nSentiment:", "pos", i + 1) for i, r in enumerate(reviews)]
+    test = [
+        labelled(f"Review: {reviews[3]}\nSentiment:", "pos", 1, "test.jsonl"),
+        labelled(f"Review: {random_words(rng, 30)}\nSentiment:", "pos", 2, "test.jsonl"),
+        text_example(one_word_changed(f"Review: {reviews[5]}\nSentiment: pos", 10), 3,
+                     "test.jsonl"),
+        labelled(f"Review: {reviews[11]}\nSentiment:", "neg", 4, "test.jsonl"),
+    ]
+    leaked = leaked_examples(train, test)
+    assert sorted(leaked) == [0, 2, 3]
+    assert leaked[0] == {"kind": "same text", "source": "train.jsonl:4"}
+    assert leaked[2]["kind"] == "near-duplicate" and leaked[2]["source"] == "train.jsonl:6"
+    assert leaked[3]["kind"] in ("near-duplicate", "same prompt")
+    assert leaked[3]["source"] == "train.jsonl:12"
+    assert leaked_examples(train, test[1:2]) == {}
 
 
 def test_label_balance_and_a_warning_for_a_rare_label():

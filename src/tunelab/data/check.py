@@ -16,7 +16,8 @@ def check_data(source: str | Path, *, max_seq_len: int | None = None, model: str
                console: Console | None = None) -> dict:
     """Read and normalise every record (errors name file:line), then build the quality report.
 
-    ``source`` is a YAML config (its train and validation data, template and tokenizer) or a data
+    ``source`` is a YAML config (its train, validation and test data, template and tokenizer;
+    leakage is checked between every pair of splits) or a data
     file (format auto-detected; token lengths with ``model``'s tokenizer when given).
     """
     from tunelab.config import load_config
@@ -30,17 +31,21 @@ def check_data(source: str | Path, *, max_seq_len: int | None = None, model: str
                               completion=data.completion)
         validation = (load_examples(data.validation, data.format, prompt=data.prompt,
                                     completion=data.completion) if data.validation else None)
+        test = (load_examples(data.test, data.format, prompt=data.prompt,
+                              completion=data.completion) if data.test else None)
         model = model or config.model.path
         max_seq_len = max_seq_len or config.train.max_seq_len
         train_on, chat_template = data.train_on, data.chat_template
     else:
-        train, validation = load_examples([str(source)]), None
+        train, validation, test = load_examples([str(source)]), None, None
         train_on, chat_template = "completion", None
     lengths = None
     if model:
-        lengths = _token_lengths({"train": train, "validation": validation or []}, model,
-                                 train_on=train_on, chat_template=chat_template, console=console)
-    report = quality_report(train, validation, token_lengths=lengths, max_seq_len=max_seq_len)
+        splits = {"train": train, "validation": validation or [], "test": test or []}
+        lengths = _token_lengths(splits, model, train_on=train_on, chat_template=chat_template,
+                                 console=console)
+    report = quality_report(train, validation, test, token_lengths=lengths,
+                            max_seq_len=max_seq_len)
     report["warnings"] = _ignored_columns(train) + report.get("warnings", [])
     render_quality_report(report, console)
     return report

@@ -1,4 +1,4 @@
-"""Data quality report: duplicates, near-duplicates, train/validation leakage, balance, lengths.
+"""Data quality report: duplicates, near-duplicates, leakage between splits, balance, lengths.
 
 ``quality_report`` returns plain JSON-serialisable data (what ``tunelab data check --json``
 prints); ``render_quality_report`` draws it with rich. Lists of places are cut to the first
@@ -53,19 +53,24 @@ _SAMPLE_SALT = 0x5851F42D4C957F2D
 def quality_report(
     train: list[Example],
     validation: list[Example] | None = None,
+    test: list[Example] | None = None,
     *,
     token_lengths: dict[str, list[int]] | None = None,
     max_seq_len: int | None = None,
     near_duplicate_threshold: float = 0.8,
 ) -> dict:
-    """Check the examples of each split and their overlap; return plain, JSON-ready data.
+    """Check the examples of each split and the overlap of every pair; return JSON-ready data.
 
     ``token_lengths[split]`` (one length per example) adds length percentiles and, with
-    ``max_seq_len``, the share that will be truncated. ``warnings`` says what to fix.
+    ``max_seq_len``, the share that will be truncated. ``leakage`` has one entry per pair of
+    splits given (train/validation, train/test, validation/test), each counting the examples of
+    the later split that the earlier one already holds. ``warnings`` says what to fix.
     """
     splits = {"train": train}
     if validation is not None:
         splits["validation"] = validation
+    if test is not None:
+        splits["test"] = test
     texts = {
         name: [example_text(example) for example in examples] for name, examples in splits.items()
     }
@@ -84,15 +89,43 @@ def quality_report(
             "label_balance": _label_balance(examples),
             "empty_targets": _empty_targets(examples),
         }
-    report["leakage"] = None
-    if validation is not None:
-        report["leakage"] = {
-            "exact": _exact_leakage(train, texts["train"], validation, texts["validation"]),
-            "near": near["leakage"],
-            "prompt_overlap": _prompt_overlap(train, validation, texts, near_duplicate_threshold),
+    report["leakage"] = {
+        f"{earlier}/{later}": {
+            "exact": _exact_leakage(splits, texts, earlier, later),
+            "near": near[f"{earlier}/{later}"],
+            "prompt_overlap": _prompt_overlap(splits, texts, earlier, later,
+                                              near_duplicate_threshold),
         }
+        for earlier, later in split_pairs(list(splits))
+    }
     report["warnings"] = _warnings(report)
     return report
+
+
+def split_pairs(names: list[str]) -> list[tuple[str, str]]:
+    """Every (earlier, later) pair of splits, in the order given: train/validation, train/test,
+    validation/test. Leakage is counted in the later split of each pair."""
+    return [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
+
+
+def leaked_examples(
+    source: list[Example], target: list[Example], *, threshold: float = 0.8
+) -> dict[int, dict]:
+    """Indices of ``target`` examples that leak from ``source``: the same text, a near-duplicate
+    text, or the same (or a nearly identical) prompt. Each maps to how it leaks and where."""
+    splits = {"source": source, "target": target}
+    texts = {name: [example_text(ex) for ex in examples] for name, examples in splits.items()}
+    found: dict[int, dict] = {}
+    source_index = {text: i for i, text in reversed(list(enumerate(texts["source"])))}
+    for i, text in enumerate(texts["target"]):
+        if text in source_index:
+            found[i] = {"kind": "same text", "source": source[source_index[text]].where}
+    for kind, pairs in (("near-duplicate", _near_pairs(texts, threshold)),
+                        ("same prompt", _prompt_pairs(splits, texts, threshold))):
+        for i, (j, similarity) in pairs.items():
+            found.setdefault(i, {"kind": kind, "source": source[j].where,
+                                 "similarity": round(similarity, 3)})
+    return dict(sorted(found.items()))
 
 
 # --- per-split checks -----------------------------------------------------------------------
@@ -202,69 +235,89 @@ def _empty_targets(examples: list[Example]) -> dict:
 
 
 def _exact_leakage(
-    train: list[Example], train_texts: list[str], validation: list[Example], val_texts: list[str]
+    splits: dict[str, list[Example]], texts: dict[str, list[str]], earlier: str, later: str
 ) -> dict:
-    first_train_index: dict[str, int] = {}
-    for index, text in enumerate(train_texts):
-        first_train_index.setdefault(text, index)
-    leaked = [
-        (i, first_train_index[text])
-        for i, text in enumerate(val_texts)
-        if text in first_train_index
-    ]
+    first_index: dict[str, int] = {}
+    for index, text in enumerate(texts[earlier]):
+        first_index.setdefault(text, index)
+    leaked = [(i, first_index[text]) for i, text in enumerate(texts[later]) if text in first_index]
     return {
         "count": len(leaked),
         "places": [
-            {"validation": validation[i].where, "train": train[j].where}
+            {later: splits[later][i].where, earlier: splits[earlier][j].where}
             for i, j in leaked[:MAX_PLACES]
         ],
     }
 
 
 def _prompt_overlap(
-    train: list[Example], validation: list[Example], texts: dict[str, list[str]], threshold: float
+    splits: dict[str, list[Example]], texts: dict[str, list[str]], earlier: str, later: str,
+    threshold: float,
 ) -> dict:
-    """Validation examples whose prompt equals or nearly equals a train prompt (inputs leak).
-
-    Examples whose whole text is in train are left out: exact leakage reports them.
-    """
-    train_prompt_index: dict[str, int] = {}
-    for index, example in enumerate(train):
-        prompt = example_prompt(example).strip()
-        if prompt:
-            train_prompt_index.setdefault(prompt, index)
-    val_indices_by_prompt: dict[str, list[int]] = defaultdict(list)
-    for index, example in enumerate(validation):
-        prompt = example_prompt(example).strip()
-        if prompt:
-            val_indices_by_prompt[prompt].append(index)
-    found: dict[int, tuple[int, float]] = {}  # validation index -> (train index, similarity)
-    for prompt, indices in val_indices_by_prompt.items():
-        if prompt in train_prompt_index:
-            found.update((i, (train_prompt_index[prompt], 1.0)) for i in indices)
-    train_prompts, val_prompts = list(train_prompt_index), list(val_indices_by_prompt)
-    n_train = len(train_prompts)
-    left, right, similarity = _near_duplicate_pairs(train_prompts + val_prompts, threshold)
-    cross = (left < n_train) & (right >= n_train)
-    for i, j, sim in zip(
-        left[cross].tolist(), right[cross].tolist(), similarity[cross].tolist(), strict=True
-    ):
-        train_index = train_prompt_index[train_prompts[i]]
-        for val_index in val_indices_by_prompt[val_prompts[j - n_train]]:
-            found.setdefault(val_index, (train_index, sim))
-    train_texts = set(texts["train"])
-    leaked = sorted(i for i in found if texts["validation"][i] not in train_texts)
+    """Examples of ``later`` whose prompt equals or nearly equals a prompt of ``earlier`` (the
+    inputs leak). Examples whose whole text is in ``earlier`` are left out: exact leakage
+    reports them."""
+    found = _prompt_pairs({"source": splits[earlier], "target": splits[later]},
+                          {"source": texts[earlier], "target": texts[later]}, threshold)
+    earlier_texts = set(texts[earlier])
+    leaked = sorted(i for i in found if texts[later][i] not in earlier_texts)
     return {
         "count": len(leaked),
         "places": [
             {
-                "validation": validation[i].where,
-                "train": train[found[i][0]].where,
+                later: splits[later][i].where,
+                earlier: splits[earlier][found[i][0]].where,
                 "similarity": round(found[i][1], 3),
             }
             for i in leaked[:MAX_PLACES]
         ],
     }
+
+
+def _prompt_pairs(
+    splits: dict[str, list[Example]], texts: dict[str, list[str]], threshold: float
+) -> dict[int, tuple[int, float]]:
+    """Target index -> (source index, similarity) for targets whose prompt equals or nearly
+    equals a source prompt."""
+    source_prompt_index: dict[str, int] = {}
+    for index, example in enumerate(splits["source"]):
+        prompt = example_prompt(example).strip()
+        if prompt:
+            source_prompt_index.setdefault(prompt, index)
+    target_indices_by_prompt: dict[str, list[int]] = defaultdict(list)
+    for index, example in enumerate(splits["target"]):
+        prompt = example_prompt(example).strip()
+        if prompt:
+            target_indices_by_prompt[prompt].append(index)
+    found: dict[int, tuple[int, float]] = {}
+    for prompt, indices in target_indices_by_prompt.items():
+        if prompt in source_prompt_index:
+            found.update((i, (source_prompt_index[prompt], 1.0)) for i in indices)
+    source_prompts, target_prompts = list(source_prompt_index), list(target_indices_by_prompt)
+    n_source = len(source_prompts)
+    left, right, similarity = _near_duplicate_pairs(source_prompts + target_prompts, threshold)
+    cross = (left < n_source) & (right >= n_source)
+    for i, j, sim in zip(
+        left[cross].tolist(), right[cross].tolist(), similarity[cross].tolist(), strict=True
+    ):
+        source_index = source_prompt_index[source_prompts[i]]
+        for target_index in target_indices_by_prompt[target_prompts[j - n_source]]:
+            found.setdefault(target_index, (source_index, sim))
+    return found
+
+
+def _near_pairs(texts: dict[str, list[str]], threshold: float) -> dict[int, tuple[int, float]]:
+    """Target index -> (source index, similarity) for target texts near-duplicating a source
+    text (and not equal to it)."""
+    n_source = len(texts["source"])
+    left, right, similarity = _near_duplicate_pairs(texts["source"] + texts["target"], threshold)
+    found: dict[int, tuple[int, float]] = {}
+    cross = (left < n_source) & (right >= n_source)
+    for i, j, sim in sorted(zip(left[cross].tolist(), right[cross].tolist(),
+                                similarity[cross].tolist(), strict=True), key=lambda p: -p[2]):
+        if texts["source"][i] != texts["target"][j - n_source]:
+            found.setdefault(j - n_source, (i, sim))
+    return found
 
 
 # --- near-duplicates ------------------------------------------------------------------------
@@ -273,7 +326,9 @@ def _prompt_overlap(
 def _near_duplicates_by_split(
     splits: dict[str, list[Example]], texts: dict[str, list[str]], threshold: float
 ) -> dict[str, dict]:
-    """Near-duplicate pairs inside each split and across train/validation (``leakage``)."""
+    """Near-duplicate pairs inside each split and across each pair of splits
+    (``"earlier/later"``: the pair count, and ``count`` of later-split examples)."""
+    order = {name: position for position, name in enumerate(splits)}
     owners: list[tuple[str, int]] = []  # (split, example index) of each distinct text
     distinct: list[str] = []
     for name in splits:
@@ -287,15 +342,17 @@ def _near_duplicates_by_split(
     pairs_by_kind: dict[str, list[tuple[float, str, str]]] = defaultdict(list)
     for i, j, sim in zip(left.tolist(), right.tolist(), similarity.tolist(), strict=True):
         if distinct[i] == distinct[j]:
-            continue  # the same text in train and validation: exact leakage, reported there
-        (split_a, index_a), (split_b, index_b) = owners[i], owners[j]
-        kind = split_a if split_a == split_b else "leakage"
+            continue  # the same text in two splits: exact leakage, reported there
+        (split_a, index_a), (split_b, index_b) = sorted((owners[i], owners[j]),
+                                                        key=lambda owner: order[owner[0]])
+        kind = split_a if split_a == split_b else f"{split_a}/{split_b}"
         a, b = splits[split_a][index_a], splits[split_b][index_b]
-        pairs_by_kind[kind].append((sim, a.where, b.where))  # a is train in a leak: it comes first
+        pairs_by_kind[kind].append((sim, a.where, b.where))  # a is from the earlier split
     result = {name: _pair_summary(pairs_by_kind[name]) for name in splits}
-    leaks = pairs_by_kind["leakage"]
-    result["leakage"] = _pair_summary(leaks)
-    result["leakage"]["count"] = len({b for _, _, b in leaks})  # validation examples
+    for earlier, later in split_pairs(list(splits)):
+        leaks = pairs_by_kind[f"{earlier}/{later}"]
+        result[f"{earlier}/{later}"] = _pair_summary(leaks)
+        result[f"{earlier}/{later}"]["count"] = len({b for _, _, b in leaks})  # later examples
     return result
 
 
@@ -537,10 +594,11 @@ def _warnings(report: dict) -> list[str]:
     threshold = report["near_duplicate_threshold"]
     for split, stats in report["splits"].items():
         warnings.extend(_split_warnings(split, stats, threshold))
-    leakage = report["leakage"]
-    if leakage:
-        warnings.extend(_leakage_warnings(leakage, threshold))
-        warnings.extend(_unseen_label_warnings(report["splits"]))
+    for pair, leakage in report["leakage"].items():
+        earlier, later = pair.split("/")
+        warnings.extend(_leakage_warnings(leakage, earlier, later, threshold))
+        if earlier == "train":
+            warnings.extend(_unseen_label_warnings(report["splits"], later))
     return warnings
 
 
@@ -599,44 +657,45 @@ def _balance_warnings(split: str, balance: dict | None) -> list[str]:
     ]
 
 
-def _leakage_warnings(leakage: dict, threshold: float) -> list[str]:
+def _leakage_warnings(leakage: dict, earlier: str, later: str, threshold: float) -> list[str]:
     warnings = []
+    inflates = "they inflate test scores" if later == "test" else "they inflate validation scores"
     exact = leakage["exact"]
     if exact["count"]:
         place = exact["places"][0]
         warnings.append(
-            f"{_n(exact['count'], 'validation example')} also {_appear(exact['count'])} in "
-            f"train (leakage), e.g. {place['validation']} = {place['train']}: remove them from "
-            "validation"
+            f"{_n(exact['count'], f'{later} example')} also {_appear(exact['count'])} in "
+            f"{earlier} (leakage), e.g. {place[later]} = {place[earlier]}: remove them from "
+            f"{later}; {inflates}"
         )
     near = leakage["near"]
     if near["count"]:
         pair = near["pairs"][0]
         warnings.append(
-            f"{_n(near['count'], 'validation example')} {_are(near['count'])} near-duplicates of "
-            f"train examples (similarity >= {threshold}), e.g. {pair['b']} ~ {pair['a']}: remove "
-            "them from validation; they inflate validation scores"
+            f"{_n(near['count'], f'{later} example')} {_are(near['count'])} near-duplicates of "
+            f"{earlier} examples (similarity >= {threshold}), e.g. {pair['b']} ~ {pair['a']}: "
+            f"remove them from {later}; {inflates}"
         )
     overlap = leakage["prompt_overlap"]
     if overlap["count"]:
         place = overlap["places"][0]
         warnings.append(
-            f"{_n(overlap['count'], 'validation example')} "
+            f"{_n(overlap['count'], f'{later} example')} "
             f"{'has' if overlap['count'] == 1 else 'have'} the same or a nearly identical prompt "
-            f"as a train example, e.g. {place['validation']} ~ {place['train']}: the inputs leak "
-            "even where the targets differ; remove them from validation"
+            f"as a {earlier} example, e.g. {place[later]} ~ {place[earlier]}: the inputs leak "
+            f"even where the targets differ; remove them from {later}"
         )
     return warnings
 
 
-def _unseen_label_warnings(splits: dict) -> list[str]:
+def _unseen_label_warnings(splits: dict, later: str) -> list[str]:
     train_counts = (splits["train"]["label_balance"] or {}).get("counts")
-    val_counts = (splits["validation"]["label_balance"] or {}).get("counts")
-    if not train_counts or not val_counts:
+    later_counts = (splits[later]["label_balance"] or {}).get("counts")
+    if not train_counts or not later_counts:
         return []
-    unseen = [label for label in val_counts if label not in train_counts]
+    unseen = [label for label in later_counts if label not in train_counts]
     return [
-        f"label '{label}' appears in validation ({_n(val_counts[label], 'example')}) but never "
+        f"label '{label}' appears in {later} ({_n(later_counts[label], 'example')}) but never "
         "in train: add training examples for it"
         for label in unseen[:MAX_PLACES]
     ]
@@ -711,21 +770,22 @@ def _overview_table(report: dict) -> Table:
     return table
 
 
-def _leakage_table(leakage: dict) -> Table:
-    table = Table(title="Train / validation leakage", title_justify="left")
-    table.add_column("kind")
-    table.add_column("validation examples", justify="right")
+def _leakage_table(leakage_by_pair: dict) -> Table:
+    table = Table(title="Leakage between splits (examples of the later split)",
+                  title_justify="left")
+    table.add_column("splits")
+    table.add_column("same text", justify="right")
+    table.add_column("near-duplicate", justify="right")
+    table.add_column("same prompt", justify="right")
     table.add_column("e.g.")
-    exact, near, overlap = leakage["exact"], leakage["near"], leakage["prompt_overlap"]
-    table.add_row(
-        "same text", f"{exact['count']:,}", _first_pair(exact["places"], "validation", "train")
-    )
-    table.add_row("near-duplicate", f"{near['count']:,}", _first_pair(near["pairs"], "b", "a"))
-    table.add_row(
-        "same prompt, other target",
-        f"{overlap['count']:,}",
-        _first_pair(overlap["places"], "validation", "train"),
-    )
+    for pair, leakage in leakage_by_pair.items():
+        earlier, later = pair.split("/")
+        exact, near, overlap = leakage["exact"], leakage["near"], leakage["prompt_overlap"]
+        example = (_first_pair(exact["places"], later, earlier)
+                   or _first_pair(near["pairs"], "b", "a")
+                   or _first_pair(overlap["places"], later, earlier))
+        table.add_row(f"{earlier} → {later}", f"{exact['count']:,}", f"{near['count']:,}",
+                      f"{overlap['count']:,}", example)
     return table
 
 
