@@ -21,6 +21,7 @@ from rich.table import Table
 
 from tunelab.config import Config, EvalConfig
 from tunelab.data.formats import Record, to_example
+from tunelab.data.quality import leaked_examples
 from tunelab.data.readers import read_records
 from tunelab.errors import ConfigError, RunError
 from tunelab.eval.generate import generate_texts, score_continuations
@@ -45,18 +46,20 @@ def evaluate(config: Config, *, run_dir: str | Path | None = None, base: bool = 
     variants = eval_cfg.prompt_variants or [prompt]
     golds = [task.gold(_render(r, prompt, completion)[1]) for r in records]
     contexts = [_context(r, eval_cfg.context) for r in records]
+    leakage = _split_leakage(config, eval_cfg, records, prompt, completion)
     models = _load_models(config, run_dir, want_base=base, want_tuned=tuned)
     started = time.perf_counter()
     result = {"name": eval_cfg.split, "task": task.kind, "split": eval_cfg.split,
               "n": len(records), "primary_metric": task.primary, "shots": eval_cfg.shots,
               "ci_level": 0.95, "n_resamples": eval_cfg.bootstrap,
               "predict": eval_cfg.predict if task.kind == "classification" else "generate",
+              "leakage": {key: value for key, value in leakage.items() if key != "indices"},
               "models": {}}
     for which, (model, tokenizer, context) in models.items():
         with context():
             result["models"][which] = _evaluate_model(
                 model, tokenizer, task, eval_cfg, records, variants, completion, pool, golds,
-                contexts)
+                contexts, leaked=leakage["indices"])
     result["comparison"] = _compare(result["models"], task)
     for outcome in result["models"].values():
         outcome.pop("paired")  # a function of resampled indices for corpus metrics: not data
@@ -74,7 +77,7 @@ def evaluate(config: Config, *, run_dir: str | Path | None = None, base: bool = 
 
 def _evaluate_model(model, tokenizer, task: Task, eval_cfg: EvalConfig, records: list[Record],
                     variants: list[str], completion: str, pool: list[Record], golds: list,
-                    contexts: list) -> dict:
+                    contexts: list, leaked: set[int]) -> dict:
     outcome = {"variants": []}
     for number, template in enumerate(variants):
         prompts = build_prompts(records, template, completion, shots=eval_cfg.shots, pool=pool,
@@ -87,6 +90,11 @@ def _evaluate_model(model, tokenizer, task: Task, eval_cfg: EvalConfig, records:
                                                        "rate": failures / max(1, len(records))}})
         if number == 0:
             outcome.update(metrics=scored.metrics, paired=scored.paired, **scored.extra)
+            clean = [i for i in range(len(records)) if i not in leaked]
+            if leaked and clean:  # the same metric on the examples that do not leak
+                outcome["metrics_without_leaked"] = task.score(
+                    [golds[i] for i in clean], [predictions[i] for i in clean],
+                    [contexts[i] for i in clean]).metrics
             outcome["parse_failures"] = outcome["variants"][0]["parse_failures"]
             outcome["predictions"] = [
                 {"index": i, "input": p[-600:], "gold": _show(g), "prediction": _show(r),
@@ -196,6 +204,27 @@ def _load_models(config: Config, run_dir, *, want_base: bool, want_tuned: bool) 
     return models
 
 
+def _split_leakage(config: Config, eval_cfg: EvalConfig, records: list[Record], prompt: str,
+                   completion: str) -> dict:
+    """Evaluation examples that also appear in the training data (or, for the test split, in
+    validation): the same text, a near-duplicate, or the same prompt. Their scores say what the
+    model memorised, not how it generalises, so the metric is also reported without them."""
+    sources = {"train": config.data.train}
+    if eval_cfg.split == "test":
+        sources["validation"] = config.data.validation
+    evaluated = [to_example(record, "template", prompt=prompt, completion=completion)
+                 for record in records]
+    leaked: dict[int, dict] = {}
+    for split, paths in sources.items():
+        earlier = [to_example(record, "template", prompt=prompt, completion=completion)
+                   for path in paths for record in read_records(path)]
+        for index, how in leaked_examples(earlier, evaluated).items():
+            leaked.setdefault(index, {"index": index, "where": evaluated[index].where,
+                                      "split": split, **how})
+    places = [leaked[index] for index in sorted(leaked)]
+    return {"count": len(places), "examples": places[:20], "indices": set(leaked)}
+
+
 def _templates(config: Config) -> tuple[str, str]:
     if config.data.prompt is not None:
         return config.data.prompt, config.data.completion
@@ -294,8 +323,29 @@ def render_eval(result: dict, console: Console) -> None:
             rate = outcome["hallucination"]["rate"]
             console.print(f"{which}: hallucination rate {rate:.1%} of predicted spans not in "
                           "the input")
+    _render_leakage(result, console)
     if "path" in result:
         console.print(f"Written to {result['path']}")
+
+
+def _render_leakage(result: dict, console: Console) -> None:
+    """Say loudly when evaluated examples leak from training data, and what the metric is
+    without them."""
+    leakage = result.get("leakage")
+    if not leakage or not leakage["count"]:
+        return
+    primary = result["primary_metric"]
+    first = leakage["examples"][0]
+    console.print(f"[yellow]warning: {leakage['count']} of {result['n']} {result['split']} "
+                  f"examples leak from the training data (e.g. {first['where']}: "
+                  f"{first['kind']} as {first['source']}); they measure memory, not "
+                  "generalisation. Remove them from the split (tunelab data check lists them).")
+    for which, outcome in result["models"].items():
+        clean = outcome.get("metrics_without_leaked", {}).get(primary)
+        if clean:
+            console.print(f"[yellow]{which}: {primary} {_num(outcome['metrics'][primary]['value'])}"
+                          f" with them, {_num(clean['value'])} [{_num(clean['ci'][0])}, "
+                          f"{_num(clean['ci'][1])}] without them (n={clean['n']})")
 
 
 def _num(value: float) -> str:
