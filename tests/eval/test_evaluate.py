@@ -10,11 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from rich.console import Console
+from sacrebleu.metrics import BLEU, CHRF
 
 from tunelab.config import config_from_dict
 from tunelab.data.formats import Record
+from tunelab.eval import evaluate as evaluate_module
 from tunelab.eval.evaluate import build_prompts, evaluate
-from tunelab.eval.generate import score_continuations
+from tunelab.eval.generate import generate_texts, score_continuations
 from tunelab.model.load import load_model, load_tokenizer
 from tunelab.train.loop import train
 
@@ -111,42 +113,187 @@ def test_few_shot_prompts_exclude_the_example_itself():
         assert f"Q: text {index}\nA: a" not in blocks[:-1]
 
 
+# Each generative kind on four records, with the model's raw output for each fixed: right,
+# partly right, wrong, unparseable. Generation is the one stage replaced (``generate_texts``,
+# looked up by name in the evaluation module); prompts, parsing, pairing, metrics, intervals,
+# variants and the saved file are the real pipeline, and every expected value is worked out by
+# hand in the comments (translation: sacrebleu's own corpus scores of the same pairs).
+FRENCH_GOLD = ["le film était bon", "l'intrigue était lente", "les acteurs étaient excellents",
+               "la musique était forte"]
+FRENCH_OUT = ["le film était bon", "l'intrigue était lente", "les acteurs étaient bons", ""]
 GENERATIVE = {
-    "ner": ({"text": "Ada met Bob in Paris", "target": "PERSON: Ada\nPERSON: Bob\nGPE: Paris"},
-            "Text: {text}\nEntities:\n", "{target}",
-            {"entity_types": ["PERSON", "GPE"], "context": "{text}"}),
-    "qa": ({"context": "the movie was good", "question": "How was it?", "answer": "good"},
-           "Context: {context}\nQuestion: {question}\nAnswer:", " {answer}",
-           {"context": "{context}"}),
-    "translation": ({"en": "the movie was good", "fr": "le film était bon"},
-                    "English: {en}\nFrench:", " {fr}", {}),
-    "summarisation": ({"document": "the movie was good and fun and long", "summary": "good"},
-                      "{document}\nSummary:", " {summary}", {}),
+    "ner": {
+        "prompt": "Text: {text}\nEntities:\n", "completion": "{target}", "key": "text",
+        "options": {"entity_types": ["PERSON", "GPE"], "context": "{text}"},
+        "records": [
+            ({"text": "Ada met Bob in Paris", "target": "PERSON: Ada\nPERSON: Bob\nGPE: Paris"},
+             "PERSON: Ada\nGPE: Paris"),  # 2 of 3 found
+            ({"text": "Cy flew to Rome", "target": "PERSON: Cy\nGPE: Rome"},
+             "- PERSON: Cy\n- GPE: Rome\n- PERSON: Zed"),  # both, plus Zed (not in the text)
+            ({"text": "Dee stayed home", "target": "PERSON: Dee"}, "GPE: Dee"),  # wrong type
+            ({"text": "Eve saw Oslo", "target": "PERSON: Eve\nGPE: Oslo"}, "I cannot tell"),
+        ],
+        # 4 hits of 6 predicted and 8 gold entities: P 4/6, R 4/8, micro F1 2·4/(6+8)
+        "metrics": {"f1": 8 / 14, "precision": 4 / 6, "recall": 4 / 8},
+        "per_example": [2 * 2 / 5, 2 * 2 / 5, 0.0, 0.0],
+        "failures": 1, "hallucination": 1 / 6,  # Zed, of Ada, Paris, Cy, Rome, Zed, Dee
+    },
+    "qa": {
+        "prompt": "Context: {context}\nQuestion: {question}\nAnswer:", "completion": " {answer}",
+        "key": "question", "options": {"context": "{context}"},
+        "records": [
+            ({"context": "the movie was good", "question": "How was the movie?",
+              "answer": "good"}, " Good."),  # equal after SQuAD normalisation
+            ({"context": "the plot was slow and long", "question": "How was the plot?",
+              "answer": "slow and long"}, " slow"),  # token F1: P 1, R 1/3 -> 1/2
+            ({"context": "the cast was great", "question": "Who was great?",
+              "answer": "the cast"}, " Cast"),  # articles dropped: an exact match
+            ({"context": "the music was loud", "question": "How was the music?",
+              "answer": "loud"}, " quiet"),  # wrong, and not in the context
+        ],
+        "metrics": {"exact_match": 2 / 4, "token_f1": (1 + 1 / 2 + 1 + 0) / 4},
+        "per_example": [1.0, 0.0, 1.0, 0.0],
+        "failures": 0, "hallucination": 1 / 4,
+    },
+    "translation": {
+        "prompt": "English: {en}\nFrench:", "completion": " {fr}", "key": "en", "options": {},
+        "records": [
+            ({"en": "the movie was good", "fr": "le film était bon"}, " le film était bon"),
+            ({"en": "the plot was slow", "fr": "l'intrigue était lente"},
+             " l'intrigue était lente"),
+            ({"en": "the cast was great", "fr": "les acteurs étaient excellents"},
+             " les acteurs étaient bons"),
+            ({"en": "the music was loud", "fr": "la musique était forte"}, "  "),  # empty
+        ],
+        # sacrebleu on the same pairs: BLEU 52.21, chrF 66.73; 100 for the two exact ones
+        "metrics": {"chrf": CHRF().corpus_score(FRENCH_OUT, [FRENCH_GOLD]).score,
+                    "bleu": BLEU().corpus_score(FRENCH_OUT, [FRENCH_GOLD]).score},
+        "per_example": [1.0, 1.0, CHRF().sentence_score(FRENCH_OUT[2], [FRENCH_GOLD[2]]).score
+                        / 100, 0.0],
+        "failures": 1, "hallucination": None,
+    },
+    "summarisation": {
+        "prompt": "{document}\nSummary:", "completion": " {summary}", "key": "document",
+        "options": {},
+        "records": [
+            ({"document": "the movie was good and fun", "summary": "good"}, " good"),
+            ({"document": "the plot was slow, as plots go", "summary": "the plot was slow"},
+             " slow plot"),  # LCS 1 of 2 and 4 words: P 1/2, R 1/4 -> F 1/3
+            ({"document": "a fun film, long but fun", "summary": "a fun long film"},
+             " a long film"),  # LCS 3: P 1, R 3/4 -> F 6/7
+            ({"document": "the music was loud", "summary": "loud music"}, ""),  # empty
+        ],
+        "metrics": {"rouge_l": (1 + 1 / 3 + 6 / 7 + 0) / 4},
+        "per_example": [1.0, 1 / 3, 6 / 7, 0.0],
+        "failures": 1, "hallucination": None,
+    },
 }
 
 
-@pytest.mark.parametrize("task", sorted(GENERATIVE))
-def test_every_generative_task_runs_end_to_end(task, tmp_path, tiny_model_dir):
-    record, prompt, completion, options = GENERATIVE[task]
+def generative_config(task: str, tmp_path: Path, model_dir: str) -> object:
+    spec = GENERATIVE[task]
     data = tmp_path / "data.jsonl"
-    data.write_text("\n".join(json.dumps(record) for _ in range(6)) + "\n")
-    cfg = config_from_dict({
-        "name": task, "output_dir": str(tmp_path / "runs"), "model": {"path": tiny_model_dir},
-        "data": {"train": str(data), "test": str(data), "prompt": prompt,
-                 "completion": completion},
-        "eval": {"task": task, "max_new_tokens": 4, "bootstrap": 100,
-                 "prompt_variants": [prompt, "Again: " + prompt], **options},
+    data.write_text("".join(json.dumps(record) + "\n" for record, _ in spec["records"]))
+    return config_from_dict({
+        "name": task, "output_dir": str(tmp_path / "runs"), "model": {"path": model_dir},
+        "data": {"train": str(data), "test": str(data), "prompt": spec["prompt"],
+                 "completion": spec["completion"]},
+        "eval": {"task": task, "max_new_tokens": 8, "bootstrap": 100,
+                 "prompt_variants": [spec["prompt"], "Again: " + spec["prompt"]],
+                 **spec["options"]},
     })
+
+
+def known_outputs(monkeypatch, task: str, *, rotate: int = 0) -> None:
+    """Make the model "write" each record's fixed output, found by the record's key field in the
+    query; ``rotate`` hands each prompt the output of the record ``rotate`` places later, as a
+    reordering bug in batching would."""
+    spec = GENERATIVE[task]
+    keys = [record[spec["key"]] for record, _ in spec["records"]]
+    outputs = [output for _, output in spec["records"]]
+
+    def generate(model, tokenizer, prompts, **settings):
+        answers = []
+        for prompt in prompts:
+            query = prompt.split("\n\n")[-1]
+            owners = [i for i, key in enumerate(keys) if key in query]
+            assert len(owners) == 1, query
+            answers.append(outputs[(owners[0] + rotate) % len(outputs)])
+        return answers
+
+    monkeypatch.setattr(evaluate_module, "generate_texts", generate)
+
+
+def run_base(task: str, tmp_path: Path, model_dir: str) -> tuple[dict, Path]:
     run_dir = tmp_path / "runs" / task
     run_dir.mkdir(parents=True)
-    result = evaluate(cfg, run_dir=run_dir, base=True, tuned=False, console=Console(quiet=True))
+    config = generative_config(task, tmp_path, model_dir)
+    result = evaluate(config, run_dir=run_dir, base=True, tuned=False, console=Console(quiet=True))
+    return result, run_dir
+
+
+@pytest.mark.parametrize("task", sorted(GENERATIVE))
+def test_generative_task_metrics_equal_the_hand_computed_values(task, tmp_path, monkeypatch,
+                                                                tiny_model_dir):
+    spec = GENERATIVE[task]
+    known_outputs(monkeypatch, task)
+    result, run_dir = run_base(task, tmp_path, tiny_model_dir)
     outcome = result["models"]["base"]
-    primary = outcome["metrics"][result["primary_metric"]]
-    assert primary["n"] == 6 and primary["ci"][0] <= primary["value"] <= primary["ci"][1]
-    assert outcome["sensitivity"][result["primary_metric"]]["n_variants"] == 2
-    assert 0 <= outcome["parse_failures"]["rate"] <= 1
-    assert len(outcome["predictions"]) == 6
-    if "context" in options:
-        assert 0 <= outcome["hallucination"]["rate"] <= 1
+    assert result["n"] == 4 and result["primary_metric"] in spec["metrics"]
+    assert set(outcome["metrics"]) == set(spec["metrics"])
+    for name, expected in spec["metrics"].items():
+        metric = outcome["metrics"][name]
+        assert metric["value"] == pytest.approx(expected, abs=1e-9), name
+        assert metric["n"] == 4 and metric["ci"][0] <= metric["value"] <= metric["ci"][1]
+    assert outcome["parse_failures"] == {"count": spec["failures"],
+                                         "rate": spec["failures"] / 4}
+    for index, (entry, (record, output)) in enumerate(zip(outcome["predictions"],
+                                                          spec["records"], strict=True)):
+        assert entry["index"] == index and record[spec["key"]] in entry["input"]
+        assert entry["prediction"] == output
+        assert entry["score"] == pytest.approx(spec["per_example"][index], abs=1e-9)
+    if spec["hallucination"] is None:
+        assert outcome.get("hallucination") is None
+    else:
+        assert outcome["hallucination"]["rate"] == pytest.approx(spec["hallucination"])
+    primary = result["primary_metric"]
+    variation = outcome["sensitivity"][primary]  # the same outputs under both prompt variants
+    assert variation["n_variants"] == 2 and variation["std"] == pytest.approx(0.0)
+    assert variation["mean"] == pytest.approx(spec["metrics"][primary])
     saved = json.loads((run_dir / "eval" / "test.json").read_text())
     assert saved["task"] == task
+    assert saved["models"]["base"]["metrics"][primary]["value"] == pytest.approx(
+        spec["metrics"][primary])
+
+
+def test_ner_per_type_scores_count_each_type_apart(tmp_path, monkeypatch, tiny_model_dir):
+    known_outputs(monkeypatch, "ner")
+    result, _ = run_base("ner", tmp_path, tiny_model_dir)
+    per_type = result["models"]["base"]["per_type"]
+    # PERSON: Ada, Cy right of 3 predicted (Zed) and 5 gold; GPE: Paris, Rome of 3 (Dee) and 3
+    assert per_type["PERSON"] == pytest.approx(
+        {"precision": 2 / 3, "recall": 2 / 5, "f1": 4 / 8, "support": 5})
+    assert per_type["GPE"] == pytest.approx(
+        {"precision": 2 / 3, "recall": 2 / 3, "f1": 4 / 6, "support": 3})
+
+
+@pytest.mark.parametrize("task", sorted(GENERATIVE))
+def test_mispaired_outputs_change_the_metric(task, tmp_path, monkeypatch, tiny_model_dir):
+    """Guards the tests above: outputs handed to the wrong examples (rotated by one, as a
+    reordering bug would) do not reproduce the hand-computed value."""
+    known_outputs(monkeypatch, task, rotate=1)
+    result, _ = run_base(task, tmp_path, tiny_model_dir)
+    primary = result["primary_metric"]
+    mispaired = result["models"]["base"]["metrics"][primary]["value"]
+    assert mispaired < GENERATIVE[task]["metrics"][primary] - 0.1
+
+
+def test_batched_generation_returns_each_prompt_its_own_completion(tiny_model_dir):
+    """The real generator, left-padded in batches, pairs outputs with prompts as one at a time."""
+    model, tokenizer = load_model(tiny_model_dir).eval(), load_tokenizer(tiny_model_dir)
+    prompts = ["Review: the movie was good\nSentiment:", "The plot",
+               "What is the capital of France? The capital", "1 2 3 4 5 6 7 8 9 10 11 12"]
+    batched = generate_texts(model, tokenizer, prompts, max_new_tokens=6, batch_size=3)
+    alone = [generate_texts(model, tokenizer, [p], max_new_tokens=6)[0] for p in prompts]
+    assert batched == alone
+    assert len(set(alone)) == len(prompts)  # distinct, so a reordering could not pass
