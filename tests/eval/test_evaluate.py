@@ -192,11 +192,13 @@ GENERATIVE = {
 
 def generative_config(task: str, tmp_path: Path, model_dir: str) -> object:
     spec = GENERATIVE[task]
-    data = tmp_path / "data.jsonl"
-    data.write_text("".join(json.dumps(record) + "\n" for record, _ in spec["records"]))
+    test = tmp_path / "test.jsonl"
+    test.write_text("".join(json.dumps(record) + "\n" for record, _ in spec["records"]))
+    train = tmp_path / "train.jsonl"  # unrelated to the test records: nothing leaks
+    train.write_text(json.dumps({name: f"a training {name}" for name in spec["records"][0][0]}))
     return config_from_dict({
         "name": task, "output_dir": str(tmp_path / "runs"), "model": {"path": model_dir},
-        "data": {"train": str(data), "test": str(data), "prompt": spec["prompt"],
+        "data": {"train": str(train), "test": str(test), "prompt": spec["prompt"],
                  "completion": spec["completion"]},
         "eval": {"task": task, "max_new_tokens": 8, "bootstrap": 100,
                  "prompt_variants": [spec["prompt"], "Again: " + spec["prompt"]],
