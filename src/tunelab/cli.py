@@ -88,14 +88,14 @@ def generate(
     base: bool = typer.Option(False, help="Use the base model, without the run's adapter."),
 ) -> None:
     """Load base + adapter of a run and complete a prompt."""
-    from tunelab.data.tokenize import render_user_prompt
+    from tunelab.data.render import user_prompt
     from tunelab.eval.generate import generate_texts
     from tunelab.model.adapters import load_run_model
 
     model, tokenizer, cfg = load_run_model(run, base=base)
     if chat is None:
         chat = cfg.data.format == "chat" or _trained_on_chat(run)
-    text = render_user_prompt(prompt, tokenizer, chat=chat, chat_template=cfg.data.chat_template)
+    text = user_prompt(prompt, tokenizer, chat=chat, chat_template=cfg.data.chat_template)
     output = generate_texts(model, tokenizer, [text], max_new_tokens=max_new_tokens,
                             temperature=temperature, top_p=top_p, seed=seed)[0]
     console.print(output, markup=False, highlight=False)

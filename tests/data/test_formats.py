@@ -195,7 +195,14 @@ def test_chat_without_a_trained_assistant_reply_is_rejected():
         (["hi"], "messages[0] is a string"),
         ([{"role": "user"}], "messages[0].content is missing"),
         ([{"role": "user", "content": None}], "messages[0].content is null"),
-        ([{"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]}], "not supported"),
+        ([{"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]}],
+         "messages[0].tool_calls[0].function.name is missing"),
+        ([{"role": "assistant", "content": "", "tool_calls": [
+            {"function": {"name": "f", "arguments": "{city: Paris}"}}]}],
+         "messages[0].tool_calls[0].function.arguments is not valid JSON"),
+        ([{"role": "user", "content": [{"type": "text", "text": "hi"},
+                                       {"type": "image_url", "image_url": {"url": "x"}}]}],
+         "messages[0].content[1] is a content part of type 'image_url'"),
     ],
 )
 def test_malformed_messages(messages, expected):
@@ -269,3 +276,30 @@ def test_template_mode_needs_both_format_strings(tmp_path):
         load_examples([path], prompt="{text}")
     with pytest.raises(ConfigError, match="data.format"):
         load_examples([path], fmt="chat", prompt="{text}", completion="{text}")
+
+
+def test_content_parts_are_joined():
+    messages = [{"role": "user", "content": [{"type": "text", "text": "Hi"},
+                                             {"type": "text", "text": "there"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "Hello"}]}]
+    example = to_example(record({"messages": messages}), "chat")
+    assert [m.content for m in example.messages] == ["Hi\nthere", "Hello"]
+
+
+def test_tool_calls_tool_results_and_tools_are_read():
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
+    messages = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function",
+             "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": '{"temp_c": 21}'},
+        {"role": "assistant", "content": "21 degrees."},
+    ]
+    example = to_example(record({"messages": messages, "tools": tools}), "chat")
+    call = example.messages[1]
+    assert call.content == "" and call.tool_calls == [
+        {"type": "function", "id": "c1",
+         "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]
+    assert example.messages[2].tool_call_id == "c1" and example.tools == tools
+    assert example_prompt(example).splitlines()[1] == "assistant: <tool_call>"

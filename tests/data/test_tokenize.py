@@ -6,12 +6,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from tunelab.data.formats import Example, Message, Segment
-from tunelab.data.tokenize import (
-    IGNORE_INDEX,
-    chat_segments,
-    prompt_and_target,
-    tokenize_examples,
-)
+from tunelab.data.render import render_segments
+from tunelab.data.tokenize import IGNORE_INDEX, eval_prompts, tokenize_examples
 
 
 @pytest.fixture(scope="module")
@@ -65,27 +61,26 @@ def test_chat_without_template_uses_chatml(tiny_model_dir_no_template):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir_no_template)
     example = Example("chat", "chat.jsonl", 1, messages=[Message("user", "Hi"),
                                                           Message("assistant", "Hello")])
-    segments = chat_segments(example, tokenizer)
+    segments = render_segments(example, tokenizer)
     assert [(s.text, s.train) for s in segments] == [
         ("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n", False),
         ("Hello<|im_end|>\n", True),
     ]
 
 
-def test_truncation_cuts_at_max_seq_len_and_is_flagged(tokenizer):
+def test_truncation_at_the_end_cuts_the_target_and_is_flagged(tokenizer):
     [long, short] = tokenize_examples(
         [completion("the movie was good " * 30, " positive"), completion("ok", " fine")],
-        tokenizer, max_seq_len=16)
+        tokenizer, max_seq_len=16, truncation="end")
     assert len(long.input_ids) == 16 and long.truncated
     assert long.n_target_tokens == 0  # the target was cut off: the loop skips such examples
     assert not short.truncated
 
 
-def test_prompt_and_target_for_generation(tokenizer):
-    prompt, target = prompt_and_target(completion("Review: dull\nSentiment:", " negative"),
-                                       tokenizer)
-    assert (prompt, target) == ("Review: dull\nSentiment:", " negative")
+def test_eval_prompt_and_reference(tokenizer):
+    [prompt] = eval_prompts([completion("Review: dull\nSentiment:", " negative")], tokenizer)
+    assert (prompt.text, prompt.target) == ("Review: dull\nSentiment:", " negative")
     chat = Example("chat", "c.jsonl", 1, messages=[Message("user", "Hi"),
                                                     Message("assistant", "Hello")])
-    prompt, target = prompt_and_target(chat, tokenizer)
-    assert prompt.endswith("<|im_start|>assistant\n") and target == "Hello<|im_end|>\n"
+    [prompt] = eval_prompts([chat], tokenizer)
+    assert prompt.text.endswith("<|im_start|>assistant\n") and prompt.target == "Hello"

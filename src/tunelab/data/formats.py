@@ -2,8 +2,12 @@
 
 Accepted record shapes (one per file in auto mode):
 
-- chat: OpenAI fine-tuning format, ``{"messages": [{"role", "content", "weight"?}, ...]}``;
-  roles system/user/assistant/tool; ``weight`` (0 or 1) only on assistant turns.
+- chat: OpenAI fine-tuning format, ``{"messages": [{"role", "content", "weight"?}, ...],
+  "tools"?: [...]}``; roles system/user/assistant/tool; ``weight`` (0 or 1) only on assistant
+  turns. ``content`` may be a list of ``{"type": "text", "text": ...}`` parts (joined with a
+  newline, as vLLM does); other part types (images, audio) are refused. Assistant turns may
+  carry OpenAI ``tool_calls`` (their ``arguments``, a JSON string or an object, are parsed into
+  an object), ``tool`` turns the tool's result.
 - instruction (Alpaca): ``{"instruction", "input"?, "output"}``. The prompt is the standard
   Alpaca template, ``ALPACA_PROMPT`` when ``input`` is non-empty::
 
@@ -30,6 +34,7 @@ An empty target is kept, not rejected: the quality report flags it.
 from __future__ import annotations
 
 import difflib
+import json
 import os
 import string
 from dataclasses import dataclass, field
@@ -58,6 +63,33 @@ class Message:
     role: str  # system | user | assistant | tool
     content: str
     weight: int | None = None  # None: trained if assistant
+    # OpenAI tool calls: [{"id"?, "type": "function", "function": {"name", "arguments": {...}}}]
+    tool_calls: list[dict] | None = None
+    tool_call_id: str | None = None  # on tool turns: the call this result answers
+
+
+def tool_call_text(tool_calls: list[dict]) -> str:
+    """Tool calls as text: one ``<tool_call>`` block of ``{"name", "arguments"}`` JSON per call.
+
+    This is the Hermes / Qwen2.5 convention, which many open models are trained on; tunelab
+    renders calls this way when a chat template has no tool support, and it is the canonical
+    reference text of a tool-calling turn in evaluation.
+    """
+    blocks = []
+    for call in tool_calls:
+        function = call["function"]
+        body = json.dumps({"name": function["name"], "arguments": function["arguments"]},
+                          ensure_ascii=False)
+        blocks.append(f"<tool_call>\n{body}\n</tool_call>")
+    return "\n".join(blocks)
+
+
+def message_text(message: Message) -> str:
+    """What a turn says as plain text: its content, then its tool calls (if any)."""
+    if not message.tool_calls:
+        return message.content
+    calls = tool_call_text(message.tool_calls)
+    return f"{message.content}\n{calls}" if message.content else calls
 
 
 @dataclass
@@ -78,6 +110,7 @@ class Example:
     messages: list[Message] | None = None  # chat: rendered later with the tokenizer's template
     segments: list[Segment] = field(default_factory=list)  # every other format
     label: str | None = None  # template / completion data: the target text, for label balance
+    tools: list[dict] | None = None  # chat: the OpenAI tool definitions offered to the model
 
     @property
     def where(self) -> str:
@@ -144,7 +177,8 @@ def to_example(
     """
     if fmt == "chat":
         messages = _chat_messages(record)
-        return Example("chat", record.source, record.line, messages=messages)
+        return Example("chat", record.source, record.line, messages=messages,
+                       tools=_tools(record))
     if fmt == "instruction":
         instruction = _string_field(record, "instruction", fmt)
         output = _string_field(record, "output", fmt)
@@ -278,26 +312,101 @@ def _chat_message(record: Record, index: int, raw: Any) -> Message:
             where=record.where,
             fix=f"{fix} and 'assistant' for the replies the model should learn",
         )
-    if raw.get("tool_calls"):
-        raise DataError(
-            f"{path}.tool_calls: assistant messages with tool calls are not supported yet",
-            where=record.where,
-            fix="drop these records, or write the tool call into the assistant's content as text",
-        )
+    tool_calls = _tool_calls(record, path, role, raw.get("tool_calls"))
     content = raw.get("content")
-    if not isinstance(content, str):
+    if isinstance(content, list):
+        content = _joined_parts(record, path, content)
+    elif content is None and tool_calls:
+        content = ""  # OpenAI writes content: null on a turn that only calls tools
+    elif not isinstance(content, str):
         raise DataError(
             f"{path}.content is {'missing' if 'content' not in raw else _kind(content)}, "
             "expected a string",
             where=record.where,
-            fix="give every message its text as a string in content (lists of content parts "
-            "are not supported)",
+            fix="give every message its text as a string in content, or as a list of "
+            '{"type": "text", "text": "..."} parts',
         )
     weight = raw.get("weight")
     if weight is not None:
         _check_weight(record, path, role, weight)
         weight = int(weight)
-    return Message(role=role, content=content, weight=weight)
+    tool_call_id = raw.get("tool_call_id") if role == "tool" else None
+    return Message(role=role, content=content, weight=weight, tool_calls=tool_calls,
+                   tool_call_id=tool_call_id if isinstance(tool_call_id, str) else None)
+
+
+def _joined_parts(record: Record, path: str, parts: list) -> str:
+    """OpenAI content parts → one string; only text parts can be trained on."""
+    texts = []
+    for index, part in enumerate(parts):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind != "text" or not isinstance(part.get("text"), str):
+            described = f"type {kind!r}" if kind else _kind(part)
+            raise DataError(
+                f"{path}.content[{index}] is a content part of {described}; only text parts "
+                '({"type": "text", "text": "..."}) can be used',
+                where=record.where,
+                fix="drop the record, or replace images, audio and files by a text description",
+            )
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
+def _tool_calls(record: Record, path: str, role: str, raw: Any) -> list[dict] | None:
+    """Validate OpenAI tool calls; arguments become objects (JSON strings are parsed)."""
+    if raw is None or raw == []:
+        return None
+    example = ('"tool_calls": [{"type": "function", "function": {"name": "get_weather", '
+               '"arguments": "{\\"city\\": \\"Paris\\"}"}}]')
+    if role != "assistant" or not isinstance(raw, list):
+        what = f"on a {role} message" if role != "assistant" else f"{_kind(raw)}"
+        raise DataError(f"{path}.tool_calls is {what}; tool calls are a list on assistant turns",
+                        where=record.where, fix=f"write them as {example}")
+    calls = []
+    for index, call in enumerate(raw):
+        where = f"{path}.tool_calls[{index}]"
+        function = call.get("function") if isinstance(call, dict) else None
+        name = function.get("name") if isinstance(function, dict) else None
+        if not isinstance(name, str) or not name:
+            raise DataError(f"{where}.function.name is missing; a tool call names the function "
+                            "it calls", where=record.where, fix=f"write it as {example}")
+        arguments = function.get("arguments", {})
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments) if arguments.strip() else {}
+            except json.JSONDecodeError as error:
+                raise DataError(f"{where}.function.arguments is not valid JSON ({error.msg})",
+                                where=record.where,
+                                fix="write the arguments as a JSON object, or a string holding "
+                                "one") from None
+        if not isinstance(arguments, dict):
+            raise DataError(f"{where}.function.arguments is {_kind(arguments)}, expected a JSON "
+                            "object", where=record.where, fix=f"write it as {example}")
+        normalised = {"type": "function", "function": {"name": name, "arguments": arguments}}
+        if isinstance(call.get("id"), str):
+            normalised["id"] = call["id"]
+        calls.append(normalised)
+    return calls
+
+
+def _tools(record: Record) -> list[dict] | None:
+    """The record's OpenAI ``tools`` list (function definitions), checked for names."""
+    tools = record.fields.get("tools")
+    if tools is None or tools == []:
+        return None
+    if not isinstance(tools, list):
+        raise DataError(f"tools is {_kind(tools)}, expected a list of function definitions",
+                        where=record.where,
+                        fix='write tools as [{"type": "function", "function": {"name": ..., '
+                        '"description": ..., "parameters": {...}}}]')
+    for index, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise DataError(f"tools[{index}] has no function.name",
+                            where=record.where,
+                            fix='write each tool as {"type": "function", "function": {"name": '
+                            '..., "parameters": {...}}}')
+    return tools
 
 
 def _check_weight(record: Record, path: str, role: str, weight: Any) -> None:
@@ -465,27 +574,28 @@ def _auto_examples(records: list[Record]) -> list[Example]:
 def example_text(example: Example) -> str:
     """The whole example as plain text: chat as "role: content" lines, else the segments."""
     if example.messages is not None:
-        return "\n".join(f"{m.role}: {m.content}" for m in example.messages)
+        return "\n".join(f"{m.role}: {message_text(m)}" for m in example.messages)
     return "".join(segment.text for segment in example.segments)
 
 
 def example_prompt(example: Example) -> str:
     """The untrained part: chat messages before the last trained reply, else untrained segments."""
     if example.messages is not None:
-        last = _last_trained_turn(example.messages)
-        return "\n".join(f"{m.role}: {m.content}" for m in example.messages[:last])
+        last = last_trained_turn(example.messages)
+        return "\n".join(f"{m.role}: {message_text(m)}" for m in example.messages[:last])
     return "".join(segment.text for segment in example.segments if not segment.train)
 
 
 def example_target(example: Example) -> str:
     """The trained part: the last trained assistant reply (chat), else the trained segments."""
     if example.messages is not None:
-        last = _last_trained_turn(example.messages)
-        return example.messages[last].content if last >= 0 else ""
+        last = last_trained_turn(example.messages)
+        return message_text(example.messages[last]) if last >= 0 else ""
     return "".join(segment.text for segment in example.segments if segment.train)
 
 
-def _last_trained_turn(messages: list[Message]) -> int:
+def last_trained_turn(messages: list[Message]) -> int:
+    """Index of the last assistant turn with a non-zero weight (the reference), or -1."""
     for index in range(len(messages) - 1, -1, -1):
         if messages[index].role == "assistant" and messages[index].weight != 0:
             return index

@@ -1,10 +1,20 @@
-"""Render an Example with the chat or prompt template → token ids + labels (−100 where no loss).
+"""Rendered examples → token ids and labels (−100 where no loss), for training and evaluation.
 
-Segments (prompt / completion pieces) are tokenized in one batched call to the fast tokenizer.
-Chat examples are rendered with the tokenizer's chat template, or ``DEFAULT_CHAT_TEMPLATE``
-(ChatML) when it has none; each message's text is the difference between the rendering of the
-conversation up to it and up to the one before, so the loss mask follows the template exactly.
-An assistant turn carries loss (its content and end-of-turn tokens) unless its ``weight`` is 0.
+Text comes from ``data/render.py``; here it becomes ids. Segments (prompt / completion pieces,
+chat turns) are tokenized in one batched call to the fast tokenizer and joined, so a segment's
+ids never depend on its neighbours. An assistant turn carries loss (its content and end-of-turn
+tokens) unless its ``weight`` is 0; completion-style data ends with a trained EOS.
+
+An example longer than ``max_seq_len`` is fitted by ``truncation`` (``data.truncation``):
+
+- ``prompt`` (default): cut the middle of everything before the first trained token, keeping
+  its start (instructions, system prompt) and its end (the question, the generation prompt), so
+  the whole target is learned. A target longer than ``max_seq_len`` by itself loses its end.
+- ``drop``: leave the example out (it comes back without tokens; training skips it).
+- ``end``: cut the end, target included — what most trainers do.
+
+Evaluation prompts (``eval_prompts``) are the training ids before the reference, fitted the
+``prompt`` way whatever the setting: every test example is answered, against its whole reference.
 """
 
 from __future__ import annotations
@@ -12,17 +22,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tunelab.data.formats import Example, Segment
-from tunelab.errors import DataError
+from tunelab.data.render import Prompt, bos_to_add, prompt_segments, reference_text, render_segments
 
 IGNORE_INDEX = -100
-
-#: ChatML, used when the tokenizer has no chat template of its own.
-DEFAULT_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
+TRUNCATION = ("prompt", "drop", "end")
 
 
 @dataclass
@@ -39,41 +42,64 @@ class TokenizedExample:
     def n_target_tokens(self) -> int:
         return sum(label != IGNORE_INDEX for label in self.labels[1:])
 
+    @property
+    def n_prompt_tokens(self) -> int:
+        """Tokens before the first trained one (all of them when nothing is trained)."""
+        return next((i for i, label in enumerate(self.labels) if label != IGNORE_INDEX),
+                    len(self.labels))
 
-def chat_segments(example: Example, tokenizer, chat_template: str | None = None) -> list[Segment]:
-    """Render a chat example into text segments, trainable where an assistant turn is trained."""
-    template = chat_template or getattr(tokenizer, "chat_template", None) or DEFAULT_CHAT_TEMPLATE
-    messages = [{"role": m.role, "content": m.content} for m in example.messages or []]
-    segments: list[Segment] = []
-    rendered = ""
-    for index, message in enumerate(example.messages or []):
-        before = rendered
-        if message.role == "assistant":
-            # The generation prompt ("<|im_start|>assistant\n") belongs to the untrained side.
-            prompt = _render(tokenizer, template, messages[:index], True, example)
-            _append(segments, _suffix(before, prompt, example), False)
-            before = prompt
-        rendered = _render(tokenizer, template, messages[: index + 1], False, example)
-        trained = message.role == "assistant" and message.weight != 0
-        _append(segments, _suffix(before, rendered, example), trained)
-    return segments
+
+@dataclass(frozen=True)
+class EvalPrompt(Prompt):
+    """An evaluation prompt (text and the ids training put before the reference) and the
+    reference the model should write."""
+
+    target: str = ""
 
 
 def tokenize_examples(examples: list[Example], tokenizer, *, max_seq_len: int,
-                      train_on: str = "completion",
-                      chat_template: str | None = None) -> list[TokenizedExample]:
+                      train_on: str = "completion", chat_template: str | None = None,
+                      truncation: str = "prompt") -> list[TokenizedExample]:
     """Tokenize examples in one batch; labels are −100 outside trained segments.
 
-    ``train_on="all"`` puts loss on every token. Examples longer than ``max_seq_len`` are cut at
-    the end and marked ``truncated``.
+    ``train_on="all"`` puts loss on every token. Examples longer than ``max_seq_len`` are fitted
+    by ``truncation`` (see the module docstring) and marked ``truncated``.
     """
-    rendered = [
-        chat_segments(ex, tokenizer, chat_template) if ex.messages is not None else ex.segments
-        for ex in examples
-    ]
+    rendered = [render_segments(example, tokenizer, chat_template) for example in examples]
+    return _tokenize(examples, rendered, tokenizer, max_seq_len=max_seq_len, train_on=train_on,
+                     truncation=truncation)
+
+
+def eval_prompts(examples: list[Example], tokenizer, *, chat_template: str | None = None,
+                 demos: list[list[Example]] | None = None,
+                 max_seq_len: int | None = None) -> list[EvalPrompt]:
+    """Each example's evaluation prompt and reference, as training renders and tokenizes it.
+
+    The prompt is everything before the reference (the last trained assistant turn, or the
+    trained segment); ``demos[i]`` are solved examples shown before example ``i`` (few-shot).
+    """
+    splits = [prompt_segments(example, tokenizer, chat_template=chat_template,
+                              demos=demos[index] if demos else ())
+              for index, example in enumerate(examples)]
+    as_trained = [[Segment(s.text, False) for s in prompt] + rest for prompt, rest in splits]
+    tokenized = _tokenize(examples, as_trained, tokenizer, max_seq_len=max_seq_len or 10**9,
+                          train_on="completion", truncation="prompt")
+    prompts = []
+    for example, (prompt, _), tokens in zip(examples, splits, tokenized, strict=True):
+        ids = tokens.input_ids[:tokens.n_prompt_tokens]
+        text = (tokenizer.decode(ids, skip_special_tokens=False) if tokens.truncated
+                else "".join(segment.text for segment in prompt))
+        prompts.append(EvalPrompt(text, ids, reference_text(example)))
+    return prompts
+
+
+def _tokenize(examples: list[Example], rendered: list[list[Segment]], tokenizer, *,
+              max_seq_len: int, train_on: str, truncation: str) -> list[TokenizedExample]:
+    if truncation not in TRUNCATION:
+        raise ValueError(f"truncation must be one of {TRUNCATION}, not {truncation!r}")
     texts = [segment.text for segments in rendered for segment in segments]
     ids_per_text = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
-    bos = _bos_to_add(tokenizer)
+    bos = bos_to_add(tokenizer)
     eos = tokenizer.eos_token_id
     out = []
     cursor = 0
@@ -92,74 +118,40 @@ def tokenize_examples(examples: list[Example], tokenizer, *, max_seq_len: int,
             labels.append(eos if segments and (segments[-1].train or train_on == "all")
                           else IGNORE_INDEX)
         truncated = len(input_ids) > max_seq_len
-        out.append(TokenizedExample(input_ids[:max_seq_len], labels[:max_seq_len],
-                                    example.source, example.line, truncated))
+        if truncated:
+            input_ids, labels = fit_to_length(input_ids, labels, max_seq_len, truncation)
+        out.append(TokenizedExample(input_ids, labels, example.source, example.line, truncated))
     return out
 
 
-def _bos_to_add(tokenizer) -> int | None:
-    """The BOS id if this tokenizer adds one by itself (Llama-2/3 do, ChatML models do not)."""
-    bos = tokenizer.bos_token_id
-    if bos is None:
-        return None
-    probe = tokenizer("a", add_special_tokens=True)["input_ids"]
-    return bos if probe and probe[0] == bos else None
+def fit_to_length(input_ids: list[int], labels: list[int], max_seq_len: int,
+                  truncation: str) -> tuple[list[int], list[int]]:
+    """Ids and labels of a too-long example cut to ``max_seq_len`` the ``truncation`` way."""
+    if truncation == "drop":
+        return [], []
+    first = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), 0)
+    keep_prompt = max_seq_len - (len(input_ids) - first)
+    if truncation == "end" or first == 0 or keep_prompt < 1:
+        return input_ids[:max_seq_len], labels[:max_seq_len]
+    head = (keep_prompt + 1) // 2  # the start keeps BOS and the instructions
+    tail = keep_prompt - head  # the end keeps the question and the generation prompt
+    kept = input_ids[:head] + input_ids[first - tail:first]
+    return kept + input_ids[first:], [IGNORE_INDEX] * len(kept) + labels[first:]
 
 
-def _render(tokenizer, template: str, messages: list[dict], generation_prompt: bool,
-            example: Example) -> str:
-    if not messages:
-        return ""
-    try:
-        return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                             add_generation_prompt=generation_prompt)
-    except Exception as error:  # jinja raises its own errors for data it cannot render
-        raise DataError(f"the chat template cannot render this conversation: {error}",
-                        where=example.where,
-                        fix="check the roles and their order, or set data.chat_template") from None
+def truncation_effects(tokenized: list[TokenizedExample], max_seq_len: int) -> dict:
+    """How many examples each ``data.truncation`` choice affects at ``max_seq_len``.
 
-
-def _suffix(before: str, after: str, example: Example) -> str:
-    if not after.startswith(before):
-        raise DataError(
-            "the chat template renders a conversation differently once a message is added, so "
-            "the loss mask cannot be derived from it",
-            where=example.where,
-            fix="set data.chat_template to a template whose renderings are prefixes of each other "
-            "(e.g. ChatML)",
-        )
-    return after[len(before):]
-
-
-def _append(segments: list[Segment], text: str, train: bool) -> None:
-    if not text:
-        return
-    if segments and segments[-1].train == train:
-        segments[-1] = Segment(segments[-1].text + text, train)
-    else:
-        segments.append(Segment(text, train))
-
-
-def prompt_and_target(example: Example, tokenizer,
-                      chat_template: str | None = None) -> tuple[str, str]:
-    """The text a model is prompted with and the trained text that should follow it.
-
-    For chat data the prompt ends with the assistant generation prompt of the last trained turn.
+    ``tokenized`` must be untruncated (tokenized with a very large ``max_seq_len``).
     """
-    segments = (chat_segments(example, tokenizer, chat_template) if example.messages is not None
-                else example.segments)
-    last = max((i for i, s in enumerate(segments) if s.train), default=len(segments))
-    prompt = "".join(segment.text for segment in segments[:last])
-    target = segments[last].text if last < len(segments) else ""
-    return prompt, target
-
-
-def render_user_prompt(prompt: str, tokenizer, *, chat: bool,
-                       chat_template: str | None = None) -> str:
-    """A user's prompt as the model sees it: raw, or as one user turn of the chat template."""
-    if not chat:
-        return prompt
-    template = chat_template or getattr(tokenizer, "chat_template", None) or DEFAULT_CHAT_TEMPLATE
-    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                         chat_template=template, tokenize=False,
-                                         add_generation_prompt=True)
+    longer = [ex for ex in tokenized if len(ex.input_ids) > max_seq_len]
+    target_too_long = sum(len(ex.input_ids) - ex.n_prompt_tokens > max_seq_len - 1
+                          for ex in longer)
+    return {
+        "max_seq_len": max_seq_len, "longer": len(longer),
+        "prompt": {"prompt_cut": len(longer) - target_too_long,
+                   "target_cut": target_too_long},
+        "drop": {"dropped": len(longer)},
+        "end": {"target_cut": sum(ex.n_target_tokens > 0 for ex in longer),
+                "target_lost": sum(ex.n_prompt_tokens >= max_seq_len for ex in longer)},
+    }

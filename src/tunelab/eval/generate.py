@@ -9,12 +9,14 @@ from torch import nn
 
 
 @torch.no_grad()
-def generate_texts(model: nn.Module, tokenizer, prompts: list[str], *, max_new_tokens: int = 64,
+def generate_texts(model: nn.Module, tokenizer, prompts: list[str] | list[list[int]], *,
+                   max_new_tokens: int = 64,
                    temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
                    batch_size: int = 16, stop: list[str] | None = None) -> list[str]:
     """Complete each prompt; returns only the new text, cut at the first stop string.
 
     ``temperature`` 0 is greedy decoding; above 0 samples (seeded) with nucleus ``top_p``.
+    Prompts are texts or token ids (``data.tokenize.eval_prompts``: the ids training used).
     """
     device = next(model.parameters()).device
     was_training = model.training
@@ -27,8 +29,7 @@ def generate_texts(model: nn.Module, tokenizer, prompts: list[str], *, max_new_t
     try:
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start:start + batch_size]
-            encoded = tokenizer([encode_ready(p, tokenizer) for p in chunk], return_tensors="pt",
-                                padding=True, add_special_tokens=False).to(device)
+            encoded = _left_padded(chunk, tokenizer, device)
             sampling = temperature > 0
             generated = model.generate(
                 **encoded, max_new_tokens=max_new_tokens, do_sample=sampling,
@@ -44,6 +45,19 @@ def generate_texts(model: nn.Module, tokenizer, prompts: list[str], *, max_new_t
         torch.set_rng_state(generator_state)
         model.train(was_training)
     return outputs
+
+
+def _left_padded(prompts: list[str] | list[list[int]], tokenizer, device) -> dict:
+    """A batch of prompts as left-padded ids and attention mask."""
+    if prompts and isinstance(prompts[0], str):
+        return dict(tokenizer([encode_ready(p, tokenizer) for p in prompts], return_tensors="pt",
+                              padding=True, add_special_tokens=False).to(device))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    width = max(len(ids) for ids in prompts)
+    ids = [[pad] * (width - len(row)) + list(row) for row in prompts]
+    mask = [[0] * (width - len(row)) + [1] * len(row) for row in prompts]
+    return {"input_ids": torch.tensor(ids, device=device),
+            "attention_mask": torch.tensor(mask, device=device)}
 
 
 def encode_ready(prompt: str, tokenizer) -> str:
@@ -63,7 +77,8 @@ def _cut(text: str, stop: list[str] | None) -> str:
 
 
 @torch.no_grad()
-def score_continuations(model: nn.Module, tokenizer, prompts: list[str], options: list[str], *,
+def score_continuations(model: nn.Module, tokenizer, prompts: list[str] | list[list[int]],
+                        options: list[str], *,
                         batch_tokens: int = 4096, add_eos: bool = True) -> torch.Tensor:
     """Log-likelihood of each option after each prompt: a ``[prompts, options]`` tensor.
 
@@ -80,8 +95,9 @@ def score_continuations(model: nn.Module, tokenizer, prompts: list[str], options
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    prompt_ids = tokenizer([encode_ready(p, tokenizer) for p in prompts],
-                           add_special_tokens=False)["input_ids"]
+    prompt_ids = ([list(ids) for ids in prompts] if prompts and not isinstance(prompts[0], str)
+                  else tokenizer([encode_ready(p, tokenizer) for p in prompts],
+                                 add_special_tokens=False)["input_ids"])
     eos = [tokenizer.eos_token_id] if add_eos and tokenizer.eos_token_id is not None else []
     option_ids = [ids + eos for ids in tokenizer(options, add_special_tokens=False)["input_ids"]]
     row_length = lambda ids: len(ids) + sum(len(o) for o in option_ids)  # noqa: E731

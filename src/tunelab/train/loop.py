@@ -23,7 +23,7 @@ from rich.table import Table
 from tunelab.config import Config
 from tunelab.data.formats import Example, load_examples
 from tunelab.data.packing import Batch, collate, plan_batches
-from tunelab.data.tokenize import TokenizedExample, prompt_and_target, tokenize_examples
+from tunelab.data.tokenize import EvalPrompt, TokenizedExample, eval_prompts, tokenize_examples
 from tunelab.errors import DataError, RunError, TrainingError
 from tunelab.eval.generate import generate_texts
 from tunelab.model import varlen
@@ -239,7 +239,7 @@ def train(config: Config, *, resume: str | Path | None = None, overwrite: bool =
     save_final(model, tokenizer, final_dir)
     prompts = _sample_prompts(prepared, config)
     after = _generate(model, tokenizer, prompts, config)
-    samples = [{"prompt": p, "target": t, "before": b, "after": a} for (p, t), b, a in
+    samples = [{"prompt": p.text, "target": p.target, "before": b, "after": a} for p, b, a in
                zip(prompts, state["samples_before"], after, strict=True)]
     result = _result(run_dir, state, val_after, time.perf_counter() - started, samples)
     manifest.update(status="finished", val_loss_before=result.val_loss_before,
@@ -368,16 +368,17 @@ def _non_finite(value: torch.Tensor, step: int, group: list[list[int]], prepared
     )
 
 
-def _sample_prompts(prepared: Prepared, config: Config) -> list[tuple[str, str]]:
+def _sample_prompts(prepared: Prepared, config: Config) -> list[EvalPrompt]:
+    """Validation prompts as evaluation renders them (the renderer training used)."""
     examples = prepared.validation_examples[: config.train.samples]
-    return [prompt_and_target(ex, prepared.tokenizer, config.data.chat_template)
-            for ex in examples]
+    return eval_prompts(examples, prepared.tokenizer, chat_template=config.data.chat_template,
+                        max_seq_len=config.train.max_seq_len)
 
 
-def _generate(model, tokenizer, prompts: list[tuple[str, str]], config: Config) -> list[str]:
+def _generate(model, tokenizer, prompts: list[EvalPrompt], config: Config) -> list[str]:
     if not prompts:
         return []
-    return generate_texts(model, tokenizer, [prompt for prompt, _ in prompts],
+    return generate_texts(model, tokenizer, [prompt.ids for prompt in prompts],
                           max_new_tokens=config.train.max_new_tokens)
 
 

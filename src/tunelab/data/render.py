@@ -1,0 +1,261 @@
+"""Render an example of any format as the text a model reads: for training, evaluation, serving.
+
+The one owner of "record → prompt and target". Training (``data/tokenize.py``) turns
+``render_segments`` into ids and a loss mask; evaluation, few-shot demonstrations and the
+before/after samples take ``prompt_segments`` (everything before the reference, which is the
+last trained assistant turn or the trained segment); serving takes ``chat_prompt``. Because they
+all render through these functions, an evaluation prompt is, token for token, what training put
+before the reference.
+
+Chat examples go through the tokenizer's chat template (or ``data.chat_template``, or ChatML
+when the tokenizer has none). Each message's text is the difference between the rendering of
+the conversation up to it and up to the one before, so the loss mask follows the template
+exactly; an assistant turn's generation prompt ("<|im_start|>assistant\\n") is untrained.
+
+Tool calls: when the template knows tools (it mentions ``tool_calls``), messages and the
+``tools`` list are handed to it as they are. Otherwise (SmolLM2's template, for one) a fallback
+writes them as text any template carries, in the Hermes / Qwen2.5 convention: the tool list is
+appended to the system message (``TOOLS_SYSTEM_PROMPT``; a system message is added when there
+is none), an assistant's calls follow its content as ``<tool_call>`` JSON blocks
+(``formats.tool_call_text``), and a tool's result becomes a user turn wrapped in
+``<tool_response>`` tags — a user turn, so templates that insist on alternating user and
+assistant turns accept it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from tunelab.data.formats import Example, Message, Segment, last_trained_turn, message_text
+from tunelab.errors import DataError
+
+#: ChatML, used when the tokenizer has no chat template of its own.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+#: The fallback's tool list, appended to the system message (Hermes / Qwen2.5 wording).
+TOOLS_SYSTEM_PROMPT = (
+    "You may call one or more functions to assist with the user query. The function signatures "
+    "are within <tools></tools> XML tags:\n<tools>\n{tools}\n</tools>\n\nFor each function "
+    "call, return a JSON object with the function name and arguments within "
+    "<tool_call></tool_call> XML tags:\n<tool_call>\n{{\"name\": <function-name>, "
+    "\"arguments\": <args-json-object>}}\n</tool_call>"
+)
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A prompt as text and as the token ids the model reads (BOS included where it belongs)."""
+
+    text: str
+    ids: list[int]
+
+
+def chat_template_of(tokenizer, chat_template: str | None = None) -> str:
+    """The template chat data is rendered with: the config's, the tokenizer's, or ChatML."""
+    return chat_template or getattr(tokenizer, "chat_template", None) or DEFAULT_CHAT_TEMPLATE
+
+
+def supports_tools(template: str) -> bool:
+    """Whether a chat template renders tool calls itself (else the text fallback is used)."""
+    return "tool_calls" in template
+
+
+def bos_to_add(tokenizer) -> int | None:
+    """The BOS id if this tokenizer adds one by itself (Llama-2/3 do, ChatML models do not)."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return None
+    probe = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bos if probe and probe[0] == bos else None
+
+
+def render_segments(example: Example, tokenizer, chat_template: str | None = None
+                    ) -> list[Segment]:
+    """The example as text segments, trainable where it carries loss (training's view)."""
+    if example.messages is None:
+        return list(example.segments)
+    template = chat_template_of(tokenizer, chat_template)
+    turns, tools = template_turns(example.messages, example.tools, template)
+    dicts = [turn for turn, _ in turns]
+    segments: list[Segment] = []
+    rendered = ""
+    for index, (_, message) in enumerate(turns):
+        before = rendered
+        if message is not None and message.role == "assistant":
+            prompt = _apply(tokenizer, template, dicts[:index], tools, True, example.where)
+            _append(segments, _suffix(before, prompt, example.where), False)
+            before = prompt
+        rendered = _apply(tokenizer, template, dicts[:index + 1], tools, False, example.where)
+        trained = message is not None and message.role == "assistant" and message.weight != 0
+        _append(segments, _suffix(before, rendered, example.where), trained)
+    return segments
+
+
+def prompt_segments(example: Example, tokenizer, *, chat_template: str | None = None,
+                    demos: list[Example] = ()) -> tuple[list[Segment], list[Segment]]:
+    """(prompt, rest) of an example as training renders it, split before its reference.
+
+    The reference is the last trained assistant turn (chat) or the last trained segment. With
+    ``demos`` (few-shot), solved examples come first: for chat as earlier user/assistant turns,
+    otherwise as prompt + target texts separated by blank lines; the prompt is then one segment.
+    """
+    segments = render_segments(example, tokenizer, chat_template)
+    last = max((i for i, s in enumerate(segments) if s.train), default=len(segments))
+    if not demos:
+        return segments[:last], segments[last:]
+    if example.messages is not None:
+        head, query = _split_system(_query_messages(example))
+        shown = [m for demo in demos for m in _split_system(_solved_messages(demo))[1]]
+        text = chat_prompt(head + shown + query, tokenizer, chat_template=chat_template,
+                           tools=example.tools).text
+        return [Segment(text, False)], segments[last:]
+    solved = ["".join(s.text for s in _solved_segments(demo)) for demo in demos]
+    query = "".join(segment.text for segment in segments[:last])
+    return [Segment("\n\n".join(solved + [query]), False)], segments[last:]
+
+
+def reference_text(example: Example) -> str:
+    """What the model should answer: the last trained assistant turn's text (its tool calls
+    as ``<tool_call>`` blocks), or the trained segment of the other formats."""
+    if example.messages is not None:
+        last = last_trained_turn(example.messages)
+        return message_text(example.messages[last]) if last >= 0 else ""
+    trained = [segment.text for segment in example.segments if segment.train]
+    return trained[-1] if trained else ""
+
+
+def chat_prompt(messages: list[Message] | list[dict], tokenizer, *,
+                chat_template: str | None = None, tools: list[dict] | None = None) -> Prompt:
+    """A conversation rendered for the model to answer next: the chat template with the
+    generation prompt, tool calls as training renders them. Serving and evaluation use it.
+
+    ``messages`` are ``Message`` objects or OpenAI message dicts (``role``, ``content``,
+    ``tool_calls``, ``tool_call_id``); content parts must already be joined.
+    """
+    template = chat_template_of(tokenizer, chat_template)
+    as_messages = [m if isinstance(m, Message) else _message(m) for m in messages]
+    turns, template_tools = template_turns(as_messages, tools, template)
+    text = _apply(tokenizer, template, [t for t, _ in turns], template_tools, True, "chat prompt")
+    bos = bos_to_add(tokenizer)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return Prompt(text, ([bos] if bos is not None else []) + ids)
+
+
+def user_prompt(prompt: str, tokenizer, *, chat: bool, chat_template: str | None = None) -> str:
+    """A user's prompt as the model sees it: raw, or as one user turn of the chat template."""
+    if not chat:
+        return prompt
+    return chat_prompt([Message("user", prompt)], tokenizer, chat_template=chat_template).text
+
+
+def template_turns(messages: list[Message], tools: list[dict] | None, template: str
+                   ) -> tuple[list[tuple[dict, Message | None]], list[dict] | None]:
+    """The messages as the template's dicts, each with its Message (None for an added system
+    turn), and the tools to hand to the template (None when the fallback wrote them)."""
+    uses_tools = bool(tools) or any(m.tool_calls or m.role == "tool" for m in messages)
+    if not uses_tools or supports_tools(template):
+        turns = [(_native(m), m) for m in messages]
+        return turns, tools or None
+    turns = [(_fallback(m), m) for m in messages]
+    if tools:
+        listing = TOOLS_SYSTEM_PROMPT.format(
+            tools="\n".join(json.dumps(tool, ensure_ascii=False) for tool in tools))
+        if turns and turns[0][1] is not None and turns[0][1].role == "system":
+            system, message = turns[0]
+            turns[0] = ({"role": "system", "content": f"{system['content']}\n\n{listing}"},
+                        message)
+        else:
+            turns.insert(0, ({"role": "system", "content": listing}, None))
+    return turns, None
+
+
+def _native(message: Message) -> dict:
+    turn = {"role": message.role, "content": message.content}
+    if message.tool_calls:
+        turn["tool_calls"] = message.tool_calls
+    if message.tool_call_id is not None:
+        turn["tool_call_id"] = message.tool_call_id
+    return turn
+
+
+def _fallback(message: Message) -> dict:
+    if message.role == "tool":
+        return {"role": "user", "content": f"<tool_response>\n{message.content}\n</tool_response>"}
+    return {"role": message.role, "content": message_text(message)}
+
+
+def _message(raw: dict) -> Message:
+    """An OpenAI message dict (as serving receives it) → Message, arguments parsed."""
+    calls = []
+    for call in raw.get("tool_calls") or []:
+        function = dict(call["function"])
+        if isinstance(function.get("arguments"), str):
+            function["arguments"] = json.loads(function["arguments"] or "{}")
+        calls.append({**call, "type": "function", "function": function})
+    return Message(raw["role"], raw.get("content") or "", tool_calls=calls or None,
+                   tool_call_id=raw.get("tool_call_id"))
+
+
+def _query_messages(example: Example) -> list[Message]:
+    """A chat example's messages before its reference turn (the evaluation query)."""
+    return list(example.messages[:last_trained_turn(example.messages)])
+
+
+def _solved_messages(example: Example) -> list[Message]:
+    """A chat example up to and including its reference turn (a few-shot demonstration)."""
+    return list(example.messages[:last_trained_turn(example.messages) + 1])
+
+
+def _split_system(messages: list[Message]) -> tuple[list[Message], list[Message]]:
+    """Leading system messages apart from the rest: a demonstration's go, the query's lead."""
+    count = 0
+    while count < len(messages) and messages[count].role == "system":
+        count += 1
+    return messages[:count], messages[count:]
+
+
+def _solved_segments(example: Example) -> list[Segment]:
+    trained = max((i for i, s in enumerate(example.segments) if s.train),
+                  default=len(example.segments) - 1)
+    return example.segments[:trained + 1]
+
+
+def _apply(tokenizer, template: str, turns: list[dict], tools: list[dict] | None,
+           generation_prompt: bool, where: str) -> str:
+    if not turns:
+        return ""
+    try:
+        return tokenizer.apply_chat_template(turns, tools=tools, chat_template=template,
+                                             tokenize=False,
+                                             add_generation_prompt=generation_prompt)
+    except Exception as error:  # jinja raises its own errors for data it cannot render
+        raise DataError(f"the chat template cannot render this conversation: {error}",
+                        where=where,
+                        fix="check the roles and their order, or set data.chat_template") from None
+
+
+def _suffix(before: str, after: str, where: str) -> str:
+    if not after.startswith(before):
+        raise DataError(
+            "the chat template renders a conversation differently once a message is added, so "
+            "the loss mask cannot be derived from it",
+            where=where,
+            fix="set data.chat_template to a template whose renderings are prefixes of each other "
+            "(e.g. ChatML)",
+        )
+    return after[len(before):]
+
+
+def _append(segments: list[Segment], text: str, train: bool) -> None:
+    if not text:
+        return
+    if segments and segments[-1].train == train:
+        segments[-1] = Segment(segments[-1].text + text, train)
+    else:
+        segments.append(Segment(text, train))

@@ -1,0 +1,159 @@
+"""One renderer: evaluation prompts are, token for token, what training put before the target."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from transformers import AutoTokenizer
+
+from tunelab.data.formats import Record, to_example
+from tunelab.data.render import (
+    TOOLS_SYSTEM_PROMPT,
+    chat_prompt,
+    render_segments,
+    user_prompt,
+)
+from tunelab.data.tokenize import IGNORE_INDEX, eval_prompts, tokenize_examples
+
+RECORDS = {
+    "chat": {"messages": [{"role": "system", "content": "Be brief."},
+                          {"role": "user", "content": "Is the movie good?"},
+                          {"role": "assistant", "content": "It is bad.", "weight": 0},
+                          {"role": "user", "content": "And the book?"},
+                          {"role": "assistant", "content": "It is good."}]},
+    "instruction": {"instruction": "Classify the review.", "input": "A dull film.",
+                    "output": "negative"},
+    "completion": {"prompt": "Review: a dull film\nSentiment:", "completion": " negative"},
+    "template": {"text": "a dull film", "label": "negative"},
+}
+TEMPLATE = {"prompt": "Review: {text}\nSentiment:", "completion": " {label}"}
+
+
+def example(fmt: str, fields: dict | None = None):
+    options = TEMPLATE if fmt == "template" else {}
+    return to_example(Record(fields or RECORDS[fmt], "data.jsonl", 1), fmt, **options)
+
+
+def first_trained(tokenized) -> int:
+    return next(i for i, label in enumerate(tokenized.labels) if label != IGNORE_INDEX)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.mark.parametrize("fmt", sorted(RECORDS))
+@pytest.mark.parametrize("cut", [False, True])
+def test_eval_prompt_ids_are_the_training_ids_before_the_first_trained_token(
+        tokenizer, fmt, cut):
+    item = example(fmt)
+    [whole] = tokenize_examples([item], tokenizer, max_seq_len=1024)
+    max_seq_len = len(whole.input_ids) - 3 if cut else 1024  # cut: the prompt loses 3 tokens
+    [trained] = tokenize_examples([item], tokenizer, max_seq_len=max_seq_len)
+    [prompt] = eval_prompts([item], tokenizer, max_seq_len=max_seq_len)
+    assert trained.truncated == cut and trained.n_target_tokens == whole.n_target_tokens
+    assert prompt.ids == trained.input_ids[:first_trained(trained)]
+    assert prompt.ids and len(trained.input_ids) <= max_seq_len
+    expected = {"chat": "It is good.", "instruction": "negative", "completion": " negative",
+                "template": " negative"}
+    assert prompt.target == expected[fmt]
+
+
+def test_the_same_holds_for_smollm2s_template(embedded_model):
+    from tunelab.model.load import load_tokenizer
+
+    tokenizer = load_tokenizer(embedded_model)
+    items = [example(fmt) for fmt in sorted(RECORDS)]
+    for trained, prompt in zip(tokenize_examples(items, tokenizer, max_seq_len=512),
+                               eval_prompts(items, tokenizer), strict=True):
+        assert prompt.ids == trained.input_ids[:first_trained(trained)]
+    chat = eval_prompts([example("chat")], tokenizer)[0]
+    assert chat.text.endswith("<|im_start|>user\nAnd the book?<|im_end|>\n"
+                              "<|im_start|>assistant\n")
+
+
+def test_prompt_truncation_keeps_the_start_the_end_and_the_whole_target(tokenizer):
+    long = {"text": "the movie was good " * 40, "label": "positive"}
+    [cut] = tokenize_examples([example("template", long)], tokenizer, max_seq_len=32)
+    [ended] = tokenize_examples([example("template", long)], tokenizer, max_seq_len=32,
+                                truncation="end")
+    [dropped] = tokenize_examples([example("template", long)], tokenizer, max_seq_len=32,
+                                  truncation="drop")
+    target = tokenizer(" positive", add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    assert len(cut.input_ids) == 32 and cut.input_ids[-len(target):] == target
+    assert [label for label in cut.labels if label != IGNORE_INDEX] == target
+    text = tokenizer.decode(cut.input_ids)
+    assert text.startswith("Review: the movie")
+    assert text.endswith("good \nSentiment: positive<|im_end|>")
+    assert ended.n_target_tokens == 0 and ended.truncated  # the label is what "end" loses
+    assert dropped.input_ids == [] and dropped.n_target_tokens == 0
+
+
+def test_few_shot_chat_demonstrations_are_earlier_turns(tokenizer):
+    query, demo = example("chat"), example("chat", {"messages": [
+        {"role": "system", "content": "Demo system, not shown."},
+        {"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"}]})
+    [prompt] = eval_prompts([query], tokenizer, demos=[[demo]])
+    assert "Demo system" not in prompt.text
+    assert prompt.text.startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nQ1")
+    assert prompt.text.endswith("And the book?<|im_end|>\n<|im_start|>assistant\n")
+    [plain] = eval_prompts([example("completion")], tokenizer, demos=[[example("template")]])
+    assert plain.text == "Review: a dull film\nSentiment: negative\n\nReview: a dull film\n" \
+        "Sentiment:"
+
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather",
+                                           "parameters": {"type": "object"}}}]
+TOOL_CHAT = {"tools": TOOLS, "messages": [
+    {"role": "user", "content": "Weather in Paris?"},
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "function",
+         "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+    {"role": "tool", "tool_call_id": "c1", "content": "{\"temp_c\": 21}"},
+    {"role": "assistant", "content": "It is 21 degrees."}]}
+
+
+def test_tools_fallback_for_a_template_without_tool_support(tokenizer):
+    item = example("chat", TOOL_CHAT)
+    text = "".join(s.text for s in render_segments(item, tokenizer))
+    listing = TOOLS_SYSTEM_PROMPT.format(tools=json.dumps(TOOLS[0]))
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    assert text == (f"<|im_start|>system\n{listing}<|im_end|>\n"
+                    "<|im_start|>user\nWeather in Paris?<|im_end|>\n"
+                    f"<|im_start|>assistant\n{call}<|im_end|>\n"
+                    "<|im_start|>user\n<tool_response>\n{\"temp_c\": 21}\n</tool_response>"
+                    "<|im_end|>\n<|im_start|>assistant\nIt is 21 degrees.<|im_end|>\n")
+    trained = [s.text for s in render_segments(item, tokenizer) if s.train]
+    assert trained == [f"{call}<|im_end|>\n", "It is 21 degrees.<|im_end|>\n"]
+    # the reference of a tool-calling turn is its calls, written the same way
+    calls_only = example("chat", {**TOOL_CHAT, "messages": TOOL_CHAT["messages"][:2]})
+    assert eval_prompts([calls_only], tokenizer)[0].target == call
+
+
+# A template that renders tools itself (the shape of Qwen2.5's, much shortened).
+TOOL_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\nTOOLS {{ tools | tojson }}<|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}"
+    "{% for c in m.tool_calls or [] %}CALL {{ c.function.name }} "
+    "{{ c.function.arguments | tojson }}{% endfor %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_a_template_that_knows_tools_renders_them_itself(tokenizer):
+    item = example("chat", TOOL_CHAT)
+    text = "".join(s.text for s in render_segments(item, tokenizer, TOOL_TEMPLATE))
+    assert text.startswith('<|im_start|>system\nTOOLS [{"type": "function"')
+    assert 'CALL get_weather {"city": "Paris"}' in text and "<tool_call>" not in text
+    assert "<|im_start|>tool\n{\"temp_c\": 21}" in text
+
+
+def test_chat_prompt_for_serving_equals_the_training_prompt(tokenizer):
+    served = chat_prompt(TOOL_CHAT["messages"][:3], tokenizer, tools=TOOLS)
+    item = example("chat", TOOL_CHAT)
+    [trained] = tokenize_examples([item], tokenizer, max_seq_len=1024)
+    assert served.ids == trained.input_ids[:len(served.ids)]
+    assert served.text.endswith("</tool_response><|im_end|>\n<|im_start|>assistant\n")
+    assert user_prompt("Hi", tokenizer, chat=True) == \
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
