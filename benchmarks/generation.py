@@ -11,11 +11,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 from pathlib import Path
 
-import torch
+from provenance import provenance  # benchmarks/provenance.py, beside this script
 
 from tunelab.eval.generate import generate_texts
 from tunelab.model.load import load_model, load_tokenizer
@@ -45,23 +44,21 @@ def main() -> None:
 
     # Alternate and keep each side's best time: other processes on a small machine slow
     # whichever run they overlap, and the minimum is the least disturbed measurement.
-    load_before = os.getloadavg()
+    origin = provenance()
     naive, naive_s = timed(1)
     batched, batched_s = timed(args.batch_size)
     naive_s = min(naive_s, timed(1)[1])
     batched_s = min(batched_s, timed(args.batch_size)[1])
     agree = sum(a.strip() == b.strip() for a, b in zip(naive, batched, strict=True))
     new_tokens = sum(len(tokenizer(o, add_special_tokens=False).input_ids) for o in naive)
+    origin["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     result = {
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "torch": torch.__version__, "threads": torch.get_num_threads()},
+        **origin,
         "model": args.model, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
         "naive_s": round(naive_s, 2), "batched_s": round(batched_s, 2),
         "naive_tokens_per_s": round(new_tokens / naive_s, 1),
         "batched_tokens_per_s": round(new_tokens / batched_s, 1),
         "speedup": round(naive_s / batched_s, 2), "identical_outputs": f"{agree}/{len(prompts)}",
-        "load_average_before": [round(x, 2) for x in load_before],
-        "load_average_after": [round(x, 2) for x in os.getloadavg()],
     }
     print(f"one generate() per example: {naive_s:6.1f} s  ({result['naive_tokens_per_s']} tok/s)")
     print(f"batched ({args.batch_size} per call):      {batched_s:6.1f} s  "

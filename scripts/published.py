@@ -1,0 +1,206 @@
+"""Published numbers, rendered from the committed result files that hold them.
+
+Every benchmark or example figure in the project's Markdown lives in a block
+
+    <!-- published: KIND path/to/result.json -->
+    ...text rendered from that file...
+    <!-- /published -->
+
+and is rendered by ``RENDERERS[KIND]`` from the result file, a path relative to the repository
+root. ``python scripts/published.py --check`` fails when a block differs from what its result
+file says, when a result file lacks its provenance (command, git commit, machine, load), or when a
+performance figure (a ratio like ``2.7×``, a rate in tokens/s, a size in GB/GiB) is written
+outside a block. ``--write`` re-renders every block in place after a new result is committed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCUMENTS = ["README.md", "benchmarks/README.md", "docs/DESIGN.md", "examples/*/README.md"]
+BLOCK = re.compile(r"<!-- published: (?P<kind>\w+) (?P<path>\S+) -->\n(?P<body>.*?)"
+                   r"<!-- /published -->", re.S)
+# A measured figure: "2.7×", "150 tokens/s", "7.4 GB", "0.62 GiB", "+1.1%", "22 s → 8.5 s",
+# "7.05 → 0.22", "p = 4e-5".
+FIGURE = re.compile(r"\d[\d.,]*\s*(×|tokens/s|tok/s|GB\b|GiB\b)|[+−-]\d+(\.\d+)?%"
+                    r"|\d\s*s?\s*→\s*\d|\bp = \d")
+PROVENANCE_KEYS = ("command", "git_commit", "machine")
+
+
+# --- renderers: result file → Markdown -----------------------------------------------------
+
+
+def _gib(value: float) -> str:
+    return f"{value / 2**30:.2f} GiB"
+
+
+def _origin(result: dict) -> str:
+    machine = result["machine"]
+    load = machine.get("load_average_at_start", ["?"])[0]
+    end = machine.get("load_average_at_end", [load])[0]
+    return (f"`{result['command']}` at commit `{result['git_commit'][:10]}` on a "
+            f"{machine['cpu_cores']}-core {machine['cpu']} (torch {machine['torch']}), "
+            f"load average {load}→{end}")
+
+
+def render_throughput(result: dict) -> str:
+    """tunelab vs transformers.Trainer + peft: tokens/s, peak memory, final loss."""
+    base, ours = result["summary"]["baseline"], result["summary"]["tunelab"]
+    ratios = result["summary"]["ratios"]
+    workload, data = result["workload"], result["data"]
+    repeats = workload["repeats"]
+    return (
+        "| | HF Trainer + peft | tunelab | ratio |\n"
+        "|---|---|---|---|\n"
+        f"| non-padding tokens/s | {base['tokens_per_second']:.1f} | "
+        f"{ours['tokens_per_second']:.1f} | **{ratios['tokens_per_second']:.2f}×** |\n"
+        f"| peak memory (RSS) | {_gib(base['peak_memory_bytes'])} | "
+        f"{_gib(ours['peak_memory_bytes'])} | **{ratios['peak_memory']:.2f}×** |\n"
+        f"| final training loss | {base['final_loss']:.5f} | {ours['final_loss']:.5f} | "
+        f"relative difference {abs(ratios['final_loss_relative_difference']):.1e} |\n\n"
+        f"{workload['steps']} optimizer steps of {workload['per_step']} examples (median "
+        f"{data['median_tokens']:.0f}, max {data['max_tokens']} tokens), median of {repeats} "
+        f"alternating runs a side. Measured by {_origin(result)}.\n")
+
+
+def render_plan_check(result: dict) -> str:
+    """tunelab plan's predicted peak memory against measured training runs."""
+    lines = ["| configuration | predicted peak | measured peak | error |", "|---|---|---|---|"]
+    for row in result["runs"]:
+        lines.append(f"| {row['configuration']} | {_gib(row['predicted_peak_bytes'])} | "
+                     f"{_gib(row['measured_peak_bytes'])} | {row['error']:+.1%} |")
+    return "\n".join(lines) + f"\n\nMeasured by {_origin(result)}.\n"
+
+
+def render_generation(result: dict) -> str:
+    """Batched generation against one generate call per example."""
+    return (f"{result['prompts']} prompts, {result['max_new_tokens']} new tokens, greedy: "
+            f"{result['naive_s']:.1f} s → {result['batched_s']:.1f} s, "
+            f"**{result['speedup']:.1f}× faster** ({result['naive_tokens_per_s']:.0f} → "
+            f"{result['batched_tokens_per_s']:.0f} new tokens/s), identical outputs "
+            f"{result['identical_outputs']}. Measured by {_origin(result)}.\n")
+
+
+def render_example_train(result: dict) -> str:
+    """An example's training run: validation loss before and after, steps, speed, wall time."""
+    manifest = result["manifest"]
+    return (
+        "| | |\n|---|---|\n"
+        f"| validation loss | {manifest['val_loss_before']:.2f} → "
+        f"{manifest['val_loss_after']:.2f} |\n"
+        f"| training | {manifest['steps']} optimizer steps, "
+        f"{manifest['tokens_per_second']:.0f} tokens/s ({manifest['device']}) |\n"
+        f"| wall time, `tunelab train` | {_minutes(result['wall_s']['train'])} |\n\n"
+        f"Measured by {_origin(result)}.\n")
+
+
+def render_example_eval(result: dict) -> str:
+    """An example's base-vs-tuned table with intervals and prompt sensitivity."""
+    evaluation = result["eval"]
+    models, comparison = evaluation["models"], evaluation["comparison"]
+    primary = evaluation["primary_metric"]
+    lines = [f"| metric (n = {evaluation['n']}) | base | tuned | tuned − base |",
+             "|---|---|---|---|"]
+    for name in models["tuned"]["metrics"]:
+        cells = [_interval(models[which]["metrics"][name]) for which in ("base", "tuned")]
+        entry = comparison.get(name, {})
+        delta = f"{entry['delta']:+.3f}" if entry else ""
+        if "ci" in entry:
+            delta += (f" [{entry['ci'][0]:+.3f}, {entry['ci'][1]:+.3f}], "
+                      f"{entry['test']} p = {entry['p_value']:.2g}")
+        lines.append(f"| {name} | {cells[0]} | {cells[1]} | {delta} |")
+    spreads = [models[which]["sensitivity"][primary] for which in ("base", "tuned")]
+    if spreads[0]["n_variants"] > 1:
+        cells = [f"{s['mean']:.3f} ± {s['std']:.3f} ({s['min']:.3f}–{s['max']:.3f})"
+                 for s in spreads]
+        lines.append(f"| {primary} over {spreads[0]['n_variants']} prompt wordings | "
+                     f"{cells[0]} | {cells[1]} | |")
+    return ("\n".join(lines) + f"\n\nWall time of `tunelab eval`: "
+            f"{_minutes(result['wall_s']['eval'])}. Measured by {_origin(result)}.\n")
+
+
+def _interval(metric: dict) -> str:
+    return f"{metric['value']:.3f} [{metric['ci'][0]:.3f}, {metric['ci'][1]:.3f}]"
+
+
+def _minutes(seconds: float) -> str:
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes} min {rest} s" if minutes else f"{rest} s"
+
+
+RENDERERS: dict[str, Callable[[dict], str]] = {
+    "throughput": render_throughput,
+    "plan_check": render_plan_check,
+    "generation": render_generation,
+    "example_train": render_example_train,
+    "example_eval": render_example_eval,
+}
+
+
+# --- checking and writing -------------------------------------------------------------------
+
+
+def documents() -> list[Path]:
+    return sorted({path for pattern in DOCUMENTS for path in ROOT.glob(pattern)})
+
+
+def problems_in(document: Path, *, write: bool = False) -> list[str]:
+    """What is wrong with one document's published numbers (nothing: an empty list)."""
+    text = document.read_text()
+    name = document.relative_to(ROOT)
+    found: list[str] = []
+
+    def rendered(match: re.Match) -> str:
+        kind, path = match["kind"], match["path"]
+        if kind not in RENDERERS:
+            found.append(f"{name}: unknown published kind {kind!r} (known: "
+                         f"{', '.join(RENDERERS)})")
+            return match[0]
+        result_path = ROOT / path
+        if not result_path.is_file():
+            found.append(f"{name}: {path} is not a committed result file")
+            return match[0]
+        result = json.loads(result_path.read_text())
+        missing = [key for key in PROVENANCE_KEYS if not result.get(key)]
+        if missing:
+            found.append(f"{name}: {path} lacks its provenance ({', '.join(missing)}): re-run "
+                         "the script that writes it")
+            return match[0]
+        body = RENDERERS[kind](result)
+        if body != match["body"] and not write:
+            found.append(f"{name}: the {kind} block differs from {path}; run "
+                         "`python scripts/published.py --write`")
+        return f"<!-- published: {kind} {path} -->\n{body}<!-- /published -->"
+
+    updated = BLOCK.sub(rendered, text)
+    outside = BLOCK.sub("", updated)
+    for line in outside.splitlines():
+        if FIGURE.search(line) and not line.lstrip().startswith(("python ", "$ ", "#")):
+            found.append(f"{name}: a performance figure outside a published block: "
+                         f"{line.strip()[:100]!r}")
+    if write and updated != text:
+        document.write_text(updated)
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--write", action="store_true", help="re-render every block in place")
+    args = parser.parse_args(argv)
+    found = [problem for document in documents()
+             for problem in problems_in(document, write=args.write)]
+    for problem in found:
+        print(problem, file=sys.stderr)
+    if not found:
+        print(f"published numbers match their result files in {len(documents())} documents")
+    return 1 if found else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
