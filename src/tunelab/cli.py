@@ -90,7 +90,7 @@ def generate(
     """Load base + adapter of a run and complete a prompt."""
     from tunelab.data.render import user_prompt
     from tunelab.eval.generate import generate_texts
-    from tunelab.model.adapters import load_run_model
+    from tunelab.runs import load_run_model
 
     model, tokenizer, cfg = load_run_model(run, base=base)
     if chat is None:
@@ -139,8 +139,10 @@ def plan(
     from tunelab.config import load_config
     from tunelab.model.plan import plan as make_plan
     from tunelab.model.plan import render_plan
+    from tunelab.train.calibrate import calibrate_run
 
-    result = make_plan(load_config(config, _overrides(set_)), calibrate=calibrate)
+    cfg = load_config(config, _overrides(set_))
+    result = make_plan(cfg, calibration=calibrate_run(cfg) if calibrate else None)
     render_plan(result, console)
     if json_out:
         json_out.write_text(json.dumps(result, indent=2, default=str))
@@ -158,6 +160,41 @@ def report(
     open_run(run)
     path = write_report(run, output=output)
     console.print(f"Report written to {path}")
+
+
+@app.command("config")
+def config_(
+    key: str | None = typer.Argument(None, help="A field (train.lr) or a section (train); "
+                                     "every field when left out."),
+    explain: bool = typer.Option(False, "--explain", help="Print type, default and meaning."),
+) -> None:
+    """Explain config fields: type, default and what each one does (tunelab config --explain)."""
+    from tunelab.config import explain as explain_fields
+    from tunelab.config import render_explanation
+
+    if not explain:
+        raise ConfigError("tunelab config only explains fields for now", where="tunelab config",
+                          fix=f"add --explain: tunelab config --explain {key or '[KEY]'}")
+    console.print(render_explanation(explain_fields(key)), markup=False, highlight=False,
+                  soft_wrap=True)
+
+
+@app.command()
+def export(
+    run: Path = typer.Argument(..., help="A run directory made by tunelab train."),
+    to: str = typer.Option(..., "--to", help="merged (HF folder), gguf (llama.cpp / Ollama) "
+                           "or adapter (PEFT, checked for vLLM)."),
+    out: Path | None = typer.Option(None, help="Folder to create (default RUN/export/KIND)."),
+    quant: str = typer.Option("f16", help="GGUF tensor type: f16 or q8_0."),
+    max_lora_rank: int = typer.Option(16, help="vLLM --max-lora-rank to check the adapter "
+                                      "against."),
+    check: bool = typer.Option(True, help="Reload the export and compare its logits."),
+) -> None:
+    """Export a run: merged weights, a GGUF file with an Ollama Modelfile, or the adapter."""
+    from tunelab.ship.export import export_run, render_export
+
+    result = export_run(run, to, out=out, quant=quant, check=check, max_lora_rank=max_lora_rank)
+    render_export(result, console)
 
 
 def _trained_on_chat(run: Path) -> bool:

@@ -7,14 +7,20 @@ folder that holds the config file, so an example runs from any working directory
 from __future__ import annotations
 
 import difflib
+import json
 import os
+import textwrap
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tunelab.errors import ConfigError
+from tunelab.eval.tasks import TASKS
+from tunelab.model.adapters import METHODS
 
 
 class _Section(BaseModel):
@@ -24,36 +30,68 @@ class _Section(BaseModel):
 class ModelConfig(_Section):
     """The base model: a local folder, a hub id, a .gguf file, or the embedded default."""
 
-    path: str = "embedded:smollm2-135m-instruct"
-    gguf_file: str | None = None
-    dtype: Literal["auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"] = "auto"
-    device: str = "auto"
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    path: str = Field("embedded:smollm2-135m-instruct", description=(
+        "The base model: a local model folder, a hub id already in the local Hugging Face cache "
+        "(nothing is downloaded), a .gguf file, or embedded:smollm2-135m-instruct (packaged)."))
+    gguf_file: str | None = Field(None, description=(
+        "Which .gguf file to load from a folder or hub repo that holds several."))
+    dtype: Literal["auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"] = Field(
+        "auto", description="Weight dtype; auto: bfloat16 on a GPU that supports it, else "
+        "float32.")
+    device: str = Field("auto", description=(
+        "Where the model runs: auto (CUDA when available, else CPU), cpu, cuda or cuda:N."))
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa", description="The attention kernel transformers uses; flash_attention_2 needs "
+        "the flash-attn package and a GPU.")
 
 
 class MethodConfig(_Section):
     """How the model is tuned: a LoRA-family adapter (the default) or all weights."""
 
-    kind: Literal["lora", "dora", "full"] = "lora"
-    r: int = Field(16, ge=1)
-    alpha: float = Field(32.0, gt=0)
-    dropout: float = Field(0.05, ge=0.0, lt=1.0)
-    targets: str | list[str] = "all-linear"
-    rslora: bool = False
+    kind: Literal[tuple(METHODS)] = Field("lora", description=(  # type: ignore[valid-type]
+        "How the model is tuned: lora (a low-rank adapter on frozen weights), dora (LoRA with "
+        "a learned magnitude per output) or full (every weight trains; the most memory)."))
+    r: int = Field(16, ge=1, description=(
+        "Rank of the adapter matrices: more capacity (and memory) with a larger r."))
+    alpha: float = Field(32.0, gt=0, description=(
+        "Adapter scale: its update is multiplied by alpha / r (alpha / sqrt(r) with rslora)."))
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description=(
+        "Dropout on the adapter's input while training."))
+    targets: str | list[str] = Field("all-linear", description=(
+        "Which linear layers get adapters: all-linear, a list of layer names (e.g. [q_proj, "
+        "v_proj]), or a regular expression over full module names."))
+    rslora: bool = Field(False, description=(
+        "Rank-stabilised LoRA: scale by alpha / sqrt(r) instead of alpha / r."))
 
 
 class DataConfig(_Section):
     """Data files, their format, and which tokens carry the loss."""
 
-    train: list[str]
-    validation: list[str] = []
-    test: list[str] = []
-    validation_split: float = Field(0.0, ge=0.0, lt=1.0)
-    format: Literal["auto", "chat", "instruction", "completion", "text", "template"] = "auto"
-    prompt: str | None = None
-    completion: str | None = None
-    train_on: Literal["completion", "all"] = "completion"
-    chat_template: str | None = None
+    train: list[str] = Field(description=(
+        "Training data: a file or a list of files (JSONL, JSON, CSV, TSV, Parquet, .jsonl.gz), a "
+        "saved Hugging Face dataset folder ('folder::split' picks a split) or hf://name."))
+    validation: list[str] = Field([], description=(
+        "Validation data; its loss is measured before, during (train.eval_every) and after "
+        "training, and the before/after samples come from it."))
+    test: list[str] = Field([], description=(
+        "Held-out test data for tunelab eval (eval.split: test); never trained on."))
+    validation_split: float = Field(0.0, ge=0.0, lt=1.0, description=(
+        "Without validation files: the fraction of training examples held out as validation "
+        "data (drawn with train.seed)."))
+    format: Literal["auto", "chat", "instruction", "completion", "text", "template"] = Field(
+        "auto", description="Record format: auto (detected per file), chat (OpenAI messages), "
+        "instruction (Alpaca), completion (prompt/completion), text, or template (data.prompt "
+        "and data.completion over any columns).")
+    prompt: str | None = Field(None, description=(
+        "Template mode: a format string over the record's columns that gives the prompt, e.g. "
+        "'Review: {text}\\nSentiment:'. Needs data.completion."))
+    completion: str | None = Field(None, description=(
+        "Template mode: the format string of the trained target, e.g. ' {label}'. Needs "
+        "data.prompt."))
+    train_on: Literal["completion", "all"] = Field("completion", description=(
+        "Which tokens carry the loss: completion (targets and assistant turns only) or all."))
+    chat_template: str | None = Field(None, description=(
+        "A Jinja chat template used instead of the tokenizer's own (ChatML when it has none)."))
 
     @field_validator("train", "validation", "test", mode="before")
     @classmethod
@@ -74,27 +112,46 @@ class DataConfig(_Section):
 class TrainConfig(_Section):
     """The optimisation: length, learning rate, batches, logging, checkpoints."""
 
-    epochs: float = Field(1.0, gt=0)
-    max_steps: int | None = Field(None, ge=1)
-    lr: float = Field(2e-4, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    warmup_ratio: float = Field(0.03, ge=0, le=1)
-    warmup_steps: int | None = Field(None, ge=0)
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    batch_tokens: int = Field(4096, ge=8)
-    grad_accum: int = Field(1, ge=1)
-    max_seq_len: int = Field(1024, ge=8)
-    packing: bool = True
-    max_grad_norm: float | None = Field(1.0, gt=0)
-    seed: int = 0
-    eval_every: int = Field(0, ge=0)
-    save_every: int = Field(0, ge=0)
-    keep_checkpoints: int = Field(2, ge=1)
-    log_every: int = Field(1, ge=1)
-    gradient_checkpointing: bool = False
-    loss_chunk_tokens: int = Field(2048, ge=16)
-    samples: int = Field(3, ge=0)
-    max_new_tokens: int = Field(16, ge=1)
+    epochs: float = Field(1.0, gt=0, description=(
+        "Passes over the training data (fractions allowed); train.max_steps overrides it."))
+    max_steps: int | None = Field(None, ge=1, description=(
+        "Stop after this many optimizer steps instead of counting epochs."))
+    lr: float = Field(2e-4, gt=0, description="Peak learning rate of AdamW.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    warmup_ratio: float = Field(0.03, ge=0, le=1, description=(
+        "Fraction of the steps over which the learning rate rises from 0 to train.lr."))
+    warmup_steps: int | None = Field(None, ge=0, description=(
+        "Warm-up length in steps; overrides train.warmup_ratio."))
+    schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description=(
+        "Learning rate after warm-up: cosine or linear decay to 0, or constant."))
+    batch_tokens: int = Field(4096, ge=8, description=(
+        "Tokens in one micro-batch (padding included when train.packing is false)."))
+    grad_accum: int = Field(1, ge=1, description=(
+        "Micro-batches whose gradients are summed into one optimizer step."))
+    max_seq_len: int = Field(1024, ge=8, description=(
+        "Longest example in tokens; longer examples are truncated."))
+    packing: bool = Field(True, description=(
+        "Pack examples into rows without padding (attention stays within each example); "
+        "false pads each row to its longest example."))
+    max_grad_norm: float | None = Field(1.0, gt=0, description=(
+        "Clip the gradient norm to this value; null turns clipping off."))
+    seed: int = Field(0, description=(
+        "Seed of the data order, the validation split, dropout and adapter initialisation."))
+    eval_every: int = Field(0, ge=0, description=(
+        "Measure the validation loss every N steps (0: only before and after training)."))
+    save_every: int = Field(0, ge=0, description=(
+        "Write a checkpoint every N steps (0: only when the run is stopped or interrupted)."))
+    keep_checkpoints: int = Field(2, ge=1, description=(
+        "How many of the newest checkpoints are kept."))
+    log_every: int = Field(1, ge=1, description="Write a metrics.jsonl record every N steps.")
+    gradient_checkpointing: bool = Field(False, description=(
+        "Recompute each layer's activations in the backward pass: far less memory, ~30% slower."))
+    loss_chunk_tokens: int = Field(2048, ge=16, description=(
+        "Loss targets whose logits are computed at once; lower it to save memory."))
+    samples: int = Field(3, ge=0, description=(
+        "Validation examples completed greedily before and after training, to compare."))
+    max_new_tokens: int = Field(16, ge=1, description=(
+        "Longest before/after sample completion, in tokens."))
 
     @model_validator(mode="after")
     def _batch_fits(self) -> TrainConfig:
@@ -109,39 +166,57 @@ class TrainConfig(_Section):
 class EvalConfig(_Section):
     """How a model is evaluated: the task, its prompts, and the statistics."""
 
-    task: Literal["classification", "ner", "translation", "qa", "summarisation"] = \
-        "classification"
-    split: Literal["test", "validation"] = "test"
-    labels: list[str] = []
-    entity_types: list[str] = []
-    predict: Literal["score", "generate", "both"] = "score"
-    prompt_variants: list[str] = []
-    shots: int = Field(0, ge=0)
-    context: str | None = None  # the text answers must come from, e.g. "{text}"; for grounding
-    max_new_tokens: int = Field(64, ge=1)
-    stop: list[str] = ["\n\n"]
-    max_examples: int | None = Field(None, ge=1)
-    batch_size: int = Field(16, ge=1)
-    bootstrap: int = Field(1000, ge=100)
-    seed: int = 0
+    task: Literal[tuple(TASKS)] = Field("classification", description=(  # type: ignore[valid-type]
+        "The task kind: how answers are obtained and scored (eval/tasks.py): "
+        + ", ".join(TASKS) + "."))
+    split: Literal["test", "validation"] = Field("test", description=(
+        "The data evaluated: test (data.test) or validation (data.validation)."))
+    labels: list[str] = Field([], description=(
+        "Classification: the label strings, as the completion template writes them."))
+    entity_types: list[str] = Field([], description=(
+        "NER: the entity types to read from outputs (default: any type)."))
+    predict: Literal["score", "generate", "both"] = Field("score", description=(
+        "Classification: score ranks the labels by log-likelihood; generate writes an answer "
+        "and parses a label from it."))
+    prompt_variants: list[str] = Field([], description=(
+        "Prompt templates to evaluate under, to measure prompt sensitivity (mean and spread); "
+        "default: data.prompt alone."))
+    shots: int = Field(0, ge=0, description=(
+        "Solved training examples put before each prompt (few-shot)."))
+    context: str | None = Field(None, description=(
+        "Template of the text answers must come from, e.g. '{text}', for the hallucination "
+        "check."))
+    max_new_tokens: int = Field(64, ge=1, description="Longest generated answer, in tokens.")
+    stop: list[str] = Field(["\n\n"], description="Strings that end a generated answer.")
+    max_examples: int | None = Field(None, ge=1, description=(
+        "Evaluate only the first N examples of the split."))
+    batch_size: int = Field(16, ge=1, description="Prompts generated at once.")
+    bootstrap: int = Field(1000, ge=100, description=(
+        "Bootstrap resamples behind the 95% intervals and the paired comparison."))
+    seed: int = Field(0, description=(
+        "Seed of the bootstrap and of the few-shot demonstrations drawn."))
 
     @model_validator(mode="after")
-    def _labels_for_classification(self) -> EvalConfig:
-        if self.task == "classification" and not self.labels:
-            raise ValueError("eval.task classification needs eval.labels, the label strings")
+    def _task_requirements(self) -> EvalConfig:
+        for name in TASKS[self.task].requires:
+            if not getattr(self, name):
+                description = type(self).model_fields[name].description
+                raise ValueError(f"eval.task {self.task} needs eval.{name} ({description})")
         return self
 
 
 class Config(_Section):
     """A whole tunelab run."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-    output_dir: str = "runs"
-    model: ModelConfig = ModelConfig()
-    method: MethodConfig = MethodConfig()
-    data: DataConfig
-    train: TrainConfig = TrainConfig()
-    eval: EvalConfig | None = None
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description=(
+        "The run's name (letters, digits, . _ -); its directory is output_dir/name."))
+    output_dir: str = Field("runs", description="The folder that holds run directories.")
+    model: ModelConfig = Field(ModelConfig(), description=ModelConfig.__doc__)
+    method: MethodConfig = Field(MethodConfig(), description=MethodConfig.__doc__)
+    data: DataConfig = Field(description=DataConfig.__doc__)
+    train: TrainConfig = Field(TrainConfig(), description=TrainConfig.__doc__)
+    eval: EvalConfig | None = Field(None, description=(
+        "How tunelab eval measures the model; without it, a run only trains."))
 
     @property
     def run_dir(self) -> Path:
@@ -191,6 +266,95 @@ def config_from_dict(raw: dict[str, Any], *, source: str = "<config>", document:
 def dump_config(config: Config, path: Path) -> None:
     """Write the resolved config as YAML (defaults included), so the run can be repeated."""
     path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+
+
+@dataclass
+class FieldDoc:
+    """One config field as ``tunelab config --explain`` shows it."""
+
+    key: str  # dotted, e.g. train.lr
+    type: str
+    default: str
+    description: str
+
+
+def explain(key: str | None = None) -> list[FieldDoc]:
+    """Type, default and description of every field under ``key`` (a section or a field; all
+    fields when None), read from the schema itself. An unknown key is a ConfigError with a hint.
+    """
+    model: type[BaseModel] = Config
+    prefix: list[str] = []
+    for part in key.split(".") if key else []:
+        field = model.model_fields.get(part)
+        if field is None:
+            raise _unknown_key(".".join(prefix + [part]), part, model)
+        prefix.append(part)
+        section = _section_model(field)
+        if section is None:
+            return [_field_doc(".".join(prefix), field)]
+        model = section
+    return list(_field_docs(model, prefix))
+
+
+def render_explanation(docs: list[FieldDoc]) -> str:
+    """Plain text: one ``key  type  (default ...)`` line per field, its description below."""
+    lines = []
+    for doc in docs:
+        lines.append(f"{doc.key}  {doc.type}  (default: {doc.default})")
+        lines += textwrap.wrap(doc.description, width=96, initial_indent="    ",
+                               subsequent_indent="    ")
+    return "\n".join(lines)
+
+
+def _field_docs(model: type[BaseModel], prefix: list[str]):
+    for name, field in model.model_fields.items():
+        section = _section_model(field)
+        if section is None:
+            yield _field_doc(".".join(prefix + [name]), field)
+        else:
+            yield from _field_docs(section, prefix + [name])
+
+
+def _section_model(field: Any) -> type[BaseModel] | None:
+    """The section model a field holds (``eval: EvalConfig | None`` included), else None."""
+    for candidate in (field.annotation, *get_args(field.annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
+def _field_doc(key: str, field: Any) -> FieldDoc:
+    if field.is_required():
+        default = "required"
+    else:
+        default = json.dumps(field.default, ensure_ascii=False)
+    bounds = {"ge": "≥", "gt": ">", "le": "≤", "lt": "<"}
+    limits = [f"{sign} {getattr(item, name)}" for item in field.metadata
+              for name, sign in bounds.items() if hasattr(item, name)]
+    type_text = _type_text(field.annotation) + (f" ({', '.join(limits)})" if limits else "")
+    return FieldDoc(key, type_text, default, field.description or "")
+
+
+def _type_text(annotation: Any) -> str:
+    """``Literal["a", "b"]`` → ``a | b``; ``int | None`` → ``int | null``; ``list[str]``."""
+    if annotation is None or annotation is type(None):
+        return "null"
+    if get_origin(annotation) is Literal:
+        return " | ".join(str(value) for value in get_args(annotation))
+    if get_origin(annotation) in (UnionType, Union):
+        return " | ".join(_type_text(arg) for arg in get_args(annotation))
+    if get_origin(annotation) is list:
+        return f"list[{_type_text(get_args(annotation)[0])}]"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _unknown_key(dotted: str, part: str, model: type[BaseModel]) -> ConfigError:
+    known = list(model.model_fields)
+    hint = [_SYNONYMS[part]] if part in _SYNONYMS and _SYNONYMS[part] in known else \
+        difflib.get_close_matches(part, known, n=1)
+    return ConfigError(f"unknown key '{dotted}'", where="tunelab config --explain",
+                       fix=(f"did you mean '{hint[0]}'?" if hint else "check the spelling.")
+                       + f" Known keys here: {', '.join(known)}")
 
 
 def _resolve_paths(config: Config, base_dir: Path, source: str, document: Any) -> Config:

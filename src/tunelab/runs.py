@@ -108,3 +108,25 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def load_run_model(run_dir: str | Path, *, base: bool = False):
+    """The model of a run ready to generate: base + adapter (or full weights), tokenizer, config.
+
+    ``base=True`` gives the untouched base model, for side-by-side comparisons.
+    """
+    from tunelab.model.adapters import METHODS, load_tuned, tuned_weights_path
+    from tunelab.model.load import load_model, load_tokenizer
+
+    run_dir, config = open_run(run_dir)
+    method = METHODS[config.method.kind]
+    path, gguf_file = config.model.path, config.model.gguf_file
+    if not method.adapter and not base:
+        path, gguf_file = str(tuned_weights_path(method.kind, run_dir)), None
+    tokenizer = load_tokenizer(path, gguf_file)
+    model = load_model(path, dtype=config.model.dtype, device=config.model.device,
+                       gguf_file=gguf_file, attn_implementation=config.model.attn_implementation)
+    if method.adapter and not base:
+        model = load_tuned(model, run_dir)
+    model.eval()
+    return model, tokenizer, config

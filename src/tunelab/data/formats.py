@@ -40,20 +40,9 @@ import string
 from dataclasses import dataclass, field
 from typing import Any
 
+from tunelab.data.readers import read_records
+from tunelab.data.records import Record
 from tunelab.errors import ConfigError, DataError
-
-
-@dataclass(frozen=True)
-class Record:
-    """One raw row from a data file; remembers where it came from for error messages."""
-
-    fields: dict[str, Any]
-    source: str  # the path as the user gave it
-    line: int  # 1-based: the line in JSONL/CSV, the row number in Parquet / HF datasets
-
-    @property
-    def where(self) -> str:
-        return f"{self.source}:{self.line}"
 
 
 @dataclass
@@ -515,8 +504,6 @@ def load_examples(
             where="data.format",
             fix=f"use auto or one of {', '.join(FORMATS)}",
         )
-    from tunelab.data.readers import read_records  # readers imports Record from this module
-
     examples = []
     for path in paths:
         records = read_records(path)

@@ -20,7 +20,7 @@ import zlib
 from pathlib import Path
 from typing import Any
 
-from tunelab.data.formats import Record
+from tunelab.data.records import Record
 from tunelab.errors import DataError
 
 SUPPORTED = (

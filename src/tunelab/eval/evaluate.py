@@ -52,7 +52,7 @@ def evaluate(config: Config, *, run_dir: str | Path | None = None, base: bool = 
     result = {"name": eval_cfg.split, "task": task.kind, "split": eval_cfg.split,
               "n": len(records), "primary_metric": task.primary, "shots": eval_cfg.shots,
               "ci_level": 0.95, "n_resamples": eval_cfg.bootstrap,
-              "predict": eval_cfg.predict if task.kind == "classification" else "generate",
+              "predict": eval_cfg.predict if task.scores_labels else "generate",
               "leakage": {key: value for key, value in leakage.items() if key != "indices"},
               "models": {}}
     for which, (model, tokenizer, context) in models.items():
@@ -173,7 +173,7 @@ def _load_models(config: Config, run_dir, *, want_base: bool, want_tuned: bool) 
     from contextlib import nullcontext
 
     from tunelab.model import varlen
-    from tunelab.model.adapters import load_tuned
+    from tunelab.model.adapters import load_tuned, tuned_weights_path
     from tunelab.model.load import load_model, load_tokenizer
 
     if want_tuned and run_dir is None:
@@ -186,8 +186,9 @@ def _load_models(config: Config, run_dir, *, want_base: bool, want_tuned: bool) 
     models = {}
     base_model = load(config.model.path, config.model.gguf_file)
     varlen.enable(base_model)
-    if want_tuned and config.method.kind == "full":
-        tuned = load(str(Path(run_dir) / "model"), None)
+    weights = tuned_weights_path(config.method.kind, Path(run_dir)) if want_tuned else None
+    if weights is not None:  # full fine-tuning: a whole second model
+        tuned = load(str(weights), None)
         varlen.enable(tuned)
         if want_base:
             models["base"] = (base_model, tokenizer, nullcontext)

@@ -90,7 +90,7 @@ def score_continuations(model: nn.Module, tokenizer, prompts: list[str] | list[l
     """
     from tunelab.data.packing import plan_batches
     from tunelab.model import varlen
-    from tunelab.train.loss import model_parts
+    from tunelab.model.adapters import model_parts
 
     was_training = model.training
     model.eval()

@@ -34,10 +34,20 @@ class Scored:
 
 
 class Task:
-    """One task kind. Subclasses set ``primary`` and implement ``score`` (and ``parse``)."""
+    """One task kind. Subclasses set ``primary`` and implement ``score`` (and ``parse``).
+
+    ``TASKS`` below is the one registry: the config's choices for ``eval.task`` come from it,
+    and the pipeline asks the class (never the kind's name) what the kind needs and allows.
+    """
 
     kind: ClassVar[str]
     primary: ClassVar[str]
+    #: eval config fields this kind cannot do without, e.g. ("labels",)
+    requires: ClassVar[tuple[str, ...]] = ()
+    #: answers are a closed set of labels that can be scored by log-likelihood (predict: score)
+    scores_labels: ClassVar[bool] = False
+    #: the primary metric is a per-example right/wrong, so McNemar's exact test compares models
+    exact_test: ClassVar[bool] = False
 
     def __init__(self, *, labels: list[str] | None = None, entity_types: list[str] | None = None,
                  n_resamples: int = 1000, seed: int = 0):
@@ -67,6 +77,7 @@ class Task:
 
 class Classification(Task):
     kind, primary = "classification", "accuracy"
+    requires, scores_labels, exact_test = ("labels",), True, True
 
     def parse(self, output: str) -> tuple[Any, bool]:
         label = M.parse_label(output, self.labels)

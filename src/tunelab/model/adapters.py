@@ -1,34 +1,108 @@
-"""LoRA / DoRA / rsLoRA adapters through peft; full fine-tuning leaves the model as it is."""
+"""Tuning methods, registered in ``METHODS``: LoRA / DoRA adapters through peft, or all weights.
+
+A method is one small class: how it changes the model before training, where its result is saved
+and how a run's tuned model is loaded again. Everything else (the loop, evaluation, the report,
+the config's list of choices) asks ``METHODS[kind]`` instead of comparing strings, so adding a
+method (QLoRA next) is one class here. peft and torch are imported only when a model is touched,
+so the config can read the registry cheaply.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-
-from peft import LoraConfig, PeftModel, get_peft_model
-from torch import nn
+from typing import TYPE_CHECKING, ClassVar
 
 from tunelab.errors import ConfigError, RunError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+
+class Method:
+    """One way of tuning a model. Subclasses set the class attributes and ``apply``."""
+
+    kind: ClassVar[str]
+    title: ClassVar[str]  # how reports name it
+    adapter: ClassVar[bool]  # True: a small peft adapter on frozen base weights
+    final_folder: ClassVar[str]  # the run's final result: adapter/ (PEFT format) or model/
+
+    def apply(self, model: nn.Module, *, r: int, alpha: float, dropout: float,
+              targets: str | list[str], rslora: bool) -> nn.Module:
+        """The model ready to train: wrapped, or with the right parameters trainable."""
+        raise NotImplementedError
+
+
+class LoRA(Method):
+    kind, title, adapter, final_folder = "lora", "LoRA", True, "adapter"
+    use_dora: ClassVar[bool] = False
+
+    def apply(self, model, *, r, alpha, dropout, targets, rslora):
+        from peft import LoraConfig, get_peft_model
+        from torch import nn
+
+        config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
+                            use_dora=self.use_dora, use_rslora=rslora, bias="none",
+                            task_type="CAUSAL_LM")
+        try:
+            return get_peft_model(model, config)
+        except ValueError as error:
+            available = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                                if isinstance(module, nn.Linear)})
+            raise ConfigError(f"method.targets {targets!r} does not fit this model: {error}",
+                              where="method.targets",
+                              fix="use 'all-linear' or names of linear layers: "
+                              f"{', '.join(available)}") from None
+
+
+class DoRA(LoRA):
+    kind, title = "dora", "DoRA"
+    use_dora = True
+
+
+class Full(Method):
+    """Every weight trains; the run saves the whole model, loaded like a base model."""
+
+    kind, title, adapter, final_folder = "full", "full fine-tuning", False, "model"
+
+    def apply(self, model, *, r, alpha, dropout, targets, rslora):
+        for parameter in model.parameters():
+            parameter.requires_grad_(True)
+        return model
+
+
+METHODS: dict[str, Method] = {method.kind: method for method in (LoRA(), DoRA(), Full())}
 
 
 def apply_method(model: nn.Module, *, kind: str, r: int, alpha: float, dropout: float,
                  targets: str | list[str], rslora: bool) -> nn.Module:
-    """Wrap ``model`` with a peft adapter (lora, dora), or make every weight trainable (full)."""
-    if kind == "full":
-        for parameter in model.parameters():
-            parameter.requires_grad_(True)
-        return model
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
-                        use_dora=kind == "dora", use_rslora=rslora, bias="none",
-                        task_type="CAUSAL_LM")
-    try:
-        return get_peft_model(model, config)
-    except ValueError as error:
-        available = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                            if isinstance(module, nn.Linear)})
-        raise ConfigError(f"method.targets {targets!r} does not fit this model: {error}",
-                          where="method.targets",
-                          fix=f"use 'all-linear' or names of linear layers: {', '.join(available)}"
-                          ) from None
+    """Prepare ``model`` for training with the registered method ``kind``."""
+    return METHODS[kind].apply(model, r=r, alpha=alpha, dropout=dropout, targets=targets,
+                               rslora=rslora)
+
+
+def load_tuned(base: nn.Module, run_dir: Path) -> nn.Module:
+    """Attach a run's final adapter to ``base`` (adapter methods; see ``tuned_weights_path``)."""
+    from peft import PeftModel
+
+    folder = Path(run_dir) / "adapter"
+    if not (folder / "adapter_config.json").is_file():
+        raise RunError(f"{run_dir} has no final adapter (adapter/adapter_config.json)",
+                       where=str(run_dir),
+                       fix=f"finish training first: tunelab train --resume {run_dir}")
+    return PeftModel.from_pretrained(base, folder)
+
+
+def tuned_weights_path(kind: str, run_dir: Path) -> Path | None:
+    """Where a run keeps whole tuned weights (full fine-tuning), or None for adapter methods."""
+    method = METHODS[kind]
+    if method.adapter:
+        return None
+    folder = Path(run_dir) / method.final_folder
+    if not (folder / "config.json").is_file():
+        raise RunError(f"{run_dir} has no final weights ({method.final_folder}/config.json)",
+                       where=str(run_dir),
+                       fix=f"finish training first: tunelab train --resume {run_dir}")
+    return folder
 
 
 def trainable_state(model: nn.Module) -> dict:
@@ -43,38 +117,9 @@ def save_final(model: nn.Module, tokenizer, folder: Path) -> None:
     tokenizer.save_pretrained(folder)
 
 
-def load_tuned(base: nn.Module, run_dir: Path) -> nn.Module:
-    """Attach a run's final adapter to ``base``; full fine-tuned runs are loaded by the caller."""
-    adapter = run_dir / "adapter"
-    if not (adapter / "adapter_config.json").is_file():
-        raise RunError(f"{run_dir} has no final adapter (adapter/adapter_config.json)",
-                       where=str(run_dir),
-                       fix=f"finish training first: tunelab train --resume {run_dir}")
-    return PeftModel.from_pretrained(base, adapter)
-
-
-def load_run_model(run_dir: str | Path, *, base: bool = False):
-    """The model of a run ready to generate: base + adapter (or full weights), tokenizer, config.
-
-    ``base=True`` gives the untouched base model, for side-by-side comparisons.
-    """
-    from tunelab.model.load import load_model, load_tokenizer
-    from tunelab.runs import open_run
-
-    run_dir, config = open_run(run_dir)
-    full = run_dir / "model"
-    if config.method.kind == "full" and not base:
-        if not (full / "config.json").is_file():
-            raise RunError(f"{run_dir} has no final weights (model/config.json)",
-                           where=str(run_dir),
-                           fix=f"finish training first: tunelab train --resume {run_dir}")
-        path, gguf_file = str(full), None
-    else:
-        path, gguf_file = config.model.path, config.model.gguf_file
-    tokenizer = load_tokenizer(path, gguf_file)
-    model = load_model(path, dtype=config.model.dtype, device=config.model.device,
-                       gguf_file=gguf_file, attn_implementation=config.model.attn_implementation)
-    if config.method.kind != "full" and not base:
-        model = load_tuned(model, run_dir)
-    model.eval()
-    return model, tokenizer, config
+def model_parts(model: nn.Module) -> tuple[nn.Module, nn.Module, float | None]:
+    """The decoder body, output layer and logit soft-cap of a causal LM, peft-wrapped or not."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    body = base.get_decoder() if hasattr(base, "get_decoder") else base.model
+    softcap = getattr(base.config, "final_logit_softcapping", None)
+    return body, base.get_output_embeddings(), softcap

@@ -9,8 +9,8 @@ the training data exactly as ``train()`` will, lays out every micro-batch of the
   context on GPU.
 - tokens/s and wall time: training FLOPs per token (frozen weights cost forward + input
   gradient; trainable ones also their weight gradient), divided by the device's measured matmul
-  FLOP/s times the fraction of it a training step reaches. ``calibrate=True`` instead runs a few
-  real steps of this config in a subprocess and scales by what they measured.
+  FLOP/s times the fraction of it a training step reaches. A calibration (``calibrate_run`` in
+  ``train/calibrate.py``) instead runs a few real steps in a subprocess; ``plan`` scales by it.
 
 Activations follow the Llama decoder block (RMSNorm → q/k/v → RoPE → SDPA → o → RMSNorm →
 gate/up → SiLU·up → down). Per token and layer autograd keeps, in elements:
@@ -32,16 +32,15 @@ input, and re-creates one layer's activations at a time during the backward pass
 from __future__ import annotations
 
 import os
-import random
 import re
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from tunelab.config import Config
-from tunelab.errors import ConfigError, DataError
+from tunelab.data.prepare import prepare_data, schedule_micro_batches
+from tunelab.errors import ConfigError
 
 GIB = 2**30
 
@@ -309,41 +308,21 @@ class TokenCounts:
 
 
 def count_tokens(config: Config, tokenizer) -> TokenCounts:
-    """Read, split and tokenize the data as ``train/loop.py``'s ``prepare`` does."""
-    from tunelab.data.formats import load_examples
-    from tunelab.data.tokenize import tokenize_examples
-
-    data, train_cfg = config.data, config.train
-    examples = load_examples(data.train, data.format, prompt=data.prompt,
-                             completion=data.completion)
-    validation = (load_examples(data.validation, data.format, prompt=data.prompt,
-                                completion=data.completion) if data.validation else [])
-    if not validation and data.validation_split > 0:
-        order = list(range(len(examples)))
-        random.Random(train_cfg.seed).shuffle(order)
-        held_out = set(order[:max(1, round(len(order) * data.validation_split))])
-        validation = [examples[i] for i in sorted(held_out)]
-        examples = [ex for i, ex in enumerate(examples) if i not in held_out]
-    tokenize = lambda items: tokenize_examples(  # noqa: E731
-        items, tokenizer, max_seq_len=train_cfg.max_seq_len, train_on=data.train_on,
-        chat_template=data.chat_template)
-    train_tokens = [ex for ex in tokenize(examples) if ex.n_target_tokens > 0]
-    if not train_tokens:
-        raise DataError("no training example has a target token to learn from",
-                        where=", ".join(data.train),
-                        fix="check data.prompt/data.completion and train.max_seq_len")
-    validation_tokens = sum(len(ex.input_ids) for ex in tokenize(validation)) if validation else 0
-    return TokenCounts([len(ex.input_ids) for ex in train_tokens],
-                       [ex.n_target_tokens for ex in train_tokens], validation_tokens)
+    """Read, split and tokenize the data with ``prepare_data``, the function ``train()`` uses."""
+    data = prepare_data(config.data, tokenizer, max_seq_len=config.train.max_seq_len,
+                        seed=config.train.seed)
+    return TokenCounts.from_tokenized(data.train, data.validation)
 
 
 def micro_batches(counts: TokenCounts, config: Config) -> list[dict]:
     """Every micro-batch of the run (``train()``'s schedule): lengths, positions, targets."""
-    from tunelab.train.loop import schedule_micro_batches
-
-    packing = config.train.packing
+    train_cfg = config.train
+    packing = train_cfg.packing
     batches = []
-    for indices in schedule_micro_batches(counts.lengths, config=config):
+    for indices in schedule_micro_batches(
+            counts.lengths, batch_tokens=train_cfg.batch_tokens, packing=packing,
+            seed=train_cfg.seed, epochs=train_cfg.epochs, max_steps=train_cfg.max_steps,
+            grad_accum=train_cfg.grad_accum):
         sizes = [counts.lengths[i] for i in indices]
         padded = None if packing else max(sizes)
         batches.append({"lengths": sizes, "padded_length": padded,
@@ -386,26 +365,26 @@ class Setting:
     eager: bool
 
 
-def plan(config: Config, *, calibrate: bool = False, memory_budget_bytes: int | None = None,
-         calibration_steps: int = 4) -> dict:
+def plan(config: Config, *, calibration: dict | None = None,
+         memory_budget_bytes: int | None = None) -> dict:
     """Predict peak memory (broken down), tokens/s and wall time of ``train(config)``.
 
     Tokenizes the data as ``train()`` will; reads the model's ``config.json`` only.
     ``memory_budget_bytes`` replaces the device's available memory when judging the fit.
-    ``calibrate=True`` also runs ``calibration_steps`` real steps of the config in a subprocess:
-    their tokens/s replaces the predicted rate, their peak memory is reported beside the
-    prediction. Returns a JSON-serialisable dict (see ``render_plan``).
+    ``calibration`` is what a few real steps of the config measured
+    (``tunelab.train.calibrate.calibrate_run``): its tokens/s replaces the predicted rate, its
+    peak memory is reported beside the prediction. Returns a JSON-serialisable dict (see
+    ``render_plan``).
     """
     from tunelab.model.load import load_tokenizer
 
     counts = count_tokens(config, load_tokenizer(config.model.path, config.model.gguf_file))
-    return plan_counts(config, counts, calibrate=calibrate,
-                       memory_budget_bytes=memory_budget_bytes,
-                       calibration_steps=calibration_steps)
+    return plan_counts(config, counts, calibration=calibration,
+                       memory_budget_bytes=memory_budget_bytes)
 
 
-def plan_counts(config: Config, counts: TokenCounts, *, calibrate: bool = False,
-                memory_budget_bytes: int | None = None, calibration_steps: int = 4) -> dict:
+def plan_counts(config: Config, counts: TokenCounts, *, calibration: dict | None = None,
+                memory_budget_bytes: int | None = None) -> dict:
     """``plan`` for data already tokenized (``TokenCounts.from_tokenized``), as in ``train()``."""
     from transformers import AutoConfig
 
@@ -434,8 +413,8 @@ def plan_counts(config: Config, counts: TokenCounts, *, calibrate: bool = False,
         "time": predict_time(shape, layout, batches, setting, config),
         "calibration": None,
     }
-    if calibrate:
-        result["calibration"] = calibrate_run(config, steps=calibration_steps)
+    if calibration is not None:
+        result["calibration"] = calibration
         _apply_calibration(result)
     peak = max(result["memory"]["predicted_peak_bytes"],
                result["memory"].get("measured_peak_bytes", 0))
@@ -645,77 +624,7 @@ def _mem_available() -> int | None:
     return None
 
 
-# --- calibration: a few real steps in a subprocess ----------------------------------------------
-
-
-def calibrate_run(config: Config, *, steps: int = 4) -> dict:
-    """Run ``steps`` real optimiser steps of ``config`` in a fresh process; measured numbers.
-
-    The first step is the one holding the run's largest micro-batch (for the memory peak); the
-    others are the run's first steps, timed after the first (which pays one-off set-up costs).
-    """
-    import json
-
-    code = "from tunelab.model.plan import _calibration_main; _calibration_main()"
-    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                               input=json.dumps({"config": config.model_dump(mode="json"),
-                                                 "steps": steps}))
-    if completed.returncode != 0:
-        raise RuntimeError(f"calibration run failed:\n{completed.stderr[-4000:]}")
-    return json.loads(completed.stdout.strip().splitlines()[-1])
-
-
-def _calibration_main() -> None:
-    import json
-
-    import torch
-    from rich.console import Console
-
-    from tunelab.config import config_from_dict
-    from tunelab.data.packing import collate
-    from tunelab.train.loop import _autocast, prepare, schedule_micro_batches
-    from tunelab.train.loss import batch_loss_sum
-    from tunelab.train.optim import build_optimizer, clip_gradients
-
-    request = json.loads(sys.stdin.read())
-    config = config_from_dict(request["config"])
-    torch.manual_seed(config.train.seed)
-    prepared = prepare(config, Console(quiet=True))
-    model, device, accum = prepared.model, prepared.device, config.train.grad_accum
-    lengths = [len(ex.input_ids) for ex in prepared.train]
-    micro = schedule_micro_batches(lengths, config=config)
-    groups = [micro[i:i + accum] for i in range(0, len(micro), accum)]
-    heaviest = max(range(len(groups)), key=lambda g: max(
-        sum(lengths[i] for i in batch) for batch in groups[g]))
-    chosen = [groups[heaviest]] + [g for i, g in enumerate(groups) if i != heaviest]
-    chosen = chosen[:max(2, request["steps"])]
-    optimizer = build_optimizer(model, lr=config.train.lr, weight_decay=config.train.weight_decay)
-    pad_id = prepared.tokenizer.pad_token_id or 0
-    model.train()
-    timed_s, timed_tokens = 0.0, 0
-    for number, group in enumerate(chosen):
-        started = time.perf_counter()
-        batches = [collate([prepared.train[i] for i in indices], packing=config.train.packing,
-                           pad_id=pad_id) for indices in group]
-        n_target = sum(batch.n_target_tokens for batch in batches)
-        for batch in batches:
-            with _autocast(device):
-                loss = batch_loss_sum(model, batch.to(device),
-                                      chunk_tokens=config.train.loss_chunk_tokens)
-            (loss / n_target).backward()
-        clip_gradients(model, config.train.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if number > 0:
-            timed_s += time.perf_counter() - started
-            timed_tokens += sum(batch.n_tokens for batch in batches)
-    peak = measured_peak_bytes(device.type)
-    print(json.dumps({"steps": len(chosen), "timed_tokens": timed_tokens, "timed_s": timed_s,
-                      "tokens_per_second": timed_tokens / max(timed_s, 1e-9),
-                      "measured_peak_bytes": peak,
-                      "threads": torch.get_num_threads()}))
+# --- calibration: what a few real steps measured ----------------------------------------------
 
 
 def _apply_calibration(result: dict) -> None:

@@ -25,6 +25,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
 from tunelab.errors import RunError
+from tunelab.model.adapters import METHODS
 
 TUNED_COLOUR = "#2563eb"
 BASE_COLOUR = "#9ca3af"
@@ -356,10 +357,12 @@ def _method_text(config: dict[str, Any]) -> str:
     if not method.get("kind"):
         return ""
     kind = str(method["kind"])
-    names = {"lora": "LoRA", "dora": "DoRA", "rslora": "rsLoRA", "full": "full fine-tuning"}
-    parts = [names.get(kind.lower(), kind)]
+    known = METHODS.get(kind.lower())
+    adapter = known is None or known.adapter
+    parts = [(known.title if known else kind) + (" (rsLoRA scaling)" if adapter and
+                                                 method.get("rslora") else "")]
     parts += [f"{label} {method[key]}" for key, label in (("r", "r"), ("alpha", "α"))
-              if method.get(key) is not None and kind != "full"]
+              if method.get(key) is not None and adapter]
     parts += [f"{label} {train[key]}" for key, label in (("lr", "lr"), ("epochs", "epochs"))
               if train.get(key) is not None]
     return escape(" · ".join(parts))

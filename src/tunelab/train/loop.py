@@ -21,13 +21,14 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from tunelab.config import Config
-from tunelab.data.formats import Example, load_examples
+from tunelab.data.formats import Example
 from tunelab.data.packing import Batch, collate, plan_batches
-from tunelab.data.tokenize import EvalPrompt, TokenizedExample, eval_prompts, tokenize_examples
-from tunelab.errors import DataError, RunError, TrainingError
+from tunelab.data.prepare import prepare_data, schedule_micro_batches
+from tunelab.data.tokenize import EvalPrompt, TokenizedExample, eval_prompts
+from tunelab.errors import RunError, TrainingError
 from tunelab.eval.generate import generate_texts
 from tunelab.model import varlen
-from tunelab.model.adapters import apply_method, save_final
+from tunelab.model.adapters import METHODS, apply_method, save_final
 from tunelab.model.load import describe_model, load_model, load_tokenizer, resolve_device
 from tunelab.runs import MetricsLog, create_run, hash_file, versions, write_manifest
 from tunelab.train.checkpoint import (
@@ -69,40 +70,14 @@ class Prepared:
 
 def prepare(config: Config, console: Console) -> Prepared:
     """Read, normalise and tokenize the data; load the model and attach the adapter."""
-    data, train_cfg = config.data, config.train
+    train_cfg = config.train
     tokenizer = load_tokenizer(config.model.path, config.model.gguf_file)
-    train_examples = load_examples(data.train, data.format, prompt=data.prompt,
-                                   completion=data.completion)
-    validation_examples = (load_examples(data.validation, data.format, prompt=data.prompt,
-                                         completion=data.completion) if data.validation else [])
-    if not validation_examples and data.validation_split > 0:
-        order = list(range(len(train_examples)))
-        random.Random(train_cfg.seed).shuffle(order)
-        n_validation = max(1, round(len(order) * data.validation_split))
-        held_out = set(order[:n_validation])
-        validation_examples = [train_examples[i] for i in sorted(held_out)]
-        train_examples = [ex for i, ex in enumerate(train_examples) if i not in held_out]
-    tokenize = lambda examples: tokenize_examples(  # noqa: E731
-        examples, tokenizer, max_seq_len=train_cfg.max_seq_len, train_on=data.train_on,
-        chat_template=data.chat_template)
-    train_tokens, validation_tokens = tokenize(train_examples), tokenize(validation_examples)
-    report = {
-        "format": train_examples[0].format if train_examples else None,
-        "train_examples": len(train_tokens), "validation_examples": len(validation_tokens),
-        "train_tokens": sum(len(ex.input_ids) for ex in train_tokens),
-        "train_target_tokens": sum(ex.n_target_tokens for ex in train_tokens),
-        "truncated": sum(ex.truncated for ex in train_tokens),
-    }
-    no_target = [ex for ex in train_tokens if ex.n_target_tokens == 0]
-    if no_target:
-        console.print(f"[yellow]warning:[/] {len(no_target)} training examples have no target "
-                      f"tokens left (e.g. {no_target[0].source}:{no_target[0].line}: empty target"
-                      " or cut by max_seq_len); they are skipped.")
-        train_tokens = [ex for ex in train_tokens if ex.n_target_tokens > 0]
-    if not train_tokens:
-        raise DataError("no training example has a target token to learn from",
-                        where=", ".join(data.train),
-                        fix="check data.prompt/data.completion and train.max_seq_len")
+    data = prepare_data(config.data, tokenizer, max_seq_len=train_cfg.max_seq_len,
+                        seed=train_cfg.seed)
+    if data.skipped:
+        console.print(f"[yellow]warning:[/] {len(data.skipped)} training examples have no target "
+                      f"tokens left (e.g. {data.skipped[0].source}:{data.skipped[0].line}: empty "
+                      "target or cut by max_seq_len); they are skipped.")
     device = resolve_device(config.model.device)
     model = load_model(config.model.path, dtype=config.model.dtype, device=str(device),
                        gguf_file=config.model.gguf_file,
@@ -117,27 +92,17 @@ def prepare(config: Config, console: Console) -> Prepared:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
-    return Prepared(train_tokens, [ex for ex in validation_tokens if ex.n_target_tokens > 0],
-                    validation_examples, tokenizer, model, device, report)
+    return Prepared(data.train, data.validation, data.validation_examples, tokenizer, model,
+                    device, data.report)
 
 
-def schedule_micro_batches(lengths: list[int], *, config: Config) -> list[list[int]]:
-    """Every micro-batch of the run in order: seeded epoch plans, concatenated and cut to length."""
+def run_micro_batches(lengths: list[int], config: Config) -> list[list[int]]:
+    """Every micro-batch of the run in order, as ``config.train`` schedules them."""
     train_cfg = config.train
-    plan = lambda epoch: plan_batches(  # noqa: E731
+    return schedule_micro_batches(
         lengths, batch_tokens=train_cfg.batch_tokens, packing=train_cfg.packing,
-        seed=train_cfg.seed + epoch)
-    first = plan(0)
-    if train_cfg.max_steps:
-        wanted = train_cfg.max_steps * train_cfg.grad_accum
-    else:
-        steps = max(1, round(train_cfg.epochs * len(first) / train_cfg.grad_accum))
-        wanted = steps * train_cfg.grad_accum
-    batches, epoch = list(first), 1
-    while len(batches) < wanted:
-        batches += plan(epoch)
-        epoch += 1
-    return batches[:wanted]
+        seed=train_cfg.seed, epochs=train_cfg.epochs, max_steps=train_cfg.max_steps,
+        grad_accum=train_cfg.grad_accum)
 
 
 @torch.no_grad()
@@ -152,7 +117,7 @@ def validation_loss(model, examples: list[TokenizedExample], *, batch_tokens: in
     for indices in plan_batches([len(ex.input_ids) for ex in examples],
                                 batch_tokens=batch_tokens, packing=packing):
         batch = collate([examples[i] for i in indices], packing=packing, pad_id=pad_id).to(device)
-        with _autocast(device):
+        with autocast(device):
             total += float(batch_loss_sum(model, batch, chunk_tokens=chunk_tokens))
         count += batch.n_target_tokens
     model.train(was_training)
@@ -172,8 +137,7 @@ def train(config: Config, *, resume: str | Path | None = None, overwrite: bool =
     prepared = prepare(config, console)
     model, tokenizer, device = prepared.model, prepared.tokenizer, prepared.device
     train_cfg = config.train
-    micro_batches = schedule_micro_batches([len(ex.input_ids) for ex in prepared.train],
-                                           config=config)
+    micro_batches = run_micro_batches([len(ex.input_ids) for ex in prepared.train], config)
     total_steps = len(micro_batches) // train_cfg.grad_accum
     warmup = (train_cfg.warmup_steps if train_cfg.warmup_steps is not None
               else math.ceil(train_cfg.warmup_ratio * total_steps))
@@ -211,7 +175,7 @@ def train(config: Config, *, resume: str | Path | None = None, overwrite: bool =
         "data_report": prepared.data_report, "total_steps": total_steps,
         "warmup_steps": warmup, "status": "running",
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "plan": state.get("plan") or _predicted(config, console),
+        "plan": state.get("plan") or _predicted(config, prepared, console),
     }
     state["plan"] = manifest["plan"]
     try:
@@ -235,8 +199,7 @@ def train(config: Config, *, resume: str | Path | None = None, overwrite: bool =
 
     val_after = evaluate()
     metrics.write(step=state["step"], val_loss=val_after)
-    final_dir = run_dir / ("model" if config.method.kind == "full" else "adapter")
-    save_final(model, tokenizer, final_dir)
+    save_final(model, tokenizer, run_dir / METHODS[config.method.kind].final_folder)
     prompts = _sample_prompts(prepared, config)
     after = _generate(model, tokenizer, prompts, config)
     samples = [{"prompt": p.text, "target": p.target, "before": b, "after": a} for p, b, a in
@@ -343,7 +306,7 @@ def _forward_backward(model, batches: list[Batch], prepared: Prepared, group: li
     loss_sum = 0.0
     for batch in batches:
         batch = batch.to(prepared.device)
-        with _autocast(prepared.device):
+        with autocast(prepared.device):
             loss = batch_loss_sum(model, batch, chunk_tokens=config.train.loss_chunk_tokens)
         if not torch.isfinite(loss):
             raise _non_finite(loss, step, group, prepared)
@@ -382,13 +345,17 @@ def _generate(model, tokenizer, prompts: list[EvalPrompt], config: Config) -> li
                           max_new_tokens=config.train.max_new_tokens)
 
 
-def _predicted(config: Config, console: Console) -> dict:
-    """The planner's prediction for this run, kept in the manifest to track its error."""
-    from tunelab.model.plan import plan
+def _predicted(config: Config, prepared: Prepared, console: Console) -> dict:
+    """The planner's prediction for this run, kept in the manifest to track its error.
 
+    The planner gets the run's own token counts: the data is read and tokenized once.
+    """
+    from tunelab.model.plan import TokenCounts, plan_counts
+
+    counts = TokenCounts.from_tokenized(prepared.train, prepared.validation)
     try:
         with torch.random.fork_rng(devices=[]):  # its matmul benchmark must not move the seed
-            predicted = plan(config)
+            predicted = plan_counts(config, counts)
     except Exception as error:  # the planner must never stop a run it only describes
         console.print(f"[yellow]warning:[/] no cost prediction for the manifest: {error}")
         return {"error": str(error)}
@@ -404,7 +371,7 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _autocast(device: torch.device):
+def autocast(device: torch.device):
     """bf16 autocast on GPUs that support it; plain fp32 elsewhere."""
     enabled = device.type == "cuda" and torch.cuda.is_bf16_supported()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)

@@ -14,15 +14,8 @@ from torch.utils.checkpoint import checkpoint
 
 from tunelab.data.packing import Batch
 from tunelab.data.tokenize import IGNORE_INDEX
+from tunelab.model.adapters import model_parts
 from tunelab.model.varlen import cu_seq_lens
-
-
-def model_parts(model: nn.Module) -> tuple[nn.Module, nn.Module, float | None]:
-    """The decoder body, output layer and logit soft-cap of a causal LM, peft-wrapped or not."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    body = base.get_decoder() if hasattr(base, "get_decoder") else base.model
-    softcap = getattr(base.config, "final_logit_softcapping", None)
-    return body, base.get_output_embeddings(), softcap
 
 
 def hidden_states(model: nn.Module, batch: Batch) -> torch.Tensor:

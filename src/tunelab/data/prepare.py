@@ -1,0 +1,92 @@
+"""The data as a run sees it: read, split off validation, tokenize; the run's micro-batch order.
+
+``prepare_data`` is the one place where a config's data becomes token ids. Training, the
+planner and the planner's calibration run all call it, so the counts a plan predicts from are
+the ones the run trains on.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from tunelab.config import DataConfig
+from tunelab.data.formats import Example, load_examples
+from tunelab.data.packing import plan_batches
+from tunelab.data.tokenize import TokenizedExample, tokenize_examples
+from tunelab.errors import DataError
+
+
+@dataclass
+class TokenizedData:
+    """Tokenized train and validation examples, what was left out, and a summary for the run."""
+
+    train: list[TokenizedExample]  # only examples with at least one target token
+    validation: list[TokenizedExample]  # likewise
+    validation_examples: list[Example]  # before tokenizing, for the before/after samples
+    skipped: list[TokenizedExample]  # training examples with no target token left
+    report: dict
+
+
+def split_validation(examples: list[Example], *, fraction: float,
+                     seed: int) -> tuple[list[Example], list[Example]]:
+    """(train, validation): a seeded ``fraction`` of the examples held out, in file order."""
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    held_out = set(order[:max(1, round(len(order) * fraction))])
+    return ([ex for i, ex in enumerate(examples) if i not in held_out],
+            [examples[i] for i in sorted(held_out)])
+
+
+def prepare_data(data: DataConfig, tokenizer, *, max_seq_len: int, seed: int) -> TokenizedData:
+    """Read and normalise the data files, split off validation data, tokenize both in batches.
+
+    Raises DataError when no training example keeps a target token to learn from.
+    """
+    read = lambda paths: load_examples(paths, data.format, prompt=data.prompt,  # noqa: E731
+                                       completion=data.completion)
+    train_examples = read(data.train)
+    validation_examples = read(data.validation) if data.validation else []
+    if not validation_examples and data.validation_split > 0:
+        train_examples, validation_examples = split_validation(
+            train_examples, fraction=data.validation_split, seed=seed)
+    tokenize = lambda examples: tokenize_examples(  # noqa: E731
+        examples, tokenizer, max_seq_len=max_seq_len, train_on=data.train_on,
+        chat_template=data.chat_template)
+    train_tokens, validation_tokens = tokenize(train_examples), tokenize(validation_examples)
+    report = {
+        "format": train_examples[0].format if train_examples else None,
+        "train_examples": len(train_tokens), "validation_examples": len(validation_tokens),
+        "train_tokens": sum(len(ex.input_ids) for ex in train_tokens),
+        "train_target_tokens": sum(ex.n_target_tokens for ex in train_tokens),
+        "truncated": sum(ex.truncated for ex in train_tokens),
+    }
+    kept = [ex for ex in train_tokens if ex.n_target_tokens > 0]
+    if not kept:
+        raise DataError("no training example has a target token to learn from",
+                        where=", ".join(data.train),
+                        fix="check data.prompt/data.completion and train.max_seq_len")
+    return TokenizedData(kept, [ex for ex in validation_tokens if ex.n_target_tokens > 0],
+                         validation_examples, [ex for ex in train_tokens
+                                               if ex.n_target_tokens == 0], report)
+
+
+def schedule_micro_batches(lengths: list[int], *, batch_tokens: int, packing: bool, seed: int,
+                           epochs: float, max_steps: int | None,
+                           grad_accum: int) -> list[list[int]]:
+    """Every micro-batch of a run in order: seeded epoch plans, concatenated and cut to length.
+
+    A run of ``max_steps`` steps, else of ``epochs`` passes rounded to whole optimizer steps.
+    """
+    plan = lambda epoch: plan_batches(lengths, batch_tokens=batch_tokens,  # noqa: E731
+                                      packing=packing, seed=seed + epoch)
+    first = plan(0)
+    if max_steps:
+        wanted = max_steps * grad_accum
+    else:
+        wanted = max(1, round(epochs * len(first) / grad_accum)) * grad_accum
+    batches, epoch = list(first), 1
+    while len(batches) < wanted:
+        batches += plan(epoch)
+        epoch += 1
+    return batches[:wanted]
