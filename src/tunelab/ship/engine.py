@@ -1,0 +1,312 @@
+"""Continuous batching for serving: one base model, several adapters, one token per turn.
+
+One thread owns the model. Each turn of its loop admits the requests that arrived (one prefill
+per prompt), then advances every running sequence by one token with one forward pass per
+adapter: the KV caches of all sequences on that adapter are left-padded to a common length and
+stacked, so requests for the same adapter share forward passes, and a new request starts on the
+next turn instead of waiting for an unrelated long generation to end. A sequence leaves its
+batch when it finishes or its client goes away, and padding columns no row needs are dropped.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import DynamicCache
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How tokens are picked: greedy at temperature 0, else seeded nucleus sampling."""
+
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    n: int = 1  # choices per prompt
+
+
+@dataclass(frozen=True)
+class Event:
+    """One report about one choice: text ``delta``s, then one ``done``; or an ``error``."""
+
+    kind: str  # delta | done | error
+    index: int = 0  # the choice: prompt number * n + choice number
+    text: str = ""
+    finish_reason: str | None = None  # stop | length
+    completion_tokens: int = 0
+
+
+@dataclass
+class Request:
+    """Prompt token ids for one adapter (``None``: the base model) and how to sample them.
+
+    ``on_event`` is called from the engine's thread; setting ``cancelled`` drops the request's
+    sequences at the next turn.
+    """
+
+    prompts: list[list[int]]
+    adapter: str | None
+    sampling: Sampling
+    on_event: Callable[[Event], None]
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
+class _Row:
+    """One sequence being generated: a choice of a request."""
+
+    request: Request
+    index: int
+    generator: torch.Generator  # shared by a request's choices: its samples depend on it alone
+    tokens: list[int] = field(default_factory=list)
+    sent_chars: int = 0
+
+
+@dataclass
+class _Batch:
+    """The running sequences of one adapter, their stacked KV cache and its padding mask."""
+
+    rows: list[_Row]
+    cache: DynamicCache
+    mask: torch.Tensor  # [rows, columns]: 1 where the cache holds a real token, 0 for padding
+    positions: torch.Tensor  # [rows]: the position id of each row's next input token
+
+
+class Engine:
+    """Generates for queued requests on a background thread; see the module docstring."""
+
+    def __init__(self, model: nn.Module, tokenizer):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = next(model.parameters()).device
+        self.eos_ids = {tokenizer.eos_token_id} - {None}
+        # transformers 5 renamed past_key_values to cache; older releases know only the former
+        body = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self._cache_argument = ("cache" if "cache" in inspect.signature(body.forward).parameters
+                                else "past_key_values")
+        self._inbox: queue.Queue[Request | None] = queue.Queue()
+        self._batches: dict[str | None, _Batch] = {}
+        self._thread = threading.Thread(target=self._loop, name="tunelab-engine", daemon=True)
+        self.decode_passes = 0  # forward passes after the prefills: one per adapter per turn
+        self.cancelled_sequences = 0  # dropped because their client went away
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        self._inbox.put(None)
+        self._thread.join(timeout_s)
+
+    def submit(self, request: Request) -> None:
+        self._inbox.put(request)
+
+    def running_sequences(self) -> int:
+        """How many sequences are being generated now (a cancelled one leaves at the next turn)."""
+        return sum(len(batch.rows) for batch in list(self._batches.values()))
+
+    def _loop(self) -> None:
+        while True:
+            arrived = [] if self._batches else [self._inbox.get()]  # idle: sleep until work
+            while not self._inbox.empty():
+                arrived.append(self._inbox.get_nowait())
+            for request in arrived:
+                if request is None:
+                    return
+                self._guarded([request], self._admit, request)
+            for adapter, batch in list(self._batches.items()):
+                self._guarded([row.request for row in batch.rows], self._step, adapter)
+
+    def _guarded(self, requests: list[Request], work: Callable, *args) -> None:
+        """Run one piece of work; a failure fails the requests involved, not the server."""
+        try:
+            with torch.inference_mode():
+                work(*args)
+        except Exception as error:  # a bug or out-of-memory: report it, keep serving the rest
+            logger.exception("generation failed")
+            failed = {id(request): request for request in requests}
+            for batch_adapter, batch in list(self._batches.items()):
+                if any(id(row.request) in failed for row in batch.rows):
+                    # the batch's cache may be half-updated: its other requests fail too
+                    del self._batches[batch_adapter]
+                    failed.update((id(row.request), row.request) for row in batch.rows)
+            for request in failed.values():
+                request.on_event(Event("error", text=f"{type(error).__name__}: {error}"))
+
+    def _admit(self, request: Request) -> None:
+        """Prefill each prompt once, pick the first token of each choice, join the batch."""
+        generator = torch.Generator()
+        if request.sampling.seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(request.sampling.seed & 0xFFFF_FFFF_FFFF_FFFF)
+        n = request.sampling.n
+        for number, prompt in enumerate(request.prompts):
+            if request.cancelled.is_set():
+                return
+            cache = DynamicCache()
+            logits = self._forward(request.adapter, cache, logits_to_keep=1,
+                                   input_ids=torch.tensor([prompt], device=self.device))
+            cache.batch_repeat_interleave(n)
+            rows = [_Row(request, number * n + choice, generator) for choice in range(n)]
+            batch = _Batch(rows, cache, torch.ones(n, len(prompt), dtype=torch.long,
+                                                   device=self.device),
+                           torch.full((n,), len(prompt), device=self.device))
+            self._advance(batch, logits.expand(n, -1))
+            self._join(request.adapter, batch)
+
+    def _step(self, adapter: str | None) -> None:
+        """One forward pass for every running sequence of ``adapter``: one new token each."""
+        batch = self._batches.pop(adapter)
+        running = [i for i, row in enumerate(batch.rows) if not row.request.cancelled.is_set()]
+        self.cancelled_sequences += len(batch.rows) - len(running)
+        batch = _select(batch, running)
+        if not batch.rows:
+            return
+        self.decode_passes += 1
+        inputs = torch.tensor([[row.tokens[-1]] for row in batch.rows], device=self.device)
+        batch.mask = F.pad(batch.mask, (0, 1), value=1)
+        logits = self._forward(adapter, batch.cache, input_ids=inputs, attention_mask=batch.mask,
+                               position_ids=batch.positions[:, None])
+        batch.positions = batch.positions + 1
+        self._advance(batch, logits)
+        self._join(adapter, batch)
+
+    def _advance(self, batch: _Batch, logits: torch.Tensor) -> None:
+        """Pick each row's next token, report its text, and drop the rows that finished."""
+        greedy = logits.argmax(-1).tolist()
+        running = []
+        for number, row in enumerate(batch.rows):
+            sampling = row.request.sampling
+            token = greedy[number] if sampling.temperature == 0 else _sample(
+                logits[number], sampling.temperature, sampling.top_p, row.generator)
+            row.tokens.append(token)
+            if self._report(row, token):
+                continue
+            if row.request.cancelled.is_set():
+                self.cancelled_sequences += 1
+            else:
+                running.append(number)
+        if len(running) < len(batch.rows):
+            replacement = _select(batch, running)
+            batch.rows, batch.cache = replacement.rows, replacement.cache
+            batch.mask, batch.positions = replacement.mask, replacement.positions
+
+    def _report(self, row: _Row, token: int) -> bool:
+        """Send the row's new text (held back while it may be the start of a stop string).
+
+        Returns whether the row finished: end of sequence, a stop string, or its token budget.
+        """
+        sampling = row.request.sampling
+        reason = "stop" if token in self.eos_ids else None
+        text = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
+        cut = min((i for i in (text.find(s) for s in sampling.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            text, reason = text[:cut], "stop"
+        elif reason is None and len(row.tokens) >= sampling.max_new_tokens:
+            reason = "length"
+        ready = len(text) if reason else _safe_length(text, sampling.stop)
+        if ready > row.sent_chars:
+            row.request.on_event(Event("delta", row.index, text[row.sent_chars:ready]))
+            row.sent_chars = ready
+        if reason:
+            row.request.on_event(Event("done", row.index, finish_reason=reason,
+                                       completion_tokens=len(row.tokens)))
+        return reason is not None
+
+    def _join(self, adapter: str | None, batch: _Batch) -> None:
+        if not batch.rows:
+            return
+        running = self._batches.get(adapter)
+        self._batches[adapter] = batch if running is None else _merge(running, batch)
+
+    def _forward(self, adapter: str | None, cache: DynamicCache, **inputs) -> torch.Tensor:
+        """The next-token logits of each row, with ``adapter`` on, extending ``cache``."""
+        with self._adapter(adapter):
+            output = self.model(**inputs, **{self._cache_argument: cache}, use_cache=True)
+        return output.logits[:, -1]
+
+    @contextmanager
+    def _adapter(self, adapter: str | None) -> Iterator[None]:
+        """Run the model with ``adapter`` active, or with every adapter off for the base."""
+        if not hasattr(self.model, "disable_adapter"):  # a plain model: the base alone
+            yield
+        elif adapter is None:
+            with self.model.disable_adapter():
+                yield
+        else:
+            if self.model.active_adapter != adapter:
+                self.model.set_adapter(adapter, inference_mode=True)
+            yield
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float,
+            generator: torch.Generator) -> int:
+    """A token from softmax(logits / temperature), limited to the top-``top_p`` mass."""
+    probabilities = torch.softmax(logits.float().cpu() / temperature, -1)
+    if top_p < 1.0:
+        sorted_probabilities, order = probabilities.sort(descending=True)
+        # keep the most likely tokens until their mass reaches top_p (always at least one)
+        outside = sorted_probabilities.cumsum(-1) - sorted_probabilities >= top_p
+        sorted_probabilities[outside] = 0
+        probabilities = torch.zeros_like(probabilities).scatter(-1, order, sorted_probabilities)
+    return int(torch.multinomial(probabilities, 1, generator=generator))
+
+
+def _safe_length(text: str, stop: tuple[str, ...]) -> int:
+    """How much of ``text`` can be sent: not a partial character, nor a stop string's start."""
+    safe = len(text.rstrip("\ufffd"))  # an incomplete UTF-8 character decodes as U+FFFD
+    for marker in stop:
+        for size in range(min(len(marker) - 1, len(text)), 0, -1):
+            if text.endswith(marker[:size]):
+                safe = min(safe, len(text) - size)
+                break
+    return safe
+
+
+def _layers(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def _select(batch: _Batch, keep: list[int]) -> _Batch:
+    """The batch with only rows ``keep``, minus the left padding columns no kept row needs."""
+    if len(keep) == len(batch.rows):
+        return batch
+    if not keep:
+        return _Batch([], DynamicCache(), batch.mask[:0], batch.positions[:0])
+    index = torch.tensor(keep, device=batch.mask.device)
+    mask = batch.mask[index]
+    first = int(mask.any(0).int().argmax())  # the first column some kept row uses
+    layers = [(keys[index, :, first:], values[index, :, first:])
+              for keys, values in _layers(batch.cache)]
+    return _Batch([batch.rows[i] for i in keep], DynamicCache(layers), mask[:, first:],
+                  batch.positions[index])
+
+
+def _merge(left: _Batch, right: _Batch) -> _Batch:
+    """Stack two batches of one adapter, left-padding the shorter cache to the longer one."""
+    width = max(left.mask.shape[1], right.mask.shape[1])
+
+    def pad(tensor: torch.Tensor, dim_from_end: int) -> torch.Tensor:
+        missing = width - tensor.shape[-dim_from_end]
+        return F.pad(tensor, (0, 0) * (dim_from_end - 1) + (missing, 0)) if missing else tensor
+
+    layers = [(torch.cat([pad(left_keys, 2), pad(right_keys, 2)]),
+               torch.cat([pad(left_values, 2), pad(right_values, 2)]))
+              for (left_keys, left_values), (right_keys, right_values)
+              in zip(_layers(left.cache), _layers(right.cache), strict=True)]
+    return _Batch(left.rows + right.rows, DynamicCache(layers),
+                  torch.cat([pad(left.mask, 1), pad(right.mask, 1)]),
+                  torch.cat([left.positions, right.positions]))
