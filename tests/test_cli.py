@@ -60,7 +60,7 @@ def test_malformed_records_name_file_and_line(case, tmp_path, tiny_model_dir, mo
                                               capsys):
     config = project(tmp_path, tiny_model_dir, BAD_DATA[case])
     code, _, err = run_cli(monkeypatch, capsys, "train", str(config))
-    assert code != 0
+    assert code == 2  # a data error: the user's to fix, not a crash
     assert "train.jsonl:2" in err, err
     assert "Traceback" not in err
     assert not (tmp_path / "runs" / "cli-run").exists()
@@ -71,7 +71,7 @@ def test_non_utf8_bytes_name_the_line(tmp_path, tiny_model_dir, monkeypatch, cap
     (tmp_path / "train.jsonl").write_bytes(b'{"text": "ok", "label": "a"}\n'
                                            b'{"text": "caf\xe9", "label": "b"}\n')
     code, _, err = run_cli(monkeypatch, capsys, "train", str(config))
-    assert code != 0 and "train.jsonl:2" in err and "UTF-8" in err
+    assert code == 2 and "train.jsonl:2" in err and "UTF-8" in err
     assert not (tmp_path / "runs" / "cli-run").exists()
 
 
@@ -79,7 +79,7 @@ def test_empty_file(tmp_path, tiny_model_dir, monkeypatch, capsys):
     config = project(tmp_path, tiny_model_dir)
     (tmp_path / "train.jsonl").write_text("")
     code, _, err = run_cli(monkeypatch, capsys, "train", str(config))
-    assert code != 0 and "train.jsonl" in err and "empty" in err.lower()
+    assert code == 2 and "train.jsonl" in err and "empty" in err.lower()
 
 
 def test_unknown_config_key_suggests_the_right_one(tmp_path, tiny_model_dir, monkeypatch,
@@ -98,9 +98,15 @@ def test_wrong_config_type_names_the_key(tmp_path, tiny_model_dir, monkeypatch, 
 
 @pytest.mark.parametrize("model_path", ["./no-such-model", "missing_dir/model"])
 def test_missing_model_path(model_path, tmp_path, monkeypatch, capsys):
+    import huggingface_hub.constants
+
+    # "missing_dir/model" also reads as a hub id: stay offline rather than retry the hub for a
+    # minute (huggingface_hub reads the variable once, at import)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     config = project(tmp_path, model_path)
     code, _, err = run_cli(monkeypatch, capsys, "train", str(config))
-    assert code == 2 and "no-such-model" in err or "missing_dir/model" in err
+    assert code == 2 and model_path.removeprefix("./") in err, err
     assert not (tmp_path / "runs").exists()
 
 
@@ -131,7 +137,7 @@ def test_train_generate_and_data_check_from_the_cli(tmp_path, tiny_model_dir, mo
                            "Review: the movie was good\nSentiment:", "--max-new-tokens", "3")
     assert code == 0 and out.strip()
     code, out, err = run_cli(monkeypatch, capsys, "train", "--resume", str(run))
-    assert code != 0 and "no complete checkpoint" in err
+    assert code == 2 and "no complete checkpoint" in err
     report_path = tmp_path / "report.json"
     code, out, _ = run_cli(monkeypatch, capsys, "data", "check", str(config), "--json",
                            str(report_path))
