@@ -55,6 +55,8 @@ def render_throughput(result: dict) -> str:
     ratios = result["summary"]["ratios"]
     workload, data = result["workload"], result["data"]
     repeats = workload["repeats"]
+    positions = {row["side"]: (row["processed_tokens"], row["non_padding_tokens"])
+                 for row in result["runs"]}
     return (
         "| | HF Trainer + peft | tunelab | ratio |\n"
         "|---|---|---|---|\n"
@@ -66,7 +68,9 @@ def render_throughput(result: dict) -> str:
         f"relative difference {abs(ratios['final_loss_relative_difference']):.1e} |\n\n"
         f"{workload['steps']} optimizer steps of {workload['per_step']} examples (median "
         f"{data['median_tokens']:.0f}, max {data['max_tokens']} tokens), median of {repeats} "
-        f"alternating runs a side. Measured by {_origin(result)}.\n")
+        f"alternating runs a side; the baseline computes {positions['baseline'][0]:,} token "
+        f"positions for {positions['baseline'][1]:,} real tokens, tunelab "
+        f"{positions['tunelab'][0]:,}. Measured by {_origin(result)}.\n")
 
 
 def render_plan_check(result: dict) -> str:
