@@ -2,7 +2,6 @@
 
 import gzip
 import json
-import time
 
 import pytest
 
@@ -192,12 +191,24 @@ def test_unknown_extension_lists_supported_kinds(tmp_path):
     assert ".parquet" in error.value.fix
 
 
-def test_100k_line_jsonl_reads_quickly(tmp_path):
+def test_100k_line_jsonl_is_parsed_in_one_pass(tmp_path, monkeypatch):
+    """Work, not time: each line goes to the JSON parser once, on its own, so the characters
+    parsed add up to the file's; re-parsing the rest of the file per record (a quadratic
+    regression) would hand the parser ~n²/2 lines."""
+    lines = [json.dumps({"prompt": f"Review {i}: a fine film with a plot\nSentiment:",
+                         "completion": " p"}) for i in range(100_000)]
     path = tmp_path / "big.jsonl"
-    line = json.dumps({"prompt": "Review: a fine film with a plot\nSentiment:", "completion": " p"})
-    path.write_text((line + "\n") * 100_000, encoding="utf-8")
-    start = time.perf_counter()
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    parsed_chars = []
+    real_loads = json.loads
+
+    def counting_loads(text, *args, **kwargs):
+        parsed_chars.append(len(text))
+        return real_loads(text, *args, **kwargs)
+
+    monkeypatch.setattr(json, "loads", counting_loads)
     records = read_records(path)
-    elapsed_s = time.perf_counter() - start
+    assert len(parsed_chars) == 100_000 and sum(parsed_chars) == sum(map(len, lines))
     assert len(records) == 100_000 and records[-1].line == 100_000
-    assert elapsed_s < 5  # about 0.5 s on a laptop; the bound catches a quadratic regression
+    assert records[54_321].fields["prompt"].startswith("Review 54321:")
+    assert records[54_321].line == 54_322
