@@ -219,7 +219,7 @@ def test_predicted_peak_matches_a_real_training_run(tmp_path, tiny_model_dir):
     is checked exactly above; real models are checked in benchmarks/README.md). Measured with
     VmHWM: ``ru_maxrss`` starts at the parent's RSS after fork+exec, so under pytest it read
     1.2 GB for a 0.45 GB run. Four runs, one from a 1.2 GB parent: prediction +1% to +7%;
-    ±15% leaves room for the runtime's drift across library versions."""
+    ±20% leaves room for the runtime's drift across library versions."""
     config = make_config(tmp_path, tiny_model_dir, batch_tokens=512)
     predicted = plan(config)["memory"]["predicted_peak_bytes"]
     completed = subprocess.run([sys.executable, "-c", MEASURE,
@@ -227,7 +227,32 @@ def test_predicted_peak_matches_a_real_training_run(tmp_path, tiny_model_dir):
                                capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-2000:]
     measured = int(completed.stdout.strip().splitlines()[-1])
-    assert predicted == pytest.approx(measured, rel=0.15)
+    assert predicted == pytest.approx(measured, rel=0.20)
+
+
+@pytest.mark.slow
+def test_predicted_peak_matches_a_lora_run_of_the_packaged_model(tmp_path, embedded_model):
+    """A model large enough for activations and fragmentation to dominate the runtime part:
+    SmolLM2-135M, LoRA on every linear layer, 2,048-token micro-batches of real reviews (the
+    sentiment example's). benchmarks/README.md's plan check measured +1% to +6% here."""
+    sentiment = Path(__file__).resolve().parents[2] / "examples" / "sentiment"
+    config = config_from_dict({
+        "name": "plan-smollm2", "output_dir": str(tmp_path / "runs"),
+        "model": {"path": embedded_model},
+        "method": {"kind": "lora", "r": 16, "alpha": 32, "dropout": 0.05},
+        "data": {"train": str(sentiment / "train.jsonl"),
+                 "validation": str(sentiment / "valid.jsonl"),
+                 "prompt": "Review: {text}\nSentiment:", "completion": " {label}"},
+        "train": {"max_steps": 3, "batch_tokens": 2048, "max_seq_len": 256, "samples": 0,
+                  "seed": 0, "lr": 1e-4}})
+    predicted = plan(config)["memory"]["predicted_peak_bytes"]
+    completed = subprocess.run([sys.executable, "-c", MEASURE,
+                                json.dumps(config.model_dump(mode="json"))],
+                               capture_output=True, text=True, timeout=900)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    measured = int(completed.stdout.strip().splitlines()[-1])
+    assert measured > 2 * 2**30  # activations, not the runtime, dominate this peak
+    assert predicted == pytest.approx(measured, rel=0.10)
 
 
 def test_peak_rss_is_this_process_not_its_parent():
