@@ -30,9 +30,8 @@ from torch import nn
 from tunelab.data.packing import Batch, collate, plan_batches
 from tunelab.data.tokenize import TokenizedExample
 from tunelab.errors import ConfigError, TrainingError
+from tunelab.model.adapters import METHODS
 from tunelab.train.loss import batch_loss_sum
-
-ADAPTER_KINDS = ("lora", "dora", "qlora")
 
 
 @dataclass(frozen=True)
@@ -95,7 +94,7 @@ def strategy_for(method_kind: str, distributed: str) -> str:
     for full fine-tuning (weights, gradients and optimizer state sharded across the ranks)."""
     if distributed != "auto":
         return distributed
-    return "ddp" if method_kind in ADAPTER_KINDS else "fsdp"
+    return "ddp" if METHODS[method_kind].adapter else "fsdp"
 
 
 def world_size_from_env() -> int:
@@ -159,6 +158,10 @@ def wrap(model: nn.Module, cluster: Cluster, *, chunk_tokens: int) -> nn.Module:
     Build the optimizer after this call: FSDP2 replaces the parameters by sharded DTensors.
     """
     step_loss = StepLoss(model, chunk_tokens)
+    if cluster.world_size > 1:
+        # Same seed until here (the same adapter initialisation everywhere); from here on each
+        # rank draws its own dropout masks.
+        torch.manual_seed(torch.initial_seed() + cluster.rank)
     if cluster.strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
@@ -171,7 +174,7 @@ def wrap(model: nn.Module, cluster: Cluster, *, chunk_tokens: int) -> nn.Module:
         # DDP registers gradient hooks on parameters that require grad only: the frozen base
         # is never all-reduced.
         return DistributedDataParallel(step_loss, device_ids=device_ids, init_sync=False,
-                                       broadcast_buffers=False)
+                                       forward_sync_buffers=False)
     if cluster.strategy == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
@@ -219,6 +222,16 @@ def full_state(model: nn.Module, cluster: Cluster) -> dict | None:
     options = StateDictOptions(full_state_dict=True, cpu_offload=True,
                                ignore_frozen_params=True)
     return get_model_state_dict(model, options=options)
+
+
+class Unlogged:
+    """The metrics log of ranks other than 0: they compute the same numbers and write none."""
+
+    def write(self, **record) -> None:
+        pass
+
+    def truncate_after(self, step: int) -> None:
+        pass
 
 
 # --- the data -----------------------------------------------------------------------------
@@ -288,7 +301,7 @@ def collate_share(examples: list[TokenizedExample], micro_batches: list[list[int
     for indices in micro_batches:
         batch = collate([examples[i] for i in indices or [filler]], packing=packing,
                         pad_id=pad_id)
-        batches.append(batch if indices else replace(batch, n_target_tokens=0))
+        batches.append(batch if indices else replace(batch, n_tokens=0, n_target_tokens=0))
     return batches
 
 
