@@ -92,6 +92,10 @@ class DataConfig(_Section):
         "Which tokens carry the loss: completion (targets and assistant turns only) or all."))
     chat_template: str | None = Field(None, description=(
         "A Jinja chat template used instead of the tokenizer's own (ChatML when it has none)."))
+    truncation: Literal["prompt", "drop", "end"] = Field("prompt", description=(
+        "An example longer than train.max_seq_len: prompt cuts the middle of its prompt and "
+        "keeps the whole target; drop leaves it out; end cuts its end, target included. "
+        "tunelab data check counts the examples each choice affects."))
 
     @field_validator("train", "validation", "test", mode="before")
     @classmethod

@@ -8,7 +8,7 @@ from rich.console import Console
 
 from tunelab.data.formats import Example, load_examples
 from tunelab.data.quality import quality_report, render_quality_report
-from tunelab.data.tokenize import tokenize_examples
+from tunelab.data.tokenize import TokenizedExample, tokenize_examples, truncation_effects
 from tunelab.errors import ModelError
 
 
@@ -36,23 +36,46 @@ def check_data(source: str | Path, *, max_seq_len: int | None = None, model: str
         model = model or config.model.path
         max_seq_len = max_seq_len or config.train.max_seq_len
         train_on, chat_template = data.train_on, data.chat_template
+        truncation = data.truncation
     else:
         train, validation, test = load_examples([str(source)]), None, None
-        train_on, chat_template = "completion", None
-    lengths = None
+        train_on, chat_template, truncation = "completion", None, "prompt"
+    lengths = tokenized = None
     if model:
         splits = {"train": train, "validation": validation or [], "test": test or []}
-        lengths = _token_lengths(splits, model, train_on=train_on, chat_template=chat_template,
-                                 console=console)
+        tokenized = _tokenized(splits, model, train_on=train_on, chat_template=chat_template,
+                               console=console)
+    if tokenized is not None:
+        lengths = {split: [len(ex.input_ids) for ex in items] for split, items in tokenized.items()}
     report = quality_report(train, validation, test, token_lengths=lengths,
                             max_seq_len=max_seq_len)
     report["warnings"] = _ignored_columns(train) + report.get("warnings", [])
+    if tokenized is not None and max_seq_len:
+        report["truncation"] = {"setting": truncation,
+                                **truncation_effects(tokenized["train"], max_seq_len)}
     render_quality_report(report, console)
+    _render_truncation(report.get("truncation"), console)
     return report
 
 
-def _token_lengths(splits: dict[str, list[Example]], model: str, *, train_on: str,
-                   chat_template: str | None, console: Console) -> dict[str, list[int]] | None:
+def _render_truncation(effects: dict | None, console: Console) -> None:
+    """How many training examples each data.truncation choice changes, when any is too long."""
+    if not effects or not effects["longer"]:
+        return
+    prompt, end = effects["prompt"], effects["end"]
+    console.print(
+        f"{effects['longer']:,} training examples are longer than max_seq_len="
+        f"{effects['max_seq_len']} (data.truncation is {effects['setting']}). prompt: cuts the "
+        f"prompt of {prompt['prompt_cut']:,} and keeps their whole target"
+        + (f"; {prompt['target_cut']:,} have a target longer than max_seq_len by itself, which "
+           "loses its end" if prompt["target_cut"] else "")
+        + f". drop: leaves out {effects['drop']['dropped']:,}. end: cuts the target of "
+        f"{end['target_cut']:,} ({end['target_lost']:,} lose all of it).")
+
+
+def _tokenized(splits: dict[str, list[Example]], model: str, *, train_on: str,
+               chat_template: str | None, console: Console
+               ) -> dict[str, list[TokenizedExample]] | None:
     from tunelab.model.load import load_tokenizer
 
     try:
@@ -60,9 +83,9 @@ def _token_lengths(splits: dict[str, list[Example]], model: str, *, train_on: st
     except ModelError as error:
         console.print(f"[yellow]warning:[/] no token lengths: {error.render()}")
         return None
-    return {split: [len(ex.input_ids) for ex in tokenize_examples(
-        examples, tokenizer, max_seq_len=10**9, train_on=train_on, chat_template=chat_template)]
-        for split, examples in splits.items()}
+    return {split: tokenize_examples(examples, tokenizer, max_seq_len=10**9, train_on=train_on,
+                                     chat_template=chat_template)
+            for split, examples in splits.items()}
 
 
 def _ignored_columns(examples: list[Example]) -> list[str]:

@@ -52,7 +52,7 @@ def prepare_data(data: DataConfig, tokenizer, *, max_seq_len: int, seed: int) ->
             train_examples, fraction=data.validation_split, seed=seed)
     tokenize = lambda examples: tokenize_examples(  # noqa: E731
         examples, tokenizer, max_seq_len=max_seq_len, train_on=data.train_on,
-        chat_template=data.chat_template)
+        chat_template=data.chat_template, truncation=data.truncation)
     train_tokens, validation_tokens = tokenize(train_examples), tokenize(validation_examples)
     report = {
         "format": train_examples[0].format if train_examples else None,

@@ -5,6 +5,11 @@ every metric with a bootstrap 95% interval, the metric under each prompt variant
 a paired comparison of tuned against base on the same examples (McNemar for accuracy), and the
 outputs themselves, so the worst cases can be read. The result is written to
 ``<run>/eval/<split>.json`` and returned.
+
+Every data format is evaluated as it was trained: prompts come from ``data/render.py`` through
+``data/tokenize.eval_prompts`` (the ids training put before the reference). Template data
+renders each prompt variant; chat, instruction and completion data are evaluated on the
+reference (the last trained assistant turn, or the output / completion) after their prompt.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import json
 import random
 import string
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -20,9 +26,12 @@ from rich.console import Console
 from rich.table import Table
 
 from tunelab.config import Config, EvalConfig
-from tunelab.data.formats import Record, to_example
+from tunelab.data.formats import Example, detect_format, example_prompt, to_example
 from tunelab.data.quality import leaked_examples
 from tunelab.data.readers import read_records
+from tunelab.data.records import Record
+from tunelab.data.render import prompt_segments, reference_text
+from tunelab.data.tokenize import EvalPrompt, eval_prompts
 from tunelab.errors import ConfigError, RunError
 from tunelab.eval.generate import generate_texts, score_continuations
 from tunelab.eval.stats import mcnemar, paired_bootstrap, spread
@@ -38,13 +47,21 @@ def evaluate(config: Config, *, run_dir: str | Path | None = None, base: bool = 
                           fix="add e.g. eval: {task: classification, labels: [negative, "
                           "positive]}")
     eval_cfg = config.eval
-    prompt, completion = _templates(config)
+    fmt, prompt, completion = _templates(config)
     records = _records(config, eval_cfg)
     pool = _shot_pool(config, eval_cfg)
     task = TASKS[eval_cfg.task](labels=eval_cfg.labels, entity_types=eval_cfg.entity_types,
                                 n_resamples=eval_cfg.bootstrap, seed=eval_cfg.seed)
     variants = eval_cfg.prompt_variants or [prompt]
-    golds = [task.gold(_render(r, prompt, completion)[1]) for r in records]
+    golds = [task.gold(reference_text(_example(r, fmt, prompt, completion))) for r in records]
+
+    def prompts_for(variant: str | None, tokenizer) -> list[EvalPrompt]:
+        """Each record's prompt under one variant, few-shot demonstrations included."""
+        examples = [_example(record, fmt, variant, completion) for record in records]
+        demos = choose_demos(examples, [_example(r, fmt, variant, completion) for r in pool],
+                             shots=eval_cfg.shots, seed=eval_cfg.seed) if pool else None
+        return eval_prompts(examples, tokenizer, chat_template=config.data.chat_template,
+                            demos=demos, max_seq_len=config.train.max_seq_len)
     contexts = [_context(r, eval_cfg.context) for r in records]
     leakage = _split_leakage(config, eval_cfg, records, prompt, completion)
     models = _load_models(config, run_dir, want_base=base, want_tuned=tuned)
@@ -58,11 +75,12 @@ def evaluate(config: Config, *, run_dir: str | Path | None = None, base: bool = 
     for which, (model, tokenizer, context) in models.items():
         with context():
             result["models"][which] = _evaluate_model(
-                model, tokenizer, task, eval_cfg, records, variants, completion, pool, golds,
-                contexts, leaked=leakage["indices"])
+                model, tokenizer, task, eval_cfg, records, variants, completion, prompts_for,
+                golds, contexts, leaked=leakage["indices"])
     result["comparison"] = _compare(result["models"], task)
     for outcome in result["models"].values():
         outcome.pop("paired")  # a function of resampled indices for corpus metrics: not data
+        outcome.pop("paired_others")
     result["wall_s"] = round(time.perf_counter() - started, 1)
     if run_dir is not None:
         out = Path(run_dir) / "eval"
@@ -76,20 +94,21 @@ def evaluate(config: Config, *, run_dir: str | Path | None = None, base: bool = 
 
 
 def _evaluate_model(model, tokenizer, task: Task, eval_cfg: EvalConfig, records: list[Record],
-                    variants: list[str], completion: str, pool: list[Record], golds: list,
+                    variants: list[str | None], completion: str | None,
+                    prompts_for: Callable[[str | None, object], list[EvalPrompt]], golds: list,
                     contexts: list, leaked: set[int]) -> dict:
     outcome = {"variants": []}
     for number, template in enumerate(variants):
-        prompts = build_prompts(records, template, completion, shots=eval_cfg.shots, pool=pool,
-                                seed=eval_cfg.seed)
+        prompts = prompts_for(template, tokenizer)
         raw, predictions, failures = _predict(model, tokenizer, task, eval_cfg, prompts,
-                                              records, completion)
+                                              completion)
         scored = task.score(golds, predictions, contexts)
         outcome["variants"].append({"prompt": template, "metrics": scored.metrics,
                                     "parse_failures": {"count": failures,
                                                        "rate": failures / max(1, len(records))}})
         if number == 0:
-            outcome.update(metrics=scored.metrics, paired=scored.paired, **scored.extra)
+            outcome.update(metrics=scored.metrics, paired=scored.paired,
+                           paired_others=scored.paired_others, **scored.extra)
             clean = [i for i in range(len(records)) if i not in leaked]
             if leaked and clean:  # the same metric on the examples that do not leak
                 outcome["metrics_without_leaked"] = task.score(
@@ -97,7 +116,7 @@ def _evaluate_model(model, tokenizer, task: Task, eval_cfg: EvalConfig, records:
                     [contexts[i] for i in clean]).metrics
             outcome["parse_failures"] = outcome["variants"][0]["parse_failures"]
             outcome["predictions"] = [
-                {"index": i, "input": p[-600:], "gold": _show(g), "prediction": _show(r),
+                {"index": i, "input": p.text[-600:], "gold": _show(g), "prediction": _show(r),
                  "score": s}
                 for i, (p, g, r, s) in enumerate(zip(prompts, golds, raw, scored.per_example,
                                                      strict=True))]
@@ -114,56 +133,72 @@ def build_prompts(records: list[Record], template: str, completion: str, *, shot
     Demonstrations are drawn per example with a fixed seed, never the example itself (nor any
     training record with the same prompt), and use the same template as the query.
     """
-    prompts = []
-    for index, record in enumerate(records):
-        query, _ = _render(record, template, completion)
+    examples = [_example(record, "template", template, completion) for record in records]
+    pool_examples = [_example(record, "template", template, completion) for record in pool or []]
+    demos = choose_demos(examples, pool_examples, shots=shots, seed=seed)
+    return ["".join(s.text for s in prompt_segments(example, None, demos=shown)[0])
+            for example, shown in zip(examples, demos, strict=True)]
+
+
+def choose_demos(examples: list[Example], pool: list[Example], *, shots: int, seed: int
+                 ) -> list[list[Example]]:
+    """``shots`` solved examples from ``pool`` for each example: drawn with a fixed seed per
+    example, never one with the same prompt as the example itself."""
+    chosen = []
+    for index, example in enumerate(examples):
+        query = example_prompt(example)
         demos = []
         if shots and pool:
             rng = random.Random(seed * 1_000_003 + index)
-            candidates = rng.sample(range(len(pool)), min(len(pool), shots * 3 + 3))
-            for choice in candidates:
-                demo_prompt, demo_completion = _render(pool[choice], template, completion)
-                if demo_prompt != query:
-                    demos.append(demo_prompt + demo_completion)
+            for choice in rng.sample(range(len(pool)), min(len(pool), shots * 3 + 3)):
+                if example_prompt(pool[choice]) != query:
+                    demos.append(pool[choice])
                 if len(demos) == shots:
                     break
-        prompts.append("\n\n".join(demos + [query]))
-    return prompts
+        chosen.append(demos)
+    return chosen
 
 
-def _predict(model, tokenizer, task: Task, eval_cfg: EvalConfig, prompts: list[str],
-             records: list[Record], completion: str) -> tuple[list[str], list, int]:
+def _predict(model, tokenizer, task: Task, eval_cfg: EvalConfig, prompts: list[EvalPrompt],
+             completion: str | None) -> tuple[list[str], list, int]:
     """Raw outputs, parsed predictions and the number of unparseable outputs."""
-    if task.kind == "classification" and eval_cfg.predict in ("score", "both"):
-        options = [_label_completion(completion, label) for label in eval_cfg.labels]
-        scores = score_continuations(model, tokenizer, prompts, options)
+    ids = [prompt.ids for prompt in prompts]
+    if task.scores_labels and eval_cfg.predict in ("score", "both"):
+        # A label continues the prompt as training's target did: through the completion
+        # template, or (chat, instruction, completion data) as the reply itself.
+        options = [_label_completion(completion or "{label}", label) for label in eval_cfg.labels]
+        scores = score_continuations(model, tokenizer, ids, options)
         chosen = [eval_cfg.labels[i] for i in scores.argmax(1).tolist()]
         return chosen, chosen, 0
-    outputs = generate_texts(model, tokenizer, prompts, max_new_tokens=eval_cfg.max_new_tokens,
+    outputs = generate_texts(model, tokenizer, ids, max_new_tokens=eval_cfg.max_new_tokens,
                              batch_size=eval_cfg.batch_size, stop=eval_cfg.stop)
     parsed = [task.parse(output) for output in outputs]
     return outputs, [p for p, _ in parsed], sum(failed for _, failed in parsed)
 
 
 def _compare(models: dict, task: Task) -> dict:
-    """Tuned minus base on the same examples: paired bootstrap, McNemar for accuracy."""
+    """Tuned minus base on the same examples: paired bootstrap (of the primary metric and of
+    those the task pairs too), McNemar for a right/wrong primary metric."""
     if not {"base", "tuned"} <= models.keys():
         return {}
     base, tuned = models["base"], models["tuned"]
+    series = {task.primary: (base["paired"], tuned["paired"])}
+    series.update({name: (base["paired_others"][name], values)
+                   for name, values in tuned["paired_others"].items()})
     comparison = {}
     for name, tuned_metric in tuned["metrics"].items():
         entry = {"base": base["metrics"][name]["value"], "tuned": tuned_metric["value"],
                  "delta": tuned_metric["value"] - base["metrics"][name]["value"]}
-        if name == task.primary:
-            paired = paired_bootstrap(base["paired"], tuned["paired"], n=tuned_metric["n"],
+        if name in series:
+            paired = paired_bootstrap(*series[name], n=tuned_metric["n"],
                                       n_resamples=task.n_resamples, seed=task.seed)
             entry.update(ci=paired["ci"], p_value=paired["p_value"],
                          significant=paired["significant"], test="paired bootstrap")
-            if name == "accuracy":
-                exact = mcnemar([s > 0.5 for s in base["paired"]],
-                                [s > 0.5 for s in tuned["paired"]])
-                entry.update(p_value=exact["p_value"], significant=exact["significant"],
-                             test="mcnemar", discordant=[exact["b"], exact["c"]])
+        if name == task.primary and task.exact_test:
+            exact = mcnemar([s > 0.5 for s in base["paired"]],
+                            [s > 0.5 for s in tuned["paired"]])
+            entry.update(p_value=exact["p_value"], significant=exact["significant"],
+                         test="mcnemar", discordant=[exact["b"], exact["c"]])
         comparison[name] = entry
     return comparison
 
@@ -213,11 +248,11 @@ def _split_leakage(config: Config, eval_cfg: EvalConfig, records: list[Record], 
     sources = {"train": config.data.train}
     if eval_cfg.split == "test":
         sources["validation"] = config.data.validation
-    evaluated = [to_example(record, "template", prompt=prompt, completion=completion)
-                 for record in records]
+    fmt = "template" if prompt is not None else config.data.format
+    evaluated = [_example(record, fmt, prompt, completion) for record in records]
     leaked: dict[int, dict] = {}
     for split, paths in sources.items():
-        earlier = [to_example(record, "template", prompt=prompt, completion=completion)
+        earlier = [_example(record, fmt, prompt, completion)
                    for path in paths for record in read_records(path)]
         for index, how in leaked_examples(earlier, evaluated).items():
             leaked.setdefault(index, {"index": index, "where": evaluated[index].where,
@@ -226,14 +261,22 @@ def _split_leakage(config: Config, eval_cfg: EvalConfig, records: list[Record], 
     return {"count": len(places), "examples": places[:20], "indices": set(leaked)}
 
 
-def _templates(config: Config) -> tuple[str, str]:
-    if config.data.prompt is not None:
-        return config.data.prompt, config.data.completion
-    if config.data.format in ("auto", "completion"):
-        return "{prompt}", "{completion}"
-    raise ConfigError(f"evaluation needs prompt/completion data, not data.format "
-                      f"{config.data.format!r}", where="data.prompt",
-                      fix="set data.prompt and data.completion templates over the columns")
+def _templates(config: Config) -> tuple[str, str | None, str | None]:
+    """(format, prompt template, completion template) the evaluated records are read with."""
+    data, eval_cfg = config.data, config.eval
+    if data.prompt is not None:
+        return "template", data.prompt, data.completion
+    if data.format == "text":
+        raise ConfigError("plain text data (data.format text) has no prompt and reference to "
+                          "evaluate", where="data.format",
+                          fix="evaluate chat, instruction, completion or template data")
+    if eval_cfg.prompt_variants:
+        raise ConfigError("eval.prompt_variants are format strings over a record's columns, "
+                          f"for template data; this data is read as {data.format!r}",
+                          where="eval.prompt_variants",
+                          fix="remove eval.prompt_variants, or use template data (data.prompt "
+                          "and data.completion)")
+    return data.format, None, None
 
 
 def _records(config: Config, eval_cfg: EvalConfig) -> list[Record]:
@@ -252,9 +295,11 @@ def _shot_pool(config: Config, eval_cfg: EvalConfig) -> list[Record]:
     return [record for path in config.data.train for record in read_records(path)]
 
 
-def _render(record: Record, prompt: str, completion: str) -> tuple[str, str]:
-    example = to_example(record, "template", prompt=prompt, completion=completion)
-    return example.segments[0].text, example.segments[1].text
+def _example(record: Record, fmt: str, prompt: str | None, completion: str | None) -> Example:
+    """A record as training reads it: through the templates, or in its (detected) format."""
+    if fmt == "template":
+        return to_example(record, "template", prompt=prompt, completion=completion)
+    return to_example(record, detect_format(record) if fmt == "auto" else fmt)
 
 
 def _label_completion(completion: str, label: str) -> str:
@@ -324,6 +369,13 @@ def render_eval(result: dict, console: Console) -> None:
             rate = outcome["hallucination"]["rate"]
             console.print(f"{which}: hallucination rate {rate:.1%} of predicted spans not in "
                           "the input")
+        lengths = outcome.get("output_length")
+        if lengths:
+            console.print(f"{which}: outputs {lengths['mean_words']:.1f} words on average "
+                          f"(median {lengths['median_words']:.0f}, max {lengths['max_words']}); "
+                          f"references {lengths['reference_mean_words']:.1f}")
+        for note in outcome.get("notes", []):
+            console.print(f"[yellow]{which}: {note}")
     _render_leakage(result, console)
     if "path" in result:
         console.print(f"Written to {result['path']}")

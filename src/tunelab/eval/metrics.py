@@ -472,3 +472,82 @@ def _lcs_length(first: list[str], second: list[str]) -> int:
                            else max(previous[j + 1], current[j]))
         previous = current
     return previous[-1]
+
+
+def length_stats(outputs: list[str], references: list[str]) -> dict:
+    """Output length in words (mean, median, 90th percentile, max) beside the references'.
+
+    A tuned model that learned the references' style writes answers of their length; a base
+    chat model often writes several times more.
+    """
+    lengths = np.array([len(text.split()) for text in outputs] or [0])
+    reference_lengths = np.array([len(text.split()) for text in references] or [0])
+    return {"mean_words": round(float(lengths.mean()), 2),
+            "median_words": float(np.median(lengths)),
+            "p90_words": float(np.percentile(lengths, 90)),
+            "max_words": int(lengths.max()),
+            "reference_mean_words": round(float(reference_lengths.mean()), 2),
+            "empty": int(sum(not text.strip() for text in outputs))}
+
+
+# --------------------------------------------------------------------------- tool calls
+
+_TOOL_CALL_BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
+
+
+def parse_tool_calls(text: str) -> tuple[list[dict], bool]:
+    """Tool calls in a model output → ([{"name", "arguments"}], failed).
+
+    Accepted: ``<tool_call>`` JSON blocks (tunelab's fallback rendering, Hermes, Qwen2.5), or a
+    bare JSON object or list of them with ``name`` and ``arguments`` (``parameters``, as
+    Llama 3.1 writes) or OpenAI's ``{"function": {...}}`` shape; arguments given as a JSON string
+    are parsed. Plain text is no call (``[]``, not a failure); a call that cannot be read is.
+    """
+    blocks = _TOOL_CALL_BLOCK.findall(text)
+    stripped = text.strip()
+    if not blocks and not stripped.startswith(("{", "[")):
+        return [], False
+    calls = []
+    for body in blocks or [stripped]:
+        try:  # the first JSON value; a model may write more after it
+            data, _ = json.JSONDecoder().raw_decode(body.strip())
+        except json.JSONDecodeError:
+            return calls, True
+        items = data if isinstance(data, list) else [data]
+        for item in items:
+            call = _tool_call(item)
+            if call is None:
+                return calls, True
+            calls.append(call)
+    return calls, False
+
+
+def _tool_call(item) -> dict | None:
+    if not isinstance(item, dict):
+        return None
+    function = item.get("function") if isinstance(item.get("function"), dict) else item
+    name = function.get("name")
+    arguments = function.get("arguments", function.get("parameters", {}))
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments) if arguments.strip() else {}
+        except json.JSONDecodeError:
+            return None
+    if not isinstance(name, str) or not isinstance(arguments, dict):
+        return None
+    return {"name": name, "arguments": arguments}
+
+
+def tool_calls_match(gold: list[dict], predicted: list[dict], *, names_only: bool = False
+                     ) -> bool:
+    """Whether two sets of calls are the same: equal names and JSON-equal arguments, any order."""
+    if len(gold) != len(predicted):
+        return False
+    remaining = list(predicted)
+    for call in gold:
+        match = next((other for other in remaining if other["name"] == call["name"] and
+                      (names_only or other["arguments"] == call["arguments"])), None)
+        if match is None:
+            return False
+        remaining.remove(match)
+    return True

@@ -10,6 +10,11 @@ scores for paired comparisons, and a count of outputs that could not be parsed â
 - translation: BLEU and chrF (sacrebleu), per-example chrF for the paired comparison.
 - qa: SQuAD exact match and token F1; answers not found in the context count as hallucinated.
 - summarisation: ROUGE-L F.
+- generation: free text (chat assistants, anything without a task-specific metric): exact match,
+  token F1, ROUGE-L (primary), chrF and semantic similarity (``eval/similarity.py``, when its
+  encoder is installed), each with an interval and the paired comparison; output lengths.
+- tool_call: the model's tool calls against the reference turn's: exact match of function names
+  and JSON-equal arguments (primary), and of the names alone.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ class Scored:
     per_example: list[float]  # a 0..1 score per example, to rank the worst cases
     paired: Sequence[float] | Statistic  # the primary metric, as the paired comparison takes it
     extra: dict = field(default_factory=dict)  # confusion, per_class, per_type, hallucination
+    # other metrics that get a paired comparison too, in the form ``paired`` has
+    paired_others: dict[str, Sequence[float] | Statistic] = field(default_factory=dict)
 
 
 class Task:
@@ -153,6 +160,51 @@ class Summarisation(Task):
         return Scored({"rouge_l": self._metric(rouge, len(rouge))}, rouge, rouge)
 
 
+class Generation(Task):
+    kind, primary = "generation", "rouge_l"
+
+    def score(self, golds, predictions, contexts) -> Scored:
+        from tunelab.eval.similarity import INSTALL, encoder_available, semantic_similarity
+
+        outputs = [p or "" for p in predictions]
+        pairs = list(zip(outputs, golds, strict=True))
+        per_metric: dict[str, Sequence[float] | Statistic] = {
+            "rouge_l": [M.rouge_l(o, g) for o, g in pairs],
+            "exact_match": [M.exact_match(o, [g]) for o, g in pairs],
+            "token_f1": [M.token_f1(o, [g]) for o, g in pairs],
+            "chrf": M.chrf_statistic(outputs, golds),
+        }
+        extra = {"output_length": M.length_stats(outputs, golds)}
+        if encoder_available():
+            per_metric["semantic_similarity"] = semantic_similarity(outputs, golds)
+        else:
+            extra["notes"] = [f"semantic_similarity not computed: {INSTALL}"]
+        metrics = {name: self._metric(values, len(golds)) for name, values in per_metric.items()}
+        rouge = per_metric.pop("rouge_l")
+        return Scored(metrics, rouge, rouge, extra, paired_others=per_metric)
+
+
+class ToolCall(Task):
+    kind, primary = "tool_call", "exact_match"
+    exact_test = True
+
+    def parse(self, output: str) -> tuple[Any, bool]:
+        return M.parse_tool_calls(output)
+
+    def gold(self, text: str) -> Any:
+        return M.parse_tool_calls(text)[0]
+
+    def score(self, golds, predictions, contexts) -> Scored:
+        calls = [p or [] for p in predictions]
+        pairs = list(zip(golds, calls, strict=True))
+        exact = [float(M.tool_calls_match(g, p)) for g, p in pairs]
+        names = [float(M.tool_calls_match(g, p, names_only=True)) for g, p in pairs]
+        metrics = {"exact_match": self._metric(exact, len(exact)),
+                   "name_match": self._metric(names, len(names))}
+        extra = {"no_call": sum(not p for p in calls)}
+        return Scored(metrics, exact, exact, extra, paired_others={"name_match": names})
+
+
 def _hallucination(spans: list[list[str]], contexts: list[str | None], task: Task) -> dict | None:
     """Share of predicted spans absent from the input, with a span-weighted interval."""
     if not any(contexts):
@@ -171,4 +223,5 @@ def _hallucination(spans: list[list[str]], contexts: list[str | None], task: Tas
 
 
 TASKS: dict[str, type[Task]] = {cls.kind: cls for cls in
-                                (Classification, NER, Translation, QA, Summarisation)}
+                                (Classification, NER, Translation, QA, Summarisation,
+                                 Generation, ToolCall)}
