@@ -8,16 +8,23 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import shutil
 import sys
 import time
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from tunelab.config import Config, dump_config, load_config
-from tunelab.errors import RunError
+from tunelab.errors import ConfigError, RunError
 
 
 def hash_file(path: str) -> str:
@@ -84,15 +91,21 @@ def read_manifest(run_dir: Path) -> dict[str, Any]:
 
 
 class MetricsLog:
-    """Appends one JSON object per logged step to ``metrics.jsonl``."""
+    """Appends one JSON object per logged step to ``metrics.jsonl``, and streams each record
+    to the trackers the run's ``train.report_to`` names and to any ``stream_metrics_to`` sink."""
 
     def __init__(self, path: Path):
         self.path = path
+        self._sinks: list[Callable[[dict[str, Any]], None]] | None = None  # opened on 1st write
 
     def write(self, **record: Any) -> None:
         record.setdefault("time", round(time.time(), 3))
         with open(self.path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
+        if self._sinks is None:
+            self._sinks = [*open_trackers(self.path.parent), *_extra_sinks.get()]
+        for sink in self._sinks:
+            sink(record)
 
     def truncate_after(self, step: int) -> None:
         """On resume, drop records logged after the checkpoint's step (they will be redone)."""
@@ -101,6 +114,100 @@ class MetricsLog:
         kept = [line for line in self.path.read_text().splitlines()
                 if line.strip() and json.loads(line).get("step", 0) <= step]
         self.path.write_text("".join(line + "\n" for line in kept))
+
+
+_extra_sinks: ContextVar[tuple[Callable[[dict[str, Any]], None], ...]] = ContextVar(
+    "metric_sinks", default=())
+
+
+@contextmanager
+def stream_metrics_to(sink: Callable[[dict[str, Any]], None]) -> Iterator[None]:
+    """Every metrics record written inside the block also goes to ``sink`` (a sweep's pruner
+    reads the validation loss this way; the training loop stays unaware of it)."""
+    token = _extra_sinks.set((*_extra_sinks.get(), sink))
+    try:
+        yield
+    finally:
+        _extra_sinks.reset(token)
+
+
+def open_trackers(run_dir: Path) -> list[Callable[[dict[str, Any]], None]]:
+    """Writers for the trackers the run's resolved config names in ``train.report_to``."""
+    config_path = run_dir / "config.yaml"
+    raw = yaml.safe_load(config_path.read_text()) if config_path.is_file() else {}
+    report_to = ((raw or {}).get("train") or {}).get("report_to") or []
+    writers = {"tensorboard": TensorBoardWriter, "mlflow": MlflowWriter}
+    return [writers[name](run_dir, raw) for name in report_to]
+
+
+def _missing_extra(tracker: str, package: str) -> ConfigError:
+    return ConfigError(f"train.report_to names {tracker}, but the {package} package is not "
+                       "installed", where="train.report_to",
+                       fix=f'pip install "tunelab[{tracker}]", or remove {tracker} from '
+                       "train.report_to")
+
+
+def _scalars(record: dict[str, Any]) -> dict[str, float]:
+    return {key: float(value) for key, value in record.items()
+            if key not in ("step", "time") and isinstance(value, (int, float))
+            and not isinstance(value, bool)}
+
+
+class TensorBoardWriter:
+    """TensorBoard event files in ``RUN/tensorboard`` (``tensorboard --logdir runs``)."""
+
+    def __init__(self, run_dir: Path, config: dict[str, Any]):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise _missing_extra("tensorboard", "tensorboard") from None
+        self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        weakref.finalize(self, self.writer.close)
+
+    def __call__(self, record: dict[str, Any]) -> None:
+        for key, value in _scalars(record).items():
+            self.writer.add_scalar(key, value, record.get("step", 0), walltime=record["time"])
+        self.writer.flush()  # a crash or SIGKILL keeps everything logged so far
+
+
+class MlflowWriter:
+    """One MLflow run per tunelab run, in ``<output_dir>/mlruns`` (a local file store) unless
+    ``MLFLOW_TRACKING_URI`` is set; the resolved config goes in as parameters."""
+
+    def __init__(self, run_dir: Path, config: dict[str, Any]):
+        try:
+            from mlflow.entities import Metric, Param
+            from mlflow.tracking import MlflowClient
+        except ImportError:
+            raise _missing_extra("mlflow", "mlflow-skinny") from None
+        self.metric = Metric
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or (run_dir.parent / "mlruns").resolve(
+            ).as_uri()
+        self.client = MlflowClient(tracking_uri=uri)
+        experiment = self.client.get_experiment_by_name("tunelab")
+        experiment_id = experiment.experiment_id if experiment else \
+            self.client.create_experiment("tunelab")
+        self.run_id = self.client.create_run(experiment_id, run_name=run_dir.name).info.run_id
+        params = [Param(key, str(value)[:500]) for key, value in _flat(config).items()]
+        for start in range(0, len(params), 100):  # MLflow takes 100 parameters per call
+            self.client.log_batch(self.run_id, params=params[start:start + 100])
+        weakref.finalize(self, self.client.set_terminated, self.run_id)
+
+    def __call__(self, record: dict[str, Any]) -> None:
+        milliseconds = int(record["time"] * 1000)
+        metrics = [self.metric(key, value, milliseconds, record.get("step", 0))
+                   for key, value in _scalars(record).items()]
+        self.client.log_batch(self.run_id, metrics=metrics)
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:

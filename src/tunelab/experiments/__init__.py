@@ -1,0 +1,1 @@
+"""Experiments across runs: sweeps over hyperparameters and data formats, and comparisons."""
