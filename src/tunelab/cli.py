@@ -197,6 +197,65 @@ def export(
     render_export(result, console)
 
 
+@app.command()
+def sweep(
+    sweep_file: Path | None = typer.Argument(None, help="Sweep YAML: base config, space, "
+                                             "trials, objective."),
+    workers: int = typer.Option(1, min=1, help="Local worker processes."),
+    join: str | None = typer.Option(None, help="Add one worker to a running sweep: its "
+                                    "directory or its storage URL."),
+    storage: str | None = typer.Option(None, help="An Optuna RDB URL (e.g. postgresql://...) "
+                                       "instead of the journal file, for workers on several "
+                                       "machines."),
+    repeat_best: int = typer.Option(0, help="Retrain the best configuration with K more "
+                                    "seeds, to measure the noise between seeds."),
+) -> None:
+    """Sweep hyperparameters and data formats: trials are runs judged on validation data; the
+    best and the base config are compared on the test split."""
+    from tunelab.experiments.final import final_word
+    from tunelab.experiments.space import load_sweep
+    from tunelab.experiments.sweep import (
+        create_sweep,
+        load_study,
+        reclaim_dead_trials,
+        run_worker,
+        run_workers,
+    )
+
+    try:
+        if join is not None:
+            run_worker(join, console=console)
+            return
+        if sweep_file is None:
+            raise ConfigError("give a sweep file, or --join SWEEP_DIR", where="tunelab sweep",
+                              fix="tunelab sweep examples/sentiment/sweep.yaml --workers 2")
+        opened = create_sweep(load_sweep(sweep_file), storage_url=storage)
+        run_workers(opened.directory, workers, console=console)
+        study = load_study(opened)
+        reclaim_dead_trials(study, opened)
+        final_word(study, opened, repeat_best=repeat_best, console=console)
+    except KeyboardInterrupt:
+        raise Interrupted("the sweep was interrupted; the running trials are marked failed and "
+                          "queued again", where=str(join or sweep_file),
+                          fix="continue with tunelab sweep --join SWEEP_DIR") from None
+
+
+@app.command()
+def compare(
+    paths: list[Path] = typer.Argument(..., help="Run directories and sweep directories."),
+    output: Path | None = typer.Option(None, help="The HTML page to write (default: "
+                                       "SWEEP/compare.html for one sweep, else compare.html)."),
+) -> None:
+    """Rank runs by their objective with intervals, diff the best config against the base, plot
+    metric against cost, and (for sweeps) hyperparameter importance, on one HTML page."""
+    from tunelab.experiments.compare import compare_runs, render_comparison, write_comparison
+
+    comparison = compare_runs(paths)
+    render_comparison(comparison, console)
+    path = write_comparison(comparison, output)
+    console.print(f"Comparison written to {path}")
+
+
 def _trained_on_chat(run: Path) -> bool:
     from tunelab.runs import read_manifest
 

@@ -148,6 +148,11 @@ class TrainConfig(_Section):
     keep_checkpoints: int = Field(2, ge=1, description=(
         "How many of the newest checkpoints are kept."))
     log_every: int = Field(1, ge=1, description="Write a metrics.jsonl record every N steps.")
+    report_to: list[Literal["tensorboard", "mlflow"]] = Field([], description=(
+        "Also stream every metrics.jsonl record to these trackers: tensorboard (event files in "
+        "RUN/tensorboard; pip install \"tunelab[tensorboard]\") and mlflow (a local file store "
+        "in output_dir/mlruns unless MLFLOW_TRACKING_URI is set; pip install "
+        "\"tunelab[mlflow]\")."))
     gradient_checkpointing: bool = Field(False, description=(
         "Recompute each layer's activations in the backward pass: far less memory, ~30% slower."))
     loss_chunk_tokens: int = Field(2048, ge=16, description=(
