@@ -39,6 +39,8 @@ def train(
     resume: Path | None = typer.Option(None, help="Continue this run directory exactly."),
     overwrite: bool = typer.Option(False, help="Replace an existing run directory."),
     set_: list[str] = typer.Option([], "--set", help="Override a config key: train.lr=1e-4"),
+    nproc: int | None = typer.Option(None, help="Train with N ranks on this machine (runs "
+                                     "torchrun; DDP or FSDP2 as train.distributed says)."),
 ) -> None:
     """Fine-tune a model: data files → LoRA or full fine-tuning → a run directory."""
     from tunelab.config import load_config
@@ -52,6 +54,13 @@ def train(
                           fix="tunelab train examples/sentiment/config.yaml")
     else:
         cfg = load_config(config, _overrides(set_))
+    if nproc is not None:
+        from tunelab.train.distributed import launch
+
+        rank_args = ([str(config)] if resume is None else ["--resume", str(resume)]) + \
+            (["--overwrite"] if overwrite else []) + [arg for s in set_ for arg in ("--set", s)]
+        launch(nproc, rank_args, run_dir=Path(resume) if resume else cfg.run_dir)
+        return
     try:
         run_training(cfg, resume=resume, overwrite=overwrite, console=console)
     except KeyboardInterrupt:
@@ -149,6 +158,34 @@ def plan(
 
 
 @app.command()
+def assess(
+    config: Path = typer.Argument(..., help="YAML config with train, validation and test data."),
+    shots: str = typer.Option("0,4", help="Demonstrations of the prompting baselines."),
+    fractions: str = typer.Option("1/8,1/4,1/2,1", help="Fractions of the training data of "
+                                  "the learning curve (nested, seeded)."),
+    target: float | None = typer.Option(None, help="Metric to reach: how many examples it "
+                                        "needs."),
+    overwrite: bool = typer.Option(False, help="Start again instead of resuming."),
+    set_: list[str] = typer.Option([], "--set", help="Override a config key: "
+                                   "eval.max_examples=100"),
+) -> None:
+    """Should we fine-tune, and is more data worth it? Baselines, learning curve, cost, verdict."""
+    from tunelab.config import load_config
+    from tunelab.experiments.assess import assess as run_assessment
+    from tunelab.experiments.assess import parse_fractions, parse_shots
+
+    cfg = load_config(config, _overrides(set_))
+    try:
+        run_assessment(cfg, shots=parse_shots(shots), fractions=parse_fractions(fractions),
+                       target=target, overwrite=overwrite, console=console)
+    except KeyboardInterrupt:
+        raise Interrupted("the assessment was interrupted", where=f"{cfg.run_dir}-assess",
+                          fix="run the same tunelab assess command again: finished runs and "
+                          "evaluations are kept, an interrupted run resumes from its last "
+                          "checkpoint") from None
+
+
+@app.command()
 def report(
     run: Path = typer.Argument(..., help="A run directory."),
     output: Path | None = typer.Option(None, help="Where to write (default RUN/report.html)."),
@@ -195,6 +232,27 @@ def export(
 
     result = export_run(run, to, out=out, quant=quant, check=check, max_lora_rank=max_lora_rank)
     render_export(result, console)
+
+
+@app.command()
+def serve(
+    runs: list[str] = typer.Argument(..., help="Run directories whose adapters to serve; "
+                                     "NAME=RUN serves a run under another model name."),
+    base: str | None = typer.Option(None, help="Base model (default: the one the runs were "
+                                    "trained on)."),
+    api_key: str | None = typer.Option(None, envvar="TUNELAB_API_KEY",
+                                       help="Require 'Authorization: Bearer KEY'."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on."),
+    port: int = typer.Option(8000, help="Port to listen on."),
+) -> None:
+    """Serve runs through an OpenAI-compatible API: one base, each run's adapter by name."""
+    try:
+        from tunelab.ship.serve import serve as run_server
+    except ModuleNotFoundError as error:
+        raise ConfigError(f"tunelab serve needs the package {error.name}, which is not "
+                          "installed", where="tunelab serve",
+                          fix='pip install -e ".[serve]" (FastAPI and uvicorn)') from None
+    run_server(runs, base=base, api_key=api_key, host=host, port=port, console=console)
 
 
 @app.command()

@@ -33,7 +33,8 @@ import random
 import shutil
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -330,7 +331,7 @@ def assess(config: Config, *, shots: Sequence[int] = DEFAULT_SHOTS,
     ``report.html`` under ``<output_dir>/<name>-assess/``; returns what ``assess.json`` holds."""
     console = console or Console()
     _check_config(config)
-    folder = Path(config.output_dir) / f"{config.name}-assess"
+    folder = (Path(config.output_dir) / f"{config.name}-assess").resolve()
     _open_folder(folder, config, overwrite)
     progress = Progress(folder / "progress.json")
     started = time.perf_counter()
@@ -339,15 +340,16 @@ def assess(config: Config, *, shots: Sequence[int] = DEFAULT_SHOTS,
     baselines = run_baselines(config, folder, list(shots), progress, console)
     runs = [run_fraction(config, folder, fraction, [records[i] for i in indices], progress,
                          console) for fraction, indices in subsets.items()]
-    with progress.timed("planner, prompt tokens, fit, report"):
+    with progress.timed("fit, cost, complexity"):
         result = summarise(config, baselines, runs, target=target)
-        result["time"] = {"this_call_s": round(time.perf_counter() - started, 1),
-                          "phases_s": progress.phases, "redone_this_call": progress.done_now,
-                          "model_loads": progress.load_share(time.perf_counter() - started)}
-        _write_json(folder / "assess.json", result)
-        from tunelab.experiments.assess_report import write_assess_report
+    wall_s = time.perf_counter() - started
+    result["time"] = {"this_call_s": round(wall_s, 1), "phases_s": progress.phases,
+                      "redone_this_call": progress.done_now,
+                      "model_loads": progress.load_share(wall_s)}
+    _write_json(folder / "assess.json", result)
+    from tunelab.experiments.assess_report import write_assess_report
 
-        write_assess_report(result, folder / "report.html")
+    write_assess_report(result, folder / "report.html")
     progress.save()
     render_assessment(result, folder, console)
     return result
@@ -366,18 +368,14 @@ class Progress:
         self.loads = 0
         self.load_s: dict[str, float] | None = None
 
-    def timed(self, name: str):
-        """Context manager: time the phase ``name`` and save it."""
-        from contextlib import contextmanager
-
-        @contextmanager
-        def timing():
-            started = time.perf_counter()
-            yield
-            self.phases[name] = round(time.perf_counter() - started, 2)
-            self.done_now.append(name)
-            self.save()
-        return timing()
+    @contextmanager
+    def timed(self, name: str) -> Iterator[None]:
+        """Time the phase ``name`` (when it finishes) and save it."""
+        started = time.perf_counter()
+        yield
+        self.phases[name] = round(time.perf_counter() - started, 2)
+        self.done_now.append(name)
+        self.save()
 
     def before_load(self, config: Config) -> None:
         """Count a base-model load by train() or evaluate(); the first one also measures what a
@@ -709,7 +707,7 @@ def run_cost(run: dict) -> dict:
 
 
 def projections(run_config: Config, manifest: dict) -> list[dict]:
-    """The planner's cost of the full-data run with twice the epochs and of twice the data,
+    """The planner's cost of the largest run with twice the epochs and of twice its data,
     also scaled by how far the full run's prediction was off (measured / predicted)."""
     from tunelab.model.load import load_tokenizer
     from tunelab.model.plan import TokenCounts, count_tokens, plan_counts
@@ -724,7 +722,9 @@ def projections(run_config: Config, manifest: dict) -> list[dict]:
         counts = count_tokens(run_config, load_tokenizer(run_config.model.path,
                                                          run_config.model.gguf_file))
         doubled = TokenCounts(counts.lengths * 2, counts.targets * 2, counts.validation_tokens)
-        cases = (("full data, 2x epochs", more_epochs, counts), ("2x data", run_config, doubled))
+        n = len(counts.lengths)
+        cases = ((f"{n} examples (the largest run), 2x epochs", more_epochs, counts),
+                 (f"{2 * n} examples (2x data)", run_config, doubled))
         projected = []
         for what, config, data in cases:
             plan = plan_counts(config, data)

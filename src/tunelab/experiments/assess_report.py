@@ -112,8 +112,8 @@ def _curve_png(result: dict) -> str:
                           color=TUNED_COLOUR, alpha=0.12, linewidth=0, label="fit, 95% band")
     curve = result["learning_curve"]
     axes.errorbar([p["n_examples"] for p in curve], [p["value"] for p in curve],
-                  yerr=[[p["value"] - p["ci"][0] for p in curve],
-                        [p["ci"][1] - p["value"] for p in curve]],
+                  yerr=[[max(0.0, p["value"] - p["ci"][0]) for p in curve],
+                        [max(0.0, p["ci"][1] - p["value"]) for p in curve]],
                   fmt="o", color=TUNED_COLOUR, capsize=3, label="tuned (95% interval)")
     for colour, baseline in zip(BASELINE_COLOURS, result["baselines"]["by_shots"],
                                 strict=False):
