@@ -15,6 +15,7 @@ from tunelab.data.render import (
     user_prompt,
 )
 from tunelab.data.tokenize import IGNORE_INDEX, eval_prompts, tokenize_examples
+from tunelab.errors import DataError
 
 RECORDS = {
     "chat": {"messages": [{"role": "system", "content": "Be brief."},
@@ -157,3 +158,8 @@ def test_chat_prompt_for_serving_equals_the_training_prompt(tokenizer):
     assert served.text.endswith("</tool_response><|im_end|>\n<|im_start|>assistant\n")
     assert user_prompt("Hi", tokenizer, chat=True) == \
         "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    parts = [{"type": "text", "text": "Hi"}, {"type": "text", "text": "there"}]
+    assert chat_prompt([{"role": "user", "content": parts}], tokenizer).text == \
+        user_prompt("Hi\nthere", tokenizer, chat=True)
+    with pytest.raises(DataError, match="image_url"):
+        chat_prompt([{"role": "user", "content": [{"type": "image_url"}]}], tokenizer)

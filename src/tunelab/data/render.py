@@ -135,8 +135,8 @@ def chat_prompt(messages: list[Message] | list[dict], tokenizer, *,
     """A conversation rendered for the model to answer next: the chat template with the
     generation prompt, tool calls as training renders them. Serving and evaluation use it.
 
-    ``messages`` are ``Message`` objects or OpenAI message dicts (``role``, ``content``,
-    ``tool_calls``, ``tool_call_id``); content parts must already be joined.
+    ``messages`` are ``Message`` objects or OpenAI message dicts (``role``, ``content`` as a
+    string or text parts, ``tool_calls``, ``tool_call_id``).
     """
     template = chat_template_of(tokenizer, chat_template)
     as_messages = [m if isinstance(m, Message) else _message(m) for m in messages]
@@ -198,7 +198,15 @@ def _message(raw: dict) -> Message:
         if isinstance(function.get("arguments"), str):
             function["arguments"] = json.loads(function["arguments"] or "{}")
         calls.append({**call, "type": "function", "function": function})
-    return Message(raw["role"], raw.get("content") or "", tool_calls=calls or None,
+    content = raw.get("content") or ""
+    if isinstance(content, list):  # OpenAI content parts: text only, joined as training joins
+        kinds = {part.get("type") for part in content} - {"text"}
+        if kinds:
+            raise DataError(f"a {raw['role']} message has content parts of type "
+                            f"{', '.join(sorted(map(str, kinds)))}; only text can be rendered",
+                            where="messages", fix="send text parts only")
+        content = "\n".join(part["text"] for part in content)
+    return Message(raw["role"], content, tool_calls=calls or None,
                    tool_call_id=raw.get("tool_call_id"))
 
 
