@@ -70,8 +70,11 @@ SECONDS_PER_STEP = {"cpu": 6e-3, "cuda": 5e-3}
 # 113M benchmark model, see benchmarks/README.md. With activation checkpointing the recomputed
 # forward passes strand more and the amount varies from run to run (±20% of the peak over 7
 # runs of one config); 0.68 is their mean. Zero when MALLOC_MMAP_THRESHOLD_ fixes the threshold.
-GLIBC_FRAGMENTATION = {"lora": 0.55, "dora": 0.55, "full": 0.2}
-GLIBC_FRAGMENTATION_CHECKPOINTED = {"lora": 0.68, "dora": 0.68, "full": 0.2}
+GLIBC_FRAGMENTATION = {"lora": 0.55, "dora": 0.55, "qlora": 0.55, "full": 0.2}
+GLIBC_FRAGMENTATION_CHECKPOINTED = {"lora": 0.68, "dora": 0.68, "qlora": 0.68, "full": 0.2}
+# QLoRA's NF4 base: 4-bit codes, an absmax per 64 weights stored in 8 bits (double
+# quantisation), and a float32 scale per 256 of those.
+NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64 + 4 / (64 * 256)
 # Frozen weights: forward + input gradient. Trainable: + weight gradient.
 FROZEN_PASSES, TRAINABLE_PASSES = 2, 3
 
@@ -366,25 +369,28 @@ class Setting:
 
 
 def plan(config: Config, *, calibration: dict | None = None,
-         memory_budget_bytes: int | None = None) -> dict:
+         memory_budget_bytes: int | None = None, nproc: int = 1,
+         strategy: str = "ddp") -> dict:
     """Predict peak memory (broken down), tokens/s and wall time of ``train(config)``.
 
     Tokenizes the data as ``train()`` will; reads the model's ``config.json`` only.
     ``memory_budget_bytes`` replaces the device's available memory when judging the fit.
     ``calibration`` is what a few real steps of the config measured
     (``tunelab.train.calibrate.calibrate_run``): its tokens/s replaces the predicted rate, its
-    peak memory is reported beside the prediction. Returns a JSON-serialisable dict (see
-    ``render_plan``).
+    peak memory is reported beside the prediction. ``nproc`` ranks (torchrun) under
+    ``strategy`` (ddp or fsdp) add each rank's memory (``per_rank_memory``). Returns a
+    JSON-serialisable dict (see ``render_plan``).
     """
     from tunelab.model.load import load_tokenizer
 
     counts = count_tokens(config, load_tokenizer(config.model.path, config.model.gguf_file))
     return plan_counts(config, counts, calibration=calibration,
-                       memory_budget_bytes=memory_budget_bytes)
+                       memory_budget_bytes=memory_budget_bytes, nproc=nproc, strategy=strategy)
 
 
 def plan_counts(config: Config, counts: TokenCounts, *, calibration: dict | None = None,
-                memory_budget_bytes: int | None = None) -> dict:
+                memory_budget_bytes: int | None = None, nproc: int = 1,
+                strategy: str = "ddp") -> dict:
     """``plan`` for data already tokenized (``TokenCounts.from_tokenized``), as in ``train()``."""
     from transformers import AutoConfig
 
@@ -420,7 +426,43 @@ def plan_counts(config: Config, counts: TokenCounts, *, calibration: dict | None
                result["memory"].get("measured_peak_bytes", 0))
     result["fits"] = peak <= result["device"]["budget_bytes"]
     result["advice"] = advise(result, shape, counts, setting, config)
+    if nproc > 1:
+        result["memory_per_rank"] = per_rank_memory(
+            result["memory"]["breakdown_bytes"], nproc=nproc, strategy=strategy,
+            full=setting.kind == "full",
+            block_bytes=shape.layer_params * setting.element_bytes,
+            root_bytes=(shape.params - shape.num_layers * shape.layer_params)
+            * setting.element_bytes)
     return result
+
+
+def per_rank_memory(breakdown: dict[str, int], *, nproc: int, strategy: str, full: bool,
+                    block_bytes: int, root_bytes: int) -> dict:
+    """One rank's peak memory under torchrun, from the one-process ``breakdown``.
+
+    Each rank runs micro-batches of at most the same ``batch_tokens``, so activations, logits
+    and workspace stay as they are. DDP: every rank holds the model, its gradients and optimizer
+    state, plus DDP's buckets (a second copy of the trainable gradients). FSDP: weights,
+    gradients and optimizer state are split over the ranks, plus what is gathered whole during
+    a step: the root (embeddings, output layer) and two decoder blocks (the one computing and
+    the one prefetched), with one block's gradients before their reduce-scatter.
+    """
+    share = dict(breakdown)
+    if strategy == "ddp":
+        share["ddp_buckets"] = breakdown["gradients"]
+    else:
+        for part in ("weights", "adapter", "gradients", "optimizer"):
+            share[part] = -(-breakdown[part] // nproc)
+        share["gathered"] = root_bytes + 2 * block_bytes + (block_bytes if full else 0)
+    return {"nproc": nproc, "strategy": strategy, "breakdown_bytes": share,
+            "predicted_peak_bytes": sum(share.values())}
+
+
+def nf4_weight_bytes(shape: ModelShape) -> int:
+    """QLoRA's base: the decoder's linear weights in NF4; embeddings and norms stay in float32
+    (peft's prepare_model_for_kbit_training upcasts them)."""
+    linear = shape.num_layers * sum(i * o for i, o in shape.linears().values())
+    return int(linear * NF4_BYTES_PER_WEIGHT) + (shape.params - linear) * 4
 
 
 def plan_summary(plan: dict) -> dict:
@@ -491,7 +533,8 @@ def predict_memory(shape: ModelShape, batches: list[dict], setting: Setting,
         "framework": CPU_RUNTIME_BYTES + tokenizer_bytes if cpu else GPU_RUNTIME_BYTES,
         "data": (layout.train_tokens + layout.validation_tokens) * DATA_BYTES_PER_TOKEN
         if cpu else 0,
-        "weights": shape.params * weight_bytes,
+        "weights": nf4_weight_bytes(shape) if setting.kind == "qlora"
+        else shape.params * weight_bytes,
         "adapter": 0 if full else trainable * trainable_bytes,
         "gradients": trainable * trainable_bytes,
         "optimizer": 2 * trainable * trainable_bytes,
@@ -500,7 +543,8 @@ def predict_memory(shape: ModelShape, batches: list[dict], setting: Setting,
         "workspace": transient["workspace"],
         "allocator": _fragmentation_bytes(shape, heaviest, setting) if cpu else 0,
     }
-    by_dtype = {setting.weight_dtype: breakdown["weights"]}
+    by_dtype = {"nf4 (4-bit base)" if setting.kind == "qlora" else setting.weight_dtype:
+                breakdown["weights"]}
     if not full:
         by_dtype["float32 (adapter)"] = breakdown["adapter"]
     return {
@@ -745,6 +789,12 @@ def render_plan(plan: dict, console) -> None:
                   f"tokens/s, training {_duration(timing['train_s'])}, evaluation "
                   f"{_duration(timing['eval_s'])}, total ≈ {_duration(timing['predicted_wall_s'])}"
                   f" ({timing['flops_per_token'] / 1e9:.2f} GFLOP/token).")
+    if "memory_per_rank" in plan:
+        per_rank = plan["memory_per_rank"]
+        parts = ", ".join(f"{part} {value / GIB:.2f}" for part, value in
+                          per_rank["breakdown_bytes"].items() if value)
+        console.print(f"Per rank ({per_rank['nproc']} ranks, {per_rank['strategy']}): "
+                      f"{_gib(per_rank['predicted_peak_bytes'])} ({parts} GiB).")
     for line in plan["advice"]:
         console.print(f"[yellow]advice:[/] {line}")
 

@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -92,6 +93,9 @@ class Cluster:
 def strategy_for(method_kind: str, distributed: str) -> str:
     """``auto`` means DDP for adapters (small gradients, whole model on every rank) and FSDP2
     for full fine-tuning (weights, gradients and optimizer state sharded across the ranks)."""
+    if METHODS[method_kind].load_in_4bit and distributed == "fsdp":
+        raise ConfigError("train.distributed fsdp cannot shard QLoRA's 4-bit base weights",
+                          where="train.distributed", fix="use ddp (the default for adapters)")
     if distributed != "auto":
         return distributed
     return "ddp" if METHODS[method_kind].adapter else "fsdp"
@@ -123,6 +127,55 @@ def start(*, strategy: str, device: str, timeout_s: float) -> Cluster:
         atexit.register(_leave)
     return Cluster(rank=dist.get_rank(), world_size=world_size, strategy=strategy,
                    device_type="cuda" if cuda else "cpu", timeout_s=timeout_s)
+
+
+def launch(nproc: int, train_args: list[str], *, run_dir: Path) -> None:
+    """``tunelab train ... --nproc N``: start N ranks of ``python -m tunelab train ...`` on this
+    machine with torchrun (its own code, in this process) and wait for them.
+
+    torchrun stops every rank as soon as one fails; the error then names the failed rank and
+    the run's last complete checkpoint.
+    """
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    if nproc < 1:
+        raise ConfigError(f"--nproc {nproc}: needs at least 1 rank", where="--nproc")
+    if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
+        # CPU ranks share the cores (torchrun's default is one thread per rank).
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
+    args = get_args_parser().parse_args(
+        ["--standalone", "--nproc-per-node", str(nproc), "-m", "tunelab", "train", *train_args])
+    try:
+        run(args)
+    except ChildFailedError as error:
+        raise TrainingError(failure_message(error, run_dir), where=str(run_dir),
+                            fix=_resume_hint(run_dir, nproc)) from None
+
+
+def failure_message(error, run_dir: Path) -> str:
+    """Which rank failed and how, and the last checkpoint the run can resume from."""
+    rank, failure = error.get_first_failure()
+    if failure.exitcode < 0:
+        how = f"was killed by {failure.signal_name()}"
+    else:
+        how = f"exited with code {failure.exitcode}"
+    from tunelab.train.checkpoint import list_checkpoints
+
+    checkpoints = list_checkpoints(run_dir / "checkpoints")
+    last = f"the last checkpoint is {checkpoints[-1]}" if checkpoints else \
+        "no checkpoint was written"
+    return (f"rank {rank} (pid {failure.pid}) {how}; torchrun stopped the other ranks; "
+            f"{last}")
+
+
+def _resume_hint(run_dir: Path, nproc: int) -> str:
+    from tunelab.train.checkpoint import list_checkpoints
+
+    if list_checkpoints(run_dir / "checkpoints"):
+        return f"see the failed rank's error above, then tunelab train --resume {run_dir} " \
+            f"--nproc {nproc}"
+    return "see the failed rank's error above, then start the run again with --overwrite"
 
 
 def _leave() -> None:
@@ -221,7 +274,11 @@ def full_state(model: nn.Module, cluster: Cluster) -> dict | None:
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True,
                                ignore_frozen_params=True)
-    return get_model_state_dict(model, options=options)
+    weights = get_model_state_dict(model, options=options)
+    # A tied weight (output layer = input embeddings) is saved once, as save_pretrained does.
+    owned = {name for name, _ in model.named_parameters()} | \
+        {name for name, _ in model.named_buffers()}
+    return {name: tensor for name, tensor in weights.items() if name in owned}
 
 
 class Unlogged:

@@ -1,0 +1,39 @@
+"""QLoRA on CPU: a 4-bit NF4 base (bitsandbytes' CPU backend) with a LoRA adapter that learns."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+from tunelab.model.adapters import apply_method
+from tunelab.model.load import load_model
+from tunelab.train.loop import train
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_loop import make_config  # noqa: E402
+
+
+def test_the_base_loads_as_nf4_with_double_quantisation(tiny_model_dir):
+    from bitsandbytes.nn import Linear4bit
+
+    model = load_model(tiny_model_dir, device="cpu", load_in_4bit=True)
+    layer = model.model.layers[0].mlp.up_proj
+    assert isinstance(layer, Linear4bit)
+    assert layer.weight.quant_state.quant_type == "nf4"
+    assert layer.weight.quant_state.nested  # double quantisation: the scales are quantised
+    tuned = apply_method(model, kind="qlora", r=4, alpha=8, dropout=0.0, targets="all-linear",
+                         rslora=False)
+    trainable = [name for name, p in tuned.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in name for name in trainable)
+
+
+def test_qlora_trains_on_cpu_and_saves_a_peft_adapter(tmp_path, tiny_model_dir):
+    config = make_config(tmp_path, tiny_model_dir, epochs=2, samples=0,
+                         method={"kind": "qlora", "r": 4, "alpha": 8, "dropout": 0.0})
+    result = train(config, console=Console(quiet=True))
+    assert result.val_loss_after < result.val_loss_before * 0.7
+    adapter = json.loads((result.run_dir / "adapter" / "adapter_config.json").read_text())
+    assert adapter["peft_type"] == "LORA" and adapter["r"] == 4
