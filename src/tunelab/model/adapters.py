@@ -26,6 +26,7 @@ class Method:
     title: ClassVar[str]  # how reports name it
     adapter: ClassVar[bool]  # True: a small peft adapter on frozen base weights
     final_folder: ClassVar[str]  # the run's final result: adapter/ (PEFT format) or model/
+    load_in_4bit: ClassVar[bool] = False  # True: the base is loaded quantised to NF4 (QLoRA)
 
     def apply(self, model: nn.Module, *, r: int, alpha: float, dropout: float,
               targets: str | list[str], rslora: bool) -> nn.Module:
@@ -60,6 +61,23 @@ class DoRA(LoRA):
     use_dora = True
 
 
+class QLoRA(LoRA):
+    """LoRA on a base loaded in 4 bits (NF4, double quantisation, bitsandbytes): the frozen base
+    takes about a quarter of its bf16 memory; the adapter trains in the compute dtype."""
+
+    kind, title = "qlora", "QLoRA"
+    load_in_4bit = True
+
+    def apply(self, model, *, r, alpha, dropout, targets, rslora):
+        from peft import prepare_model_for_kbit_training
+
+        # Norms and embeddings in float32, as the QLoRA recipe keeps them; gradient
+        # checkpointing stays train.gradient_checkpointing's business.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        return super().apply(model, r=r, alpha=alpha, dropout=dropout, targets=targets,
+                             rslora=rslora)
+
+
 class Full(Method):
     """Every weight trains; the run saves the whole model, loaded like a base model."""
 
@@ -71,7 +89,8 @@ class Full(Method):
         return model
 
 
-METHODS: dict[str, Method] = {method.kind: method for method in (LoRA(), DoRA(), Full())}
+METHODS: dict[str, Method] = {method.kind: method for method in
+                              (LoRA(), DoRA(), QLoRA(), Full())}
 
 
 def apply_method(model: nn.Module, *, kind: str, r: int, alpha: float, dropout: float,
@@ -112,16 +131,18 @@ def trainable_state(model: nn.Module) -> dict:
     return {name: tensor for name, tensor in model.state_dict().items() if name in names}
 
 
-def save_final(model: nn.Module, tokenizer, folder: Path) -> None:
+def save_final(model: nn.Module, tokenizer, folder: Path, *,
+               state_dict: dict | None = None) -> None:
     """PEFT format (adapter_config.json + adapter_model.safetensors) or full safetensors weights.
 
     An adapter names its base by hub id (not this machine's cache path) and records the exact
     base weights in tunelab_base.json, so other machines and tools can find the base again.
+    ``state_dict`` gives the weights when the model holds only shards of them (FSDP).
     """
     from peft import PeftModel
 
     base = _name_base_portably(model) if isinstance(model, PeftModel) else None
-    model.save_pretrained(folder, safe_serialization=True)
+    model.save_pretrained(folder, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(folder)
     if base is not None:
         from tunelab.model.load import BASE_SIDECAR

@@ -157,16 +157,21 @@ def load_model(
     device: str = "auto",
     gguf_file: str | None = None,
     attn_implementation: str = "sdpa",
+    load_in_4bit: bool = False,
 ) -> Any:
-    """The causal LM at ``path`` in the resolved dtype, moved to the resolved device."""
+    """The causal LM at ``path`` in the resolved dtype, moved to the resolved device.
+
+    ``load_in_4bit`` (QLoRA) quantises the linear layers to NF4 while loading, on the device.
+    """
     from transformers import AutoModelForCausalLM
 
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     resolved = resolve_model_path(path, gguf_file)
+    quantised = _nf4_options(torch_dtype, torch_device) if load_in_4bit else {}
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            resolved, dtype=torch_dtype, attn_implementation=attn_implementation
+            resolved, dtype=torch_dtype, attn_implementation=attn_implementation, **quantised
         )
     except Exception as exc:
         if "attn_implementation" in str(exc) or "FlashAttention" in str(exc):
@@ -179,7 +184,28 @@ def load_model(
         # safetensors, torch and transformers raise many unrelated types for a broken
         # folder (SafetensorError, OSError, ValueError, KeyError, RuntimeError ...).
         raise _load_failure(path, resolved, "model", exc) from exc
-    return model.to(torch_device)
+    return model if load_in_4bit else model.to(torch_device)  # 4-bit: placed while loading
+
+
+def _nf4_options(compute_dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
+    """QLoRA's base: NF4 weights with double quantisation (the scales are quantised too),
+    computing in the run's dtype (bf16 on GPUs), via bitsandbytes."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelError(
+            "method.kind qlora loads the base in 4 bits with bitsandbytes, which is not "
+            "installed",
+            where="method.kind",
+            fix='pip install "tunelab[qlora]" (bitsandbytes >= 0.50 runs on CPU and CUDA), or '
+            "use method.kind lora",
+        )
+    from transformers import BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=compute_dtype)
+    place = torch.cuda.current_device() if device.type == "cuda" and device.index is None \
+        else str(device)
+    return {"quantization_config": config, "device_map": {"": place}}
 
 
 def describe_model(model: Any) -> dict[str, Any]:
