@@ -50,7 +50,9 @@ class MethodConfig(_Section):
 
     kind: Literal[tuple(METHODS)] = Field("lora", description=(  # type: ignore[valid-type]
         "How the model is tuned: lora (a low-rank adapter on frozen weights), dora (LoRA with "
-        "a learned magnitude per output) or full (every weight trains; the most memory)."))
+        "a learned magnitude per output), qlora (LoRA on a base loaded in 4-bit NF4 with "
+        "bitsandbytes: a quarter of the base's memory) or full (every weight trains; the most "
+        "memory)."))
     r: int = Field(16, ge=1, description=(
         "Rank of the adapter matrices: more capacity (and memory) with a larger r."))
     alpha: float = Field(32.0, gt=0, description=(
@@ -161,6 +163,14 @@ class TrainConfig(_Section):
         "Validation examples completed greedily before and after training, to compare."))
     max_new_tokens: int = Field(16, ge=1, description=(
         "Longest before/after sample completion, in tokens."))
+    distributed: Literal["auto", "ddp", "fsdp"] = Field("auto", description=(
+        "How the ranks of a torchrun launch share the work: ddp (every rank holds the model; "
+        "only trainable gradients are all-reduced), fsdp (FSDP2: weights, gradients and "
+        "optimizer state sharded per decoder block); auto: ddp for adapters, fsdp for full "
+        "fine-tuning. One process ignores it."))
+    distributed_timeout_s: float = Field(600.0, gt=0, description=(
+        "Under torchrun, the longest a rank waits for the others (a crashed or hung rank) "
+        "before the run fails instead of hanging; torchrun then stops every rank."))
 
     @model_validator(mode="after")
     def _batch_fits(self) -> TrainConfig:
