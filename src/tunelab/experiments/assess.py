@@ -197,7 +197,9 @@ def _target(target: float, intercept: float, slope: float, resampled, ceiling) -
         with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
             per_resample = np.where(resampled[1] > 0, 2.0 ** ((target - resampled[0])
                                                               / resampled[1]), np.inf)
-        low, high = np.quantile(per_resample, [(1 - CONFIDENCE) / 2, (1 + CONFIDENCE) / 2])
+        # no interpolation between resamples: two unreachable (infinite) ones make no NaN
+        low, high = np.quantile(per_resample, [(1 - CONFIDENCE) / 2, (1 + CONFIDENCE) / 2],
+                                method="inverted_cdf")
         ci = [_finite(low), _finite(high)]  # None: not reachable at that end of the interval
     if math.isinf(needed):
         return {"target": target, "reachable": False, "n": None, "ci": ci,
