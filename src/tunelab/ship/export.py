@@ -104,9 +104,9 @@ def export_run(run_dir: str | Path, to: str, *, out: str | Path | None = None,
                 where=str(run_dir),
                 fix="report this as a tunelab bug with the run's config and library versions",
             )
+        result.files = {p.name: p.stat().st_size for p in sorted(scratch.iterdir())}
         (scratch / "tunelab_export.json").write_text(
             json.dumps({"run": str(run_dir.resolve()), **result.to_json()}, indent=2) + "\n")
-        result.files = {p.name: p.stat().st_size for p in sorted(scratch.iterdir())}
     return result
 
 

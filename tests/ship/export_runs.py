@@ -1,0 +1,63 @@
+"""Tiny trained runs for the export tests: trained by the real loop, with adapters that matter.
+
+Three optimizer steps barely move a LoRA adapter (B starts at zero), so a merged model would
+equal the base and a check comparing them could not fail. ``liven_adapter`` gives the trained
+adapter's B matrices random values, so base and tuned logits differ by whole units.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from safetensors.torch import load_file, save_file
+
+from tunelab.config import config_from_dict
+from tunelab.train.loop import train
+
+REVIEWS = [{"text": "the movie was good", "label": "positive"},
+           {"text": "the movie was bad", "label": "negative"}] * 16
+
+
+def train_tiny_run(folder: Path, model_dir: str, *, name: str = "tiny-run",
+                   method: dict | None = None) -> Path:
+    """A finished three-step run on ``model_dir``; returns its run directory."""
+    folder.mkdir(parents=True, exist_ok=True)
+    data = folder / "train.jsonl"
+    data.write_text("".join(json.dumps(review) + "\n" for review in REVIEWS))
+    config = config_from_dict({
+        "name": name, "output_dir": str(folder / "runs"), "model": {"path": model_dir},
+        "method": method or {"kind": "lora", "r": 8, "alpha": 16},
+        "data": {"train": str(data), "validation_split": 0.2,
+                 "prompt": "Review: {text}\nSentiment:", "completion": " {label}"},
+        "train": {"max_steps": 3, "batch_tokens": 128, "max_seq_len": 64, "samples": 0},
+    })
+    return train(config, console=Console(quiet=True)).run_dir
+
+
+def liven_adapter(run_dir: Path, seed: int = 0) -> None:
+    """Give the run's adapter random B matrices, so that it changes the model's outputs."""
+    path = run_dir / "adapter" / "adapter_model.safetensors"
+    weights = load_file(path)
+    generator = torch.Generator().manual_seed(seed)
+    for name, tensor in weights.items():
+        if "lora_B" in name:
+            weights[name] = torch.randn(tensor.shape, generator=generator) * 0.5
+    save_file(weights, path, metadata={"format": "pt"})
+
+
+def tiny_qwen2_dir(folder: Path, tiny_model_dir: str) -> str:
+    """A tiny Qwen2 (not Llama: q/k/v biases) with the tiny model's tokenizer."""
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
