@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from tunelab.errors import RunError
+from tunelab.eval.result import SCHEMA_VERSION, EvalResult
 from tunelab.report.html import pick_examples, write_report
 
 INJECTED = '<script>alert("pwned")</script><img src="https://evil.example/x.png">'
@@ -25,6 +26,20 @@ CHROMIUM = Path("/usr/bin/chromium")
 
 def _metric(value: float, half_width: float, n: int) -> dict:
     return {"value": value, "ci": [value - half_width, value + half_width], "n": n}
+
+
+def _typed(result: dict) -> dict:
+    """A hand-made result as ``evaluate`` writes it: the common fields added, checked by the
+    schema, so these fixtures cannot drift from what the report really gets."""
+    full = {"schema_version": SCHEMA_VERSION, "shots": 0, "ci_level": 0.95,
+            "n_resamples": 1000, "predict": "generate", "wall_s": 12.5, "comparison": {},
+            **result}
+    for outcome in full["models"].values():
+        failures = outcome.get("variants", [{}])[0].get("parse_failures",
+                                                        {"count": 0, "rate": 0.0})
+        outcome.setdefault("parse_failures", failures)
+        outcome.setdefault("sensitivity", {})
+    return EvalResult.from_dict(full).to_dict()
 
 
 def _model_eval(accuracy: float, variant_accuracies: list[float], matrix: list[list[int]],
@@ -76,16 +91,16 @@ def _classification_eval() -> dict:
                        [[98, 30, 12], [25, 61, 34], [9, 29, 102]], predictions(base_answers))
     tuned = _model_eval(0.8125, [0.8125, 0.79, 0.805],
                         [[121, 14, 5], [10, 94, 16], [4, 26, 110]], predictions(tuned_answers))
-    return {
+    return _typed({
         "name": "sentiment-test", "task": "classification", "split": "test", "n": 400,
-        "primary_metric": "accuracy", "models": {"base": base, "tuned": tuned},
+        "primary_metric": "accuracy", "predict": "score", "models": {"base": base, "tuned": tuned},
         "comparison": {
             "accuracy": {"base": 0.6525, "tuned": 0.8125, "delta": 0.16, "ci": [0.11, 0.21],
                          "p_value": 0.00002, "significant": True, "test": "mcnemar"},
             "macro_f1": {"base": 0.6025, "tuned": 0.7625, "delta": 0.16, "ci": [0.09, 0.23],
                          "p_value": 0.0004, "significant": True, "test": "paired bootstrap"},
         },
-    }
+    })
 
 
 def _qa_eval() -> dict:
@@ -116,7 +131,7 @@ def _qa_eval() -> dict:
                   {"index": 3, "source": context, "unsupported": ["Napoleon"]}])
     tuned = model(tuned_answers, tuned_scores, 0.63, 0.064,
                   [{"index": 3, "source": context, "unsupported": ["Gustave Eiffel", "1850"]}])
-    return {
+    return _typed({
         "name": "qa-dev", "task": "qa", "split": "validation", "n": 250,
         "primary_metric": "f1", "models": {"base": base, "tuned": tuned},
         "comparison": {"f1": {"base": 0.51, "tuned": 0.73, "delta": 0.22, "ci": [0.15, 0.29],
@@ -124,7 +139,7 @@ def _qa_eval() -> dict:
                        "exact_match": {"base": 0.41, "tuned": 0.63, "delta": 0.22,
                                        "ci": [-0.01, 0.3], "p_value": 0.08,
                                        "significant": False, "test": "paired bootstrap"}},
-    }
+    })
 
 
 def _write_basics(run_dir: Path) -> None:
@@ -254,23 +269,47 @@ def test_partial_inputs_leave_sections_out_with_a_note(tmp_path):
         "".join(json.dumps({"step": s, "loss": 2.0 / s}) + "\n" for s in range(1, 6))
         + "{not json\n")
     only_tuned = _classification_eval()
-    del only_tuned["models"]["base"], only_tuned["comparison"]
-    del only_tuned["models"]["tuned"]["confusion"], only_tuned["models"]["tuned"]["variants"]
+    del only_tuned["models"]["base"]
+    only_tuned["comparison"] = {}
+    tuned = only_tuned["models"]["tuned"]
+    del tuned["confusion"]
+    tuned["variants"] = tuned["variants"][:1]
     (run_dir / "eval" / "a.json").write_text(json.dumps(only_tuned))
     (run_dir / "eval" / "b.json").write_text("{truncated")
-    (run_dir / "eval" / "c.json").write_text(json.dumps({"name": "empty"}))
+    no_models = {**_classification_eval(), "name": "empty", "models": {}, "comparison": {}}
+    (run_dir / "eval" / "c.json").write_text(json.dumps(no_models))
+    odd_matrix = _classification_eval()
+    odd_matrix["models"]["base"]["confusion"]["matrix"] = [[1, 2], [3]]
+    (run_dir / "eval" / "d.json").write_text(json.dumps(odd_matrix))
     malformed = _classification_eval()
-    malformed["models"]["base"]["confusion"]["matrix"] = [[1, 2], [3]]
     malformed["models"]["tuned"]["metrics"]["accuracy"] = "oops"
     malformed["models"]["tuned"]["predictions"] = 7
-    (run_dir / "eval" / "d.json").write_text(json.dumps(malformed))
+    (run_dir / "eval" / "e.json").write_text(json.dumps(malformed))
     page = write_report(run_dir).read_text()
     assert "not a square table of counts" in page
     assert "No validation loss logged" in page and "No learning rate logged" in page
     assert "No base model results" in page and "Only one prompt variant" in page
     assert "b.json could not be read" in page and "malformed line" in page
     assert "No model results in this file" in page
+    assert "eval/e.json: is not an evaluation result of this tunelab: " \
+        "models.tuned.metrics.accuracy" in page
     assert "could not be drawn" not in page
+
+
+@pytest.mark.parametrize(("version", "message"), [
+    (SCHEMA_VERSION + 1, f"has schema version {SCHEMA_VERSION + 1}; this tunelab reads version"),
+    (None, "has no schema_version")])
+def test_a_result_of_another_schema_version_is_refused(tmp_path, version, message):
+    run_dir = tmp_path / "run"
+    _write_basics(run_dir)
+    (run_dir / "eval").mkdir()
+    result = _classification_eval()
+    result["schema_version"] = version
+    (run_dir / "eval" / "test.json").write_text(json.dumps(result))
+    with pytest.raises(RunError, match=message) as caught:
+        write_report(run_dir)
+    assert "eval/test.json" in caught.value.render() and "tunelab eval" in caught.value.render()
+    assert not (run_dir / "report.html").exists()
 
 
 def test_not_a_run_directory_is_a_clear_error(tmp_path):

@@ -14,14 +14,12 @@ reference (the last trained assistant turn, or the output / completion) after th
 
 from __future__ import annotations
 
-import json
 import random
 import string
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
 from rich.console import Console
 from rich.table import Table
 
@@ -34,6 +32,7 @@ from tunelab.data.render import prompt_segments, reference_text
 from tunelab.data.tokenize import EvalPrompt, eval_prompts
 from tunelab.errors import ConfigError, RunError
 from tunelab.eval.generate import generate_texts, score_continuations
+from tunelab.eval.result import SCHEMA_VERSION, EvalResult
 from tunelab.eval.stats import mcnemar, paired_bootstrap, spread
 from tunelab.eval.tasks import TASKS, Task
 
@@ -82,13 +81,10 @@ def evaluate(config: Config, *, run_dir: str | Path | None = None, base: bool = 
         outcome.pop("paired")  # a function of resampled indices for corpus metrics: not data
         outcome.pop("paired_others")
     result["wall_s"] = round(time.perf_counter() - started, 1)
+    result["schema_version"] = SCHEMA_VERSION
+    typed = EvalResult.model_validate(result)  # a change of shape fails here, not in a report
     if run_dir is not None:
-        out = Path(run_dir) / "eval"
-        out.mkdir(exist_ok=True)
-        temporary = out / f".{eval_cfg.split}.json.tmp"
-        temporary.write_text(json.dumps(result, indent=1, default=_jsonable))
-        temporary.replace(out / f"{eval_cfg.split}.json")
-        result["path"] = str(out / f"{eval_cfg.split}.json")
+        result["path"] = str(typed.write(Path(run_dir) / "eval"))
     render_eval(result, console)
     return result
 
@@ -317,14 +313,6 @@ def _context(record: Record, template: str | None) -> str | None:
 def _show(value) -> str:
     if isinstance(value, (set, frozenset)):
         return "\n".join(f"{kind}: {span}" for kind, span in sorted(value))
-    return str(value)
-
-
-def _jsonable(value):
-    if isinstance(value, (set, frozenset)):
-        return sorted(value)
-    if isinstance(value, torch.Tensor):
-        return value.tolist()
     return str(value)
 
 

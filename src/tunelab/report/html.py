@@ -25,6 +25,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
 from tunelab.errors import RunError
+from tunelab.eval.result import EvalResult, check_schema_version
 from tunelab.model.adapters import METHODS
 
 TUNED_COLOUR = "#2563eb"
@@ -89,16 +90,29 @@ def load_run(run_dir: Path) -> dict[str, Any]:
         config = {}
     evals = []
     for path in sorted((run_dir / "eval").glob("*.json")):
-        result = _read_json(path, notes)
+        result = _read_eval(path, notes)
         if result:
-            metric = result.get("primary_metric")
-            evals.append({**result, "file": f"eval/{path.name}",
-                          "primary_metric": str(metric) if metric else None})
+            evals.append({**result, "file": f"eval/{path.name}"})
     return {
         "dir": run_dir, "manifest": manifest, "config": config if isinstance(config, dict) else {},
         "config_text": config_text, "metrics": _read_metrics(run_dir / "metrics.jsonl", notes),
         "evals": evals, "notes": notes,
     }
+
+
+def _read_eval(path: Path, notes: list[str]) -> dict[str, Any]:
+    """An eval file read through ``EvalResult``. Another schema version is refused (its fields
+    may mean something else); a file that is not a result is left out with a note."""
+    raw = _read_json(path, notes)
+    if not raw:
+        return {}
+    where = f"{path.parent.name}/{path.name}"
+    check_schema_version(raw, where)
+    try:
+        return EvalResult.from_dict(raw, where).to_dict()
+    except RunError as error:
+        notes.append(f"{error.render()} Left out.")
+        return {}
 
 
 def _read_json(path: Path, notes: list[str]) -> dict[str, Any]:
