@@ -28,7 +28,7 @@ BLOCK = re.compile(r"<!-- published: (?P<kind>\w+) (?P<path>\S+) -->\n(?P<body>.
                    r"<!-- /published -->", re.S)
 # A measured figure: "2.7×", "150 tokens/s", "7.4 GB", "0.62 GiB", "+1.1%", "22 s → 8.5 s",
 # "7.05 → 0.22", "p = 4e-5".
-FIGURE = re.compile(r"\d[\d.,]*\s*(×|tokens/s|tok/s|GB\b|GiB\b)|[+−-]\d+(\.\d+)?%"
+FIGURE = re.compile(r"\d[\d.,]*(×|\s*(tokens/s|tok/s|GB\b|GiB\b))|[+−-]\d+(\.\d+)?%"
                     r"|\d\s*s?\s*→\s*\d|\bp = \d")
 PROVENANCE_KEYS = ("command", "git_commit", "machine")
 
@@ -42,11 +42,11 @@ def _gib(value: float) -> str:
 
 def _origin(result: dict) -> str:
     machine = result["machine"]
-    load = machine.get("load_average_at_start", ["?"])[0]
-    end = machine.get("load_average_at_end", [load])[0]
+    load = f"load average {machine['load_average_at_start'][0]}"
+    if "load_average_at_end" in machine:
+        load += f"→{machine['load_average_at_end'][0]}"
     return (f"`{result['command']}` at commit `{result['git_commit'][:10]}` on a "
-            f"{machine['cpu_cores']}-core {machine['cpu']} (torch {machine['torch']}), "
-            f"load average {load}→{end}")
+            f"{machine['cpu_cores']}-core {machine['cpu']} (torch {machine['torch']}), {load}")
 
 
 def render_throughput(result: dict) -> str:
