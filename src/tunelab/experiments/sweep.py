@@ -25,6 +25,7 @@ import subprocess
 import sys
 import time
 import uuid
+import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -269,12 +270,16 @@ def evaluate_run(config: Config, run_dir: Path, *, split: str, console: Console,
 def reclaim_dead_trials(study, opened: OpenSweep) -> list[int]:
     """Mark failed the running trials whose worker process is gone; returns their numbers.
 
-    Journal storage only (an RDB study has Optuna's heartbeat). A worker is gone when nobody
-    holds the lock on its file in ``workers/``.
+    Journal storage: a worker is gone when nobody holds the lock on its file in ``workers/``.
+    An RDB study fails the trials whose heartbeat stopped (Optuna's own mechanism).
     """
+    from optuna.storages import RetryFailedTrialCallback, fail_stale_trials
+
     if opened.storage_url is not None:
+        with warnings.catch_warnings():  # Optuna: "meant for Study.optimize" (trials run in it)
+            warnings.simplefilter("ignore")
+            fail_stale_trials(study)
         return []
-    from optuna.storages import RetryFailedTrialCallback
     from optuna.trial import TrialState
 
     dead = []
