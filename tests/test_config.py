@@ -11,7 +11,15 @@ import pytest
 from pydantic import BaseModel
 
 from tunelab import cli
-from tunelab.config import Config, EvalConfig, MethodConfig, config_from_dict, explain
+from tunelab.config import (
+    Config,
+    DataConfig,
+    EvalConfig,
+    MethodConfig,
+    config_from_dict,
+    explain,
+)
+from tunelab.data.formats import FORMATS
 from tunelab.errors import ConfigError
 from tunelab.eval.tasks import TASKS
 from tunelab.model.adapters import METHODS
@@ -64,6 +72,7 @@ def test_explain_an_unknown_key_suggests_the_right_one(key, hint):
 def test_the_config_choices_are_the_registered_kinds():
     assert set(get_args(MethodConfig.model_fields["kind"].annotation)) == set(METHODS)
     assert set(get_args(EvalConfig.model_fields["task"].annotation)) == set(TASKS)
+    assert set(get_args(DataConfig.model_fields["format"].annotation)) == {"auto", *FORMATS}
 
 
 def test_a_task_kind_says_which_fields_it_requires(tmp_path):

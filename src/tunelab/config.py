@@ -18,6 +18,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from tunelab.data.formats import FORMATS
 from tunelab.errors import ConfigError
 from tunelab.eval.tasks import TASKS
 from tunelab.model.adapters import METHODS
@@ -80,7 +81,7 @@ class DataConfig(_Section):
     validation_split: float = Field(0.0, ge=0.0, lt=1.0, description=(
         "Without validation files: the fraction of training examples held out as validation "
         "data (drawn with train.seed)."))
-    format: Literal["auto", "chat", "instruction", "completion", "text", "template"] = Field(
+    format: Literal[("auto", *FORMATS)] = Field(  # type: ignore[valid-type]
         "auto", description="Record format: auto (detected per file), chat (OpenAI messages), "
         "instruction (Alpaca), completion (prompt/completion), text, or template (data.prompt "
         "and data.completion over any columns).")
