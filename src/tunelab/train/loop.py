@@ -11,7 +11,7 @@ import math
 import random
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +22,7 @@ from rich.table import Table
 
 from tunelab.config import Config
 from tunelab.data.formats import Example
-from tunelab.data.packing import Batch, collate, plan_batches
+from tunelab.data.packing import Batch, plan_batches
 from tunelab.data.prepare import prepare_data, schedule_micro_batches
 from tunelab.data.tokenize import EvalPrompt, TokenizedExample, eval_prompts
 from tunelab.errors import RunError, TrainingError
@@ -31,28 +31,15 @@ from tunelab.model import varlen
 from tunelab.model.adapters import METHODS, apply_method, save_final
 from tunelab.model.load import describe_model, load_model, load_tokenizer, resolve_device
 from tunelab.runs import MetricsLog, create_run, hash_file, versions, write_manifest
+from tunelab.train import distributed
 from tunelab.train.checkpoint import (
     list_checkpoints,
     load_checkpoint,
     rng_states,
     save_checkpoint,
 )
-from tunelab.train.loss import batch_loss_sum
 from tunelab.train.optim import build_optimizer, build_scheduler, clip_gradients
-
-
-@dataclass
-class TrainResult:
-    """What a finished (or stopped) run reports."""
-
-    run_dir: Path
-    steps: int
-    final_train_loss: float | None
-    val_loss_before: float | None
-    val_loss_after: float | None
-    tokens_per_second: float
-    wall_s: float
-    samples: list[dict] = field(default_factory=list)
+from tunelab.train.state import TrainResult, TrainState
 
 
 @dataclass
@@ -81,7 +68,8 @@ def prepare(config: Config, console: Console) -> Prepared:
     device = resolve_device(config.model.device)
     model = load_model(config.model.path, dtype=config.model.dtype, device=str(device),
                        gguf_file=config.model.gguf_file,
-                       attn_implementation=config.model.attn_implementation)
+                       attn_implementation=config.model.attn_implementation,
+                       load_in_4bit=METHODS[config.method.kind].load_in_4bit)
     model.config.use_cache = False
     if train_cfg.packing:
         varlen.enable(model)
@@ -106,22 +94,28 @@ def run_micro_batches(lengths: list[int], config: Config) -> list[list[int]]:
 
 
 @torch.no_grad()
-def validation_loss(model, examples: list[TokenizedExample], *, batch_tokens: int, packing: bool,
-                    pad_id: int, device: torch.device, chunk_tokens: int) -> float | None:
-    """Mean loss per target token over the validation examples (dropout off)."""
+def validation_loss(step_model, examples: list[TokenizedExample], *, batch_tokens: int,
+                    packing: bool, pad_id: int, device: torch.device,
+                    cluster: distributed.Cluster) -> float | None:
+    """Mean loss per target token over the validation examples (dropout off).
+
+    Under torchrun each rank scores its share of the batches; the sums are added up.
+    """
     if not examples:
         return None
-    was_training = model.training
-    model.eval()
+    was_training = step_model.training
+    step_model.eval()
     total, count = 0.0, 0
-    for indices in plan_batches([len(ex.input_ids) for ex in examples],
-                                batch_tokens=batch_tokens, packing=packing):
-        batch = collate([examples[i] for i in indices], packing=packing, pad_id=pad_id).to(device)
+    share = distributed.rank_batches(plan_batches([len(ex.input_ids) for ex in examples],
+                                                  batch_tokens=batch_tokens, packing=packing),
+                                     cluster)
+    for batch in distributed.collate_share(examples, share, packing=packing, pad_id=pad_id):
+        batch = batch.to(device)
         with autocast(device):
-            total += float(batch_loss_sum(model, batch, chunk_tokens=chunk_tokens))
+            total += float(step_model(batch))
         count += batch.n_target_tokens
-    model.train(was_training)
-    return total / max(1, count)
+    step_model.train(was_training)
+    return cluster.total(total) / max(1, cluster.total(count))
 
 
 def train(config: Config, *, resume: str | Path | None = None, overwrite: bool = False,
@@ -133,12 +127,25 @@ def train(config: Config, *, resume: str | Path | None = None, overwrite: bool =
     """
     console = console or Console()
     started = time.perf_counter()
-    _seed_everything(config.train.seed)
+    train_cfg = config.train
+    # Under torchrun: join the other ranks; logs and the progress bar come from rank 0 only.
+    cluster = distributed.start(
+        strategy=distributed.strategy_for(config.method.kind, train_cfg.distributed),
+        device=config.model.device, timeout_s=train_cfg.distributed_timeout_s)
+    console = console if cluster.is_main else Console(quiet=True)
+    _seed_everything(train_cfg.seed)
     prepared = prepare(config, console)
     model, tokenizer, device = prepared.model, prepared.tokenizer, prepared.device
-    train_cfg = config.train
-    micro_batches = run_micro_batches([len(ex.input_ids) for ex in prepared.train], config)
+    # What the loop calls for a batch's loss: the model, DDP- or FSDP-wrapped under torchrun.
+    # Before the optimizer is built: FSDP replaces the weights by their shards.
+    step_model = distributed.wrap(model, cluster, chunk_tokens=train_cfg.loss_chunk_tokens)
+    lengths = [len(ex.input_ids) for ex in prepared.train]
+    micro_batches = run_micro_batches(lengths, config)
     total_steps = len(micro_batches) // train_cfg.grad_accum
+    # Each optimizer step's micro-batches; under torchrun, this rank's share of each step.
+    steps = distributed.rank_steps(micro_batches, lengths, cluster,
+                                   grad_accum=train_cfg.grad_accum,
+                                   batch_tokens=train_cfg.batch_tokens, packing=train_cfg.packing)
     warmup = (train_cfg.warmup_steps if train_cfg.warmup_steps is not None
               else math.ceil(train_cfg.warmup_ratio * total_steps))
     optimizer = build_optimizer(model, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
@@ -146,9 +153,8 @@ def train(config: Config, *, resume: str | Path | None = None, overwrite: bool =
                                 schedule=train_cfg.schedule)
     pad_id = tokenizer.pad_token_id or 0
     evaluate = lambda: validation_loss(  # noqa: E731
-        model, prepared.validation, batch_tokens=train_cfg.batch_tokens,
-        packing=train_cfg.packing, pad_id=pad_id, device=device,
-        chunk_tokens=train_cfg.loss_chunk_tokens)
+        step_model, prepared.validation, batch_tokens=train_cfg.batch_tokens,
+        packing=train_cfg.packing, pad_id=pad_id, device=device, cluster=cluster)
 
     if resume:
         run_dir = Path(resume)
@@ -157,17 +163,19 @@ def train(config: Config, *, resume: str | Path | None = None, overwrite: bool =
             raise RunError(f"{run_dir} has no complete checkpoint to resume from",
                            where=str(run_dir), fix="start the run again with tunelab train "
                            "CONFIG --overwrite")
-        state = load_checkpoint(checkpoints[-1], model=model, optimizer=optimizer,
-                                scheduler=scheduler)
-        metrics = MetricsLog(run_dir / "metrics.jsonl")
-        metrics.truncate_after(state["step"])
+        state = TrainState.from_dict(
+            load_checkpoint(checkpoints[-1], model=model, optimizer=optimizer,
+                            scheduler=scheduler), where=str(checkpoints[-1]))
+        metrics = MetricsLog(run_dir / "metrics.jsonl") if cluster.is_main \
+            else distributed.Unlogged()
+        metrics.truncate_after(state.step)
         console.print(f"Resuming {run_dir} from {checkpoints[-1].name} "
-                      f"(step {state['step']} of {total_steps}).")
+                      f"(step {state.step} of {total_steps}).")
     else:
-        run_dir = create_run(config, overwrite=overwrite)
-        metrics = MetricsLog(run_dir / "metrics.jsonl")
-        state = {"step": 0, "micro_batch": 0, "train_tokens": 0, "train_s": 0.0,
-                 "val_loss_before": None, "samples_before": []}
+        run_dir = cluster.run_on_main(lambda: create_run(config, overwrite=overwrite))
+        metrics = MetricsLog(run_dir / "metrics.jsonl") if cluster.is_main \
+            else distributed.Unlogged()
+        state = TrainState()
     manifest = {
         "name": config.name, "seed": train_cfg.seed, "device": str(device),
         "versions": versions(), "model": describe_model(model),
@@ -175,81 +183,87 @@ def train(config: Config, *, resume: str | Path | None = None, overwrite: bool =
         "data_report": prepared.data_report, "total_steps": total_steps,
         "warmup_steps": warmup, "status": "running",
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "plan": state.get("plan") or _predicted(config, prepared, console),
+        "plan": state.plan or _predicted(config, prepared, console),
     }
-    state["plan"] = manifest["plan"]
+    state.plan = manifest["plan"]
     try:
-        write_manifest(run_dir, manifest)
+        if cluster.is_main:
+            write_manifest(run_dir, manifest)
         if not resume:
-            samples = _sample_prompts(prepared, config)
-            state["samples_before"] = _generate(model, tokenizer, samples, config)
-            state["val_loss_before"] = evaluate()
-            metrics.write(step=0, val_loss=state["val_loss_before"])
-            console.print(f"Validation loss before training: {_fmt(state['val_loss_before'])}")
-        state = _run_steps(model, prepared, micro_batches, optimizer, scheduler, state, metrics,
-                           run_dir, config, console, evaluate, stop_after_steps)
+            samples = _sample_prompts(prepared, config, cluster)
+            state.samples_before = _generate(model, tokenizer, samples, config)
+            state.val_loss_before = evaluate()
+            metrics.write(step=0, val_loss=state.val_loss_before)
+            console.print(f"Validation loss before training: {_fmt(state.val_loss_before)}")
+        state = _run_steps(step_model, prepared, steps, optimizer, scheduler, state, metrics,
+                           run_dir, config, console, evaluate, stop_after_steps, cluster)
     except BaseException:
         if not resume and not list_checkpoints(run_dir / "checkpoints"):
             shutil.rmtree(run_dir, ignore_errors=True)  # nothing to resume: leave no husk
         raise
-    if state["step"] < total_steps:
-        console.print(f"Stopped at step {state['step']} of {total_steps}; finish with "
+    if state.step < total_steps:
+        console.print(f"Stopped at step {state.step} of {total_steps}; finish with "
                       f"[bold]tunelab train --resume {run_dir}[/]")
         return _result(run_dir, state, None, time.perf_counter() - started)
 
     val_after = evaluate()
-    metrics.write(step=state["step"], val_loss=val_after)
-    save_final(model, tokenizer, run_dir / METHODS[config.method.kind].final_folder)
-    prompts = _sample_prompts(prepared, config)
+    metrics.write(step=state.step, val_loss=val_after)
+    weights = distributed.full_state(model, cluster)  # FSDP: gathered on rank 0, every rank helps
+    if cluster.is_main:
+        save_final(model, tokenizer, run_dir / METHODS[config.method.kind].final_folder,
+                   state_dict=weights)
+    prompts = _sample_prompts(prepared, config, cluster)
     after = _generate(model, tokenizer, prompts, config)
     samples = [{"prompt": p.text, "target": p.target, "before": b, "after": a} for p, b, a in
-               zip(prompts, state["samples_before"], after, strict=True)]
+               zip(prompts, state.samples_before, after, strict=True)]
     result = _result(run_dir, state, val_after, time.perf_counter() - started, samples)
     manifest.update(status="finished", val_loss_before=result.val_loss_before,
                     val_loss_after=val_after, tokens_per_second=result.tokens_per_second,
-                    final_train_loss=result.final_train_loss, steps=state["step"],
-                    wall_s=round(result.wall_s, 1), train_s=round(state["train_s"], 1),
+                    final_train_loss=result.final_train_loss, steps=state.step,
+                    wall_s=round(result.wall_s, 1), train_s=round(state.train_s, 1),
                     measured_peak_rss_bytes=_peak_rss_bytes())
-    write_manifest(run_dir, manifest)
+    if cluster.is_main:
+        write_manifest(run_dir, manifest)
+    cluster.barrier()  # the run directory is complete before any rank returns
     _print_summary(result, console)
     return result
 
 
-def _run_steps(model, prepared: Prepared, micro_batches, optimizer, scheduler, state, metrics,
-               run_dir: Path, config: Config, console: Console, evaluate,
-               stop_after_steps: int | None) -> dict:
-    """The optimizer steps from ``state['step']`` to the end (or to ``stop_after_steps``).
+def _run_steps(step_model, prepared: Prepared, steps: list[list[list[int]]], optimizer,
+               scheduler, state: TrainState, metrics, run_dir: Path, config: Config,
+               console: Console, evaluate, stop_after_steps: int | None,
+               cluster: distributed.Cluster) -> TrainState:
+    """The optimizer steps from ``state.step`` to the end (or to ``stop_after_steps``).
 
     Ctrl-C between steps saves a checkpoint of the last finished step, so no work is lost.
     """
     train_cfg = config.train
-    total_steps = len(micro_batches) // train_cfg.grad_accum
+    total_steps = len(steps)
     pad_id = prepared.tokenizer.pad_token_id or 0
     save = lambda rng=None: save_checkpoint(  # noqa: E731
-        run_dir / "checkpoints", model=model, optimizer=optimizer, scheduler=scheduler,
-        state=state, keep=train_cfg.keep_checkpoints, rng=rng)
-    steps_this_call, saved_step, rng_at_step_start = 0, state["step"], rng_states()
+        run_dir / "checkpoints", model=prepared.model, optimizer=optimizer, scheduler=scheduler,
+        state=state.to_dict(), keep=train_cfg.keep_checkpoints, rng=rng)
+    steps_this_call, saved_step, rng_at_step_start = 0, state.step, rng_states()
     stepping = False
-    model.train()
+    step_model.train()
     progress = Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("step {task.completed}"
                         "/{task.total}"), TextColumn("{task.fields[status]}"),
                         TimeRemainingColumn(), console=console, transient=False,
                         disable=not console.is_terminal)
     try:
         with progress:
-            task = progress.add_task("train", total=total_steps, completed=state["step"],
+            task = progress.add_task("train", total=total_steps, completed=state.step,
                                      status="")
-            while state["step"] < total_steps:
+            while state.step < total_steps:
                 if stop_after_steps is not None and steps_this_call >= stop_after_steps:
                     break
                 rng_at_step_start = rng_states()
                 started = time.perf_counter()
-                group = micro_batches[state["micro_batch"]:
-                                      state["micro_batch"] + train_cfg.grad_accum]
-                batches = [collate([prepared.train[i] for i in indices],
-                                   packing=train_cfg.packing, pad_id=pad_id) for indices in group]
-                loss, grad_norm = _forward_backward(model, batches, prepared, group,
-                                                    state["step"] + 1, config)
+                group = steps[state.step]
+                batches = distributed.collate_share(prepared.train, group,
+                                                    packing=train_cfg.packing, pad_id=pad_id)
+                loss, grad_norm = _forward_backward(step_model, batches, prepared, group,
+                                                    state.step + 1, config, cluster)
                 lr = scheduler.get_last_lr()[0]
                 stepping = True  # a Ctrl-C from here on would leave half-updated weights
                 optimizer.step()
@@ -257,65 +271,73 @@ def _run_steps(model, prepared: Prepared, micro_batches, optimizer, scheduler, s
                 optimizer.zero_grad(set_to_none=True)
                 stepping = False
                 step_s = time.perf_counter() - started
-                tokens = sum(batch.n_tokens for batch in batches)
-                state.update(step=state["step"] + 1,
-                             micro_batch=state["micro_batch"] + len(group),
-                             train_tokens=state["train_tokens"] + tokens,
-                             train_s=state["train_s"] + step_s, last_loss=loss)
+                tokens = int(cluster.total(sum(batch.n_tokens for batch in batches)))
+                state.step += 1
+                state.micro_batch += train_cfg.grad_accum
+                state.train_tokens += tokens
+                state.train_s += step_s
+                state.last_loss = loss
                 steps_this_call += 1
-                tokens_per_second = state["train_tokens"] / max(state["train_s"], 1e-9)
-                if state["step"] % train_cfg.log_every == 0 or state["step"] == total_steps:
-                    metrics.write(step=state["step"], loss=loss, lr=lr, grad_norm=grad_norm,
+                tokens_per_second = state.tokens_per_second
+                if state.step % train_cfg.log_every == 0 or state.step == total_steps:
+                    metrics.write(step=state.step, loss=loss, lr=lr, grad_norm=grad_norm,
                                   tokens=tokens,
-                                  target_tokens=sum(b.n_target_tokens for b in batches),
+                                  target_tokens=int(cluster.total(
+                                      sum(b.n_target_tokens for b in batches))),
                                   tokens_per_second=round(tokens_per_second, 1),
                                   step_s=round(step_s, 4))
                 status = f"loss {loss:.4f}  {tokens_per_second:,.0f} tok/s"
-                if train_cfg.eval_every and state["step"] % train_cfg.eval_every == 0 \
-                        and state["step"] < total_steps:
+                if train_cfg.eval_every and state.step % train_cfg.eval_every == 0 \
+                        and state.step < total_steps:
                     val = evaluate()
-                    metrics.write(step=state["step"], val_loss=val)
+                    metrics.write(step=state.step, val_loss=val)
                     status += f"  val {_fmt(val)}"
-                progress.update(task, completed=state["step"], status=status)
-                if not console.is_terminal and (state["step"] % max(1, total_steps // 10) == 0
-                                                or state["step"] == total_steps):
-                    console.print(f"step {state['step']}/{total_steps}  {status}")
-                at_save = train_cfg.save_every and state["step"] % train_cfg.save_every == 0
+                progress.update(task, completed=state.step, status=status)
+                if not console.is_terminal and (state.step % max(1, total_steps // 10) == 0
+                                                or state.step == total_steps):
+                    console.print(f"step {state.step}/{total_steps}  {status}")
+                at_save = train_cfg.save_every and state.step % train_cfg.save_every == 0
                 stopping = stop_after_steps is not None and steps_this_call >= stop_after_steps
-                if (at_save or stopping) and state["step"] < total_steps:
+                if (at_save or stopping) and state.step < total_steps:
                     save()
-                    saved_step = state["step"]
+                    saved_step = state.step
     except KeyboardInterrupt:
-        if state["step"] > saved_step and not stepping:
+        # Under torchrun the ranks stop at different points: no common checkpoint to write.
+        if state.step > saved_step and not stepping and cluster.world_size == 1:
             optimizer.zero_grad(set_to_none=True)
             # The interrupted step's dropout draws never happened, as far as resuming goes.
             save(rng=rng_at_step_start)
-            console.print(f"Interrupted: saved checkpoint step-{state['step']}; continue with "
+            console.print(f"Interrupted: saved checkpoint step-{state.step}; continue with "
                           f"[bold]tunelab train --resume {run_dir}[/]")
         raise
     return state
 
 
-def _forward_backward(model, batches: list[Batch], prepared: Prepared, group: list[list[int]],
-                      step: int, config: Config) -> tuple[float, float]:
+def _forward_backward(step_model, batches: list[Batch], prepared: Prepared,
+                      group: list[list[int]], step: int, config: Config,
+                      cluster: distributed.Cluster) -> tuple[float, float]:
     """Accumulate the gradients of one optimizer step and clip them; returns (loss, grad norm).
 
-    The loss is the mean over the step's target tokens, whatever the micro-batch sizes.
+    The loss is the mean over the step's target tokens (of all ranks), whatever the
+    micro-batch sizes.
     """
-    n_target = sum(batch.n_target_tokens for batch in batches)
+    n_target = cluster.total(sum(batch.n_target_tokens for batch in batches))
     loss_sum = 0.0
-    for batch in batches:
+    for index, batch in enumerate(batches):
         batch = batch.to(prepared.device)
-        with autocast(prepared.device):
-            loss = batch_loss_sum(model, batch, chunk_tokens=config.train.loss_chunk_tokens)
-        if not torch.isfinite(loss):
-            raise _non_finite(loss, step, group, prepared)
-        (loss / n_target).backward()
+        # Gradients are reduced across ranks once per step, with the last micro-batch.
+        with distributed.gradient_sync(step_model, sync=index == len(batches) - 1):
+            with autocast(prepared.device):
+                loss = step_model(batch)
+            if not torch.isfinite(loss):
+                raise _non_finite(loss, step, group, prepared)
+            # DDP and FSDP average gradients over the ranks: × world_size makes it the sum.
+            (loss / n_target * cluster.world_size).backward()
         loss_sum += float(loss.detach())
-    grad_norm = clip_gradients(model, config.train.max_grad_norm)
+    grad_norm = clip_gradients(step_model, config.train.max_grad_norm)
     if not math.isfinite(grad_norm):
         raise _non_finite(torch.tensor(grad_norm), step, group, prepared, what="gradient norm")
-    return loss_sum / n_target, grad_norm
+    return cluster.total(loss_sum) / n_target, grad_norm
 
 
 def _non_finite(value: torch.Tensor, step: int, group: list[list[int]], prepared: Prepared,
@@ -331,8 +353,11 @@ def _non_finite(value: torch.Tensor, step: int, group: list[list[int]], prepared
     )
 
 
-def _sample_prompts(prepared: Prepared, config: Config) -> list[EvalPrompt]:
+def _sample_prompts(prepared: Prepared, config: Config,
+                    cluster: distributed.Cluster) -> list[EvalPrompt]:
     """Validation prompts as evaluation renders them (the renderer training used)."""
+    if cluster.strategy == "fsdp":  # no rank holds whole weights to generate with
+        return []
     examples = prepared.validation_examples[: config.train.samples]
     return eval_prompts(examples, prepared.tokenizer, chat_template=config.data.chat_template,
                         max_seq_len=config.train.max_seq_len)
@@ -383,13 +408,12 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _result(run_dir: Path, state: dict, val_after: float | None, wall_s: float,
+def _result(run_dir: Path, state: TrainState, val_after: float | None, wall_s: float,
             samples: list[dict] | None = None) -> TrainResult:
-    return TrainResult(run_dir=run_dir, steps=state["step"],
-                       final_train_loss=state.get("last_loss"),
-                       val_loss_before=state.get("val_loss_before"), val_loss_after=val_after,
-                       tokens_per_second=state["train_tokens"] / max(state["train_s"], 1e-9),
-                       wall_s=wall_s, samples=samples or [])
+    return TrainResult(run_dir=run_dir, steps=state.step, final_train_loss=state.last_loss,
+                       val_loss_before=state.val_loss_before, val_loss_after=val_after,
+                       tokens_per_second=state.tokens_per_second, wall_s=wall_s,
+                       samples=samples or [])
 
 
 def _fmt(value: float | None) -> str:
