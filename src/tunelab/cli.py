@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import textwrap
 import warnings
@@ -143,15 +144,19 @@ def plan(
     calibrate: bool = typer.Option(False, help="Measure a few real training steps and scale."),
     json_out: Path | None = typer.Option(None, "--json", help="Also write the plan here."),
     set_: list[str] = typer.Option([], "--set", help="Override a config key: train.lr=1e-4"),
+    nproc: int = typer.Option(1, min=1, help="Also predict each rank's memory with N ranks "
+                              "(DDP or FSDP2, as train.distributed says)."),
 ) -> None:
     """Predict peak memory, tokens/s and wall time of a run before starting it."""
     from tunelab.config import load_config
     from tunelab.model.plan import plan as make_plan
     from tunelab.model.plan import render_plan
     from tunelab.train.calibrate import calibrate_run
+    from tunelab.train.distributed import strategy_for
 
     cfg = load_config(config, _overrides(set_))
-    result = make_plan(cfg, calibration=calibrate_run(cfg) if calibrate else None)
+    result = make_plan(cfg, calibration=calibrate_run(cfg) if calibrate else None, nproc=nproc,
+                       strategy=strategy_for(cfg.method.kind, cfg.train.distributed))
     render_plan(result, console)
     if json_out:
         json_out.write_text(json.dumps(result, indent=2, default=str))
@@ -325,6 +330,9 @@ def main() -> None:
     # peft still calls a transformers property that warns on every model load; not the user's
     # problem and not actionable for them.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is deprecated")
+    # bitsandbytes (imported by peft when installed) warns at import that an optional faster
+    # CPU kernel package is missing; the CPU path works without it.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:
         app()  # standalone: usage errors and --help print and exit by themselves
     except TunelabError as error:
