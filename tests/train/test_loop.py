@@ -82,24 +82,65 @@ def test_resume_after_interruption_ends_bit_identical(tmp_path, tiny_model_dir):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_saved_adapter_reloads_with_peft_and_changes_the_output(tmp_path, tiny_model_dir):
+# Reloading must give back the model that training ended with. float32 on CPU; the trained model
+# runs the packed (varlen) attention and the reloaded one sdpa, which differ by float rounding
+# only: 1e-5 is a thousand times below what one lost training step changes (see the tests).
+LOGITS_TOLERANCE = {"atol": 1e-5, "rtol": 1e-5}
+
+
+def record_final_model(monkeypatch) -> dict:
+    """Run the real ``save_final`` and note, at that moment, the trained model's logits on a
+    review and its weights: what the saved files must reproduce."""
+    from tunelab.train import loop
+
+    seen = {}
+
+    def save_and_record(model, tokenizer, folder, **options):
+        seen["input_ids"] = tokenizer("Review: the movie was dull\nSentiment: negative",
+                                      return_tensors="pt").input_ids
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            seen["logits"] = model(input_ids=seen["input_ids"]).logits.detach().clone()
+        model.train(was_training)
+        seen["weights"] = {name: value.detach().clone()
+                           for name, value in model.state_dict().items()}
+        real_save_final(model, tokenizer, folder, **options)
+
+    real_save_final = loop.save_final
+    monkeypatch.setattr(loop, "save_final", save_and_record)
+    return seen
+
+
+def test_saved_adapter_reloads_with_peft_to_the_trained_model(tmp_path, tiny_model_dir,
+                                                              monkeypatch):
+    trained = record_final_model(monkeypatch)
     result = train(make_config(tmp_path, tiny_model_dir), console=quiet())
-    inputs = torch.tensor([[5, 6, 7, 8, 9]])
     base = load_model(tiny_model_dir, device="cpu").eval()
     with torch.no_grad():
-        base_logits = base(input_ids=inputs).logits
+        base_logits = base(input_ids=trained["input_ids"]).logits
     tuned = PeftModel.from_pretrained(base, result.run_dir / "adapter").eval()
     with torch.no_grad():
-        tuned_logits = tuned(input_ids=inputs).logits
-    assert not torch.allclose(base_logits, tuned_logits, atol=1e-4)
+        tuned_logits = tuned(input_ids=trained["input_ids"]).logits
+    torch.testing.assert_close(tuned_logits, trained["logits"], **LOGITS_TOLERANCE)
+    assert not torch.allclose(base_logits, trained["logits"], atol=1e-2)  # training did act
 
 
-def test_full_fine_tuning_saves_whole_weights(tmp_path, tiny_model_dir):
+def test_full_fine_tuning_saves_the_trained_weights(tmp_path, tiny_model_dir, monkeypatch):
+    trained = record_final_model(monkeypatch)
     result = train(make_config(tmp_path, tiny_model_dir, lr=1e-3, method={"kind": "full"}),
                    console=quiet())
     assert result.val_loss_after < result.val_loss_before
-    reloaded = load_model(str(result.run_dir / "model"), device="cpu")
-    assert sum(p.numel() for p in reloaded.parameters()) > 10_000
+    reloaded = load_model(str(result.run_dir / "model"), device="cpu").eval()
+    saved = reloaded.state_dict()
+    assert saved.keys() == trained["weights"].keys()
+    for name, value in trained["weights"].items():
+        torch.testing.assert_close(saved[name], value, atol=0, rtol=0, msg=name)  # bit-exact
+    with torch.no_grad():
+        logits = reloaded(input_ids=trained["input_ids"]).logits
+    torch.testing.assert_close(logits, trained["logits"], **LOGITS_TOLERANCE)
+    base = load_model(tiny_model_dir, device="cpu").state_dict()
+    assert not all(torch.equal(base[name], value) for name, value in saved.items())
 
 
 def test_existing_run_is_not_overwritten(tmp_path, tiny_model_dir):
