@@ -66,7 +66,7 @@ def _optuna():
 def create_sweep(sweep: Sweep, *, storage_url: str | None = None) -> OpenSweep:
     """Make the sweep directory and its study; an existing one with the same sweep is reused."""
     directory = sweep.directory.resolve()
-    record = to_record(sweep, directory, storage_url)
+    record = json.loads(json.dumps(to_record(sweep, directory, storage_url)))  # as stored
     existing = directory / RECORD_FILE
     if existing.is_file():
         before = json.loads(existing.read_text())
