@@ -74,6 +74,29 @@ def write_gguf(model: Any, tokenizer: Any, path: Path, *, quant: str, name: str,
     return shapes
 
 
+def quantised_copy(model: Any, quant: str) -> Any:
+    """A copy of ``model`` whose weights went through ``write_gguf``'s tensor types and back.
+
+    A correct GGUF, read by any loader, reproduces this copy's outputs (up to float rounding);
+    comparing with it separates layout bugs from the quantisation error itself.
+    """
+    import copy
+
+    import gguf
+
+    tensor_type = gguf.GGMLQuantizationType[QUANTS[quant][0]]
+    copied = copy.deepcopy(model)
+    with torch.no_grad():
+        for parameter in copied.parameters():
+            if parameter.ndim != 2:
+                continue
+            weights = parameter.detach().to(torch.float32).cpu().numpy()
+            data, raw_type = _encode(weights, tensor_type)
+            restored = gguf.quants.dequantize(data, raw_type).reshape(weights.shape)
+            parameter.copy_(torch.from_numpy(np.ascontiguousarray(restored)))
+    return copied
+
+
 def check_llama(config: Any) -> None:
     """Refuse, with the reason, a model this converter would write wrongly."""
     problems = []
