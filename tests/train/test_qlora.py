@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 from rich.console import Console
 
 from tunelab.model.adapters import apply_method
@@ -16,10 +17,26 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_loop import make_config  # noqa: E402
 
 
-def test_the_base_loads_as_nf4_with_double_quantisation(tiny_model_dir):
+@pytest.fixture(scope="module")
+def qlora_model_dir(tiny_model_dir, tmp_path_factory) -> str:
+    """The tiny model's tokenizer on a Llama twice as wide: bitsandbytes' CPU kernel packs
+    4-bit weights in blocks of 32 output features (the tiny model's k/v projections have 16)."""
+    import torch
+    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("qlora-model")
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    config.hidden_size, config.intermediate_size, config.head_dim = 64, 128, 16
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(folder)
+    return str(folder)
+
+
+def test_the_base_loads_as_nf4_with_double_quantisation(qlora_model_dir):
     from bitsandbytes.nn import Linear4bit
 
-    model = load_model(tiny_model_dir, device="cpu", load_in_4bit=True)
+    model = load_model(qlora_model_dir, device="cpu", load_in_4bit=True)
     layer = model.model.layers[0].mlp.up_proj
     assert isinstance(layer, Linear4bit)
     assert layer.weight.quant_state.quant_type == "nf4"
@@ -30,8 +47,8 @@ def test_the_base_loads_as_nf4_with_double_quantisation(tiny_model_dir):
     assert trainable and all("lora_" in name for name in trainable)
 
 
-def test_qlora_trains_on_cpu_and_saves_a_peft_adapter(tmp_path, tiny_model_dir):
-    config = make_config(tmp_path, tiny_model_dir, epochs=2, samples=0,
+def test_qlora_trains_on_cpu_and_saves_a_peft_adapter(tmp_path, qlora_model_dir):
+    config = make_config(tmp_path, qlora_model_dir, epochs=2, samples=0,
                          method={"kind": "qlora", "r": 4, "alpha": 8, "dropout": 0.0})
     result = train(config, console=Console(quiet=True))
     assert result.val_loss_after < result.val_loss_before * 0.7
