@@ -337,7 +337,9 @@ def main() -> None:
         app()  # standalone: usage errors and --help print and exit by themselves
     except TunelabError as error:
         width = min(100, error_console.width)
-        text = textwrap.fill(f"{error.kind}: {error.render()}", width=width)
+        # Paths stay whole (no break at their hyphens), so they can be copied from the message.
+        text = textwrap.fill(f"{error.kind}: {error.render()}", width=width,
+                             break_on_hyphens=False, break_long_words=False)
         error_console.print(text, style="red", markup=False, highlight=False)
         sys.exit(error.exit_code)
 
