@@ -17,6 +17,7 @@ from tunelab.data.formats import Record
 from tunelab.eval import evaluate as evaluate_module
 from tunelab.eval.evaluate import build_prompts, evaluate
 from tunelab.eval.generate import generate_texts, score_continuations
+from tunelab.eval.metrics import parse_label
 from tunelab.model.load import load_model, load_tokenizer
 from tunelab.train.loop import train
 
@@ -97,8 +98,10 @@ def test_generation_mode_parses_and_counts_failures(trained):
     result = evaluate(cfg, run_dir=run_dir, base=False, console=Console(quiet=True))
     tuned = result["models"]["tuned"]
     assert "base" not in result["models"]
-    failures = tuned["parse_failures"]["count"]
-    assert 0 <= failures <= 60 and tuned["parse_failures"]["rate"] == failures / 60
+    # the count is of the outputs shown that name no label (exact values: see the tests below)
+    failures = sum(parse_label(p["prediction"], cfg.eval.labels) is None
+                   for p in tuned["predictions"])
+    assert tuned["parse_failures"] == {"count": failures, "rate": failures / 60}
     assert tuned["metrics"]["accuracy"]["value"] >= 0.8
 
 
@@ -113,15 +116,30 @@ def test_few_shot_prompts_exclude_the_example_itself():
         assert f"Q: text {index}\nA: a" not in blocks[:-1]
 
 
-# Each generative kind on four records, with the model's raw output for each fixed: right,
-# partly right, wrong, unparseable. Generation is the one stage replaced (``generate_texts``,
-# looked up by name in the evaluation module); prompts, parsing, pairing, metrics, intervals,
-# variants and the saved file are the real pipeline, and every expected value is worked out by
-# hand in the comments (translation: sacrebleu's own corpus scores of the same pairs).
+# Each task kind on four records, with the model's raw output for each fixed: right, partly
+# right, wrong, unparseable. Generation is the one stage replaced (``generate_texts``, looked
+# up by name in the evaluation module); prompts, parsing, pairing, metrics, intervals, variants
+# and the saved file are the real pipeline, and every expected value is worked out by hand in
+# the comments (translation: sacrebleu's own corpus scores of the same pairs).
 FRENCH_GOLD = ["le film était bon", "l'intrigue était lente", "les acteurs étaient excellents",
                "la musique était forte"]
 FRENCH_OUT = ["le film était bon", "l'intrigue était lente", "les acteurs étaient bons", ""]
-GENERATIVE = {
+KNOWN_OUTPUTS = {
+    "classification": {
+        "prompt": "Review: {text}\nSentiment:", "completion": " {label}", "key": "text",
+        "options": {"labels": ["negative", "positive"], "predict": "generate"},
+        "records": [
+            ({"text": "the movie was good", "label": "positive"}, " Positive."),
+            ({"text": "the plot was dull", "label": "negative"}, " The sentiment is negative"),
+            ({"text": "the cast was great", "label": "positive"}, " negative"),
+            ({"text": "the music was loud", "label": "negative"}, " positive or negative"),
+        ],
+        # positive: 1 hit, 1 predicted, 2 gold -> F1 2/3; negative: 1 hit, 2 predicted, 2 gold
+        # -> F1 1/2; the unparseable answer is wrong and predicts neither
+        "metrics": {"accuracy": 2 / 4, "macro_f1": (2 / 3 + 1 / 2) / 2},
+        "per_example": [1.0, 1.0, 0.0, 0.0],
+        "failures": 1, "hallucination": None,
+    },
     "ner": {
         "prompt": "Text: {text}\nEntities:\n", "completion": "{target}", "key": "text",
         "options": {"entity_types": ["PERSON", "GPE"], "context": "{text}"},
@@ -190,8 +208,8 @@ GENERATIVE = {
 }
 
 
-def generative_config(task: str, tmp_path: Path, model_dir: str) -> object:
-    spec = GENERATIVE[task]
+def known_output_config(task: str, tmp_path: Path, model_dir: str) -> object:
+    spec = KNOWN_OUTPUTS[task]
     test = tmp_path / "test.jsonl"
     test.write_text("".join(json.dumps(record) + "\n" for record, _ in spec["records"]))
     train = tmp_path / "train.jsonl"  # unrelated to the test records: nothing leaks
@@ -210,14 +228,15 @@ def known_outputs(monkeypatch, task: str, *, rotate: int = 0) -> None:
     """Make the model "write" each record's fixed output, found by the record's key field in the
     query; ``rotate`` hands each prompt the output of the record ``rotate`` places later, as a
     reordering bug in batching would."""
-    spec = GENERATIVE[task]
+    spec = KNOWN_OUTPUTS[task]
     keys = [record[spec["key"]] for record, _ in spec["records"]]
     outputs = [output for _, output in spec["records"]]
 
     def generate(model, tokenizer, prompts, **settings):
         answers = []
         for prompt in prompts:
-            query = prompt.split("\n\n")[-1]
+            text = prompt if isinstance(prompt, str) else tokenizer.decode(prompt)  # ids
+            query = text.split("\n\n")[-1]
             owners = [i for i, key in enumerate(keys) if key in query]
             assert len(owners) == 1, query
             answers.append(outputs[(owners[0] + rotate) % len(outputs)])
@@ -229,15 +248,15 @@ def known_outputs(monkeypatch, task: str, *, rotate: int = 0) -> None:
 def run_base(task: str, tmp_path: Path, model_dir: str) -> tuple[dict, Path]:
     run_dir = tmp_path / "runs" / task
     run_dir.mkdir(parents=True)
-    config = generative_config(task, tmp_path, model_dir)
+    config = known_output_config(task, tmp_path, model_dir)
     result = evaluate(config, run_dir=run_dir, base=True, tuned=False, console=Console(quiet=True))
     return result, run_dir
 
 
-@pytest.mark.parametrize("task", sorted(GENERATIVE))
-def test_generative_task_metrics_equal_the_hand_computed_values(task, tmp_path, monkeypatch,
-                                                                tiny_model_dir):
-    spec = GENERATIVE[task]
+@pytest.mark.parametrize("task", sorted(KNOWN_OUTPUTS))
+def test_task_metrics_equal_the_hand_computed_values(task, tmp_path, monkeypatch,
+                                                      tiny_model_dir):
+    spec = KNOWN_OUTPUTS[task]
     known_outputs(monkeypatch, task)
     result, run_dir = run_base(task, tmp_path, tiny_model_dir)
     outcome = result["models"]["base"]
@@ -279,7 +298,7 @@ def test_ner_per_type_scores_count_each_type_apart(tmp_path, monkeypatch, tiny_m
         {"precision": 2 / 3, "recall": 2 / 3, "f1": 4 / 6, "support": 3})
 
 
-@pytest.mark.parametrize("task", sorted(GENERATIVE))
+@pytest.mark.parametrize("task", sorted(KNOWN_OUTPUTS))
 def test_mispaired_outputs_change_the_metric(task, tmp_path, monkeypatch, tiny_model_dir):
     """Guards the tests above: outputs handed to the wrong examples (rotated by one, as a
     reordering bug would) do not reproduce the hand-computed value."""
@@ -287,7 +306,7 @@ def test_mispaired_outputs_change_the_metric(task, tmp_path, monkeypatch, tiny_m
     result, _ = run_base(task, tmp_path, tiny_model_dir)
     primary = result["primary_metric"]
     mispaired = result["models"]["base"]["metrics"][primary]["value"]
-    assert mispaired < GENERATIVE[task]["metrics"][primary] - 0.1
+    assert mispaired < KNOWN_OUTPUTS[task]["metrics"][primary] - 0.1
 
 
 def test_batched_generation_returns_each_prompt_its_own_completion(tiny_model_dir):
