@@ -153,8 +153,8 @@ class TrainConfig(_Section):
     log_every: int = Field(1, ge=1, description="Write a metrics.jsonl record every N steps.")
     report_to: list[Literal["tensorboard", "mlflow"]] = Field([], description=(
         "Also stream every metrics.jsonl record to these trackers: tensorboard (event files in "
-        "RUN/tensorboard; pip install \"tunelab[tensorboard]\") and mlflow (a local file store "
-        "in output_dir/mlruns unless MLFLOW_TRACKING_URI is set; pip install "
+        "RUN/tensorboard; pip install \"tunelab[tensorboard]\") and mlflow (a local SQLite store, "
+        "output_dir/mlflow.db, unless MLFLOW_TRACKING_URI is set; pip install "
         "\"tunelab[mlflow]\")."))
     gradient_checkpointing: bool = Field(False, description=(
         "Recompute each layer's activations in the backward pass: far less memory, ~30% slower."))

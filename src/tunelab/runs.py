@@ -171,8 +171,9 @@ class TensorBoardWriter:
 
 
 class MlflowWriter:
-    """One MLflow run per tunelab run, in ``<output_dir>/mlruns`` (a local file store) unless
-    ``MLFLOW_TRACKING_URI`` is set; the resolved config goes in as parameters."""
+    """One MLflow run per tunelab run, in ``<output_dir>/mlflow.db`` (a local SQLite store:
+    MLflow 3 refuses its old ``mlruns`` folder store) unless ``MLFLOW_TRACKING_URI`` is set; the
+    resolved config goes in as parameters."""
 
     def __init__(self, run_dir: Path, config: dict[str, Any]):
         try:
@@ -181,8 +182,8 @@ class MlflowWriter:
         except ImportError:
             raise _missing_extra("mlflow", "mlflow-skinny") from None
         self.metric = Metric
-        uri = os.environ.get("MLFLOW_TRACKING_URI") or (run_dir.parent / "mlruns").resolve(
-            ).as_uri()
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or \
+            f"sqlite:///{(run_dir.parent / 'mlflow.db').resolve()}"
         self.client = MlflowClient(tracking_uri=uri)
         experiment = self.client.get_experiment_by_name("tunelab")
         experiment_id = experiment.experiment_id if experiment else \

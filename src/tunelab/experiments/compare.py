@@ -119,6 +119,9 @@ def _importance(study) -> dict[str, Any]:
     try:
         evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
         values = optuna.importance.get_param_importances(study, evaluator=evaluator)
+    except ImportError:
+        return {"note": "no importance: Optuna's fANOVA needs scikit-learn (pip install "
+                        '"tunelab[sweep]")'}
     except (RuntimeError, ValueError) as error:
         return {"note": f"no importance: {error}"}
     return {"fanova": {key: float(value) for key, value in values.items()}}

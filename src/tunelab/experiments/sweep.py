@@ -167,7 +167,7 @@ def run_worker(target: str | Path, *, console: Console | None = None) -> int:
                 reclaim_dead_trials(study, opened)
                 if not _budget_left(study, opened.sweep.trials):
                     lock.release()
-                    if _running(study):  # a running trial may still die and need its retry
+                    if _others_running(study, opened):  # one may yet die and need a retry
                         time.sleep(POLL_S)
                         continue
                     return ran
@@ -273,7 +273,7 @@ def reclaim_dead_trials(study, opened: OpenSweep) -> list[int]:
     Journal storage: a worker is gone when nobody holds the lock on its file in ``workers/``.
     An RDB study fails the trials whose heartbeat stopped (Optuna's own mechanism).
     """
-    from optuna.storages import RetryFailedTrialCallback, fail_stale_trials
+    from optuna.storages import fail_stale_trials
 
     if opened.storage_url is not None:
         with warnings.catch_warnings():  # Optuna: "meant for Study.optimize" (trials run in it)
@@ -290,7 +290,7 @@ def reclaim_dead_trials(study, opened: OpenSweep) -> list[int]:
             study.set_user_attr(f"trial_{trial.number}_failure", f"worker {worker} died")
             dead.append(trial.number)
             if opened.sweep.spec.retry_failed:  # once: a trial that kills workers stays failed
-                RetryFailedTrialCallback(max_retry=1)(study, study.trials[trial.number])
+                _retry(study, study.trials[trial.number], max_retry=1)
     return dead
 
 
@@ -299,10 +299,20 @@ def _retry_interrupted(study, number: int | None) -> None:
     ``--join`` runs it instead of losing it."""
     if number is None:
         return
-    from optuna.storages import RetryFailedTrialCallback
-
     study.set_user_attr(f"trial_{number}_failure", "interrupted")
-    RetryFailedTrialCallback()(study, study.trials[number])
+    _retry(study, study.trials[number], max_retry=None)
+
+
+def _retry(study, trial, *, max_retry: int | None) -> None:
+    """Enqueue a failed trial's params again (Optuna's retry callback: it records the retried
+    trial as ``failed_trial`` and gives up past ``max_retry``)."""
+    import optuna
+
+    callback = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or \
+        optuna.storages.RetryFailedTrialCallback  # the name before Optuna 4.9
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "experimental"
+        callback(max_retry=max_retry)(study, trial)
 
 
 def _budget_left(study, trials: int) -> bool:
@@ -317,10 +327,18 @@ def _budget_left(study, trials: int) -> bool:
     return len(originals) < trials
 
 
-def _running(study) -> bool:
+def _others_running(study, opened: OpenSweep) -> bool:
+    """Whether another worker still runs a trial that this one could have to retry. With the
+    journal, only workers whose liveness this machine sees count (so nobody waits forever)."""
     from optuna.trial import TrialState
 
-    return bool(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    if opened.storage_url is not None:
+        return bool(running)
+    folder = opened.directory / "workers"
+    return any((folder / f"{trial.user_attrs.get('worker')}.lock").is_file()
+               and not _worker_gone(opened.directory, trial.user_attrs["worker"])
+               for trial in running)
 
 
 def _storage(opened: OpenSweep):
@@ -332,7 +350,7 @@ def _storage(opened: OpenSweep):
             JournalFileBackend(str(opened.directory / JOURNAL_FILE)))
     callback = None
     if opened.sweep.spec.retry_failed:
-        callback = optuna.storages.RetryFailedTrialCallback(max_retry=1)
+        callback = lambda study, trial: _retry(study, trial, max_retry=1)  # noqa: E731
     return optuna.storages.RDBStorage(opened.storage_url, heartbeat_interval=HEARTBEAT_S,
                                       grace_period=2 * HEARTBEAT_S,
                                       failed_trial_callback=callback)
