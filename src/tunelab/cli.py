@@ -337,10 +337,11 @@ def main() -> None:
         app()  # standalone: usage errors and --help print and exit by themselves
     except TunelabError as error:
         width = min(100, error_console.width)
-        # Paths stay whole (no break at their hyphens), so they can be copied from the message.
+        # Paths stay whole (no break at their hyphens, and rich does not fold them again), so
+        # they can be copied from the message.
         text = textwrap.fill(f"{error.kind}: {error.render()}", width=width,
                              break_on_hyphens=False, break_long_words=False)
-        error_console.print(text, style="red", markup=False, highlight=False)
+        error_console.print(text, style="red", markup=False, highlight=False, soft_wrap=True)
         sys.exit(error.exit_code)
 
 
