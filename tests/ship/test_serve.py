@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -38,7 +39,8 @@ CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": 
 REVIEW = "Review: the movie was great\nSentiment:"
 
 
-def make_run(folder: Path, model_dir: str, name: str, records: list[dict], **data) -> Path:
+def make_run(folder: Path, model_dir: str, name: str, records: list[dict], steps: int,
+             **data) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for split, rows in (("train", records), ("valid", records[:8])):
         (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -47,7 +49,7 @@ def make_run(folder: Path, model_dir: str, name: str, records: list[dict], **dat
         "method": {"kind": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
         "data": {"train": str(folder / "train.jsonl"), "validation": str(folder / "valid.jsonl"),
                  **data},
-        "train": {"max_steps": 12, "lr": 1e-2, "batch_tokens": 256, "max_seq_len": 64,
+        "train": {"max_steps": steps, "lr": 1e-2, "batch_tokens": 256, "max_seq_len": 64,
                   "samples": 0, "seed": 0},
     })
     return train(config, console=Console(quiet=True)).run_dir
@@ -64,9 +66,9 @@ def runs(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
                                {"role": "assistant", "content": f"Hello {name}!"}]}
                  for name in NAMES * 4]
     return {
-        "reviews": make_run(folder / "a", tiny_model_dir, "reviews", reviews,
+        "reviews": make_run(folder / "a", tiny_model_dir, "reviews", reviews, 12,
                             prompt="Review: {text}\nSentiment:", completion=" {label}"),
-        "greeter": make_run(folder / "b", tiny_model_dir, "greeter", greetings),
+        "greeter": make_run(folder / "b", tiny_model_dir, "greeter", greetings, 40),
     }
 
 
@@ -166,11 +168,11 @@ def test_adapters_are_switched_per_request(client, server, offline):
     assert answers["reviews"].strip() == "positive"  # what the classifier run learned
 
 
-def test_greeter_run_learned_its_chat_format(client):
+def test_greeter_run_answers_as_trained_when_prompted_as_trained(client):
     response = client.chat.completions.create(
-        model="greeter", messages=[{"role": "user", "content": "Say hi to Bob"}], temperature=0,
+        model="greeter", messages=[{"role": "user", "content": "Say hi to Eve"}], temperature=0,
         max_tokens=10)
-    assert response.choices[0].message.content == "Hello Bob!"
+    assert response.choices[0].message.content == "Hello Eve!"
     assert response.choices[0].finish_reason == "stop"
 
 
@@ -254,9 +256,11 @@ def test_concurrent_requests_on_two_adapters_each_get_their_own_answer(client, s
 
 def test_a_client_leaving_mid_stream_frees_its_sequence(client, server):
     engine = server.app.state.engine
+    request = {"model": server.base, "messages": CHAT, "max_tokens": 300, "temperature": 0}
+    # left alone, this request would run its whole budget: it can only end early if cancelled
+    assert client.chat.completions.create(**request).choices[0].finish_reason == "length"
     before = engine.cancelled_sequences
-    stream = client.chat.completions.create(model=server.base, messages=CHAT, max_tokens=400,
-                                            temperature=1.0, seed=1, stream=True)
+    stream = client.chat.completions.create(**request, stream=True)
     for _, _chunk in zip(range(3), stream, strict=False):
         pass
     stream.close()
@@ -363,20 +367,20 @@ def test_the_cli_serves_renamed_runs_until_stopped(runs):
     try:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY,
                                max_retries=0, timeout=60)
-        for _ in range(600):
-            if process.poll() is not None:
-                break
+        names, deadline = None, time.monotonic() + 600  # imports alone take long on a busy CPU
+        while names is None and process.poll() is None and time.monotonic() < deadline:
             try:
                 names = [m.id for m in client.models.list()]
-                break
             except openai.APIConnectionError:
-                time.sleep(0.1)
+                time.sleep(0.2)
         assert process.poll() is None, process.stdout.read()
+        assert names is not None, "the server did not answer within 600 s"
         assert names[1:] == ["classifier", "greeter"]
         answer = client.completions.create(model="classifier", prompt=REVIEW, max_tokens=3,
                                            temperature=0)
         assert answer.choices[0].text.strip() == "positive"
     finally:
-        process.terminate()
-        process.wait(30)
-    assert process.returncode == 0
+        process.send_signal(signal.SIGINT)  # Ctrl-C: a graceful shutdown
+        output = process.communicate(timeout=120)[0]
+    assert process.returncode == 0, output
+    assert "Application shutdown complete" in output

@@ -529,4 +529,7 @@ def serve(runs: list[str], *, base: str | None = None, api_key: str | None = Non
         console.print(f"Serving {', '.join(m.name for m in served)} on "
                       f"http://{host}:{port}/v1" + (" (API key required)" if api_key else ""))
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info"))
-    server.run(sockets=[listener])
+    try:
+        server.run(sockets=[listener])
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown
+        pass
