@@ -118,3 +118,26 @@ def test_seeded_sampling_repeats_and_choices_differ(tiny):
         runs.append([collector.texts.get(i, "") for i in range(3)])
     assert runs[0] == runs[1]
     assert len(set(runs[0])) > 1
+
+
+def test_a_cancelled_request_leaves_the_batch_and_reports_no_end(tiny):
+    model, tokenizer = tiny
+    engine = Engine(model, tokenizer)
+    other = Collector()
+    request = Request([ids(tokenizer, PROMPTS[0])], None, Sampling(max_new_tokens=200), None)
+    cancelled = Collector(then=request.cancelled.set, after=3)
+    request.on_event = cancelled
+    engine.submit(request)
+    engine.submit(Request([ids(tokenizer, PROMPTS[1])], None, Sampling(max_new_tokens=20), other))
+    engine.start()
+    try:
+        assert other.finished.wait(60)
+        for _ in range(600):
+            if engine.running_sequences() == 0:
+                break
+            threading.Event().wait(0.05)
+    finally:
+        engine.stop()
+    assert engine.running_sequences() == 0 and engine.cancelled_sequences == 1
+    assert not cancelled.done and len(cancelled.texts[0]) > 0
+    assert other.done[0].completion_tokens == 20
