@@ -22,7 +22,9 @@ Bootstrap intervals resample the per-example scores of the evaluation (its ``pre
 exact for metrics that are the mean of those scores (accuracy, exact match, ROUGE-L); for corpus
 metrics (micro entity F1, corpus chrF/BLEU) the resampled metric is the observed one shifted by
 the resampled change of the per-example scores, a first-order approximation (named in the
-result as ``interval_method``).
+result as ``interval_method``). The intervals cover which test examples were drawn, not the
+run-to-run noise of training (one seeded run per fraction): two runs that answer every test
+example alike give a gain per doubling of exactly [0, 0].
 """
 
 from __future__ import annotations
