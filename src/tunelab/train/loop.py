@@ -390,10 +390,11 @@ def _predicted(config: Config, prepared: Prepared, console: Console) -> dict:
 
 
 def _peak_rss_bytes() -> int:
-    """Peak resident memory of this process so far (ru_maxrss is in KiB on Linux)."""
-    import resource
+    """Peak resident memory of this process image so far, as the planner measures it (VmHWM:
+    ru_maxrss starts at the parent's RSS after fork+exec)."""
+    from tunelab.model.plan import peak_rss_bytes
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return peak_rss_bytes()
 
 
 def autocast(device: torch.device):
