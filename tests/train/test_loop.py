@@ -170,8 +170,12 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_matches(tmp_path, tiny_model_dir):
                   console=quiet())
     config = config_file(tmp_path / "b")
     run = tmp_path / "b" / "runs" / "reviews"
+    # A disposition of SIG_IGN is inherited across exec, and some library run earlier in the same
+    # pytest process (torchrun's in-process launcher) leaves SIGINT ignored: restore the default,
+    # as a terminal's Ctrl-C would find it.
     process = subprocess.Popen([sys.executable, "-m", "tunelab.cli", "train", str(config)],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 600  # a loaded machine can take minutes to import torch
     while time.time() < deadline:
         metrics = run / "metrics.jsonl"
