@@ -702,7 +702,9 @@ def run_cost(run: dict) -> dict:
         "predicted_peak_bytes": predicted.get("predicted_peak_bytes"),
         "predicted_tokens_per_second": predicted.get("predicted_tokens_per_second"),
         "measured_wall_s": manifest.get("wall_s"), "train_s": train_s,
-        "tokens": round(tokens_per_second * train_s) if tokens_per_second and train_s else None,
+        # the count itself: a rate times a rounded duration is far off for short runs
+        "tokens": manifest.get("train_tokens") or (
+            round(tokens_per_second * train_s) if tokens_per_second and train_s else None),
         "tokens_per_second": tokens_per_second,
         "measured_peak_bytes": run["measured_peak_rss_bytes"]
         or manifest.get("measured_peak_rss_bytes"),

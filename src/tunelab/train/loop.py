@@ -221,6 +221,7 @@ def train(config: Config, *, resume: str | Path | None = None, overwrite: bool =
                     val_loss_after=val_after, tokens_per_second=result.tokens_per_second,
                     final_train_loss=result.final_train_loss, steps=state.step,
                     wall_s=round(result.wall_s, 1), train_s=round(state.train_s, 1),
+                    train_tokens=state.train_tokens,
                     measured_peak_rss_bytes=_peak_rss_bytes())
     if cluster.is_main:
         write_manifest(run_dir, manifest)
