@@ -10,7 +10,10 @@ from __future__ import annotations
 import math
 import random
 import shutil
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -266,19 +269,22 @@ def _run_steps(step_model, prepared: Prepared, steps: list[list[list[int]]], opt
                 loss, grad_norm = _forward_backward(step_model, batches, prepared, group,
                                                     state.step + 1, config, cluster)
                 lr = scheduler.get_last_lr()[0]
-                stepping = True  # a Ctrl-C from here on would leave half-updated weights
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                stepping = False
-                step_s = time.perf_counter() - started
-                tokens = int(cluster.total(sum(batch.n_tokens for batch in batches)))
-                state.step += 1
-                state.micro_batch += train_cfg.grad_accum
-                state.train_tokens += tokens
-                state.train_s += step_s
-                state.last_loss = loss
-                steps_this_call += 1
+                # A Ctrl-C during the update is held back until the step is recorded, so the
+                # checkpoint the interruption writes is never of half-updated weights.
+                with _sigint_deferred():
+                    stepping = True
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    stepping = False
+                    step_s = time.perf_counter() - started
+                    tokens = int(cluster.total(sum(batch.n_tokens for batch in batches)))
+                    state.step += 1
+                    state.micro_batch += train_cfg.grad_accum
+                    state.train_tokens += tokens
+                    state.train_s += step_s
+                    state.last_loss = loss
+                    steps_this_call += 1
                 tokens_per_second = state.tokens_per_second
                 if state.step % train_cfg.log_every == 0 or state.step == total_steps:
                     metrics.write(step=state.step, loss=loss, lr=lr, grad_norm=grad_norm,
@@ -388,6 +394,20 @@ def _predicted(config: Config, prepared: Prepared, console: Console) -> dict:
     return {"predicted_peak_bytes": predicted["memory"]["predicted_peak_bytes"],
             "predicted_tokens_per_second": predicted["time"]["predicted_tokens_per_second"],
             "predicted_wall_s": predicted["time"]["predicted_wall_s"]}
+
+
+@contextmanager
+def _sigint_deferred():
+    """Block SIGINT inside the block; a Ctrl-C pressed meanwhile is delivered when it ends."""
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not \
+            threading.main_thread():
+        yield
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 def _peak_rss_bytes() -> int:
