@@ -2,25 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import random
+import sys
 from pathlib import Path
 
 import yaml
 
-GOOD = ["good", "great", "fine", "lovely", "fun"]
-BAD = ["bad", "awful", "boring", "dull", "poor"]
-
-
-def write_reviews(path: Path, n: int, seed: int) -> str:
-    rng = random.Random(seed)
-    with open(path, "w") as handle:
-        for _ in range(n):
-            positive = rng.random() < 0.5
-            word = rng.choice(GOOD if positive else BAD)
-            handle.write(json.dumps({"text": f"the movie was {word}",
-                                     "label": "positive" if positive else "negative"}) + "\n")
-    return str(path)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "train"))
+from test_loop import write_reviews  # noqa: E402  (the review data every tiny run trains on)
 
 
 def write_base(folder: Path, model_dir: str, **train) -> Path:
