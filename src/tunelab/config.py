@@ -65,6 +65,12 @@ class MethodConfig(_Section):
         "v_proj]), or a regular expression over full module names."))
     rslora: bool = Field(False, description=(
         "Rank-stabilised LoRA: scale by alpha / sqrt(r) instead of alpha / r."))
+    shared_dropout: bool = Field(True, description=(
+        "LoRA dropout: one dropout mask per input, shared by the projections that read it (q/k/v "
+        "of a layer; gate/up), kept as a bool mask; false: peft's own dropout in every "
+        "projection, each keeping a float copy of its input for the backward pass (about twice "
+        "the activation memory of the adapters). Either way each projection sees its input with "
+        "method.dropout of it zeroed."))
 
 
 class DataConfig(_Section):
@@ -156,8 +162,18 @@ class TrainConfig(_Section):
         "RUN/tensorboard; pip install \"tunelab[tensorboard]\") and mlflow (a local SQLite store, "
         "output_dir/mlflow.db, unless MLFLOW_TRACKING_URI is set; pip install "
         "\"tunelab[mlflow]\")."))
-    gradient_checkpointing: bool = Field(False, description=(
-        "Recompute each layer's activations in the backward pass: far less memory, ~30% slower."))
+    memory: Literal["default", "low"] = Field("default", description=(
+        "default: activations kept for the backward pass (fastest); low: each decoder layer's "
+        "activations recomputed in the backward pass instead (activation checkpointing): a "
+        "fraction of the memory, ~40% slower. tunelab plan --memory-budget says which fits."))
+    gradient_checkpointing: bool | None = Field(None, description=(
+        "Recompute each layer's activations in the backward pass: far less memory, ~40% slower; "
+        "null: as train.memory says (on for low)."))
+    allocator: Literal["tuned", "system"] = Field("tuned", description=(
+        "tuned: glibc malloc hands freed activations back to the system at once (a fixed mmap "
+        "threshold; trimmed after validation and sampling), instead of keeping them as "
+        "fragments that inflate the peak; system: the C library's defaults. Set at the start "
+        "of training; MALLOC_* environment variables set by hand take precedence."))
     loss_chunk_tokens: int = Field(2048, ge=16, description=(
         "Loss targets whose logits are computed at once; lower it to save memory."))
     samples: int = Field(3, ge=0, description=(
@@ -172,6 +188,14 @@ class TrainConfig(_Section):
     distributed_timeout_s: float = Field(600.0, gt=0, description=(
         "Under torchrun, the longest a rank waits for the others (a crashed or hung rank) "
         "before the run fails instead of hanging; torchrun then stops every rank."))
+
+    @property
+    def checkpointing(self) -> bool:
+        """Whether activation checkpointing is on: train.gradient_checkpointing when set, else
+        as train.memory says."""
+        if self.gradient_checkpointing is not None:
+            return self.gradient_checkpointing
+        return self.memory == "low"
 
     @model_validator(mode="after")
     def _batch_fits(self) -> TrainConfig:

@@ -506,7 +506,7 @@ def _setting(config: Config, device: str, weight_dtype: str) -> Setting:
     return Setting(device=device, weight_dtype=weight_dtype, element_bytes=element,
                    mask_bytes=1 if device == "cuda" else element, kind=method.kind, r=method.r,
                    dropout=method.dropout, targets=method.targets,
-                   checkpointing=train_cfg.gradient_checkpointing,
+                   checkpointing=train_cfg.checkpointing,
                    chunk_tokens=train_cfg.loss_chunk_tokens,
                    eager=config.model.attn_implementation == "eager")
 

@@ -79,7 +79,7 @@ def prepare(config: Config, console: Console) -> Prepared:
     method = config.method
     model = apply_method(model, kind=method.kind, r=method.r, alpha=method.alpha,
                          dropout=method.dropout, targets=method.targets, rslora=method.rslora)
-    if train_cfg.gradient_checkpointing:
+    if train_cfg.checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
