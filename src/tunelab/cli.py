@@ -120,12 +120,15 @@ def eval_(
     base_only: bool = typer.Option(False, "--base-only", help="Evaluate the base model alone."),
     set_: list[str] = typer.Option([], "--set", help="Override a config key: eval.shots=3"),
 ) -> None:
-    """Evaluate base and tuned models: metrics with intervals, prompt sensitivity, comparison."""
+    """Evaluate base and tuned models: metrics with intervals, prompt sensitivity, comparison
+    (a multitask config: every task with its own metric)."""
     from tunelab.config import load_config
-    from tunelab.eval.evaluate import evaluate
+    from tunelab.eval.evaluate import evaluate as evaluate_one
+    from tunelab.eval.multitask import evaluate_tasks
     from tunelab.runs import create_run
 
     cfg = load_config(config, _overrides(set_))
+    evaluate = evaluate_tasks if cfg.data.tasks else evaluate_one
     if run is None and not base_only and (cfg.run_dir / "config.yaml").is_file():
         run = cfg.run_dir
     if run is None:

@@ -73,8 +73,8 @@ class MethodConfig(_Section):
         "method.dropout of it zeroed."))
 
 
-class DataConfig(_Section):
-    """Data files, their format, and which tokens carry the loss."""
+class TaskData(_Section):
+    """One task's data: its files and how their records are read (shared by data and its tasks)."""
 
     train: list[str] = Field(description=(
         "Training data: a file or a list of files (JSONL, JSON, CSV, TSV, Parquet, .jsonl.gz), a "
@@ -97,6 +97,30 @@ class DataConfig(_Section):
     completion: str | None = Field(None, description=(
         "Template mode: the format string of the trained target, e.g. ' {label}'. Needs "
         "data.prompt."))
+
+    @field_validator("train", "validation", "test", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _template_pair(self) -> TaskData:
+        if (self.prompt is None) != (self.completion is None):
+            missing = "completion" if self.completion is None else "prompt"
+            raise ValueError(
+                f"template mode needs both data.prompt and data.completion; data.{missing} is "
+                "missing"
+            )
+        return self
+
+
+class DataConfig(TaskData):
+    """Data files, their format, and which tokens carry the loss."""
+
+    train: list[str] = Field([], description=(
+        "Training data: a file or a list of files (JSONL, JSON, CSV, TSV, Parquet, .jsonl.gz), a "
+        "saved Hugging Face dataset folder ('folder::split' picks a split) or hf://name. "
+        "Required unless data.tasks lists the tasks of a multitask run."))
     train_on: Literal["completion", "all"] = Field("completion", description=(
         "Which tokens carry the loss: completion (targets and assistant turns only) or all."))
     chat_template: str | None = Field(None, description=(
@@ -105,20 +129,48 @@ class DataConfig(_Section):
         "An example longer than train.max_seq_len: prompt cuts the middle of its prompt and "
         "keeps the whole target; drop leaves it out; end cuts its end, target included. "
         "tunelab data check counts the examples each choice affects."))
-
-    @field_validator("train", "validation", "test", mode="before")
-    @classmethod
-    def _one_or_many(cls, value: Any) -> Any:
-        return [value] if isinstance(value, str) else value
+    tasks: list[TaskConfig] = Field([], description=(
+        "Multitask: a list of tasks, each with its own name, files (train, validation, test), "
+        "format or templates, eval section and weight; one adapter learns them all. Replaces "
+        "data.train/validation/test/format/prompt/completion, which stay empty."))
+    mixing: Literal["proportional", "temperature", "weights"] = Field(
+        "proportional", description=(
+            "Multitask: each task's share of the training tokens. proportional: its share of "
+            "all training tokens; temperature: proportional to (its tokens)^(1/data.temperature), "
+            "which lifts small tasks; weights: proportional to each task's weight."))
+    temperature: float = Field(2.0, ge=1.0, description=(
+        "Multitask, mixing temperature: T in (task tokens)^(1/T); 1 is proportional, larger "
+        "values move the shares towards equal."))
 
     @model_validator(mode="after")
-    def _template_pair(self) -> DataConfig:
-        if (self.prompt is None) != (self.completion is None):
-            missing = "completion" if self.completion is None else "prompt"
-            raise ValueError(
-                f"template mode needs both data.prompt and data.completion; data.{missing} is "
-                "missing"
-            )
+    def _tasks_or_files(self) -> DataConfig:
+        if self.tasks:
+            # By value, not by "was it set": the saved run config writes every default out.
+            defaults = TaskData.model_fields
+            given = [name for name in ("train", "validation", "test", "validation_split",
+                                       "format", "prompt", "completion")
+                     if getattr(self, name) != (defaults[name].default if name != "train"
+                                                else [])]
+            if given:
+                raise ValueError(f"data.{given[0]} and data.tasks are both given; with data.tasks "
+                                 f"each task names its own files and format (move data.{given[0]}"
+                                 " into the tasks)")
+            names = [task.name for task in self.tasks]
+            twice = sorted({name for name in names if names.count(name) > 1})
+            if twice:
+                raise ValueError(f"data.tasks: the task name {twice[0]!r} is used twice; each "
+                                 "task needs its own name (it names its metrics and eval files)")
+        elif not self.train:
+            raise ValueError("data.train is required (or data.tasks, for a multitask run)")
+        if self.temperature != type(self).model_fields["temperature"].default and \
+                self.mixing != "temperature":
+            raise ValueError(f"data.temperature only applies with data.mixing: temperature (data."
+                             f"mixing is {self.mixing}); set data.mixing: temperature or remove it")
+        weighted = [task.name for task in self.tasks if task.weight != 1.0]
+        if weighted and self.mixing != "weights":
+            raise ValueError(f"data.tasks: task {weighted[0]!r} has a weight, but data.mixing is "
+                             f"{self.mixing}, which ignores weights; set data.mixing: weights or "
+                             "remove the weights")
         return self
 
 
@@ -249,6 +301,23 @@ class EvalConfig(_Section):
         return self
 
 
+class TaskConfig(TaskData):
+    """One task of a multitask run: its name, data, evaluation and weight in the mixture."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description=(
+        "The task's name (letters, digits, . _ -): it names the task's token counts and "
+        "validation loss in metrics.jsonl and its eval file (eval/<split>-<name>.json)."))
+    weight: float = Field(1.0, gt=0, description=(
+        "The task's weight with data.mixing: weights; its share of the training tokens is its "
+        "weight over the sum of the weights."))
+    eval: EvalConfig | None = Field(None, description=(
+        "How tunelab eval measures this task (task kind, labels, prompts...); without it the "
+        "task is trained but not evaluated."))
+
+
+DataConfig.model_rebuild()
+
+
 class Config(_Section):
     """A whole tunelab run."""
 
@@ -261,6 +330,13 @@ class Config(_Section):
     train: TrainConfig = Field(TrainConfig(), description=TrainConfig.__doc__)
     eval: EvalConfig | None = Field(None, description=(
         "How tunelab eval measures the model; without it, a run only trains."))
+
+    @model_validator(mode="after")
+    def _one_eval_per_task(self) -> Config:
+        if self.data.tasks and self.eval is not None:
+            raise ValueError("a multitask config (data.tasks) has an eval section per task; move "
+                             "the top-level eval section into the tasks (data.tasks[i].eval)")
+        return self
 
     @property
     def run_dir(self) -> Path:
@@ -402,28 +478,31 @@ def _unknown_key(dotted: str, part: str, model: type[BaseModel]) -> ConfigError:
 
 
 def _resolve_paths(config: Config, base_dir: Path, source: str, document: Any) -> Config:
-    data = config.data
-    for key in ("train", "validation", "test"):
-        resolved = []
-        for index, name in enumerate(getattr(data, key)):
-            if name.startswith("hf://"):
-                resolved.append(name)
-                continue
-            file_part, _, split = name.partition("::")
-            candidate = Path(os.path.expanduser(file_part))
-            if not candidate.is_absolute():
-                candidate = base_dir / candidate
-            if not candidate.exists():
-                several = len(getattr(data, key)) > 1
-                field_path = f"data.{key}[{index}]" if several else f"data.{key}"
-                raise ConfigError(
-                    f"{field_path}: data file {str(candidate)!r} does not exist",
-                    where=_where(source, document, ("data", key)),
-                    fix=_did_you_mean(candidate) or "check the path; relative paths are "
-                    "resolved against the config file's folder",
-                )
-            resolved.append(str(candidate) + (f"::{split}" if split else ""))
-        setattr(data, key, resolved)
+    sections = [(config.data, ("data",))] + [
+        (task, ("data", "tasks", number)) for number, task in enumerate(config.data.tasks)]
+    for data, loc in sections:
+        dotted = _dotted(loc)
+        for key in ("train", "validation", "test"):
+            resolved = []
+            for index, name in enumerate(getattr(data, key)):
+                if name.startswith("hf://"):
+                    resolved.append(name)
+                    continue
+                file_part, _, split = name.partition("::")
+                candidate = Path(os.path.expanduser(file_part))
+                if not candidate.is_absolute():
+                    candidate = base_dir / candidate
+                if not candidate.exists():
+                    several = len(getattr(data, key)) > 1
+                    field_path = f"{dotted}.{key}[{index}]" if several else f"{dotted}.{key}"
+                    raise ConfigError(
+                        f"{field_path}: data file {str(candidate)!r} does not exist",
+                        where=_where(source, document, (*loc, key)),
+                        fix=_did_you_mean(candidate) or "check the path; relative paths are "
+                        "resolved against the config file's folder",
+                    )
+                resolved.append(str(candidate) + (f"::{split}" if split else ""))
+            setattr(data, key, resolved)
     model_path = config.model.path
     looks_local = model_path.startswith((".", "/", "~")) or model_path.endswith(".gguf")
     if looks_local:
@@ -459,7 +538,7 @@ def _friendly(error: ValidationError, source: str, document: Any) -> ConfigError
     problems = []
     for item in error.errors():
         loc = tuple(item["loc"])
-        dotted = ".".join(str(part) for part in loc) or "(top level)"
+        dotted = _dotted(loc) or "(top level)"
         kind = item["type"]
         if kind == "extra_forbidden":
             parent = _model_at(loc[:-1])
@@ -487,11 +566,18 @@ def _friendly(error: ValidationError, source: str, document: Any) -> ConfigError
     return ConfigError(message, where=_where(source, document, loc), fix=fix)
 
 
+def _dotted(loc: tuple) -> str:
+    """``("data", "tasks", 0, "eval")`` → ``data.tasks[0].eval``."""
+    return "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc)[1:]
+
+
 def _model_at(loc: tuple) -> type[BaseModel] | None:
     model: type[BaseModel] = Config
     for part in loc:
+        if isinstance(part, int):  # an item of a list of sections (data.tasks[i])
+            continue
         field = model.model_fields.get(str(part))
-        annotation = field.annotation if field else None
+        annotation = _section_model(field) if field else None
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
             return None
         model = annotation
@@ -503,6 +589,12 @@ def _where(source: str, document: Any, loc: tuple) -> str:
     line = None
     node = document
     for part in loc:
+        if isinstance(node, yaml.SequenceNode) and isinstance(part, int):
+            if part >= len(node.value):
+                break
+            node = node.value[part]  # a list item (data.tasks[i]): its own line
+            line = node.start_mark.line + 1
+            continue
         if not isinstance(node, yaml.MappingNode):
             break
         for key_node, value_node in node.value:

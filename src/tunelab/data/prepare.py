@@ -8,10 +8,12 @@ the ones the run trains on.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from itertools import chain, zip_longest
 
 from tunelab.config import DataConfig
 from tunelab.data.formats import Example, load_examples
+from tunelab.data.mixture import schedule_mixture, task_data
 from tunelab.data.packing import plan_batches
 from tunelab.data.tokenize import TokenizedExample, tokenize_examples
 from tunelab.errors import DataError
@@ -26,6 +28,9 @@ class TokenizedData:
     validation_examples: list[Example]  # before tokenizing, for the before/after samples
     skipped: list[TokenizedExample]  # training examples with no target token left
     report: dict
+    # Multitask (data.tasks): the task of each train / validation example; empty otherwise.
+    train_tasks: list[str] = field(default_factory=list)
+    validation_tasks: list[str] = field(default_factory=list)
 
 
 def split_validation(examples: list[Example], *, fraction: float,
@@ -41,8 +46,11 @@ def split_validation(examples: list[Example], *, fraction: float,
 def prepare_data(data: DataConfig, tokenizer, *, max_seq_len: int, seed: int) -> TokenizedData:
     """Read and normalise the data files, split off validation data, tokenize both in batches.
 
-    Raises DataError when no training example keeps a target token to learn from.
+    Raises DataError when no training example keeps a target token to learn from. A multitask
+    config's tasks are each prepared so, then joined task after task.
     """
+    if data.tasks:
+        return _prepare_tasks(data, tokenizer, max_seq_len=max_seq_len, seed=seed)
     read = lambda paths: load_examples(paths, data.format, prompt=data.prompt,  # noqa: E731
                                        completion=data.completion)
     train_examples = read(data.train)
@@ -71,12 +79,35 @@ def prepare_data(data: DataConfig, tokenizer, *, max_seq_len: int, seed: int) ->
                                                if ex.n_target_tokens == 0], report)
 
 
+def _prepare_tasks(data: DataConfig, tokenizer, *, max_seq_len: int, seed: int) -> TokenizedData:
+    """Every task prepared on its own files and templates, joined; each example's task kept."""
+    parts = {task.name: prepare_data(task_data(data, task), tokenizer, max_seq_len=max_seq_len,
+                                     seed=seed) for task in data.tasks}
+    joined = lambda pick: list(chain.from_iterable(pick(part) for part in parts.values()))  # noqa: E731
+    tags = lambda pick: [name for name, part in parts.items()  # noqa: E731
+                         for _ in pick(part)]
+    # Before/after samples: the tasks' validation examples taken in turn, so each task shows.
+    samples = [ex for group in zip_longest(*(part.validation_examples for part in
+                                             parts.values())) for ex in group if ex is not None]
+    report = {key: sum(part.report[key] for part in parts.values()) for key in
+              ("train_examples", "validation_examples", "train_tokens", "train_target_tokens",
+               "truncated")}
+    report.update(format="multitask", tasks={name: part.report for name, part in parts.items()})
+    return TokenizedData(joined(lambda part: part.train), joined(lambda part: part.validation),
+                         samples, joined(lambda part: part.skipped), report,
+                         train_tasks=tags(lambda part: part.train),
+                         validation_tasks=tags(lambda part: part.validation))
+
+
 def schedule_micro_batches(lengths: list[int], *, batch_tokens: int, packing: bool, seed: int,
                            epochs: float, max_steps: int | None,
-                           grad_accum: int) -> list[list[int]]:
+                           grad_accum: int, tasks: list[str] | None = None,
+                           rates: dict[str, float] | None = None) -> list[list[int]]:
     """Every micro-batch of a run in order: seeded epoch plans, concatenated and cut to length.
 
     A run of ``max_steps`` steps, else of ``epochs`` passes rounded to whole optimizer steps.
+    Multitask (``rates``: each task's token share; ``tasks``: each example's task): the same
+    number of micro-batches, drawn by ``mixture.schedule_mixture``.
     """
     plan = lambda epoch: plan_batches(lengths, batch_tokens=batch_tokens,  # noqa: E731
                                       packing=packing, seed=seed + epoch)
@@ -85,6 +116,9 @@ def schedule_micro_batches(lengths: list[int], *, batch_tokens: int, packing: bo
         wanted = max_steps * grad_accum
     else:
         wanted = max(1, round(epochs * len(first) / grad_accum)) * grad_accum
+    if rates:  # multitask: as many micro-batches, drawn by the mixture
+        return schedule_mixture(lengths, tasks or [], rates, batch_tokens=batch_tokens,
+                                packing=packing, seed=seed, n_micro_batches=wanted)
     batches, epoch = list(first), 1
     while len(batches) < wanted:
         batches += plan(epoch)

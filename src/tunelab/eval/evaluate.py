@@ -38,8 +38,13 @@ from tunelab.eval.tasks import TASKS, Task
 
 
 def evaluate(config: Config, *, run_dir: str | Path | None = None, base: bool = True,
-             tuned: bool = True, console: Console | None = None) -> dict:
-    """Evaluate the base model and/or a run's tuned model on the config's test split."""
+             tuned: bool = True, console: Console | None = None,
+             name: str | None = None) -> dict:
+    """Evaluate the base model and/or a run's tuned model on the config's test split.
+
+    ``name`` names the result and its file (default: the split); a multitask run's tasks each
+    write their own (``eval/multitask.py``).
+    """
     console = console or Console()
     if config.eval is None:
         raise ConfigError("the config has no eval section", where="eval",
@@ -65,7 +70,7 @@ def evaluate(config: Config, *, run_dir: str | Path | None = None, base: bool = 
     leakage = _split_leakage(config, eval_cfg, records, prompt, completion)
     models = _load_models(config, run_dir, want_base=base, want_tuned=tuned)
     started = time.perf_counter()
-    result = {"name": eval_cfg.split, "task": task.kind, "split": eval_cfg.split,
+    result = {"name": name or eval_cfg.split, "task": task.kind, "split": eval_cfg.split,
               "n": len(records), "primary_metric": task.primary, "shots": eval_cfg.shots,
               "ci_level": 0.95, "n_resamples": eval_cfg.bootstrap,
               "predict": eval_cfg.predict if task.scores_labels else "generate",

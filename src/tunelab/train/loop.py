@@ -14,7 +14,7 @@ import signal
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +25,7 @@ from rich.table import Table
 
 from tunelab.config import Config
 from tunelab.data.formats import Example
+from tunelab.data.mixture import data_rates, task_token_counts
 from tunelab.data.packing import Batch, plan_batches
 from tunelab.data.prepare import prepare_data, schedule_micro_batches
 from tunelab.data.tokenize import EvalPrompt, TokenizedExample, eval_prompts
@@ -56,6 +57,9 @@ class Prepared:
     model: torch.nn.Module
     device: torch.device
     data_report: dict
+    # Multitask (data.tasks): the task of each train / validation example; empty otherwise.
+    train_tasks: list[str] = field(default_factory=list)
+    validation_tasks: list[str] = field(default_factory=list)
 
 
 def prepare(config: Config, console: Console) -> Prepared:
@@ -84,16 +88,19 @@ def prepare(config: Config, console: Console) -> Prepared:
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
     return Prepared(data.train, data.validation, data.validation_examples, tokenizer, model,
-                    device, data.report)
+                    device, data.report, data.train_tasks, data.validation_tasks)
 
 
-def run_micro_batches(lengths: list[int], config: Config) -> list[list[int]]:
-    """Every micro-batch of the run in order, as ``config.train`` schedules them."""
+def run_micro_batches(lengths: list[int], config: Config,
+                      tasks: list[str] | None = None) -> list[list[int]]:
+    """Every micro-batch of the run in order, as ``config.train`` schedules them (multitask:
+    drawn by the mixture ``config.data`` asks for, given each example's task)."""
     train_cfg = config.train
     return schedule_micro_batches(
         lengths, batch_tokens=train_cfg.batch_tokens, packing=train_cfg.packing,
         seed=train_cfg.seed, epochs=train_cfg.epochs, max_steps=train_cfg.max_steps,
-        grad_accum=train_cfg.grad_accum)
+        grad_accum=train_cfg.grad_accum, tasks=tasks,
+        rates=data_rates(config.data, lengths, tasks) if tasks else None)
 
 
 @torch.no_grad()
@@ -143,7 +150,7 @@ def train(config: Config, *, resume: str | Path | None = None, overwrite: bool =
     # Before the optimizer is built: FSDP replaces the weights by their shards.
     step_model = distributed.wrap(model, cluster, chunk_tokens=train_cfg.loss_chunk_tokens)
     lengths = [len(ex.input_ids) for ex in prepared.train]
-    micro_batches = run_micro_batches(lengths, config)
+    micro_batches = run_micro_batches(lengths, config, prepared.train_tasks)
     total_steps = len(micro_batches) // train_cfg.grad_accum
     # Each optimizer step's micro-batches; under torchrun, this rank's share of each step.
     steps = distributed.rank_steps(micro_batches, lengths, cluster,
@@ -158,6 +165,10 @@ def train(config: Config, *, resume: str | Path | None = None, overwrite: bool =
     evaluate = lambda: validation_loss(  # noqa: E731
         step_model, prepared.validation, batch_tokens=train_cfg.batch_tokens,
         packing=train_cfg.packing, pad_id=pad_id, device=device, cluster=cluster)
+    # Multitask: each task's validation loss too, logged next to the overall one.
+    task_losses = lambda: _task_validation_losses(  # noqa: E731
+        step_model, prepared, batch_tokens=train_cfg.batch_tokens, packing=train_cfg.packing,
+        pad_id=pad_id, cluster=cluster)
 
     if resume:
         run_dir = Path(resume)
@@ -182,12 +193,16 @@ def train(config: Config, *, resume: str | Path | None = None, overwrite: bool =
     manifest = {
         "name": config.name, "seed": train_cfg.seed, "device": str(device),
         "versions": versions(), "model": describe_model(model),
-        "data": {path: hash_file(path) for path in config.data.train + config.data.validation},
+        "data": {path: hash_file(path) for data in [config.data, *config.data.tasks]
+                 for path in data.train + data.validation},
         "data_report": prepared.data_report, "total_steps": total_steps,
         "warmup_steps": warmup, "status": "running",
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "plan": state.plan or _predicted(config, prepared, console),
     }
+    if prepared.train_tasks:  # the configured token shares, to check metrics' task_tokens by
+        manifest["mixture"] = {"mixing": config.data.mixing, "rates": data_rates(
+            config.data, lengths, prepared.train_tasks)}
     state.plan = manifest["plan"]
     try:
         if cluster.is_main:
@@ -196,10 +211,11 @@ def train(config: Config, *, resume: str | Path | None = None, overwrite: bool =
             samples = _sample_prompts(prepared, config, cluster)
             state.samples_before = _generate(model, tokenizer, samples, config)
             state.val_loss_before = evaluate()
-            metrics.write(step=0, val_loss=state.val_loss_before)
+            metrics.write(step=0, val_loss=state.val_loss_before, **task_losses())
             console.print(f"Validation loss before training: {_fmt(state.val_loss_before)}")
         state = _run_steps(step_model, prepared, steps, optimizer, scheduler, state, metrics,
-                           run_dir, config, console, evaluate, stop_after_steps, cluster)
+                           run_dir, config, console, evaluate, stop_after_steps, cluster,
+                           task_losses)
     except BaseException:
         if not resume and not list_checkpoints(run_dir / "checkpoints"):
             shutil.rmtree(run_dir, ignore_errors=True)  # nothing to resume: leave no husk
@@ -210,7 +226,7 @@ def train(config: Config, *, resume: str | Path | None = None, overwrite: bool =
         return _result(run_dir, state, None, time.perf_counter() - started)
 
     val_after = evaluate()
-    metrics.write(step=state.step, val_loss=val_after)
+    metrics.write(step=state.step, val_loss=val_after, **task_losses())
     weights = distributed.full_state(model, cluster)  # FSDP: gathered on rank 0, every rank helps
     if cluster.is_main:
         save_final(model, tokenizer, run_dir / METHODS[config.method.kind].final_folder,
@@ -236,7 +252,7 @@ def train(config: Config, *, resume: str | Path | None = None, overwrite: bool =
 def _run_steps(step_model, prepared: Prepared, steps: list[list[list[int]]], optimizer,
                scheduler, state: TrainState, metrics, run_dir: Path, config: Config,
                console: Console, evaluate, stop_after_steps: int | None,
-               cluster: distributed.Cluster) -> TrainState:
+               cluster: distributed.Cluster, task_losses=dict) -> TrainState:
     """The optimizer steps from ``state.step`` to the end (or to ``stop_after_steps``).
 
     Ctrl-C between steps saves a checkpoint of the last finished step, so no work is lost.
@@ -292,12 +308,13 @@ def _run_steps(step_model, prepared: Prepared, steps: list[list[list[int]]], opt
                                   target_tokens=int(cluster.total(
                                       sum(b.n_target_tokens for b in batches))),
                                   tokens_per_second=round(tokens_per_second, 1),
-                                  step_s=round(step_s, 4))
+                                  step_s=round(step_s, 4),
+                                  **_task_tokens(group, prepared, cluster))
                 status = f"loss {loss:.4f}  {tokens_per_second:,.0f} tok/s"
                 if train_cfg.eval_every and state.step % train_cfg.eval_every == 0 \
                         and state.step < total_steps:
                     val = evaluate()
-                    metrics.write(step=state.step, val_loss=val)
+                    metrics.write(step=state.step, val_loss=val, **task_losses())
                     status += f"  val {_fmt(val)}"
                 progress.update(task, completed=state.step, status=status)
                 if not console.is_terminal and (state.step % max(1, total_steps // 10) == 0
@@ -318,6 +335,31 @@ def _run_steps(step_model, prepared: Prepared, steps: list[list[list[int]]], opt
                           f"[bold]tunelab train --resume {run_dir}[/]")
         raise
     return state
+
+
+def _task_tokens(group: list[list[int]], prepared: Prepared,
+                 cluster: distributed.Cluster) -> dict:
+    """Multitask: ``{"task_tokens": {task: tokens}}`` drawn in this step (all ranks); else {}."""
+    if not prepared.train_tasks:
+        return {}
+    lengths = [len(ex.input_ids) for ex in prepared.train]
+    counts = task_token_counts(group, lengths, prepared.train_tasks)
+    return {"task_tokens": {name: int(cluster.total(count)) for name, count in counts.items()}}
+
+
+def _task_validation_losses(step_model, prepared: Prepared, *, batch_tokens: int, packing: bool,
+                            pad_id: int, cluster: distributed.Cluster) -> dict:
+    """Multitask: ``{"val_loss_tasks": {task: loss}}`` on each task's validation data; else {}."""
+    if not prepared.validation_tasks:
+        return {}
+    losses = {}
+    for name in dict.fromkeys(prepared.validation_tasks):
+        examples = [ex for ex, task in zip(prepared.validation, prepared.validation_tasks,
+                                           strict=True) if task == name]
+        losses[name] = validation_loss(step_model, examples, batch_tokens=batch_tokens,
+                                       packing=packing, pad_id=pad_id, device=prepared.device,
+                                       cluster=cluster)
+    return {"val_loss_tasks": losses}
 
 
 def _forward_backward(step_model, batches: list[Batch], prepared: Prepared,

@@ -1,0 +1,158 @@
+"""A multitask run on the tiny model, from the CLI: the realised mixture in metrics.jsonl, a
+validation loss per task, exact resume, and ``tunelab eval`` with one result per task."""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tunelab import cli
+from tunelab.config import load_config
+from tunelab.errors import RunError
+from tunelab.eval.multitask import paired_difference
+from tunelab.eval.result import read_eval
+
+sys.path.insert(0, str(Path(__file__).parent.parent / "train"))
+from test_loop import quiet, write_reviews  # noqa: E402
+
+WORDS = ["good", "bad", "movie", "film", "story", "plot", "cast", "fun", "dull", "great"]
+
+
+def write_echo(path: Path, n: int, seed: int) -> str:
+    """A copying task: the target repeats the text's words (scored like a translation)."""
+    rng = random.Random(seed)
+    with open(path, "w") as handle:
+        for _ in range(n):
+            text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 5)))
+            handle.write(json.dumps({"text": text}) + "\n")
+    return str(path)
+
+
+def write_project(folder: Path, model_dir: str, *, mixing: dict, max_steps: int = 8) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    tasks = [
+        {"name": "sentiment", "train": write_reviews(folder / "reviews.jsonl", 120, 0),
+         "validation": write_reviews(folder / "reviews-valid.jsonl", 16, 1),
+         "test": write_reviews(folder / "reviews-test.jsonl", 24, 2),
+         "prompt": "Review: {text}\nSentiment:", "completion": " {label}",
+         "eval": {"task": "classification", "labels": ["negative", "positive"],
+                  "bootstrap": 200}},
+        {"name": "echo", "train": write_echo(folder / "echo.jsonl", 60, 3),
+         "validation": write_echo(folder / "echo-valid.jsonl", 8, 4),
+         "test": write_echo(folder / "echo-test.jsonl", 10, 5),
+         "prompt": "Repeat: {text}\n", "completion": "{text}",
+         "eval": {"task": "translation", "max_new_tokens": 8, "stop": ["\n"],
+                  "bootstrap": 200}},
+    ]
+    weights = mixing.pop("weights", None)
+    if weights:
+        for task, weight in zip(tasks, weights, strict=True):
+            task["weight"] = weight
+    config = {"name": "multi", "output_dir": str(folder / "runs"), "model": {"path": model_dir},
+              "method": {"kind": "lora", "r": 4, "alpha": 8, "dropout": 0.1},
+              "data": {"tasks": tasks, **mixing},
+              "train": {"max_steps": max_steps, "lr": 1e-2, "batch_tokens": 128,
+                        "max_seq_len": 64, "samples": 2, "max_new_tokens": 3, "seed": 0,
+                        "eval_every": 4, "save_every": 3}}
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def run_cli(monkeypatch, capsys, *args: str) -> str:
+    monkeypatch.setattr(sys, "argv", ["tunelab", *args])
+    try:
+        cli.main()
+    except SystemExit as stop:
+        assert stop.code == 0, capsys.readouterr().err
+    return capsys.readouterr().out
+
+
+def read_metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_multitask_run_logs_its_mixture_and_per_task_losses(tmp_path, tiny_model_dir,
+                                                            monkeypatch, capsys):
+    config_path = write_project(tmp_path, tiny_model_dir,
+                                mixing={"mixing": "weights", "weights": [1.0, 3.0]},
+                                max_steps=30)
+    run_cli(monkeypatch, capsys, "train", str(config_path))
+    run = tmp_path / "runs" / "multi"
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["mixture"] == {"mixing": "weights",
+                                   "rates": {"sentiment": 0.25, "echo": 0.75}}
+    assert set(manifest["data_report"]["tasks"]) == {"sentiment", "echo"}
+    records = read_metrics(run)
+    steps = [r for r in records if "loss" in r]
+    assert len(steps) == 30
+    for record in steps:  # every token of a step belongs to one task
+        assert sum(record["task_tokens"].values()) == record["tokens"]
+    drawn = {name: sum(r["task_tokens"][name] for r in steps) for name in ("sentiment", "echo")}
+    # 30 steps of 128 tokens (~3,800 tokens, ~250 examples drawn): within 8 points of 1:3
+    assert drawn["echo"] / sum(drawn.values()) == pytest.approx(0.75, abs=0.08)
+    validations = [r for r in records if "val_loss" in r]
+    assert [r["step"] for r in validations] == [0, 4, 8, 12, 16, 20, 24, 28, 30]
+    for record in validations:
+        losses = record["val_loss_tasks"]
+        assert set(losses) == {"sentiment", "echo"}
+        # the overall loss is per target token over both tasks: between the two
+        assert min(losses.values()) <= record["val_loss"] <= max(losses.values())
+    assert validations[-1]["val_loss_tasks"]["echo"] < validations[0]["val_loss_tasks"]["echo"]
+
+
+def test_multitask_resume_draws_the_same_examples(tmp_path, tiny_model_dir):
+    from tunelab.train.loop import train
+
+    whole = train(load_config(write_project(tmp_path / "a", tiny_model_dir,
+                                            mixing={"mixing": "proportional"})), console=quiet())
+    config = load_config(write_project(tmp_path / "b", tiny_model_dir,
+                                       mixing={"mixing": "proportional"}))
+    stopped = train(config, stop_after_steps=5, console=quiet())
+    assert stopped.steps == 5
+    resumed = train(config, resume=stopped.run_dir, console=quiet())
+    drawn = lambda run: [(r["step"], r["task_tokens"], r["loss"])  # noqa: E731
+                         for r in read_metrics(run) if "loss" in r]
+    assert drawn(resumed.run_dir) == drawn(whole.run_dir)
+    assert resumed.val_loss_after == whole.val_loss_after
+
+
+def test_eval_writes_one_result_per_task_with_its_own_metric(tmp_path, tiny_model_dir,
+                                                            monkeypatch, capsys):
+    config_path = write_project(tmp_path, tiny_model_dir, mixing={"mixing": "temperature",
+                                                                  "temperature": 2.0})
+    run_cli(monkeypatch, capsys, "train", str(config_path))
+    out = run_cli(monkeypatch, capsys, "eval", str(config_path))
+    assert "task sentiment" in out and "task echo" in out
+    run = tmp_path / "runs" / "multi"
+    sentiment = read_eval(run / "eval" / "test-sentiment.json")
+    echo = read_eval(run / "eval" / "test-echo.json")
+    assert (sentiment.task, sentiment.n, sentiment.primary_metric) == \
+        ("classification", 24, "accuracy")
+    assert (echo.task, echo.n, echo.primary_metric) == ("translation", 10, "chrf")
+    for result, prompt in ((sentiment, "Sentiment:"), (echo, "Repeat:")):
+        assert set(result.models) == {"base", "tuned"}
+        assert all(prompt in p.input for p in result.models["tuned"].predictions)
+        metric = result.models["tuned"].metrics[result.primary_metric]
+        assert metric.ci[0] <= metric.value <= metric.ci[1]
+    # The report reads both files.
+    run_cli(monkeypatch, capsys, "report", str(run))
+    page = (run / "report.html").read_text()
+    assert "test-sentiment.json" in page and "test-echo.json" in page
+
+    # Paired difference between two evaluations of the same examples: tuned minus base here,
+    # so it must agree with evaluate's own comparison of the two.
+    config = load_config(config_path)
+    eval_cfg = config.data.tasks[1].eval
+    base_only = echo.model_copy(update={"models": {"tuned": echo.models["base"]}})
+    difference = paired_difference(base_only, echo, eval_cfg)
+    assert difference["metric"] == "chrf"
+    assert difference["delta"] == pytest.approx(echo.comparison["chrf"].delta, abs=1e-9)
+    assert difference["ci"] == pytest.approx(echo.comparison["chrf"].ci, abs=1e-9)
+    with pytest.raises(RunError, match="not of the same examples"):
+        paired_difference(sentiment, echo, eval_cfg)
