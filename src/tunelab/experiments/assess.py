@@ -582,8 +582,11 @@ def run_fraction(config: Config, folder: Path, fraction: float, records: list,
     run_config = config.model_copy(deep=True)
     run_config.name, run_config.output_dir = f"{config.name}-n{n}", str(folder)
     run_config.data.train = [str(_write_subset(folder / "data" / f"train-n{n}.jsonl", records))]
-    # Same hyperparameters and epochs; no mid-run validation or samples: they only cost time.
+    # Same hyperparameters and epochs; no validation loss (before, during, after) and no
+    # samples: the curve is measured on test, validation only chooses prompts, and the loss
+    # before training is the same base model's for every fraction (a third of a small run).
     run_config.train.eval_every, run_config.train.samples = 0, 0
+    run_config.data.validation, run_config.data.validation_split = [], 0.0
     run_config.eval.shots, run_config.eval.split, run_config.eval.prompt_variants = 0, "test", []
     run_dir = run_config.run_dir
     if read_manifest(run_dir).get("status") != "finished":
