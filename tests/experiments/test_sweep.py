@@ -17,9 +17,10 @@ from sweeps import write_sweep
 
 from tunelab.errors import ConfigError
 from tunelab.experiments.space import load_sweep
-from tunelab.experiments.sweep import create_sweep, load_study, run_worker
+from tunelab.experiments.sweep import create_sweep, load_study, run_worker, worker_environment
 
 optuna = pytest.importorskip("optuna")
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "sentiment"
 TrialState = optuna.trial.TrialState
 
 
@@ -169,3 +170,25 @@ def test_pruning_reports_the_negated_loss_for_a_maximised_objective(tmp_path, ti
     losses = {r["step"]: r["val_loss"] for r in records if "val_loss" in r and r["step"] > 0}
     assert trial.intermediate_values == {step: -loss for step, loss in losses.items()}
     assert list(losses) == [2, 4]  # every eval_every steps, and after training
+
+
+def test_local_workers_share_the_cores_unless_the_user_chose(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert worker_environment(2, cpu_count=2)["OMP_NUM_THREADS"] == "1"
+    assert worker_environment(3, cpu_count=16)["OMP_NUM_THREADS"] == "5"
+    assert worker_environment(4, cpu_count=2)["OMP_NUM_THREADS"] == "1"
+    monkeypatch.setenv("OMP_NUM_THREADS", "6")
+    assert worker_environment(2, cpu_count=2)["OMP_NUM_THREADS"] == "6"
+
+
+def test_the_shipped_sweeps_search_lr_rank_and_two_prompts_and_differ_only_in_pruning():
+    """The README's pruning saving compares these two files: nothing else may differ."""
+    pruned, unpruned = (load_sweep(EXAMPLE / name) for name in ("sweep.yaml",
+                                                                 "sweep-unpruned.yaml"))
+    assert pruned.trials >= 8 and pruned.spec.pruner != "none" and unpruned.spec.pruner == "none"
+    assert {param.key for param in pruned.params} == {"train.lr", "method.r", "data.prompt"}
+    assert len(next(p for p in pruned.params if p.key == "data.prompt").choices) == 2
+    assert pruned.base.train.eval_every < pruned.base.train.max_steps  # reports to prune on
+    same = lambda sweep: sweep.spec.model_dump(exclude={"name", "pruner"})  # noqa: E731
+    assert same(pruned) == same(unpruned)
+    assert pruned.base == unpruned.base

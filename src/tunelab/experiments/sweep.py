@@ -139,7 +139,8 @@ def run_workers(directory: Path, workers: int, *, console: Console) -> None:
     Ctrl-C reaches the workers too (one process group): each stops its trial cleanly.
     """
     command = [sys.executable, "-m", "tunelab.cli", "sweep", "--join", str(directory)]
-    processes = [subprocess.Popen(command) for _ in range(workers)]
+    processes = [subprocess.Popen(command, env=worker_environment(workers))
+                 for _ in range(workers)]
     console.print(f"Started {workers} worker process(es) on {directory}.")
     try:
         codes = [process.wait() for process in processes]
@@ -153,6 +154,20 @@ def run_workers(directory: Path, workers: int, *, console: Console) -> None:
     if failed:
         console.print(f"[yellow]{len(failed)} worker(s) exited with an error (codes {failed}); "
                       "their trials are marked failed.")
+
+
+def worker_environment(workers: int, cpu_count: int | None = None) -> dict[str, str]:
+    """The workers' environment: the CPU cores shared out between them.
+
+    Each process's torch would otherwise start one thread per core, so N workers run N times
+    as many threads as cores and spend the surplus waiting on each other (torchrun does the
+    same for CPU ranks). A user's own OMP_NUM_THREADS is kept.
+    """
+    environment = dict(os.environ)
+    if "OMP_NUM_THREADS" not in environment:
+        cores = cpu_count or os.cpu_count() or 1
+        environment["OMP_NUM_THREADS"] = str(max(1, cores // workers))
+    return environment
 
 
 def run_worker(target: str | Path, *, console: Console | None = None) -> int:
