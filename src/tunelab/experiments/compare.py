@@ -174,7 +174,7 @@ def render_comparison(comparison: dict[str, Any], console: Console) -> None:
         table.add_column(column, overflow="fold")
     for rank, run in enumerate(comparison["runs"], start=1):
         table.add_row(str(rank), f"{run['source']}/{run['name']}", _number(run["value"]),
-                      _interval(run["ci"]), _number(run["cost"]["wall_s"]),
+                      _interval(run["ci"]), _seconds(run["cost"]["wall_s"]),
                       _number(run["cost"]["tokens"]),
                       ", ".join(f"{k}={_short(v)}" for k, v in run["params"].items()))
     console.print(table)
@@ -211,7 +211,7 @@ def render_html(comparison: dict[str, Any]) -> str:
 
     metric = comparison["metric"]
     rows = [[str(rank), escape(f"{run['source']}/{run['name']}"), _number(run["value"]),
-             _interval(run["ci"]), _number(run["cost"]["wall_s"]),
+             _interval(run["ci"]), _seconds(run["cost"]["wall_s"]),
              _number(run["cost"]["tokens"]), _gigabytes(run["cost"]["peak_memory_bytes"]),
              escape(", ".join(f"{k}={_short(v)}" for k, v in run["params"].items()))]
             for rank, run in enumerate(comparison["runs"], start=1)]
@@ -326,6 +326,10 @@ def _interval(ci: Any) -> str:
     if not ci or ci[0] is None:
         return ""
     return f"[{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def _seconds(value: Any) -> str:
+    return "–" if value is None else f"{value:,.1f}"
 
 
 def _gigabytes(value: Any) -> str:
