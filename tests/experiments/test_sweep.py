@@ -17,7 +17,13 @@ from sweeps import write_sweep
 
 from tunelab.errors import ConfigError
 from tunelab.experiments.space import load_sweep
-from tunelab.experiments.sweep import create_sweep, load_study, run_worker, worker_environment
+from tunelab.experiments.sweep import (
+    create_sweep,
+    describe,
+    load_study,
+    run_worker,
+    worker_environment,
+)
 
 optuna = pytest.importorskip("optuna")
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "sentiment"
@@ -156,6 +162,7 @@ def test_pruning_stops_a_trial_worse_than_the_median(tmp_path, tiny_model_dir):
     assert list(pruned.intermediate_values) == [2]  # stopped at its first evaluation
     assert pruned.intermediate_values[2] > 0.5  # the real validation loss of the tiny model
     assert not Path(pruned.user_attrs["run_dir"]).exists()
+    assert describe(study, opened)["trials"][1]["last_step"] == 2  # what compare shows
 
 
 def test_pruning_reports_the_negated_loss_for_a_maximised_objective(tmp_path, tiny_model_dir):

@@ -176,7 +176,7 @@ def render_comparison(comparison: dict[str, Any], console: Console) -> None:
         table.add_row(str(rank), f"{run['source']}/{run['name']}", _number(run["value"]),
                       _interval(run["ci"]), _seconds(run["cost"]["wall_s"]),
                       _number(run["cost"]["tokens"]),
-                      ", ".join(f"{k}={_short(v)}" for k, v in run["params"].items()))
+                      _params(run["params"]))
     console.print(table)
     if comparison["diff"]:
         diff = Table(title=f"Config of the best ({comparison['best']}) against the base")
@@ -213,7 +213,7 @@ def render_html(comparison: dict[str, Any]) -> str:
     rows = [[str(rank), escape(f"{run['source']}/{run['name']}"), _number(run["value"]),
              _interval(run["ci"]), _seconds(run["cost"]["wall_s"]),
              _number(run["cost"]["tokens"]), _gigabytes(run["cost"]["peak_memory_bytes"]),
-             escape(", ".join(f"{k}={_short(v)}" for k, v in run["params"].items()))]
+             escape(_params(run["params"]))]
             for rank, run in enumerate(comparison["runs"], start=1)]
     sections = [_section(f"Runs ranked by {metric}", _table(
         ["#", "run", metric, "95% interval", "wall s", "tokens", "peak GB", "params"], rows))]
@@ -241,6 +241,11 @@ def _sweep_html(sweep: dict[str, Any], metric: str) -> str:
         parts.append(_image(_importance_figure(importance["fanova"])))
     else:
         parts.append(f"<p>{escape(importance['note'])}</p>")
+    pruned = [trial for trial in sweep["trials"] if trial["state"] == "pruned"]
+    if pruned:
+        parts.append("<p>Pruned on the validation loss: " + ", ".join(
+            f"trial {trial['number']} at step {trial['last_step']}" for trial in pruned)
+            + ".</p>")
     final = sweep.get("final")
     if final and final.get("test"):
         test, delta = final["test"], final["test"]["best_minus_base_config"]
@@ -273,6 +278,7 @@ def _pareto_figure(comparison: dict[str, Any]) -> Figure:
             ordered = sorted(points[i] for i in front)
             if ordered:
                 axes.plot(*zip(*ordered, strict=True), color=TUNED_COLOUR, linewidth=1)
+            axes.ticklabel_format(axis="x", style="plain", useOffset=False)  # GB, not 1e9+…
             axes.set_xlabel(label)
             axes.set_ylabel(comparison["metric"] if index == 0 else "")
         figure.suptitle("Pareto front (blue): no other run is both cheaper and better",
@@ -330,6 +336,11 @@ def _interval(ci: Any) -> str:
 
 def _seconds(value: Any) -> str:
     return "–" if value is None else f"{value:,.1f}"
+
+
+def _params(params: dict[str, Any]) -> str:
+    return ", ".join(f"{key}={value:.3g}" if isinstance(value, float) else f"{key}={_short(value)}"
+                     for key, value in params.items())
 
 
 def _gigabytes(value: Any) -> str:

@@ -455,6 +455,7 @@ def describe(study, opened: OpenSweep) -> dict[str, Any]:
                      "ci": trial.user_attrs.get("ci"),
                      "run_dir": trial.user_attrs.get("run_dir"),
                      "retry_of": trial.system_attrs.get("failed_trial"),
+                     "last_step": max(trial.intermediate_values, default=None),
                      "duration_s": trial.duration.total_seconds() if trial.duration else None})
     return {"name": opened.directory.name, "metric": opened.sweep.metric,
             "direction": opened.sweep.direction, "trials": rows}
