@@ -138,12 +138,44 @@ def _minutes(seconds: float) -> str:
     return f"{minutes} min {rest} s" if minutes else f"{rest} s"
 
 
+def render_multitask(result: dict) -> str:
+    """One multitask adapter against single-task adapters: per-task metric, the paired
+    difference on the same test examples, the realised mixture and the cost."""
+    tasks, cost = result["tasks"], result["cost"]
+    steps, single = result["multitask_steps"], result["single_task_steps"]
+    lines = [f"| task: metric (test n) | base model | single-task adapter ({single} steps) | "
+             f"multitask adapter ({steps} steps) | multitask − single-task, paired |",
+             "|---|---|---|---|---|"]
+    for name, task in tasks.items():
+        delta = task["multitask_minus_single"]
+        lines.append(
+            f"| {name}: {task['metric']} (n = {task['n']}) | {_interval(task['base'])} | "
+            f"{_interval(task['single_task'])} | {_interval(task['multitask'])} | "
+            f"{delta['delta']:+.3f} [{delta['ci'][0]:+.3f}, {delta['ci'][1]:+.3f}], "
+            f"p = {delta['p_value']:.2g} |")
+    mixture = result["mixture"]
+    shares = ", ".join(f"{name} {mixture['realised'][name]:.1%} (configured "
+                       f"{rate:.1%})" for name, rate in mixture["configured"].items())
+    singles = [cost[name] for name in tasks]
+    rows = [("multitask adapter", [cost["multitask"]]), ("three single-task adapters", singles)]
+    cost_lines = ["| | optimizer steps | training tokens | time in optimizer steps |",
+                  "|---|---|---|---|"]
+    for label, runs in rows:
+        cost_lines.append(f"| {label} | {sum(r['steps'] for r in runs)} | "
+                          f"{sum(r['train_tokens'] for r in runs):,} | "
+                          f"{_minutes(sum(r['train_s'] for r in runs))} |")
+    return ("\n".join(lines) + f"\n\nTokens drawn per task by the multitask run "
+            f"(`data.mixing: {mixture['mixing']}`): {shares}.\n\n" + "\n".join(cost_lines)
+            + f"\n\nMeasured by {_origin(result)}.\n")
+
+
 RENDERERS: dict[str, Callable[[dict], str]] = {
     "throughput": render_throughput,
     "plan_check": render_plan_check,
     "generation": render_generation,
     "example_train": render_example_train,
     "example_eval": render_example_eval,
+    "multitask": render_multitask,
 }
 
 

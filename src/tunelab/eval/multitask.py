@@ -26,7 +26,8 @@ from tunelab.eval.tasks import TASKS
 
 def task_config(config: Config, task: TaskConfig) -> Config:
     """The multitask config seen as a single-task config of one task: its data, its eval."""
-    return config.model_copy(update={"data": task_data(config.data, task), "eval": task.eval})
+    return config.model_copy(update={"data": task_data(config.data, task), "eval": task.eval},
+                             deep=True)
 
 
 def evaluate_tasks(config: Config, *, run_dir: str | Path | None = None, base: bool = True,
