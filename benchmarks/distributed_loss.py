@@ -30,6 +30,10 @@ from provenance import ROOT, provenance  # noqa: E402
 
 CONFIG = ROOT / "examples/sentiment/config.yaml"
 RESULT = ROOT / "examples/sentiment/results/distributed.json"
+# 20 AdamW steps in float32: the tiny-model tests measure 1e-7; a summation-order difference
+# grows over steps but stays orders of magnitude below any real mismatch (a lost rank's
+# examples or a wrong normaliser moves the loss by percents).
+TOLERANCE_DROPOUT_0 = 1e-4
 
 # (label, ranks, dropout, seed)
 RUNS = [
@@ -60,51 +64,62 @@ def run_one(label: str, ranks: int, dropout: float, seed: int, output_dir: Path,
     if ranks > 1:
         env["OMP_NUM_THREADS"] = "1"
     command = train_command(ranks, overrides)
-    started = time.perf_counter()
-    with open(log_dir / f"{name}.log", "w") as log:
-        subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
-    wall_s = time.perf_counter() - started
     run_dir = output_dir / name
+    note_file = run_dir / "distributed_loss.json"  # this script's note: which commit ran it
+    if not note_file.is_file():  # a finished run is kept, so a stopped comparison can go on
+        note = {"git_commit": provenance()["git_commit"], "started_utc": time.strftime(
+            "%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        started = time.perf_counter()
+        with open(log_dir / f"{name}.log", "w") as log:
+            subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
+        note["wall_s"] = round(time.perf_counter() - started, 1)
+        note_file.write_text(json.dumps(note))
+    note = json.loads(note_file.read_text())
     manifest = json.loads((run_dir / "manifest.json").read_text())
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train_losses = [record["loss"] for record in records if "loss" in record]
     return {"label": label, "ranks": ranks, "dropout": dropout, "seed": seed,
-            "command": " ".join(command[:3 if ranks == 1 else 8]) + " CONFIG " +
-            " ".join(f"--set {o}" for o in overrides[2:]),
+            "command": " ".join([*command[:2 if ranks == 1 else 7],
+                                 "examples/sentiment/config.yaml",
+                                 *(f"--set {o}" for o in overrides[2:])]),
             "steps": manifest["steps"], "val_loss_before": manifest["val_loss_before"],
             "val_loss_after": manifest["val_loss_after"], "train_losses": train_losses,
-            "wall_s": round(wall_s, 1)}
+            **note}
 
 
 def compare(runs: list[dict]) -> dict:
     """The figures the README quotes: differences at dropout 0, and at 0.05 against the
-    seed-to-seed spread."""
+    seed-to-seed spread (each part once its runs have finished)."""
     by_label = {run["label"]: run for run in runs}
+    comparison = {}
+    if {"1 process, dropout 0", "2 ranks, dropout 0"} <= set(by_label):
+        comparison["dropout_0"] = compare_dropout_0(by_label)
+    if {label for label, *_ in RUNS[2:]} <= set(by_label):
+        comparison["dropout_0_05"] = compare_dropout_0_05(by_label)
+    return comparison
+
+
+def compare_dropout_0(by_label: dict) -> dict:
+    """Same examples per step, same masks (none): only the summation order differs."""
     one, two = by_label["1 process, dropout 0"], by_label["2 ranks, dropout 0"]
     step_diffs = [abs(a - b) / abs(a) for a, b in zip(one["train_losses"], two["train_losses"],
                                                        strict=True)]
+    val_diff = abs(one["val_loss_after"] - two["val_loss_after"]) / one["val_loss_after"]
+    return {"val_loss_after_relative_difference": val_diff,
+            "max_step_loss_relative_difference": max(step_diffs),
+            "tolerance_relative": TOLERANCE_DROPOUT_0,
+            "within_tolerance": max(max(step_diffs), val_diff) <= TOLERANCE_DROPOUT_0}
+
+
+def compare_dropout_0_05(by_label: dict) -> dict:
+    """Other dropout masks on each rank: a different draw, held to the seed-to-seed spread."""
     seed0 = by_label["1 process, dropout 0.05, seed 0"]
     seed1 = by_label["1 process, dropout 0.05, seed 1"]
     ranks2 = by_label["2 ranks, dropout 0.05, seed 0"]
     spread = abs(seed0["val_loss_after"] - seed1["val_loss_after"])
-    difference = abs(ranks2["val_loss_after"] - seed0["val_loss_after"])
-    return {
-        "dropout_0": {
-            "val_loss_after_relative_difference":
-                abs(one["val_loss_after"] - two["val_loss_after"]) / one["val_loss_after"],
-            "max_step_loss_relative_difference": max(step_diffs),
-            "tolerance_relative": 1e-4,
-            "within_tolerance": max(step_diffs) <= 1e-4 and
-                abs(one["val_loss_after"] - two["val_loss_after"]) / one["val_loss_after"]
-                <= 1e-4,
-        },
-        "dropout_0_05": {
-            "seed_spread": spread,
-            "two_ranks_minus_one_process": ranks2["val_loss_after"] - seed0["val_loss_after"],
-            "tolerance": spread,
-            "within_tolerance": difference <= spread,
-        },
-    }
+    difference = ranks2["val_loss_after"] - seed0["val_loss_after"]
+    return {"seed_spread": spread, "two_ranks_minus_one_process": difference,
+            "tolerance": spread, "within_tolerance": abs(difference) <= spread}
 
 
 def main() -> None:
@@ -121,10 +136,10 @@ def main() -> None:
         runs.append(run_one(label, ranks, dropout, seed, args.output_dir, args.output_dir))
         print(f"  val loss {runs[-1]['val_loss_before']:.4f} -> "
               f"{runs[-1]['val_loss_after']:.6f}", flush=True)
-    result["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    result["runs"] = runs
-    result["comparison"] = compare(runs)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+        # Written after every run: a comparison cut short still keeps what it measured.
+        result["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+        result.update(complete=len(runs) == len(RUNS), runs=runs, comparison=compare(runs))
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result["comparison"], indent=2))
 
 
