@@ -1,5 +1,5 @@
 """Training under torchrun: two CPU ranks on gloo equal one process; checkpoints move between
-rank counts; a failed rank ends the run.
+rank counts; a killed or hung rank ends the run.
 
 Every multi-rank test starts real ``torchrun`` processes (``OMP_NUM_THREADS=1``, each with a
 timeout) on the tiny model. Tolerances: the ranks add the same numbers in another order, so
@@ -249,6 +249,48 @@ def test_a_killed_rank_fails_the_run_naming_the_rank_and_the_checkpoint(tmp_path
     message = " ".join(output.split())  # the CLI wraps its error paragraph
     assert f"rank 1 (pid {victim}) was killed by SIGKILL" in message, message[-2000:]
     assert f"the last checkpoint is {run / 'checkpoints' / 'step-'}" in message, message[-2000:]
+
+
+@pytest.mark.slow
+def test_a_hung_rank_fails_the_run_within_the_timeout_naming_it(tmp_path, tiny_model_dir):
+    """A rank that is alive but makes no progress (stopped with SIGSTOP: it never reaches the
+    next collective) is not a crash torchrun could see; the waiting rank names it."""
+    config = write_config(tmp_path, tiny_model_dir, max_steps=500, save_every=2, samples=0,
+                          distributed_timeout_s=15)
+    run = tmp_path / "runs" / "reviews"
+    launcher = subprocess.Popen([sys.executable, "-m", "tunelab", "train", str(config),
+                                 "--nproc", "2"], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline and not (run / "checkpoints" / "step-2").is_dir():
+            time.sleep(0.2)
+        os.kill(rank_pid(launcher.pid, rank=1), signal.SIGSTOP)
+        # The bound: the timeout (15 s), the check-in grace (15 s), torchrun's 30 s between
+        # SIGTERM and SIGKILL for the stopped rank, and a margin for a loaded machine.
+        output = launcher.communicate(timeout=180)[0]
+    finally:
+        launcher.kill()
+    assert launcher.returncode == 3, output[-3000:]
+    message = " ".join(output.split())
+    assert "ranks 1 stopped" not in message
+    assert "rank 1 stopped making progress" in message, message[-2000:]
+    assert "rank 0 waited train.distributed_timeout_s = 15 s" in message, message[-2000:]
+    assert f"the last checkpoint is {run / 'checkpoints' / 'step-'}" in message, message[-2000:]
+    assert f"tunelab train --resume {run} --nproc 2" in message, message[-2000:]
+
+
+def test_the_launcher_puts_back_the_signal_handlers_torchrun_replaced(tmp_path,
+                                                                      tiny_model_dir):
+    """After ``tunelab train --nproc`` returns in-process, Ctrl-C interrupts as before."""
+    config = write_config(tmp_path, tiny_model_dir, max_steps=1, samples=0)
+    before = {number: signal.getsignal(number) for number in distributed.TORCHRUN_SIGNALS}
+    distributed.launch(1, [str(config)], run_dir=tmp_path / "runs" / "reviews")
+    assert (tmp_path / "runs" / "reviews" / "adapter").is_dir()
+    assert {number: signal.getsignal(number) for number in before} == before
+    with pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)  # the handler raises at the next bytecode, long before this ends
 
 
 def rank_pid(launcher_pid: int, *, rank: int) -> int:

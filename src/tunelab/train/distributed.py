@@ -18,6 +18,8 @@ import atexit
 import hashlib
 import json
 import os
+import signal
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
@@ -129,6 +131,10 @@ def start(*, strategy: str, device: str, timeout_s: float) -> Cluster:
                    device_type="cuda" if cuda else "cpu", timeout_s=timeout_s)
 
 
+#: The signals torchrun's agent handles (its default TORCHELASTIC_SIGNALS_TO_HANDLE).
+TORCHRUN_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
+
+
 def launch(nproc: int, train_args: list[str], *, run_dir: Path) -> None:
     """``tunelab train ... --nproc N``: start N ranks of ``python -m tunelab train ...`` on this
     machine with torchrun (its own code, in this process) and wait for them.
@@ -146,11 +152,17 @@ def launch(nproc: int, train_args: list[str], *, run_dir: Path) -> None:
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
     args = get_args_parser().parse_args(
         ["--standalone", "--nproc-per-node", str(nproc), "-m", "tunelab", "train", *train_args])
+    # torchrun installs its own handlers for these and leaves them behind when it returns.
+    handlers = {number: signal.getsignal(number) for number in TORCHRUN_SIGNALS}
     try:
         run(args)
     except ChildFailedError as error:
         raise TrainingError(failure_message(error, run_dir), where=str(run_dir),
                             fix=_resume_hint(run_dir, nproc)) from None
+    finally:
+        for number, handler in handlers.items():
+            if handler is not None:  # None: set outside Python, nothing to put back
+                signal.signal(number, handler)
 
 
 def failure_message(error, run_dir: Path) -> str:
@@ -159,23 +171,96 @@ def failure_message(error, run_dir: Path) -> str:
     if failure.exitcode < 0:
         how = f"was killed by {failure.signal_name()}"
     else:
-        how = f"exited with code {failure.exitcode}"
-    from tunelab.train.checkpoint import list_checkpoints
-
-    checkpoints = list_checkpoints(run_dir / "checkpoints")
-    last = f"the last checkpoint is {checkpoints[-1]}" if checkpoints else \
-        "no checkpoint was written"
+        how = f"exited with code {failure.exitcode} (its own error is printed above)"
     return (f"rank {rank} (pid {failure.pid}) {how}; torchrun stopped the other ranks; "
-            f"{last}")
+            f"{_last_checkpoint(run_dir)}")
 
 
 def _resume_hint(run_dir: Path, nproc: int) -> str:
+    return f"see the failed rank's error above, then {_restart(run_dir, nproc)}"
+
+
+def _restart(run_dir: Path, nproc: int) -> str:
     from tunelab.train.checkpoint import list_checkpoints
 
     if list_checkpoints(run_dir / "checkpoints"):
-        return f"see the failed rank's error above, then tunelab train --resume {run_dir} " \
-            f"--nproc {nproc}"
-    return "see the failed rank's error above, then start the run again with --overwrite"
+        return f"tunelab train --resume {run_dir} --nproc {nproc}"
+    return "start the run again with --overwrite"
+
+
+#: The longest a rank that gave up waiting waits for the other ranks to say they gave up too:
+#: healthy ranks blocked on the same collective time out within moments of each other.
+HANG_GRACE_S = 30.0
+
+
+@contextmanager
+def hang_report(cluster: Cluster, run_dir: Path) -> Iterator[None]:
+    """Turn a collective that timed out into an error naming the rank that stopped.
+
+    gloo raises a bare ``RuntimeError("Timed out waiting ...")`` on the ranks that waited and
+    does not say for whom; torchrun sees nothing wrong with a rank that is alive but stuck.
+    So each rank that timed out checks in on torchrun's store, and the ranks that never check
+    in are the ones that stopped making progress. (NCCL's watchdog aborts the process itself.)
+    """
+    if cluster.world_size == 1:
+        yield
+        return
+    try:
+        yield
+    except RuntimeError as error:
+        if "timed out" not in str(error).lower():
+            raise
+        stalled = silent_ranks(cluster, grace_s=min(cluster.timeout_s, HANG_GRACE_S))
+        if stalled == []:  # everyone was waiting: not a hang this can explain
+            raise
+        raise TrainingError(hang_message(stalled, cluster, run_dir), where=str(run_dir),
+                            fix=_hang_fix(stalled, run_dir, cluster.world_size)) from error
+
+
+def silent_ranks(cluster: Cluster, *, grace_s: float) -> list[int] | None:
+    """After a timeout: check in on torchrun's key-value store (it lives in the torchrun agent,
+    not in any rank) and return the ranks that have not checked in after ``grace_s``; ``None``
+    when the store cannot be reached."""
+    keys = [f"tunelab/timed-out/{rank}" for rank in range(cluster.world_size)]
+    try:
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                              is_master=False, timeout=timedelta(seconds=grace_s + 10))
+        store.set(keys[cluster.rank], "1")
+        deadline = time.monotonic() + grace_s
+        while not store.check(keys) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return [rank for rank, key in enumerate(keys) if not store.check([key])]
+    except (KeyError, ValueError, RuntimeError):
+        return None
+
+
+def hang_message(stalled: list[int] | None, cluster: Cluster, run_dir: Path) -> str:
+    """Who stopped, what the waiting rank saw, and where the run can resume from."""
+    waited = f"rank {cluster.rank} waited train.distributed_timeout_s = {cluster.timeout_s:g} s " \
+        "for it in a collective operation"
+    if stalled is None:
+        who = "a rank stopped making progress (torchrun's store could not be reached to tell " \
+            "which)"
+    else:
+        names = ", ".join(map(str, stalled))
+        who = f"rank{'s' if len(stalled) > 1 else ''} {names} stopped making progress " \
+            "(still running, but never reached the collective operation the others waited in)"
+    return f"{who}; {waited} and gave up; the run stops now; {_last_checkpoint(run_dir)}"
+
+
+def _hang_fix(stalled: list[int] | None, run_dir: Path, nproc: int) -> str:
+    where = f"rank {stalled[0]}" if stalled else "the stalled rank"
+    return (f"find where {where} is stuck (py-spy dump --pid PID shows its stack: a stuck data "
+            "read, a deadlock, a failing GPU), or raise train.distributed_timeout_s if its steps "
+            f"are only slow; then {_restart(run_dir, nproc)}")
+
+
+def _last_checkpoint(run_dir: Path) -> str:
+    from tunelab.train.checkpoint import list_checkpoints
+
+    checkpoints = list_checkpoints(run_dir / "checkpoints")
+    return f"the last checkpoint is {checkpoints[-1]}" if checkpoints else \
+        "no checkpoint was written"
 
 
 def _leave() -> None:

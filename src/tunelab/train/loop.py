@@ -135,13 +135,23 @@ def train(config: Config, *, resume: str | Path | None = None, overwrite: bool =
     ``stop_after_steps`` stops (with a checkpoint) after that many optimizer steps in this call,
     as an interruption would; ``tunelab train --resume`` then finishes the run.
     """
+    # Under torchrun: join the other ranks; logs and the progress bar come from rank 0 only.
+    cluster = distributed.start(
+        strategy=distributed.strategy_for(config.method.kind, config.train.distributed),
+        device=config.model.device, timeout_s=config.train.distributed_timeout_s)
+    # A rank that stops making progress ends the run with an error that names it.
+    with distributed.hang_report(cluster, Path(resume) if resume else config.run_dir):
+        return _train(config, cluster, resume=resume, overwrite=overwrite,
+                      stop_after_steps=stop_after_steps, console=console)
+
+
+def _train(config: Config, cluster: distributed.Cluster, *, resume: str | Path | None,
+           overwrite: bool, stop_after_steps: int | None,
+           console: Console | None) -> TrainResult:
+    """One rank's part of the run, from the data to the final adapter or model."""
     console = console or Console()
     started = time.perf_counter()
     train_cfg = config.train
-    # Under torchrun: join the other ranks; logs and the progress bar come from rank 0 only.
-    cluster = distributed.start(
-        strategy=distributed.strategy_for(config.method.kind, train_cfg.distributed),
-        device=config.model.device, timeout_s=train_cfg.distributed_timeout_s)
     console = console if cluster.is_main else Console(quiet=True)
     _seed_everything(train_cfg.seed)
     prepared = prepare(config, console)
