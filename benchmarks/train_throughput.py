@@ -576,6 +576,10 @@ def main(argv: list[str] | None = None) -> None:
         return worker_main(args.worker, args.spec, args.result)
     if args.plan_check:
         return plan_check(args)
+    if args.gpu and not _cuda_available():
+        parser.error("--gpu measures a ~1B Llama in bf16 on a CUDA GPU, and torch sees none "
+                     "here (torch.cuda.is_available() is False); run it on a GPU machine, or "
+                     "leave out --gpu for the CPU benchmark")
     name = ("gpu" if args.gpu else "quick" if args.quick else "levers" if args.levers
             else "full")
     workload = dict(WORKLOADS[name])
@@ -628,6 +632,12 @@ def main(argv: list[str] | None = None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {out}")
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def median_per_lever(rows: list[dict], levers: list[str]) -> list[dict]:
