@@ -1,10 +1,11 @@
 """Tuning methods, registered in ``METHODS``: LoRA / DoRA adapters through peft, or all weights.
 
-A method is one small class: how it changes the model before training, where its result is saved
-and how a run's tuned model is loaded again. Everything else (the loop, evaluation, the report,
-the config's list of choices) asks ``METHODS[kind]`` instead of comparing strings, so adding a
-method (QLoRA next) is one class here. peft and torch are imported only when a model is touched,
-so the config can read the registry cheaply.
+A method is one small class: how it changes the model before training, where its result is saved,
+how a run's tuned model is loaded again, and what the memory planner needs to know of it (adapter
+or all weights, a 4-bit base, DoRA's magnitude vector). Everything else (the loop, evaluation,
+the report, the planner, the config's list of choices) asks ``METHODS[kind]`` instead of
+comparing strings, so adding a method is one class here. peft and torch are imported only when
+a model is touched, so the config can read the registry cheaply.
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ class Method:
     adapter: ClassVar[bool]  # True: a small peft adapter on frozen base weights
     final_folder: ClassVar[str]  # the run's final result: adapter/ (PEFT format) or model/
     load_in_4bit: ClassVar[bool] = False  # True: the base is loaded quantised to NF4 (QLoRA)
+    # True: a learned magnitude per output feature of each adapted projection (DoRA); the
+    # planner counts its parameters and the weight-norm activations it keeps.
+    magnitude_vector: ClassVar[bool] = False
 
     def apply(self, model: nn.Module, *, r: int, alpha: float, dropout: float,
               targets: str | list[str], rslora: bool) -> nn.Module:
@@ -58,7 +62,7 @@ class LoRA(Method):
 
 class DoRA(LoRA):
     kind, title = "dora", "DoRA"
-    use_dora = True
+    use_dora = magnitude_vector = True
 
 
 class QLoRA(LoRA):

@@ -41,6 +41,7 @@ from typing import Any
 from tunelab.config import Config
 from tunelab.data.prepare import prepare_data, schedule_micro_batches
 from tunelab.errors import ConfigError
+from tunelab.model.adapters import METHODS
 
 GIB = 2**30
 
@@ -70,8 +71,10 @@ SECONDS_PER_STEP = {"cpu": 6e-3, "cuda": 5e-3}
 # 113M benchmark model, see benchmarks/README.md. With activation checkpointing the recomputed
 # forward passes strand more and the amount varies from run to run (±20% of the peak over 7
 # runs of one config); 0.68 is their mean. Zero when MALLOC_MMAP_THRESHOLD_ fixes the threshold.
-GLIBC_FRAGMENTATION = {"lora": 0.55, "dora": 0.55, "qlora": 0.55, "full": 0.2}
-GLIBC_FRAGMENTATION_CHECKPOINTED = {"lora": 0.68, "dora": 0.68, "qlora": 0.68, "full": 0.2}
+# Measured with LoRA (it stands for every adapter method) and full fine-tuning (every weight
+# trains), keyed by ``Method.adapter``.
+GLIBC_FRAGMENTATION = {True: 0.55, False: 0.2}
+GLIBC_FRAGMENTATION_CHECKPOINTED = {True: 0.68, False: 0.2}
 # QLoRA's NF4 base: 4-bit codes, an absmax per 64 weights stored in 8 bits (double
 # quantisation), and a float32 scale per 256 of those.
 NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64 + 4 / (64 * 256)
@@ -147,10 +150,12 @@ def target_modules(targets: str | list[str]) -> list[str]:
 
 def adapter_params(shape: ModelShape, *, kind: str, r: int, targets: str | list[str]) -> int:
     """Trainable adapter parameters: r·(in + out) per adapted projection (+ out for DoRA)."""
-    if kind == "full":
+    method = METHODS[kind]
+    if not method.adapter:
         return 0
     linears = shape.linears()
-    per_layer = sum(r * (linears[n][0] + linears[n][1]) + (linears[n][1] if kind == "dora" else 0)
+    magnitude = method.magnitude_vector
+    per_layer = sum(r * (linears[n][0] + linears[n][1]) + (linears[n][1] if magnitude else 0)
                     for n in target_modules(targets))
     return per_layer * shape.num_layers
 
@@ -161,7 +166,8 @@ def layer_activation_bytes(shape: ModelShape, *, kind: str, r: int, dropout: flo
     e, fp32 = element_bytes, 4
     h, i = shape.hidden_size, shape.intermediate_size
     q, kv = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
-    full = kind == "full"
+    method = METHODS[kind]
+    full = not method.adapter
     adapted = set(LINEAR_NAMES) if full else set(target_modules(targets))
     linears = shape.linears()
     norms = 2 * (h * fp32 + fp32 + (h * e if full else 0))
@@ -179,7 +185,7 @@ def layer_activation_bytes(shape: ModelShape, *, kind: str, r: int, dropout: flo
             else:
                 inputs_needed = True
                 projections += r * e
-            if kind == "dora":
+            if method.magnitude_vector:
                 projections += 2 * linears[name][1] * e
         if inputs_needed:
             projections += linears[group[0]][0] * e
@@ -235,7 +241,7 @@ def training_flops(shape: ModelShape, lengths: list[int], *, n_target_tokens: in
     ``n_target_tokens`` loss positions. Padded batches (``padded_length``) pay for padding.
     """
     positions = len(lengths) * padded_length if padded_length else sum(lengths)
-    full = kind == "full"
+    full = not METHODS[kind].adapter
     body = shape.num_layers * sum(a * b for a, b in shape.linears().values())
     lora = adapter_params(shape, kind=kind, r=r, targets=targets)
     linear = 2 * positions * body * (TRAINABLE_PASSES if full else FROZEN_PASSES)
@@ -429,7 +435,7 @@ def plan_counts(config: Config, counts: TokenCounts, *, calibration: dict | None
     if nproc > 1:
         result["memory_per_rank"] = per_rank_memory(
             result["memory"]["breakdown_bytes"], nproc=nproc, strategy=strategy,
-            full=setting.kind == "full",
+            full=not METHODS[setting.kind].adapter,
             block_bytes=shape.layer_params * setting.element_bytes,
             root_bytes=(shape.params - shape.num_layers * shape.layer_params)
             * setting.element_bytes)
@@ -512,7 +518,7 @@ def _setting(config: Config, device: str, weight_dtype: str) -> Setting:
 
 
 def _trainable(shape: ModelShape, setting: Setting) -> int:
-    if setting.kind == "full":
+    if not METHODS[setting.kind].adapter:
         return shape.params
     return adapter_params(shape, kind=setting.kind, r=setting.r, targets=setting.targets)
 
@@ -522,7 +528,8 @@ def predict_memory(shape: ModelShape, batches: list[dict], setting: Setting,
     """The peak-memory breakdown of a training step on the run's heaviest micro-batch."""
     weight_bytes = 4 if setting.weight_dtype == "float32" else 2
     trainable = _trainable(shape, setting)
-    full = setting.kind == "full"
+    method = METHODS[setting.kind]
+    full = not method.adapter
     # peft keeps adapters in fp32 (autocast_adapter_dtype); AdamW state has the param's dtype
     trainable_bytes = weight_bytes if full else 4
     heaviest = max(batches, key=lambda batch: _batch_bytes(shape, batch, setting)["total"])
@@ -533,7 +540,7 @@ def predict_memory(shape: ModelShape, batches: list[dict], setting: Setting,
         "framework": CPU_RUNTIME_BYTES + tokenizer_bytes if cpu else GPU_RUNTIME_BYTES,
         "data": (layout.train_tokens + layout.validation_tokens) * DATA_BYTES_PER_TOKEN
         if cpu else 0,
-        "weights": nf4_weight_bytes(shape) if setting.kind == "qlora"
+        "weights": nf4_weight_bytes(shape) if method.load_in_4bit
         else shape.params * weight_bytes,
         "adapter": 0 if full else trainable * trainable_bytes,
         "gradients": trainable * trainable_bytes,
@@ -543,7 +550,7 @@ def predict_memory(shape: ModelShape, batches: list[dict], setting: Setting,
         "workspace": transient["workspace"],
         "allocator": _fragmentation_bytes(shape, heaviest, setting) if cpu else 0,
     }
-    by_dtype = {"nf4 (4-bit base)" if setting.kind == "qlora" else setting.weight_dtype:
+    by_dtype = {"nf4 (4-bit base)" if method.load_in_4bit else setting.weight_dtype:
                 breakdown["weights"]}
     if not full:
         by_dtype["float32 (adapter)"] = breakdown["adapter"]
@@ -566,7 +573,7 @@ def _fragmentation_bytes(shape: ModelShape, batch: dict, setting: Setting) -> in
                                        element_bytes=setting.element_bytes,
                                        mask_bytes=setting.mask_bytes)["total"]
     factor = (GLIBC_FRAGMENTATION_CHECKPOINTED if setting.checkpointing
-              else GLIBC_FRAGMENTATION)[setting.kind]
+              else GLIBC_FRAGMENTATION)[METHODS[setting.kind].adapter]
     return int(factor * shape.num_layers * batch["positions"] * per_layer)
 
 
@@ -701,7 +708,7 @@ def advise(result: dict, shape: ModelShape, counts: TokenCounts, setting: Settin
         advice.append(f"The predicted peak ({_gib(peak)}) exceeds the memory budget "
                       f"({_gib(budget)}).")
         alternatives = []
-        if setting.kind == "full":
+        if not METHODS[setting.kind].adapter:
             alternatives.append(("method.kind: lora (gradients and AdamW state only for the "
                                  "adapter)", replace_setting(setting, kind="lora"), config))
         if not setting.checkpointing:
