@@ -108,12 +108,25 @@ class MetricsLog:
             sink(record)
 
     def truncate_after(self, step: int) -> None:
-        """On resume, drop records logged after the checkpoint's step (they will be redone)."""
+        """On resume, drop records logged after the checkpoint's step (they will be redone), and
+        a last line cut short by a crash or a full disk; replaced atomically."""
         if not self.path.is_file():
             return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        lines = self.path.read_text().splitlines()
+        if lines and not _is_json(lines[-1]):
+            lines.pop()
+        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+        temporary = self.path.with_name(self.path.name + ".tmp")
+        temporary.write_text("".join(line + "\n" for line in kept))
+        temporary.replace(self.path)
+
+
+def _is_json(line: str) -> bool:
+    try:
+        json.loads(line)
+    except ValueError:
+        return False
+    return True
 
 
 _extra_sinks: ContextVar[tuple[Callable[[dict[str, Any]], None], ...]] = ContextVar(

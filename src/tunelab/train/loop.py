@@ -37,10 +37,12 @@ from tunelab.model.load import describe_model, load_model, load_tokenizer, resol
 from tunelab.runs import MetricsLog, create_run, hash_file, versions, write_manifest
 from tunelab.train import distributed
 from tunelab.train.checkpoint import (
+    DISK_FULL,
     list_checkpoints,
-    load_checkpoint,
+    resume_latest,
     rng_states,
     save_checkpoint,
+    write_failed,
 )
 from tunelab.train.optim import build_optimizer, build_scheduler, clip_gradients
 from tunelab.train.state import TrainResult, TrainState
@@ -180,21 +182,14 @@ def _train(config: Config, cluster: distributed.Cluster, *, resume: str | Path |
         step_model, prepared, batch_tokens=train_cfg.batch_tokens, packing=train_cfg.packing,
         pad_id=pad_id, cluster=cluster)
 
+    starting = True  # no checkpoint loaded: measure the model before training first
     if resume:
         run_dir = Path(resume)
-        checkpoints = list_checkpoints(run_dir / "checkpoints")
-        if not checkpoints:
-            raise RunError(f"{run_dir} has no complete checkpoint to resume from",
-                           where=str(run_dir), fix="start the run again with tunelab train "
-                           "CONFIG --overwrite")
-        state = TrainState.from_dict(
-            load_checkpoint(checkpoints[-1], model=model, optimizer=optimizer,
-                            scheduler=scheduler), where=str(checkpoints[-1]))
+        resumed = _resume(run_dir, model, optimizer, scheduler, total_steps, console)
+        starting, state = resumed is None, resumed or TrainState()
         metrics = MetricsLog(run_dir / "metrics.jsonl") if cluster.is_main \
             else distributed.Unlogged()
-        metrics.truncate_after(state.step)
-        console.print(f"Resuming {run_dir} from {checkpoints[-1].name} "
-                      f"(step {state.step} of {total_steps}).")
+        metrics.truncate_after(state.step if resumed else -1)
     else:
         run_dir = cluster.run_on_main(lambda: create_run(config, overwrite=overwrite))
         metrics = MetricsLog(run_dir / "metrics.jsonl") if cluster.is_main \
@@ -217,7 +212,7 @@ def _train(config: Config, cluster: distributed.Cluster, *, resume: str | Path |
     try:
         if cluster.is_main:
             write_manifest(run_dir, manifest)
-        if not resume:
+        if starting:
             samples = _sample_prompts(prepared, config, cluster)
             state.samples_before = _generate(model, tokenizer, samples, config)
             state.val_loss_before = evaluate()
@@ -226,9 +221,11 @@ def _train(config: Config, cluster: distributed.Cluster, *, resume: str | Path |
         state = _run_steps(step_model, prepared, steps, optimizer, scheduler, state, metrics,
                            run_dir, config, console, evaluate, stop_after_steps, cluster,
                            task_losses)
-    except BaseException:
+    except BaseException as error:
         if not resume and not list_checkpoints(run_dir / "checkpoints"):
             shutil.rmtree(run_dir, ignore_errors=True)  # nothing to resume: leave no husk
+        if isinstance(error, OSError) and error.errno in DISK_FULL:  # metrics, manifest
+            raise write_failed(error, run_dir=run_dir) from None
         raise
     if state.step < total_steps:
         console.print(f"Stopped at step {state.step} of {total_steps}; finish with "
@@ -257,6 +254,34 @@ def _train(config: Config, cluster: distributed.Cluster, *, resume: str | Path |
     cluster.barrier()  # the run directory is complete before any rank returns
     _print_summary(result, console)
     return result
+
+
+def _resume(run_dir: Path, model, optimizer, scheduler, total_steps: int,
+            console: Console) -> TrainState | None:
+    """Load the run's newest intact checkpoint, saying which newer ones are damaged; None when
+    the run stopped before its first checkpoint (it then starts again from step 0)."""
+    from rich.markup import escape
+
+    from tunelab.runs import read_manifest
+
+    resumed = resume_latest(run_dir / "checkpoints", model=model, optimizer=optimizer,
+                            scheduler=scheduler)
+    for folder, problem in resumed.damaged:
+        console.print(f"[yellow]warning:[/] checkpoint {escape(str(folder))} is damaged "
+                      f"({escape(problem)}); renamed damaged-{folder.name}, resuming from the "
+                      "checkpoint before it.")
+    if resumed.folder is not None:
+        console.print(f"Resuming {run_dir} from {resumed.folder.name} "
+                      f"(step {resumed.state['step']} of {total_steps}).")
+        return TrainState.from_dict(resumed.state, where=str(resumed.folder))
+    if resumed.damaged or read_manifest(run_dir).get("status") == "finished":
+        problem = "every checkpoint is damaged" if resumed.damaged else "the run has finished"
+        raise RunError(f"{run_dir} has no complete checkpoint to resume from: {problem}",
+                       where=str(run_dir), fix="start the run again with tunelab train "
+                       "CONFIG --overwrite")
+    console.print(f"{run_dir} stopped before its first checkpoint: starting it again from "
+                  "step 0.")
+    return None
 
 
 def _run_steps(step_model, prepared: Prepared, steps: list[list[list[int]]], optimizer,
