@@ -49,6 +49,62 @@ def _origin(result: dict) -> str:
             f"{machine['cpu_cores']}-core {machine['cpu']} (torch {machine['torch']}), {load}")
 
 
+def render_assess(result: dict) -> str:
+    """tunelab assess: the learning curve (image and points with intervals), the prompting
+    baselines, the fit, the verdict, and the wall time per phase when the run was timed alone."""
+    assess = json.loads((ROOT / result["assess"]).read_text())
+    metric, scale = assess["primary_metric"], assess["metric_scale"]
+    value = (lambda v: f"{v:.1f}") if scale > 1 else (lambda v: f"{v:.3f}")
+    signed = (lambda v: f"{v:+.1f}") if scale > 1 else (lambda v: f"{v:+.3f}")
+
+    def cell(point: dict, show=value) -> str:
+        ci = point.get("ci")
+        return show(point["value"]) + (f" [{show(ci[0])}, {show(ci[1])}]" if ci else "")
+
+    lines = [f"![learning curve of {assess['name']}]({result['curve']})", "",
+             f"**Verdict: {assess['verdict']['kind']}.** {assess['verdict']['text']}", "",
+             f"| {metric} on {assess['n_test']} test examples | value [95% interval] |",
+             "|---|---|"]
+    best = assess["baselines"]["best"]
+    for baseline in assess["baselines"]["by_shots"]:
+        chosen = baseline["validation"][baseline["chosen_variant"]]
+        mark = " (best prompting)" if baseline["shots"] == best["shots"] else ""
+        lines.append(f"| base model, {baseline['shots']}-shot{mark}: prompt "
+                     f"`{_one_line(baseline['prompt'])}`, chosen on validation "
+                     f"({value(chosen['value'])}) | {cell(baseline['test'])} |")
+    for point in assess["learning_curve"]:
+        lines.append(f"| tuned on {point['n_examples']:,} examples | {cell(point)} |")
+    fit = assess["fit"]
+    for label, point in fit["predicted"].items():
+        lines.append(f"| predicted at {label} the data ({point['n']:,} examples) | "
+                     f"{cell(point)} |")
+    lines.append(f"| gain per doubling of the data | {cell(fit['gain_per_doubling'], signed)} |")
+    lines.append(f"| tuned on all data − best prompting (paired) | "
+                 f"{cell(assess['tuned_vs_best_prompting'], signed)} |")
+    return "\n".join(lines) + "\n\n" + _assess_time(result, assess) + "\n"
+
+
+def _assess_time(result: dict, assess: dict) -> str:
+    """Wall time of the command and of its phases, published only for a run timed alone."""
+    if not result.get("measured_alone"):
+        return (f"Run by {_origin(result)}, not alone on the machine: its wall time is not "
+                "published.")
+    phases = assess["time"]["phases_s"]
+    groups = {"prompting baselines": "prompting", "training": "train ",
+              "evaluating the tuned runs": "evaluate ", "fit, cost and complexity": "fit"}
+    spent = {label: sum(s for name, s in phases.items() if name.startswith(prefix))
+             for label, prefix in groups.items()}
+    spent["start-up, model loads and reading data"] = result["wall_s"] - sum(spent.values())
+    parts = ", ".join(f"{label} {_minutes(seconds)}" for label, seconds in spent.items())
+    return (f"Wall time of the whole command: **{_minutes(result['wall_s'])}** ({parts}), run "
+            f"alone under the measurement lock at raised priority. Measured by "
+            f"{_origin(result)}.")
+
+
+def _one_line(text: str | None) -> str:
+    return "(the data's prompt)" if text is None else text.replace("\n", "⏎")
+
+
 def render_throughput(result: dict) -> str:
     """tunelab vs transformers.Trainer + peft: tokens/s, peak memory, final loss."""
     base, ours = result["summary"]["baseline"], result["summary"]["tunelab"]
@@ -175,6 +231,7 @@ RENDERERS: dict[str, Callable[[dict], str]] = {
     "generation": render_generation,
     "example_train": render_example_train,
     "example_eval": render_example_eval,
+    "assess": render_assess,
     "multitask": render_multitask,
 }
 

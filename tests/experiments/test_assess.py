@@ -170,6 +170,12 @@ def test_verdicts_claim_nothing_their_intervals_do_not_support():
     assert wide["kind"] == "undecided" and "test examples would narrow it" in wide["text"]
     assert verdict({"value": 0.1, "ci": None}, gain, metric="accuracy",
                    n_test=100)["kind"] == "undecided"
+    # a gain interval that reaches above the threshold but is not wholly above it: more data
+    # is not shown to pay, so the verdict stays "fine-tune"
+    straddling = {"value": 0.012, "ci": [0.004, 0.02]}
+    better = verdict({"value": 0.1, "ci": [0.05, 0.15]}, straddling, metric="accuracy",
+                     n_test=5000)
+    assert better["kind"] == "fine-tune" and "not shown to pay" in better["text"]
     # flat only when the whole gain interval is below the threshold
     rising = {"value": 0.0, "ci": [-0.005, 0.02]}
     assert verdict({"value": 0.0, "ci": [-0.01, 0.01]}, rising, metric="accuracy",
@@ -269,6 +275,38 @@ def test_assessment_writes_every_part_and_chooses_prompts_on_validation(assessed
     assert 0.5 < saved["complexity"]["label_entropy_bits"] <= 1.0
     page = (folder / "report.html").read_text()
     assert "data:image/png;base64," in page and result["verdict"]["kind"].capitalize() in page
+
+
+def test_the_curve_is_written_as_an_svg_that_an_unchanged_result_leaves_unchanged(assessed,
+                                                                                 tmp_path):
+    from tunelab.experiments.assess_report import write_curve_svg
+
+    config, result = assessed
+    svg = (Path(config.output_dir) / "reviews-assess" / "learning-curve.svg").read_bytes()
+    assert svg.startswith(b"<?xml") and b"<svg" in svg and b"training examples" in svg
+    assert write_curve_svg(result, tmp_path / "again.svg").read_bytes() == svg
+
+
+@pytest.mark.slow
+def test_the_page_renders_in_headless_chromium(assessed, tmp_path):
+    import importlib.util
+    import shutil
+
+    from PIL import Image
+
+    if not shutil.which("chromium") and not Path("/usr/bin/chromium").exists():
+        pytest.fail("headless Chromium is needed for this test: "
+                    "apt-get update && apt-get install -y chromium")
+    script = Path(__file__).resolve().parents[2] / "scripts" / "screenshot_report.py"
+    spec = importlib.util.spec_from_file_location("screenshot_report", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config, _ = assessed
+    page = Path(config.output_dir) / "reviews-assess" / "report.html"
+    png = module.screenshot(page, tmp_path / "assess.png", height=2400, timeout_s=600)
+    with Image.open(png) as image:
+        colours = image.convert("RGB").getcolors(maxcolors=1 << 20)
+    assert colours is not None and len(colours) > 50  # the plot drew: not a blank page
 
 
 def test_a_second_call_reruns_nothing_and_a_lost_evaluation_alone_is_redone(assessed,

@@ -14,9 +14,10 @@
    and time per request of best prompting against the tuned model);
 5. the task's complexity and a verdict from the rules in ``verdict``.
 
-Everything lands in ``<output_dir>/<name>-assess/`` (``assess.json``, ``report.html`` and one run
-directory per fraction and per baseline). A second call reuses every finished run and
-evaluation, so an interrupted assessment resumes where it stopped.
+Everything lands in ``<output_dir>/<name>-assess/`` (``assess.json``, ``report.html``, the curve
+alone as ``learning-curve.svg``, and one run directory per fraction and per baseline). A second
+call reuses every finished run and evaluation, so an interrupted assessment resumes where it
+stopped.
 
 Bootstrap intervals resample the per-example scores of the evaluation (its ``predictions``):
 exact for metrics that are the mean of those scores (accuracy, exact match, ROUGE-L); for corpus
@@ -351,9 +352,10 @@ def assess(config: Config, *, shots: Sequence[int] = DEFAULT_SHOTS,
                       "redone_this_call": progress.done_now,
                       "model_loads": progress.load_share(wall_s)}
     _write_json(folder / "assess.json", result)
-    from tunelab.experiments.assess_report import write_assess_report
+    from tunelab.experiments.assess_report import write_assess_report, write_curve_svg
 
     write_assess_report(result, folder / "report.html")
+    write_curve_svg(result, folder / "learning-curve.svg")
     progress.save()
     render_assessment(result, folder, console)
     return result

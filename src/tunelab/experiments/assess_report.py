@@ -99,7 +99,29 @@ def _gib(value: float | None) -> str:
     return "n/a" if value is None else f"{value / 2**30:.2f} GiB"
 
 
+def write_curve_svg(result: dict, path: Path) -> Path:
+    """The learning-curve plot alone as an SVG file (for a README), written atomically; the
+    same figure as the page's, without dates or random ids, so an unchanged result gives an
+    unchanged file."""
+    buffer = io.StringIO()
+    with rc_context({**PLOT_STYLE, "svg.hashsalt": "tunelab-assess"}):
+        _curve_figure(result).savefig(buffer, format="svg", bbox_inches="tight",
+                                      pad_inches=0.08, metadata={"Date": None})
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(buffer.getvalue(), encoding="utf-8")
+    temporary.replace(path)
+    return path
+
+
 def _curve_png(result: dict) -> str:
+    """The learning curve as an inline PNG for the page."""
+    buffer = io.BytesIO()
+    _curve_figure(result).savefig(buffer, format="png", dpi=DPI, bbox_inches="tight",
+                                  pad_inches=0.08)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _curve_figure(result: dict) -> Figure:
     """Runs with intervals, the fit's band and extrapolation, baselines as horizontal bands."""
     figure = Figure(figsize=(WIDE_IN, 3.6))
     axes = figure.subplots()
@@ -128,10 +150,9 @@ def _curve_png(result: dict) -> str:
     axes.set_xscale("log", base=2)
     axes.set_xlabel("training examples (log scale)")
     axes.set_ylabel(result["primary_metric"])
-    axes.legend(loc="lower right", ncols=2)
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=DPI, bbox_inches="tight", pad_inches=0.08)
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+    # beside the plot, not on it: the baseline bands fill the lower part of the axes
+    axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    return figure
 
 
 def _curve_table(result: dict) -> str:
@@ -192,10 +213,13 @@ def _cost_tables(cost: dict) -> str:
     by_time, by_tokens = use["break_even_requests_by_time"], use["break_even_requests_by_tokens"]
     html += "<h3>Cost at use</h3>" + _table(["", "prompt tokens per request",
                                              "time per request"], rows)
-    html += (f"<p>Fine-tuning ({_seconds(use['training_s'])} of training) is paid back after "
-             f"{_num(by_time) if by_time else 'never (the tuned model is not faster)'} requests "
-             f"by measured time, {_num(by_tokens) if by_tokens else 'never'} by prompt tokens "
-             f"saved. <span class=\"muted\">{escape(use['note'])}.</span></p>")
+    by_time_text = (f"after {_num(by_time)} requests" if by_time else
+                    "never (the tuned model is not faster per request)")
+    by_tokens_text = (f"after {_num(by_tokens)} requests" if by_tokens else
+                      "never (its prompts are not shorter)")
+    html += (f"<p>Fine-tuning ({_seconds(use['training_s'])} of training) is paid back "
+             f"{by_time_text} by measured time, and {by_tokens_text} by prompt tokens saved. "
+             f"<span class=\"muted\">{escape(use['note'])}.</span></p>")
     return html
 
 
