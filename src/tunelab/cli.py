@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import textwrap
 import warnings
@@ -32,6 +33,20 @@ def _overrides(pairs: list[str]) -> dict:
                               fix="write e.g. --set train.lr=1e-4")
         overrides[key] = yaml.safe_load(value)
     return overrides
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def _bytes(text: str, option: str) -> int:
+    """``3GB`` → 3·10⁹, ``2.5GiB`` → 2.5·2³⁰ (a plain number is bytes)."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
+    unit = _UNITS.get(match.group(2).lower()) if match else None
+    if unit is None:
+        raise ConfigError(f"{option} {text!r} is not an amount of memory", where=option,
+                          fix="write e.g. 3GB, 2.5GiB or 800MB")
+    return int(float(match.group(1)) * unit)
 
 
 @app.command()
@@ -155,6 +170,9 @@ def plan(
     set_: list[str] = typer.Option([], "--set", help="Override a config key: train.lr=1e-4"),
     nproc: int = typer.Option(1, min=1, help="Also predict each rank's memory with N ranks "
                               "(DDP or FSDP2, as train.distributed says)."),
+    memory_budget: str | None = typer.Option(None, help="Judge the fit against this much memory "
+                                             "(e.g. 3GB, 2.5GiB, 800MB) instead of what the "
+                                             "device has free; says which train.memory fits."),
 ) -> None:
     """Predict peak memory, tokens/s and wall time of a run before starting it."""
     from tunelab.config import load_config
@@ -164,8 +182,10 @@ def plan(
     from tunelab.train.distributed import strategy_for
 
     cfg = load_config(config, _overrides(set_))
+    budget = None if memory_budget is None else _bytes(memory_budget, "--memory-budget")
     result = make_plan(cfg, calibration=calibrate_run(cfg) if calibrate else None, nproc=nproc,
-                       strategy=strategy_for(cfg.method.kind, cfg.train.distributed))
+                       strategy=strategy_for(cfg.method.kind, cfg.train.distributed),
+                       memory_budget_bytes=budget)
     render_plan(result, console)
     if json_out:
         json_out.write_text(json.dumps(result, indent=2, default=str))

@@ -11,13 +11,16 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from rich.console import Console
 from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM
 
+from tunelab import cli
 from tunelab.config import config_from_dict
 from tunelab.data.packing import Batch
 from tunelab.model import varlen
 from tunelab.model.adapters import apply_method
+from tunelab.model.dropout import share_lora_dropout
 from tunelab.model.load import load_model
 from tunelab.model.plan import (
     ModelShape,
@@ -107,6 +110,36 @@ def test_more_batch_tokens_raise_activations(tmp_path, tiny_model_dir):
             > 2 * small["memory"]["breakdown_bytes"]["activations"])
 
 
+def test_shared_dropout_and_the_tuned_allocator_lower_the_prediction(tmp_path, tiny_model_dir,
+                                                                      monkeypatch):
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    lora = {"kind": "lora", "r": 4, "alpha": 8, "dropout": 0.05}
+    before = plan(make_config(tmp_path, tiny_model_dir, allocator="system",
+                              method={**lora, "shared_dropout": False}))["memory"]
+    after = plan(make_config(tmp_path, tiny_model_dir, method=lora))["memory"]
+    assert before["breakdown_bytes"]["allocator"] > 0 == after["breakdown_bytes"]["allocator"]
+    assert (after["breakdown_bytes"]["activations"]
+            < 0.8 * before["breakdown_bytes"]["activations"])
+
+
+def test_the_plan_says_which_memory_setting_fits_a_budget(tmp_path, tiny_model_dir, monkeypatch,
+                                                          capsys):
+    config = make_config(tmp_path, tiny_model_dir, batch_tokens=1024)
+    peaks = plan(config)["memory_settings"]["predicted_peak_bytes"]
+    assert peaks["low"] < peaks["default"]
+    middle = (peaks["low"] + peaks["default"]) // 2
+    for budget, recommended in ((peaks["default"], "default"), (middle, "low"),
+                                (peaks["low"] - 1, None)):
+        assert plan(config, memory_budget_bytes=budget)["memory_settings"]["recommended"] == \
+            recommended
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    monkeypatch.setattr(sys, "argv", ["tunelab", "plan", str(path), "--memory-budget",
+                                      f"{middle}B"])
+    cli.main()
+    assert "use train.memory: low" in " ".join(capsys.readouterr().out.split())
+
+
 def test_advice_when_the_budget_is_too_small(tmp_path, tiny_model_dir):
     config = make_config(tmp_path, tiny_model_dir, method={"kind": "full"}, batch_tokens=1024)
     roomy = plan(config, memory_budget_bytes=64 * 2**30)
@@ -116,7 +149,7 @@ def test_advice_when_the_budget_is_too_small(tmp_path, tiny_model_dir):
     assert not result["fits"]
     advice = "\n".join(result["advice"])
     assert "exceeds the memory budget" in advice
-    assert "method.kind: lora" in advice and "gradient_checkpointing" in advice
+    assert "method.kind: lora" in advice and "train.memory: low" in advice
     assert "train.batch_tokens" in advice
     console = Console(record=True, width=120)
     render_plan(result, console)
@@ -130,7 +163,7 @@ def test_padding_is_reported_as_waste(tmp_path, tiny_model_dir):
 
 
 def saved_activation_bytes(shape_config: dict, *, kind: str, dropout: float, layers: int,
-                           checkpointing: bool = False) -> int:
+                           checkpointing: bool = False, shared_dropout: bool = False) -> int:
     """Bytes autograd keeps for backward (parameters excluded) over a packed row of 4 examples."""
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=layers, attn_implementation="sdpa",
@@ -139,6 +172,8 @@ def saved_activation_bytes(shape_config: dict, *, kind: str, dropout: float, lay
     varlen.enable(model)
     model = apply_method(model, kind=kind, r=4, alpha=8, dropout=dropout, targets="all-linear",
                          rslora=False)
+    if shared_dropout:
+        assert share_lora_dropout(model) == 7 * layers
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -160,16 +195,21 @@ def saved_activation_bytes(shape_config: dict, *, kind: str, dropout: float, lay
     return sum(storages.values())
 
 
-@pytest.mark.parametrize("kind,dropout", [("lora", 0.05), ("lora", 0.0), ("full", 0.0)])
-def test_layer_activation_model_matches_autograd_saved_tensors(kind, dropout):
+@pytest.mark.parametrize("kind,dropout,shared", [("lora", 0.05, False), ("lora", 0.05, True),
+                                                 ("lora", 0.0, False), ("full", 0.0, False)])
+def test_layer_activation_model_matches_autograd_saved_tensors(kind, dropout, shared):
     dims = {"hidden_size": 48, "intermediate_size": 80, "num_attention_heads": 6,
             "num_key_value_heads": 2}
-    per_layer = (saved_activation_bytes(dims, kind=kind, dropout=dropout, layers=3)
-                 - saved_activation_bytes(dims, kind=kind, dropout=dropout, layers=2)) / 64
+    per_layer = (saved_activation_bytes(dims, kind=kind, dropout=dropout, layers=3,
+                                        shared_dropout=shared)
+                 - saved_activation_bytes(dims, kind=kind, dropout=dropout, layers=2,
+                                          shared_dropout=shared)) / 64
     shape = ModelShape(hidden_size=48, intermediate_size=80, num_layers=1, num_heads=6,
                        num_kv_heads=2, head_dim=8, vocab_size=128, tied_embeddings=False)
+    # the shared dropout's mask is a bool tensor; peft's nn.Dropout keeps a float one on CPU
     predicted = layer_activation_bytes(shape, kind=kind, r=4, dropout=dropout,
-                                       targets="all-linear", element_bytes=4, mask_bytes=4)
+                                       targets="all-linear", element_bytes=4,
+                                       mask_bytes=1 if shared else 4, shared_dropout=shared)
     assert predicted["total"] == per_layer
 
 

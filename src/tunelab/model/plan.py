@@ -161,8 +161,13 @@ def adapter_params(shape: ModelShape, *, kind: str, r: int, targets: str | list[
 
 
 def layer_activation_bytes(shape: ModelShape, *, kind: str, r: int, dropout: float,
-                           targets: str | list[str], element_bytes: int, mask_bytes: int) -> dict:
-    """Bytes per token that one decoder layer keeps for the backward pass, by part."""
+                           targets: str | list[str], element_bytes: int, mask_bytes: int,
+                           shared_dropout: bool = False) -> dict:
+    """Bytes per token that one decoder layer keeps for the backward pass, by part.
+
+    ``shared_dropout``: one LoRA dropout per input tensor (``model/dropout.py``), its dropped
+    copy and mask kept once for all the projections that read the input.
+    """
     e, fp32 = element_bytes, 4
     h, i = shape.hidden_size, shape.intermediate_size
     q, kv = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
@@ -173,13 +178,16 @@ def layer_activation_bytes(shape: ModelShape, *, kind: str, r: int, dropout: flo
     norms = 2 * (h * fp32 + fp32 + (h * e if full else 0))
     projections = 0
     for group in _SHARED_INPUTS:
-        inputs_needed = False
+        inputs_needed = dropped_needed = False
         for name in group:
             if name not in adapted:
                 continue
             in_features = linears[name][0]
             if full:
                 inputs_needed = True
+            elif dropout > 0 and shared_dropout:
+                dropped_needed = True
+                projections += r * e
             elif dropout > 0:
                 projections += in_features * (e + mask_bytes) + r * e
             else:
@@ -189,6 +197,8 @@ def layer_activation_bytes(shape: ModelShape, *, kind: str, r: int, dropout: flo
                 projections += 2 * linears[name][1] * e
         if inputs_needed:
             projections += linears[group[0]][0] * e
+        if dropped_needed:
+            projections += linears[group[0]][0] * (e + mask_bytes)
     attention = (2 * q + 2 * kv) * e + shape.num_heads * fp32
     mlp = 3 * i * e
     return {"norms": norms, "projections": projections, "attention": attention, "mlp": mlp,
@@ -197,14 +207,16 @@ def layer_activation_bytes(shape: ModelShape, *, kind: str, r: int, dropout: flo
 
 def activation_bytes(shape: ModelShape, *, tokens: int, kind: str, r: int, dropout: float,
                      targets: str | list[str], checkpointing: bool, element_bytes: int,
-                     mask_bytes: int, eager_attention_elements: int = 0) -> dict:
+                     mask_bytes: int, eager_attention_elements: int = 0,
+                     shared_dropout: bool = False) -> dict:
     """Saved activations of one micro-batch of ``tokens`` positions (padding included).
 
     ``eager_attention_elements`` is Σ heads·rowlength² for eager attention (it keeps the
     probabilities); SDPA keeps none.
     """
     per_layer = layer_activation_bytes(shape, kind=kind, r=r, dropout=dropout, targets=targets,
-                                       element_bytes=element_bytes, mask_bytes=mask_bytes)
+                                       element_bytes=element_bytes, mask_bytes=mask_bytes,
+                                       shared_dropout=shared_dropout)
     layer = tokens * per_layer["total"] + eager_attention_elements * element_bytes
     # final RMSNorm; RoPE cos/sin shared by all layers
     outside = tokens * (shape.hidden_size * 4 + 4 + 2 * shape.head_dim * element_bytes)
@@ -372,6 +384,8 @@ class Setting:
     checkpointing: bool
     chunk_tokens: int
     eager: bool
+    shared_dropout: bool = False  # method.shared_dropout
+    allocator_tuned: bool = False  # train.allocator: tuned (no glibc fragmentation)
 
 
 def plan(config: Config, *, calibration: dict | None = None,
@@ -431,6 +445,8 @@ def plan_counts(config: Config, counts: TokenCounts, *, calibration: dict | None
     peak = max(result["memory"]["predicted_peak_bytes"],
                result["memory"].get("measured_peak_bytes", 0))
     result["fits"] = peak <= result["device"]["budget_bytes"]
+    result["memory_settings"] = memory_settings(shape, batches, setting, layout,
+                                                result["device"]["budget_bytes"])
     result["advice"] = advise(result, shape, counts, setting, config)
     if nproc > 1:
         result["memory_per_rank"] = per_rank_memory(
@@ -510,11 +526,14 @@ def _setting(config: Config, device: str, weight_dtype: str) -> Setting:
     element = 4 if weight_dtype == "float32" else 2
     method, train_cfg = config.method, config.train
     return Setting(device=device, weight_dtype=weight_dtype, element_bytes=element,
-                   mask_bytes=1 if device == "cuda" else element, kind=method.kind, r=method.r,
+                   mask_bytes=1 if device == "cuda" or method.shared_dropout else element,
+                   kind=method.kind, r=method.r,
                    dropout=method.dropout, targets=method.targets,
                    checkpointing=train_cfg.checkpointing,
                    chunk_tokens=train_cfg.loss_chunk_tokens,
-                   eager=config.model.attn_implementation == "eager")
+                   eager=config.model.attn_implementation == "eager",
+                   shared_dropout=method.shared_dropout,
+                   allocator_tuned=train_cfg.allocator == "tuned")
 
 
 def _trainable(shape: ModelShape, setting: Setting) -> int:
@@ -566,12 +585,14 @@ def predict_memory(shape: ModelShape, batches: list[dict], setting: Setting,
 
 def _fragmentation_bytes(shape: ModelShape, batch: dict, setting: Setting) -> int:
     """RSS that glibc malloc holds beyond the live tensors (see GLIBC_FRAGMENTATION)."""
-    if os.environ.get("MALLOC_MMAP_THRESHOLD_") or not sys.platform.startswith("linux"):
+    if (setting.allocator_tuned or os.environ.get("MALLOC_MMAP_THRESHOLD_")
+            or not sys.platform.startswith("linux")):
         return 0
     per_layer = layer_activation_bytes(shape, kind=setting.kind, r=setting.r,
                                        dropout=setting.dropout, targets=setting.targets,
                                        element_bytes=setting.element_bytes,
-                                       mask_bytes=setting.mask_bytes)["total"]
+                                       mask_bytes=setting.mask_bytes,
+                                       shared_dropout=setting.shared_dropout)["total"]
     factor = (GLIBC_FRAGMENTATION_CHECKPOINTED if setting.checkpointing
               else GLIBC_FRAGMENTATION)[METHODS[setting.kind].adapter]
     return int(factor * shape.num_layers * batch["positions"] * per_layer)
@@ -587,7 +608,7 @@ def _batch_bytes(shape: ModelShape, batch: dict, setting: Setting) -> dict:
         shape, tokens=batch["positions"], kind=setting.kind, r=setting.r,
         dropout=setting.dropout, targets=setting.targets, checkpointing=setting.checkpointing,
         element_bytes=setting.element_bytes, mask_bytes=setting.mask_bytes,
-        eager_attention_elements=eager)
+        eager_attention_elements=eager, shared_dropout=setting.shared_dropout)
     logits = logits_bytes(shape, target_tokens=batch["targets"],
                           chunk_tokens=setting.chunk_tokens, element_bytes=setting.element_bytes)
     workspace = workspace_bytes(shape, tokens=batch["positions"],
@@ -712,8 +733,8 @@ def advise(result: dict, shape: ModelShape, counts: TokenCounts, setting: Settin
             alternatives.append(("method.kind: lora (gradients and AdamW state only for the "
                                  "adapter)", replace_setting(setting, kind="lora"), config))
         if not setting.checkpointing:
-            alternatives.append(("train.gradient_checkpointing: true (keeps one hidden state "
-                                 "per layer, ~30% slower)",
+            alternatives.append(("train.memory: low (activation checkpointing: one hidden "
+                                 "state kept per layer, ~40% slower)",
                                  replace_setting(setting, checkpointing=True), config))
         chunk = min(setting.chunk_tokens, 256)
         if chunk < setting.chunk_tokens:
@@ -738,6 +759,18 @@ def advise(result: dict, shape: ModelShape, counts: TokenCounts, setting: Settin
         advice.append(f"{waste:.0%} of the positions are padding: train.packing: true removes "
                       "them.")
     return advice
+
+
+def memory_settings(shape: ModelShape, batches: list[dict], setting: Setting,
+                    layout: DataLayout, budget_bytes: int) -> dict:
+    """The predicted peak under each ``train.memory`` setting, and the one to use within
+    ``budget_bytes``: default (faster) when it fits, else low (activation checkpointing)."""
+    peaks = {name: predict_memory(shape, batches, replace_setting(setting, checkpointing=low),
+                                  layout)["predicted_peak_bytes"]
+             for name, low in (("default", False), ("low", True))}
+    fitting = [name for name, peak in peaks.items() if peak <= budget_bytes]
+    return {"predicted_peak_bytes": peaks, "budget_bytes": budget_bytes,
+            "recommended": fitting[0] if fitting else None}
 
 
 def replace_setting(setting: Setting, **changes: Any) -> Setting:
@@ -786,6 +819,13 @@ def render_plan(plan: dict, console) -> None:
     console.print(f"Budget {_gib(device['budget_bytes'])}: {verdict}.  Heaviest micro-batch: "
                   f"{memory['peak_batch']['positions']:,} positions, "
                   f"{memory['peak_batch']['targets']:,} loss targets.")
+    settings = plan["memory_settings"]
+    peaks = settings["predicted_peak_bytes"]
+    choice = (f"use train.memory: {settings['recommended']}" if settings["recommended"]
+              else "neither fits")
+    console.print(f"train.memory: default {_gib(peaks['default'])}, low {_gib(peaks['low'])} "
+                  f"(activation checkpointing, slower); for {_gib(settings['budget_bytes'])}: "
+                  f"{choice}.")
     if "measured_peak_bytes" in memory:
         console.print(f"Calibration run peak: {_gib(memory['measured_peak_bytes'])} "
                       f"(prediction {memory['prediction_error']:+.0%}).")

@@ -33,9 +33,11 @@ from tunelab.errors import RunError, TrainingError
 from tunelab.eval.generate import generate_texts
 from tunelab.model import varlen
 from tunelab.model.adapters import METHODS, apply_method, save_final
+from tunelab.model.dropout import share_lora_dropout
 from tunelab.model.load import describe_model, load_model, load_tokenizer, resolve_device
 from tunelab.runs import MetricsLog, create_run, hash_file, versions, write_manifest
 from tunelab.train import distributed
+from tunelab.train.allocator import release_memory, tune_allocator
 from tunelab.train.checkpoint import (
     DISK_FULL,
     list_checkpoints,
@@ -85,6 +87,8 @@ def prepare(config: Config, console: Console) -> Prepared:
     method = config.method
     model = apply_method(model, kind=method.kind, r=method.r, alpha=method.alpha,
                          dropout=method.dropout, targets=method.targets, rslora=method.rslora)
+    if method.shared_dropout:
+        share_lora_dropout(model)  # one dropped copy and a bool mask per input, not per projection
     if train_cfg.checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(model, "enable_input_require_grads"):
@@ -127,6 +131,7 @@ def validation_loss(step_model, examples: list[TokenizedExample], *, batch_token
             total += float(step_model(batch))
         count += batch.n_target_tokens
     step_model.train(was_training)
+    release_memory()
     return cluster.total(total) / max(1, cluster.total(count))
 
 
@@ -156,6 +161,8 @@ def _train(config: Config, cluster: distributed.Cluster, *, resume: str | Path |
     train_cfg = config.train
     console = console if cluster.is_main else Console(quiet=True)
     _seed_everything(train_cfg.seed)
+    # Before the model is loaded: its activations are then mmap-ed and handed back when freed.
+    allocator = tune_allocator() if train_cfg.allocator == "tuned" else None
     prepared = prepare(config, console)
     model, tokenizer, device = prepared.model, prepared.tokenizer, prepared.device
     # What the loop calls for a batch's loss: the model, DDP- or FSDP-wrapped under torchrun.
@@ -209,6 +216,7 @@ def _train(config: Config, cluster: distributed.Cluster, *, resume: str | Path |
         manifest["mixture"] = {"mixing": config.data.mixing, "rates": data_rates(
             config.data, lengths, prepared.train_tasks)}
     state.plan = manifest["plan"]
+    manifest["allocator"] = allocator
     try:
         if cluster.is_main:
             write_manifest(run_dir, manifest)
@@ -450,8 +458,10 @@ def _sample_prompts(prepared: Prepared, config: Config,
 def _generate(model, tokenizer, prompts: list[EvalPrompt], config: Config) -> list[str]:
     if not prompts:
         return []
-    return generate_texts(model, tokenizer, [prompt.ids for prompt in prompts],
-                          max_new_tokens=config.train.max_new_tokens)
+    texts = generate_texts(model, tokenizer, [prompt.ids for prompt in prompts],
+                           max_new_tokens=config.train.max_new_tokens)
+    release_memory()  # the KV caches and logits of generation
+    return texts
 
 
 def _predicted(config: Config, prepared: Prepared, console: Console) -> dict:

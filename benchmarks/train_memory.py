@@ -1,0 +1,95 @@
+"""Peak memory, tokens/s and validation loss of the sentiment example under each memory setting.
+
+Each row runs ``tunelab train examples/sentiment/config.yaml`` (the command users run:
+SmolLM2-135M, LoRA r=16 on every linear layer, 2,048-token micro-batches, 20 optimizer steps)
+in a fresh process with a few ``--set`` overrides, the rows alternating, and reads the run's
+manifest: the peak RSS of the process (VmHWM), the training tokens/s, the validation loss after
+training, and the planner's predicted peak for that configuration.
+
+    python benchmarks/train_memory.py                      # before / default / low
+    python benchmarks/train_memory.py --rows shared-dropout-only allocator-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from provenance import provenance  # benchmarks/provenance.py, beside this script
+
+RESULTS = Path(__file__).resolve().parent / "results"
+REPO = Path(__file__).resolve().parent.parent
+CONFIG = REPO / "examples" / "sentiment" / "config.yaml"
+# Row -> the overrides that make it; "before" is the training loop as it was before issue 13.
+ROWS = {
+    "before": ["method.shared_dropout=false", "train.allocator=system"],
+    "default": [],
+    "low": ["train.memory=low"],
+    "shared-dropout-only": ["train.allocator=system"],
+    "allocator-only": ["method.shared_dropout=false"],
+}
+TITLES = {
+    "before": "before issue 13 (peft's dropout per projection, glibc defaults)",
+    "default": "default (shared LoRA dropout, tuned allocator)",
+    "low": "train.memory: low (+ activation checkpointing)",
+    "shared-dropout-only": "shared LoRA dropout alone",
+    "allocator-only": "tuned allocator alone",
+}
+
+
+def run_row(name: str, workdir: Path) -> dict:
+    """One `tunelab train` of the example under row ``name``; what its manifest measured."""
+    overrides = [f"output_dir={workdir}", f"name={name}", *ROWS[name]]
+    command = [sys.executable, "-m", "tunelab", "train", str(CONFIG), "--overwrite",
+               *[arg for pair in overrides for arg in ("--set", pair)]]
+    environment = {key: value for key, value in os.environ.items()
+                   if not key.startswith(("MALLOC_", "GLIBC_TUNABLES"))}
+    load_before = os.getloadavg()[0]
+    completed = subprocess.run(command, capture_output=True, text=True, env=environment)
+    if completed.returncode != 0:
+        raise SystemExit(f"{name} failed:\n{completed.stderr[-4000:]}")
+    manifest = json.loads((workdir / name / "manifest.json").read_text())
+    return {"row": name, "title": TITLES[name], "overrides": ROWS[name],
+            "measured_peak_rss_bytes": manifest["measured_peak_rss_bytes"],
+            "predicted_peak_bytes": manifest["plan"].get("predicted_peak_bytes"),
+            "tokens_per_second": manifest["tokens_per_second"],
+            "val_loss_before": manifest["val_loss_before"],
+            "val_loss_after": manifest["val_loss_after"], "steps": manifest["steps"],
+            "train_s": manifest["train_s"], "wall_s": manifest["wall_s"],
+            "allocator": manifest.get("allocator"),
+            "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", nargs="+", choices=list(ROWS),
+                        default=["before", "default", "low"])
+    parser.add_argument("--repeats", type=int, default=1, help="alternating rounds")
+    parser.add_argument("--out", type=Path, default=RESULTS / "memory-cpu.json")
+    args = parser.parse_args(argv)
+    origin, runs = provenance(), []
+    with tempfile.TemporaryDirectory(prefix="tunelab-memory-") as tmp:
+        for round_number in range(args.repeats):
+            for name in args.rows:
+                row = run_row(name, Path(tmp))
+                row["round"] = round_number
+                runs.append(row)
+                print(f"{name:22s} peak {row['measured_peak_rss_bytes'] / 2**30:5.2f} GiB "
+                      f"(predicted {row['predicted_peak_bytes'] / 2**30:5.2f})  "
+                      f"{row['tokens_per_second']:6.1f} tokens/s  val loss "
+                      f"{row['val_loss_before']:.4f} -> {row['val_loss_after']:.4f}",
+                      flush=True)
+    origin["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"benchmark": "train_memory", "config": str(
+        CONFIG.relative_to(REPO)), **origin, "runs": runs}, indent=1) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

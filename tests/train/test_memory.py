@@ -1,0 +1,96 @@
+"""Training memory: the tuned allocator hands freed blocks back, and train.memory: low trains
+the same model as the default from the CLI, with the allocator and the peak in the manifest."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_loop import write_reviews  # noqa: E402
+
+# glibc's default raises its mmap threshold to the size of a freed mmap-ed block (up to 32 MB)
+# and its trim threshold to twice that: a later, smaller block comes from the heap and stays
+# resident after it is freed. The tuned allocator keeps the thresholds fixed and unmaps it.
+STRANDED = """
+import sys, torch
+from tunelab.train.allocator import tune_allocator
+
+def rss():
+    with open("/proc/self/status") as handle:
+        return next(int(line.split()[1]) * 1024 for line in handle if line.startswith("VmRSS"))
+
+if sys.argv[1] == "tuned":
+    assert tune_allocator() is not None
+first = torch.ones(24 * 2**18)      # 24 MB: mmap-ed; freeing it raises glibc's threshold
+del first
+before = rss()
+block = torch.ones(16 * 2**18)      # 16 MB: now below the threshold
+del block
+print(rss() - before)
+"""
+
+
+def stranded_bytes(allocator: str) -> int:
+    completed = subprocess.run([sys.executable, "-c", STRANDED, allocator], capture_output=True,
+                               text=True, timeout=300,
+                               env={"PATH": "/usr/bin:/bin", "HOME": "/tmp"})
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    return int(completed.stdout.strip().splitlines()[-1])
+
+
+def test_tuned_allocator_returns_a_freed_block_that_glibc_keeps():
+    assert stranded_bytes("system") > 12 * 2**20
+    assert stranded_bytes("tuned") < 4 * 2**20
+
+
+def write_config(tmp_path, model_dir: str, name: str, **train) -> str:
+    config = {"name": name, "output_dir": str(tmp_path / "runs"), "model": {"path": model_dir},
+              "method": {"kind": "lora", "r": 4, "alpha": 8, "dropout": 0.1},
+              "data": {"train": write_reviews(tmp_path / "train.jsonl", 60, 0),
+                       "validation": write_reviews(tmp_path / "valid.jsonl", 10, 1),
+                       "prompt": "Review: {text}\nSentiment:", "completion": " {label}"},
+              "train": {"max_steps": 3, "lr": 1e-2, "batch_tokens": 128, "max_seq_len": 64,
+                        "samples": 1, "max_new_tokens": 2, "seed": 0, **train}}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def cli_train(config: str, *overrides: str) -> None:
+    completed = subprocess.run(
+        [sys.executable, "-m", "tunelab", "train", config,
+         *[arg for pair in overrides for arg in ("--set", pair)]],
+        capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+
+
+def test_low_memory_trains_the_same_adapter_from_the_cli(tmp_path, tiny_model_dir):
+    """Activation checkpointing recomputes the forward pass, shared dropout masks included: the
+    adapter equals the default run's."""
+    default = write_config(tmp_path, tiny_model_dir, "default")
+    low = write_config(tmp_path, tiny_model_dir, "low", memory="low")
+    cli_train(default)
+    cli_train(low)
+    runs = tmp_path / "runs"
+    manifests = {name: json.loads((runs / name / "manifest.json").read_text())
+                 for name in ("default", "low")}
+    for manifest in manifests.values():
+        assert manifest["status"] == "finished"
+        assert manifest["allocator"]["mmap_threshold_bytes"] > 0
+        assert manifest["measured_peak_rss_bytes"] > 0
+    saved = yaml.safe_load((runs / "low" / "config.yaml").read_text())
+    assert saved["train"]["memory"] == "low"
+    weights = [load_file(runs / name / "adapter" / "adapter_model.safetensors")
+               for name in ("default", "low")]
+    assert weights[0].keys() == weights[1].keys()
+    for key, tensor in weights[0].items():
+        assert (tensor - weights[1][key]).abs().max() < 1e-5, key
+    assert manifests["low"]["val_loss_after"] == pytest.approx(
+        manifests["default"]["val_loss_after"], abs=1e-5)
