@@ -213,6 +213,118 @@ def render_example_eval(result: dict) -> str:
             f"{_minutes(result['wall_s']['eval'])}. Measured by {_origin(result)}.\n")
 
 
+def render_sweep(result: dict) -> str:
+    """A sweep's trials ranked with intervals, the best against the base config on test, and
+    what pruning saved against the same sweep run without it."""
+    entries = list(result["sweeps"].values())
+    pruned = next(entry for entry in entries if entry["spec"]["pruner"] != "none")
+    unpruned = next((entry for entry in entries if entry["spec"]["pruner"] == "none"), None)
+    spec, metric = pruned["spec"], pruned["metric"]
+    keys = list(spec["space"])
+    lines = ["| # | trial | " + " | ".join(f"`{key}`" for key in keys)
+             + f" | validation {metric} [95% CI] | steps trained |",
+             "|---" * (len(keys) + 4) + "|"]
+    for rank, trial in enumerate(_ranked(pruned["trials"], pruned["direction"]), start=1):
+        outcome = _outcome(trial, pruned["direction"])
+        lines.append(f"| {rank} | {trial['number']} | "
+                     + " | ".join(_param(trial["params"].get(key)) for key in keys)
+                     + f" | {outcome} | {trial['steps_trained']} of {trial['max_steps']} |")
+    text = [f"{len(pruned['trials'])} trials, {pruned['workers']} workers, sampler "
+            f"{spec['sampler']} (seed {spec['seed']}), {spec['pruner']} pruning on the validation "
+            f"loss; `tunelab sweep {pruned['sweep_file']} --workers {pruned['workers']}` took "
+            f"{_minutes(pruned['wall_s']['sweep_command'])} (trials "
+            f"{_minutes(pruned['wall_s']['trials'])} from the first trial's start to the last "
+            f"one's end; the rest is starting the workers and the final word: training the base "
+            f"config and scoring it and the best trial on test).\n",
+            "\n".join(lines) + "\n", _final_word(pruned["final"])]
+    caveat = _pruned_a_better_trial(pruned)
+    if caveat:
+        text.append(caveat)
+    if unpruned:
+        text.append(_pruning_saving(pruned, unpruned))
+    text.append(f"Measured by {_origin(pruned)}"
+                + (f"; without pruning by {_origin(unpruned)}" if unpruned else "") + ".\n")
+    return "\n".join(text)
+
+
+def _outcome(trial: dict, direction: str) -> str:
+    """The objective with its interval; for a pruned trial, the loss that stopped it."""
+    if trial["state"] == "complete":
+        return _interval(trial) if trial["ci"] else f"{trial['value']:.4f}"
+    if trial["state"] == "pruned" and trial["reported"]:
+        step, reported = list(trial["reported"].items())[-1]
+        loss = -reported if direction == "maximize" else reported  # pruning saw −loss
+        return f"pruned at step {step} (validation loss {loss:.3f})"
+    return trial["state"]
+
+
+def _pruned_a_better_trial(entry: dict) -> str | None:
+    """Whether the rule pruned a trial that stood better, at that step, than the eventual
+    best did: then the early losses would have stopped the winner too."""
+    sign = -1.0 if entry["direction"] == "maximize" else 1.0  # reported = sign × loss
+    best = _ranked(entry["trials"], entry["direction"])[0]
+    for trial in entry["trials"]:
+        if trial["state"] != "pruned" or not trial["reported"]:
+            continue
+        step, reported = list(trial["reported"].items())[-1]
+        if step in best["reported"] and sign * best["reported"][step] > sign * reported:
+            return (f"Early losses rank these trials poorly: trial {trial['number']} was "
+                    f"pruned at step {step} with validation loss {sign * reported:.3f}, while "
+                    f"the eventual best, trial {best['number']}, stood at "
+                    f"{sign * best['reported'][step]:.3f} at that step.\n")
+    return None
+
+
+def _ranked(trials: list[dict], direction: str) -> list[dict]:
+    """Finished trials best first, then the pruned and failed ones in the order they ran."""
+    sign = -1.0 if direction == "maximize" else 1.0
+    finished = sorted((t for t in trials if t["state"] == "complete"),
+                      key=lambda t: sign * t["value"])
+    return finished + [t for t in trials if t["state"] != "complete"]
+
+
+def _param(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.2e}"
+    if isinstance(value, str):
+        return "`" + value.replace("\n", "⏎").replace("|", "\\|") + "`"
+    return "–" if value is None else str(value)
+
+
+def _final_word(final: dict) -> str:
+    test = final.get("test")
+    if not test:
+        return f"No final word on test: {final.get('note')}\n"
+    delta = test["best_minus_base_config"]
+    exact = (f", McNemar p = {delta['mcnemar_p_value']:.2g}" if "mcnemar_p_value" in delta
+             else "")
+    return (f"On the **test** split (n = {test['n']}), the best trial by validation "
+            f"(trial {final['best']['trial']}) scores {test['metric']} "
+            f"{_interval(test['best'])}, the base config trained the same way "
+            f"{_interval(test['base_config'])}, the untuned model "
+            f"{_interval(test['untuned_model'])}; best − base config {delta['delta']:+.3f} "
+            f"[{delta['ci'][0]:+.3f}, {delta['ci'][1]:+.3f}], paired bootstrap p = "
+            f"{delta['p_value']:.2g}{exact}.\n")
+
+
+def _pruning_saving(pruned: dict, unpruned: dict) -> str:
+    """Wall time of both sweeps and the optimizer steps the pruned trials did not run."""
+    stopped = [t for t in pruned["trials"] if t["state"] == "pruned"]
+    saved = sum(t["max_steps"] - t["steps_trained"] for t in stopped)
+    planned = sum(t["max_steps"] for t in pruned["trials"])
+    walls = [entry["wall_s"]["sweep_command"] for entry in (pruned, unpruned)]
+    trial_walls = [entry["wall_s"]["trials"] for entry in (pruned, unpruned)]
+    return (f"**What pruning saved.** {len(stopped)} of {len(pruned['trials'])} trials were "
+            f"pruned, which skipped {saved} of {planned} trial-steps and their validation "
+            f"scoring. The same sweep file with `pruner: none` "
+            f"(`{unpruned['sweep_file']}`, same seed and sampler) took "
+            f"{_minutes(walls[1])} against {_minutes(walls[0])} (trials alone "
+            f"{_minutes(trial_walls[1])} against {_minutes(trial_walls[0])}: "
+            f"{1 - trial_walls[0] / trial_walls[1]:.0%} less). TPE proposes from what it has "
+            f"seen, so once a trial is pruned the two sweeps go on to try different "
+            f"values.\n")
+
+
 def _interval(metric: dict) -> str:
     return f"{metric['value']:.3f} [{metric['ci'][0]:.3f}, {metric['ci'][1]:.3f}]"
 
@@ -260,6 +372,7 @@ RENDERERS: dict[str, Callable[[dict], str]] = {
     "generation": render_generation,
     "example_train": render_example_train,
     "example_eval": render_example_eval,
+    "sweep": render_sweep,
     "assess": render_assess,
     "multitask": render_multitask,
 }
