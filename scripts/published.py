@@ -365,6 +365,49 @@ def render_multitask(result: dict) -> str:
             + f"\n\nMeasured by {_origin(result)}.\n")
 
 
+def render_serve_load(result: dict) -> str:
+    """tunelab serve under concurrent load: rates, latency percentiles, errors, batching gain."""
+    load, alone, workload = result["under_load"], result["one_at_a_time"], result["workload"]
+
+    def seconds(percentiles: dict | None) -> str:
+        if not percentiles:
+            return "–"
+        return " / ".join(f"{percentiles[p]:.2f} s" for p in ("p50", "p95", "p99"))
+
+    return (
+        "| | one request at a time | "
+        f"{workload['clients']} concurrent clients |\n|---|---|---|\n"
+        f"| requests (errors) | {alone['requests']} ({alone['errors']}) | "
+        f"{load['requests']} ({load['errors']}) |\n"
+        f"| requests/s | {alone['requests_per_s']:.2f} | {load['requests_per_s']:.2f} |\n"
+        f"| served tokens/s | {alone['tokens_per_s']:.1f} | {load['tokens_per_s']:.1f} "
+        f"(**{result['batching_gain']:.1f}×**) |\n"
+        f"| latency p50 / p95 / p99 | {seconds(alone['latency_s'])} | "
+        f"{seconds(load['latency_s'])} |\n"
+        f"| time to first token p50 / p95 / p99 (streamed) | "
+        f"{seconds(alone['first_token_s'])} | {seconds(load['first_token_s'])} |\n\n"
+        f"{' and '.join(workload['models'])} on one base, {workload['endpoint']}, "
+        f"{workload['max_tokens']} new tokens greedy, every other request streamed; "
+        f"{workload['duration_s']:.0f} s under load, {workload['sequential_s']:.0f} s one at a "
+        f"time. Measured by {_origin(result)}.\n")
+
+
+def render_ship_checks(result: dict) -> str:
+    """The sentiment run exported and checked, and the served runs' answers."""
+    lines = ["| export | check | value | bound | passed |", "|---|---|---|---|---|"]
+    for export in result["exports"]:
+        for check in export["checks"]:
+            value = "–" if check["value"] is None else f"{check['value']:.3g}"
+            bound = "–" if check["tolerance"] is None else f"{check['tolerance']:.3g}"
+            lines.append(f"| {export['export']} | {check['name']} | {value} | {bound} | "
+                         f"{'yes' if check['passed'] else '**no**'} |")
+    serve = result["serve"]
+    answers = "; ".join(f"`{a['model']}` answered {a['answer'].strip()!r} (test label "
+                        f"{a['expected'].strip()!r})" for a in serve["completions"])
+    return ("\n".join(lines) + f"\n\n`tunelab serve` listed {', '.join(serve['models'])}; "
+            f"{answers}. Measured by {_origin(result)}.\n")
+
+
 RENDERERS: dict[str, Callable[[dict], str]] = {
     "throughput": render_throughput,
     "plan_check": render_plan_check,
@@ -375,6 +418,8 @@ RENDERERS: dict[str, Callable[[dict], str]] = {
     "sweep": render_sweep,
     "assess": render_assess,
     "multitask": render_multitask,
+    "serve_load": render_serve_load,
+    "ship_checks": render_ship_checks,
 }
 
 

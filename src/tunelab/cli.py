@@ -289,6 +289,23 @@ def serve(
     run_server(runs, base=base, api_key=api_key, host=host, port=port, console=console)
 
 
+@app.command("chat")
+def chat_(
+    run: Path = typer.Argument(..., help="A run directory made by tunelab train."),
+    system: str | None = typer.Option(None, help="A system prompt for the conversation."),
+    max_new_tokens: int = typer.Option(256, min=1, help="Most new tokens per reply."),
+    temperature: float = typer.Option(0.0, min=0.0, help="0 = greedy; above 0 samples."),
+    top_p: float = typer.Option(1.0, min=0.0, max=1.0, help="Nucleus sampling mass."),
+    seed: int | None = typer.Option(None, help="Seed for sampling."),
+    base: bool = typer.Option(False, help="Chat with the base model, without the adapter."),
+) -> None:
+    """Chat with a run's model in the terminal (or with piped lines); /reset, /exit."""
+    from tunelab.ship.chat import chat
+
+    chat(run, system=system, max_new_tokens=max_new_tokens, temperature=temperature,
+         top_p=top_p, seed=seed, base=base)
+
+
 @app.command()
 def sweep(
     sweep_file: Path | None = typer.Argument(None, help="Sweep YAML: base config, space, "

@@ -1,4 +1,4 @@
-"""Tiny trained runs for the export tests: trained by the real loop, with adapters that matter.
+"""Tiny trained runs for the ship tests: trained by the real loop, with adapters that matter.
 
 Three optimizer steps barely move a LoRA adapter (B starts at zero), so a merged model would
 equal the base and a check comparing them could not fail. ``liven_adapter`` gives the trained
@@ -17,6 +17,11 @@ from safetensors.torch import load_file, save_file
 from tunelab.config import config_from_dict
 from tunelab.train.loop import train
 
+NAMES = ["Ann", "Bob", "Cleo", "Dan", "Eve", "Finn", "Gus", "Hana"]
+#: A chat run that learns to answer "Say hi to NAME" with "Hello NAME!" (40 steps suffice).
+GREETINGS = [{"messages": [{"role": "user", "content": f"Say hi to {name}"},
+                           {"role": "assistant", "content": f"Hello {name}!"}]}
+             for name in NAMES * 4]
 REVIEWS = [{"text": "the movie was good", "label": "positive"},
            {"text": "the movie was bad", "label": "negative"}] * 16
 
@@ -61,3 +66,20 @@ def tiny_qwen2_dir(folder: Path, tiny_model_dir: str) -> str:
     Qwen2ForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return str(folder)
+
+
+def make_run(folder: Path, model_dir: str, name: str, records: list[dict], steps: int,
+             **data) -> Path:
+    """A finished rank-4 LoRA run of ``steps`` steps on ``records`` (its first 8 validate)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, rows in (("train", records), ("valid", records[:8])):
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = config_from_dict({
+        "name": name, "output_dir": str(folder / "runs"), "model": {"path": model_dir},
+        "method": {"kind": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
+        "data": {"train": str(folder / "train.jsonl"), "validation": str(folder / "valid.jsonl"),
+                 **data},
+        "train": {"max_steps": steps, "lr": 1e-2, "batch_tokens": 256, "max_seq_len": 64,
+                  "samples": 0, "seed": 0},
+    })
+    return train(config, console=Console(quiet=True)).run_dir

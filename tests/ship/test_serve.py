@@ -23,36 +23,17 @@ import openai
 import pytest
 import uvicorn
 import yaml
-from rich.console import Console
+from export_runs import GREETINGS, make_run
 
-from tunelab.config import config_from_dict
 from tunelab.data.render import chat_prompt
 from tunelab.errors import RunError
 from tunelab.eval.generate import generate_texts
 from tunelab.runs import load_run_model
 from tunelab.ship.serve import bind_socket, create_app, load_served_models
-from tunelab.train.loop import train
 
 KEY = "sk-test-key"
-NAMES = ["Ann", "Bob", "Cleo", "Dan", "Eve", "Finn", "Gus", "Hana"]
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hi to Eve"}]
 REVIEW = "Review: the movie was great\nSentiment:"
-
-
-def make_run(folder: Path, model_dir: str, name: str, records: list[dict], steps: int,
-             **data) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    for split, rows in (("train", records), ("valid", records[:8])):
-        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    config = config_from_dict({
-        "name": name, "output_dir": str(folder / "runs"), "model": {"path": model_dir},
-        "method": {"kind": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
-        "data": {"train": str(folder / "train.jsonl"), "validation": str(folder / "valid.jsonl"),
-                 **data},
-        "train": {"max_steps": steps, "lr": 1e-2, "batch_tokens": 256, "max_seq_len": 64,
-                  "samples": 0, "seed": 0},
-    })
-    return train(config, console=Console(quiet=True)).run_dir
 
 
 @pytest.fixture(scope="module")
@@ -62,13 +43,10 @@ def runs(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
     reviews = [{"text": f"the movie was {word}", "label": label}
                for word, label in (rng.choice([("great", "positive"), ("awful", "negative")])
                                    for _ in range(64))]
-    greetings = [{"messages": [{"role": "user", "content": f"Say hi to {name}"},
-                               {"role": "assistant", "content": f"Hello {name}!"}]}
-                 for name in NAMES * 4]
     return {
         "reviews": make_run(folder / "a", tiny_model_dir, "reviews", reviews, 12,
                             prompt="Review: {text}\nSentiment:", completion=" {label}"),
-        "greeter": make_run(folder / "b", tiny_model_dir, "greeter", greetings, 40),
+        "greeter": make_run(folder / "b", tiny_model_dir, "greeter", GREETINGS, 40),
     }
 
 
@@ -254,26 +232,34 @@ def test_concurrent_requests_on_two_adapters_each_get_their_own_answer(client, s
     assert together == one_by_one
 
 
-@pytest.mark.xfail(reason="known bug: uvicorn drops writes to a closed connection silently, so "
-                   "Starlette never raises and the stream is never closed; the sequence runs to "
-                   "its end. Fix: poll request.is_disconnected() in serve._sse", strict=False)
+def first_content(line: bytes) -> str:
+    """The content delta of one server-sent chat chunk ('' for the role chunk or a blank line)."""
+    if not line.startswith(b"data: {"):
+        return ""
+    return json.loads(line.removeprefix(b"data: "))["choices"][0]["delta"].get("content", "")
+
+
 def test_a_client_leaving_mid_stream_frees_its_sequence(client, server):
     engine = server.app.state.engine
-    request = {"model": server.base, "messages": CHAT, "max_tokens": 470, "temperature": 0}
+    budget = 470
+    request = {"model": server.base, "messages": CHAT, "max_tokens": budget, "temperature": 0}
     # left alone, this request would run its whole budget: it can only end early if cancelled
     assert client.chat.completions.create(**request).choices[0].finish_reason == "length"
-    before = engine.cancelled_sequences
+    cancelled_before, passes_before = engine.cancelled_sequences, engine.decode_passes
     streaming = urllib.request.Request(  # urllib closes the socket itself when the response does
         f"{server.url}/v1/chat/completions", data=json.dumps({**request, "stream": True}).encode(),
         headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
     with urllib.request.urlopen(streaming, timeout=60) as response:
-        assert response.readline().startswith(b"data: ")
-    for _ in range(400):
-        if engine.running_sequences() == 0:
+        # leave only once the sequence is generating: its first content delta has arrived
+        while not first_content(response.readline()):
+            pass
+    for _ in range(1200):
+        if engine.cancelled_sequences > cancelled_before:
             break
         time.sleep(0.05)
+    assert engine.cancelled_sequences == cancelled_before + 1
     assert engine.running_sequences() == 0
-    assert engine.cancelled_sequences == before + 1
+    assert engine.decode_passes - passes_before < budget - 1  # it stopped before its budget
 
 
 def test_requests_without_the_key_get_401(server):
@@ -388,3 +374,29 @@ def test_the_cli_serves_renamed_runs_until_stopped(runs):
         output = process.communicate(timeout=120)[0]
     assert process.returncode == 0, output
     assert "Application shutdown complete" in output
+
+
+@pytest.mark.slow
+def test_a_smollm2_run_answers_the_openai_client_as_it_does_offline(embedded_model, tmp_path):
+    run = make_run(tmp_path, embedded_model, "smol-greeter", GREETINGS, 6)
+    model, tokenizer, served = load_served_models([str(run)])
+    running = Server(create_app(model, tokenizer, served))
+    try:
+        client = openai.OpenAI(base_url=f"{running.url}/v1", api_key="unused", max_retries=0,
+                               timeout=600)
+        assert [m.id for m in client.models.list()] == [embedded_model, "smol-greeter"]
+        offline = {name: load_run_model(run, base=name == embedded_model)[:2]
+                   for name in (embedded_model, "smol-greeter")}
+        answers = {}
+        for name, (loaded, loaded_tokenizer) in offline.items():
+            prompt = chat_prompt(CHAT, loaded_tokenizer).text
+            expected = generate_texts(loaded, loaded_tokenizer, [prompt], max_new_tokens=10)[0]
+            answers[name] = client.chat.completions.create(
+                model=name, messages=CHAT, max_tokens=10, temperature=0).choices[0].message.content
+            streamed = client.chat.completions.create(model=name, messages=CHAT, max_tokens=10,
+                                                      temperature=0, stream=True)
+            assert answers[name] == expected
+            assert "".join(c.choices[0].delta.content or "" for c in streamed) == expected
+        assert answers[embedded_model] != answers["smol-greeter"]  # the adapter is applied
+    finally:
+        running.close()

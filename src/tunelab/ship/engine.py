@@ -154,7 +154,8 @@ class Engine:
             generator.manual_seed(request.sampling.seed & 0xFFFF_FFFF_FFFF_FFFF)
         n = request.sampling.n
         for number, prompt in enumerate(request.prompts):
-            if request.cancelled.is_set():
+            if request.cancelled.is_set():  # its client left before its prompts were read
+                self.cancelled_sequences += (len(request.prompts) - number) * n
                 return
             cache = DynamicCache()
             logits = self._forward(request.adapter, cache, logits_to_keep=1,
@@ -250,6 +251,13 @@ class Engine:
             if self.model.active_adapter != adapter:
                 self.model.set_adapter(adapter, inference_mode=True)
             yield
+
+
+def context_length(model: nn.Module) -> int:
+    """How many tokens (prompt and completion together) the model's positions cover."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") \
+        else model.config
+    return int(getattr(config, "max_position_embeddings", None) or 2048)
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float,

@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 
 from tunelab.errors import ConfigError, DataError, ModelError, RunError
-from tunelab.ship.engine import Engine, Event, Request, Sampling
+from tunelab.ship.engine import Engine, Event, Request, Sampling, context_length
 
 logger = logging.getLogger(__name__)
 
@@ -130,7 +130,10 @@ def _check_servable(run_dir: Path, config) -> None:
 def _common_base(opened: list, base: str | None) -> tuple[str, str | None]:
     if base is not None:
         return base, None
-    bases = {(config.model.path, config.model.gguf_file) for _, _, config in opened}
+    from tunelab.model.load import adapter_base
+
+    bases = {adapter_base(config.model.path, config.model.gguf_file, run_dir / "adapter")
+             for _, run_dir, config in opened}
     if len(bases) > 1:
         listing = "; ".join(f"{run_dir}: {config.model.path}" for _, run_dir, config in opened)
         raise RunError(f"these runs were trained on different base models ({listing})",
@@ -260,7 +263,7 @@ def create_app(model, tokenizer, served: list[ServedModel], *, api_key: str | No
     """The FastAPI app; its engine thread starts and stops with the app's lifespan."""
     engine = Engine(model, tokenizer)
     context = _Context(engine, tokenizer, {m.name: m for m in served},
-                       _context_tokens(model), max_body_bytes)
+                       context_length(model), max_body_bytes)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -337,12 +340,6 @@ def _install_error_handlers(app: FastAPI) -> None:
         logger.exception("unexpected error")
         return JSONResponse(ApiError(500, f"internal error: {type(error).__name__}",
                                      kind="server_error").body(), status_code=500)
-
-
-def _context_tokens(model) -> int:
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") \
-        else model.config
-    return int(getattr(config, "max_position_embeddings", None) or 2048)
 
 
 def _served(context: _Context, name: str) -> ServedModel:
