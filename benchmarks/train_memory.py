@@ -42,17 +42,24 @@ TITLES = {
 }
 
 
-def run_row(name: str, workdir: Path) -> dict:
-    """One `tunelab train` of the example under row ``name``; what its manifest measured."""
+def start_row(name: str, workdir: Path) -> tuple[subprocess.Popen, float]:
+    """Start one `tunelab train` of the example under row ``name`` (output in workdir/name)."""
     overrides = [f"output_dir={workdir}", f"name={name}", *ROWS[name]]
     command = [sys.executable, "-m", "tunelab", "train", str(CONFIG), "--overwrite",
                *[arg for pair in overrides for arg in ("--set", pair)]]
     environment = {key: value for key, value in os.environ.items()
                    if not key.startswith(("MALLOC_", "GLIBC_TUNABLES"))}
-    load_before = os.getloadavg()[0]
-    completed = subprocess.run(command, capture_output=True, text=True, env=environment)
-    if completed.returncode != 0:
-        raise SystemExit(f"{name} failed:\n{completed.stderr[-4000:]}")
+    log = open(workdir / f"{name}.log", "w")  # noqa: SIM115 -- the child writes it until it ends
+    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                            env=environment), os.getloadavg()[0]
+
+
+def finish_row(name: str, workdir: Path, process: subprocess.Popen, load_before: float) -> dict:
+    """Wait for a row's run; what its manifest measured, and the CPU time the process used."""
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:
+        raise SystemExit(f"{name} failed:\n{(workdir / f'{name}.log').read_text()[-4000:]}")
     manifest = json.loads((workdir / name / "manifest.json").read_text())
     return {"row": name, "title": TITLES[name], "overrides": ROWS[name],
             "measured_peak_rss_bytes": manifest["measured_peak_rss_bytes"],
@@ -62,6 +69,7 @@ def run_row(name: str, workdir: Path) -> dict:
             "val_loss_after": manifest["val_loss_after"], "steps": manifest["steps"],
             "train_s": manifest["train_s"], "wall_s": manifest["wall_s"],
             "allocator": manifest.get("allocator"),
+            "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
             "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
 
 
@@ -70,19 +78,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rows", nargs="+", choices=list(ROWS),
                         default=["before", "default", "low"])
     parser.add_argument("--repeats", type=int, default=1, help="alternating rounds")
+    parser.add_argument("--parallel", action="store_true",
+                        help="run a round's rows at once: peak memory and loss do not depend "
+                        "on the load, tokens/s does (then compare CPU time, not tokens/s)")
     parser.add_argument("--out", type=Path, default=RESULTS / "memory-cpu.json")
     args = parser.parse_args(argv)
     origin, runs = provenance(), []
     with tempfile.TemporaryDirectory(prefix="tunelab-memory-") as tmp:
         for round_number in range(args.repeats):
-            for name in args.rows:
-                row = run_row(name, Path(tmp))
-                row["round"] = round_number
+            rows = []
+            if args.parallel:
+                started = {name: start_row(name, Path(tmp)) for name in args.rows}
+                rows = [finish_row(name, Path(tmp), *started[name]) for name in args.rows]
+            else:
+                for name in args.rows:
+                    rows.append(finish_row(name, Path(tmp), *start_row(name, Path(tmp))))
+            for row in rows:
+                row.update(round=round_number, parallel=args.parallel)
                 runs.append(row)
-                print(f"{name:22s} peak {row['measured_peak_rss_bytes'] / 2**30:5.2f} GiB "
+                print(f"{row['row']:22s} peak {row['measured_peak_rss_bytes'] / 2**30:5.2f} GiB "
                       f"(predicted {row['predicted_peak_bytes'] / 2**30:5.2f})  "
-                      f"{row['tokens_per_second']:6.1f} tokens/s  val loss "
-                      f"{row['val_loss_before']:.4f} -> {row['val_loss_after']:.4f}",
+                      f"{row['tokens_per_second']:6.1f} tokens/s  {row['cpu_s']:.0f} CPU s  "
+                      f"val loss {row['val_loss_before']:.4f} -> {row['val_loss_after']:.4f}",
                       flush=True)
     origin["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     args.out.parent.mkdir(parents=True, exist_ok=True)
