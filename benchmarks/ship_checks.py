@@ -2,8 +2,9 @@
 
 Exports the sentiment run to a merged Hugging Face folder and to GGUF (F16 and Q8_0) with every
 check ``tunelab export`` makes (logits reloaded by plain transformers, GGUFReader metadata), and
-its adapter with vLLM's rules; then starts ``tunelab serve SENTIMENT NER`` on 127.0.0.1 and asks
-it through the official ``openai`` client (a completion per run, a streamed chat on the base).
+its adapter with vLLM's rules; then starts ``tunelab serve SENTIMENT [OTHERS]`` on 127.0.0.1 and
+asks it through the official ``openai`` client (a completion per run, a streamed chat on the
+base).
 The checks' numbers and the answers go to a result file with provenance. Nothing here is timed.
 
     python benchmarks/ship_checks.py runs/sentiment-lora runs/ner-lora
@@ -95,19 +96,18 @@ def first_test_row(run: Path, max_tokens: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("sentiment", type=Path)
-    parser.add_argument("ner", type=Path)
+    parser.add_argument("sentiment", type=Path, help="the run to export and serve")
+    parser.add_argument("others", type=Path, nargs="*", help="more runs to serve beside it")
     parser.add_argument("--out", type=Path, default=RESULTS / "serve-ship-checks.json")
     args = parser.parse_args()
 
     origin = provenance()
     with tempfile.TemporaryDirectory(dir=args.sentiment) as folder:
         exported = exports(args.sentiment, Path(folder))
-    names = {run: json.loads((run / "manifest.json").read_text())["name"]
-             for run in (args.sentiment, args.ner)}
-    rows = {names[args.sentiment]: first_test_row(args.sentiment, 2),
-            names[args.ner]: first_test_row(args.ner, 48)}
-    answers = served_answers([args.sentiment, args.ner], rows)
+    served = [args.sentiment, *args.others]
+    rows = {json.loads((run / "manifest.json").read_text())["name"]:
+            first_test_row(run, 2 if run == args.sentiment else 48) for run in served}
+    answers = served_answers(served, rows)
     origin["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     result = {**origin, "run": str(args.sentiment), "exports": exported, "serve": answers}
     args.out.write_text(json.dumps(result, indent=1) + "\n")

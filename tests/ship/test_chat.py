@@ -40,7 +40,7 @@ def offline_reply(model, tokenizer, messages: list[dict]) -> str:
 
 
 def test_chat_keeps_the_conversation_streams_replies_and_resets(greeter):
-    lines = "Say hi to Eve\nSay hi to Bob\n/reset\nSay hi to Bob\n/exit\nSay hi to Ann\n"
+    lines = "Say hi to Eve\nAnd again?\n/reset\nAnd again?\n/exit\nSay hi to Ann\n"
     output = Recorder()
     chat(greeter, input_stream=io.StringIO(lines), output=output, max_new_tokens=MAX_TOKENS)
 
@@ -48,10 +48,10 @@ def test_chat_keeps_the_conversation_streams_replies_and_resets(greeter):
     first = offline_reply(model, tokenizer, [{"role": "user", "content": "Say hi to Eve"}])
     history = [{"role": "user", "content": "Say hi to Eve"},
                {"role": "assistant", "content": first},
-               {"role": "user", "content": "Say hi to Bob"}]
+               {"role": "user", "content": "And again?"}]
     second = offline_reply(model, tokenizer, history)
-    fresh = offline_reply(model, tokenizer, [{"role": "user", "content": "Say hi to Bob"}])
-    assert first == "Hello Eve!" and fresh == "Hello Bob!"  # what the run learned
+    fresh = offline_reply(model, tokenizer, [{"role": "user", "content": "And again?"}])
+    assert first == "Hello Eve!"  # what the run learned
     assert second != fresh  # so a chat that forgot its history would fail the next line
     assert output.getvalue() == f"{first}\n{second}\n(conversation reset)\n{fresh}\n"
     assert output.writes.index("\n") > 1  # the first reply came in several pieces
