@@ -57,36 +57,63 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kills", type=int, default=20, help="SIGKILL drills to run")
     parser.add_argument("--seed", type=int, default=0, help="seed of the kill moments")
+    parser.add_argument("--phases", default="disk,damage,kill",
+                        help="which drills, in this order (comma-separated)")
+    parser.add_argument("--reuse", type=Path, help="the scratch folder of a drill still "
+                        "running: its tiny model, data and reference run (saves a run)")
     parser.add_argument("--out", type=Path,
                         default=ROOT / "benchmarks" / "results" / "crash-drills-cpu.json")
     args = parser.parse_args(argv)
     result = {**provenance(), "workload": {
         "model": "tiny Llama from tests/conftest.py (2 layers, hidden 32), LoRA r 4, dropout 0.1",
         "train": TRAIN}}
-    rng = random.Random(args.seed)
     with tempfile.TemporaryDirectory(prefix="tunelab-drills-") as scratch:
-        work = Path(scratch)
-        model_dir = _build_tiny_model(work / "tiny-model")
-        data = _write_data(work)
-        result["reference"] = reference = reference_run(work, model_dir, data)
+        work = args.reuse or Path(scratch)
+        if args.reuse:
+            model_dir, data = work / "tiny-model", {"train": str(work / "train.jsonl"),
+                                                    "validation": str(work / "validation.jsonl")}
+            reference = reused_reference(work / "reference" / "runs" / "reference")
+        else:
+            model_dir = _build_tiny_model(work / "tiny-model")
+            data = _write_data(work)
+            reference = reference_run(work, model_dir, data)
+        result["reference"] = reference
         print(f"reference: {reference['wall_s']:.1f} s, adapter sha256 "
               f"{reference['adapter_sha256'][:12]}", flush=True)
-        # The short drills first; the result file is rewritten after each drill, so a drill
-        # stopped early still leaves what it measured.
-        result["disk_full"] = disk_full_drills(work, model_dir, data, reference)
-        _write(result, args.out)
-        result["damaged_checkpoint"] = damage_drills(work, reference)
-        _write(result, args.out)
-        kills: list[dict] = []
-        for index in range(args.kills):
-            kills.append(kill_drill(work, model_dir, data, reference, index, rng))
-            result["sigkill"] = summarise(kills, planned=args.kills)
+        # The result file is rewritten after each drill, so a drill stopped early still leaves
+        # what it measured.
+        for phase in args.phases.split(","):
+            if phase == "disk":
+                result["disk_full"] = disk_full_drills(work, model_dir, data, reference)
+            elif phase == "damage":
+                result["damaged_checkpoint"] = damage_drills(work, reference)
+            else:
+                kill_phase(result, args, work, model_dir, data, reference)
             _write(result, args.out)
-    print(json.dumps({"sigkill": result["sigkill"]["summary"],
-                      "disk_full": [d["passed"] for d in result["disk_full"]],
-                      "damaged": [d["passed"] for d in result["damaged_checkpoint"]]}, indent=2))
     print(f"written to {args.out}")
     return 0
+
+
+def kill_phase(result: dict, args, work: Path, model_dir: Path, data: dict,
+               reference: dict) -> None:
+    rng, kills = random.Random(args.seed), []
+    for index in range(args.kills):
+        kills.append(kill_drill(work, model_dir, data, reference, index, rng,
+                                name=f"kill-s{args.seed}-{index:02d}"))
+        result["sigkill"] = summarise(kills, planned=args.kills)
+        _write(result, args.out)
+    print(json.dumps(result["sigkill"]["summary"], indent=2), flush=True)
+
+
+def reused_reference(run_dir: Path) -> dict:
+    """Another drill's reference run; its life is the manifest's wall time (from the data's
+    preparation to the end), as the start-up before the run directory is not timed there."""
+    checkpoint = list_checkpoints(run_dir / "checkpoints")[-1]
+    return {"run_dir": str(run_dir), "reused": True,
+            "wall_s": json.loads((run_dir / "manifest.json").read_text())["wall_s"],
+            "run_dir_created_s": 0.0, "adapter_sha256": sha256(run_dir / ADAPTER),
+            "checkpoint_bytes": sum(f.stat().st_size for f in checkpoint.iterdir()),
+            "adapter_bytes": sum(f.stat().st_size for f in (run_dir / "adapter").iterdir())}
 
 
 def _write(result: dict, path: Path) -> None:
@@ -174,9 +201,8 @@ def _wait_for(condition, process: subprocess.Popen, poll_s: float = 0.002) -> fl
 
 
 def kill_drill(work: Path, model_dir: Path, data: dict, reference: dict, index: int,
-               rng: random.Random) -> dict:
+               rng: random.Random, name: str) -> dict:
     """Start a run, SIGKILL it, resume it, compare its adapter with the reference's."""
-    name = f"kill-{index:02d}"
     config = write_config(work / name, name, model_dir, data)
     run_dir = work / name / "runs" / name
     aim = "a checkpoint write" if index % 2 else "any moment"
