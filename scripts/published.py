@@ -388,8 +388,9 @@ def render_serve_load(result: dict) -> str:
         f"{seconds(alone['first_token_s'])} | {seconds(load['first_token_s'])} |\n\n"
         f"{' and '.join(workload['models'])} on one base, {workload['endpoint']}, "
         f"{workload['max_tokens']} new tokens greedy, every other request streamed; "
-        f"{workload['duration_s']:.0f} s under load, {workload['sequential_s']:.0f} s one at a "
-        f"time. Measured by {_origin(result)}.\n")
+        f"clients start requests for {workload['duration_s']:.0f} s ({load['wall_s']:.0f} s "
+        f"until the last one finished), then one client alone for "
+        f"{workload['sequential_s']:.0f} s. Measured by {_origin(result)}.\n")
 
 
 def render_ship_checks(result: dict) -> str:
