@@ -42,9 +42,9 @@ TITLES = {
 }
 
 
-def start_row(name: str, workdir: Path) -> tuple[subprocess.Popen, float]:
+def start_row(name: str, workdir: Path, extra: list[str]) -> tuple[subprocess.Popen, float]:
     """Start one `tunelab train` of the example under row ``name`` (output in workdir/name)."""
-    overrides = [f"output_dir={workdir}", f"name={name}", *ROWS[name]]
+    overrides = [f"output_dir={workdir}", f"name={name}", *ROWS[name], *extra]
     command = [sys.executable, "-m", "tunelab", "train", str(CONFIG), "--overwrite",
                *[arg for pair in overrides for arg in ("--set", pair)]]
     environment = {key: value for key, value in os.environ.items()
@@ -81,18 +81,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--parallel", action="store_true",
                         help="run a round's rows at once: peak memory and loss do not depend "
                         "on the load, tokens/s does (then compare CPU time, not tokens/s)")
+    parser.add_argument("--max-steps", type=int, default=None,
+                        help="stop each run after N optimizer steps (the peak comes in the "
+                        "first steps; the validation loss is then that of N steps)")
     parser.add_argument("--out", type=Path, default=RESULTS / "memory-cpu.json")
     args = parser.parse_args(argv)
+    extra = [] if args.max_steps is None else [f"train.max_steps={args.max_steps}"]
     origin, runs = provenance(), []
     with tempfile.TemporaryDirectory(prefix="tunelab-memory-") as tmp:
         for round_number in range(args.repeats):
             rows = []
             if args.parallel:
-                started = {name: start_row(name, Path(tmp)) for name in args.rows}
+                started = {name: start_row(name, Path(tmp), extra) for name in args.rows}
                 rows = [finish_row(name, Path(tmp), *started[name]) for name in args.rows]
             else:
                 for name in args.rows:
-                    rows.append(finish_row(name, Path(tmp), *start_row(name, Path(tmp))))
+                    rows.append(finish_row(name, Path(tmp), *start_row(name, Path(tmp), extra)))
             for row in rows:
                 row.update(round=round_number, parallel=args.parallel)
                 runs.append(row)

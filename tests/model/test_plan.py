@@ -136,7 +136,9 @@ def test_the_plan_says_which_memory_setting_fits_a_budget(tmp_path, tiny_model_d
     path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
     monkeypatch.setattr(sys, "argv", ["tunelab", "plan", str(path), "--memory-budget",
                                       f"{middle}B"])
-    cli.main()
+    with pytest.raises(SystemExit) as stop:
+        cli.main()
+    assert stop.value.code == 0
     assert "use train.memory: low" in " ".join(capsys.readouterr().out.split())
 
 
