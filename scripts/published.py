@@ -320,9 +320,37 @@ def _pruning_saving(pruned: dict, unpruned: dict) -> str:
             f"(`{unpruned['sweep_file']}`, same seed and sampler) took "
             f"{_minutes(walls[1])} against {_minutes(walls[0])} (trials alone "
             f"{_minutes(trial_walls[1])} against {_minutes(trial_walls[0])}: "
-            f"{1 - trial_walls[0] / trial_walls[1]:.0%} less). TPE proposes from what it has "
-            f"seen, so once a trial is pruned the two sweeps go on to try different "
-            f"values.\n")
+            f"{1 - trial_walls[0] / trial_walls[1]:.0%} less). {_shared_start(pruned, unpruned)}"
+            f"{_unpruned_best(unpruned)}"
+            + (" It is the configuration the pruned sweep chose too."
+               if _ranked(unpruned["trials"], unpruned["direction"])[0]["params"]
+               == _ranked(pruned["trials"], pruned["direction"])[0]["params"] else "")
+            + "\n")
+
+
+def _shared_start(pruned: dict, unpruned: dict) -> str:
+    """How many leading trials drew the same values in both sweeps (TPE then diverges)."""
+    same = 0
+    for one, other in zip(pruned["trials"], unpruned["trials"], strict=False):
+        if one["params"] != other["params"]:
+            break
+        same += 1
+    return (f"The first {same} trials drew the same values in both sweeps; after that TPE "
+            "proposes from what it has seen, pruned trials included, so the sweeps diverge. ")
+
+
+def _unpruned_best(entry: dict) -> str:
+    best = _ranked(entry["trials"], entry["direction"])[0]
+    params = ", ".join(f"`{key}` {_param(value)}" for key, value in best["params"].items())
+    text = (f"Without pruning the best by validation was trial {best['number']} ({params}): "
+            f"{entry['metric']} {_interval(best)}")
+    test = entry["final"].get("test")
+    if test:
+        delta = test["best_minus_base_config"]
+        text += (f"; on test {_interval(test['best'])} against the base config's "
+                 f"{_interval(test['base_config'])}, difference {delta['delta']:+.3f} "
+                 f"[{delta['ci'][0]:+.3f}, {delta['ci'][1]:+.3f}]")
+    return text + "."
 
 
 def _interval(metric: dict) -> str:
