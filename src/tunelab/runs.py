@@ -237,13 +237,11 @@ def load_run_model(run_dir: str | Path, *, base: bool = False):
     ``base=True`` gives the untouched base model, for side-by-side comparisons.
     """
     from tunelab.model.adapters import METHODS, load_tuned, tuned_weights_path
-    from tunelab.model.load import adapter_base, load_model, load_tokenizer
+    from tunelab.model.load import load_model, load_tokenizer
 
     run_dir, config = open_run(run_dir)
     method = METHODS[config.method.kind]
     path, gguf_file = config.model.path, config.model.gguf_file
-    if method.adapter:  # a run copied from elsewhere: its adapter names the base portably
-        path, gguf_file = adapter_base(path, gguf_file, run_dir / "adapter")
     if not method.adapter and not base:
         path, gguf_file = str(tuned_weights_path(method.kind, run_dir)), None
     tokenizer = load_tokenizer(path, gguf_file)

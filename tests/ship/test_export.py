@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from export_runs import liven_adapter, tiny_qwen2_dir, train_tiny_run
 from peft import PeftModel
 from safetensors.torch import save_file
@@ -27,7 +26,6 @@ from tunelab.model.load import (
     resolve_adapter_base,
     resolve_model_path,
 )
-from tunelab.runs import load_run_model
 from tunelab.ship.export import RELATIVE_TOLERANCE, export_run, vllm_checks
 
 PROMPTS = ["Review: the movie was good\nSentiment:", "The capital of France is Paris."]
@@ -120,48 +118,6 @@ def test_embedded_base_is_named_by_its_upstream_hub_id_and_resolves_to_the_embed
     other = {**base, "reference": "/elsewhere/smollm2", "weights_sha256": {gguf_name: "0" * 64}}
     (tmp_path / BASE_SIDECAR).write_text(json.dumps(other))
     assert resolve_adapter_base(tmp_path) == base["hub_id"]  # not the embedded copy
-
-
-def copied_run(run: Path, folder: Path, model_path: str, sidecar: dict | None = None) -> Path:
-    """``run`` as another machine has it: its config names ``model_path`` for the base."""
-    shutil.copytree(run / "adapter", folder / "adapter")
-    config = yaml.safe_load((run / "config.yaml").read_text())
-    config["model"]["path"] = model_path
-    (folder / "config.yaml").write_text(yaml.safe_dump(config))
-    if sidecar is not None:
-        (folder / "adapter" / BASE_SIDECAR).write_text(json.dumps(sidecar))
-    return folder
-
-
-def test_a_copied_run_loads_on_the_base_its_adapter_names(embedded_model, tiny_run, tmp_path):
-    from peft import LoraConfig, get_peft_model
-
-    base_folder = resolve_model_path(embedded_model)
-    tokenizer = AutoTokenizer.from_pretrained(base_folder)
-    # trained elsewhere on the same SmolLM2 weights, kept at a path that does not exist here
-    sidecar = {**describe_base(base_folder), "reference": "/elsewhere/smollm2"}
-    run = copied_run(tiny_run, tmp_path / "run", "/elsewhere/smollm2")
-    shutil.rmtree(run / "adapter")
-    adapter = LoraConfig(r=2, target_modules=["q_proj", "v_proj"])
-    get_peft_model(AutoModelForCausalLM.from_pretrained(base_folder), adapter).save_pretrained(
-        run / "adapter")
-    (run / "adapter" / BASE_SIDECAR).write_text(json.dumps(sidecar))
-    liven_adapter(run)  # an adapter that changes the outputs, so the base alone would not pass
-    model, _, _ = load_run_model(run)
-    expected = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_folder),
-                                         run / "adapter")
-    assert logits(model, tokenizer, PROMPTS[0]).equal(logits(expected, tokenizer, PROMPTS[0]))
-
-
-def test_a_copied_run_whose_base_is_nowhere_says_which_weights_it_needs(tiny_run, tmp_path):
-    sidecar = json.loads((tiny_run / "adapter" / BASE_SIDECAR).read_text())
-    run = copied_run(tiny_run, tmp_path / "run", "/elsewhere/tiny",
-                     {**sidecar, "reference": "/elsewhere/tiny"})
-    with pytest.raises(ModelError, match="sha256") as error:
-        load_run_model(run)
-    assert "/elsewhere/tiny" in str(error.value)
-    # the run's own base, present here, still loads as before
-    assert isinstance(load_run_model(tiny_run)[0], PeftModel)
 
 
 def write_adapter(folder: Path, names: list[str]) -> Path:

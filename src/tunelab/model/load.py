@@ -306,27 +306,6 @@ def resolve_adapter_base(adapter_dir: str | Path) -> str:
     )
 
 
-def adapter_base(model_path: str, gguf_file: str | None, adapter_dir: str | Path
-                 ) -> tuple[str, str | None]:
-    """The base to load an adapter on: ``model_path`` (the run's config) while it is on this
-    machine, else the base the adapter's sidecar names (:func:`resolve_adapter_base`).
-
-    A run copied from another machine names that machine's paths; its adapter's sidecar still
-    finds the same weights here (the embedded copy by hub id and hash) or names the hub id.
-    """
-    if (Path(adapter_dir) / BASE_SIDECAR).is_file() and not _on_this_machine(model_path):
-        return resolve_adapter_base(adapter_dir), None
-    return model_path, gguf_file
-
-
-def _on_this_machine(model_path: str) -> bool:
-    """Whether ``model_path`` can be loaded here without guessing: an installed embedded model,
-    an existing file or folder, or a hub id (left to the hub cache to answer)."""
-    if model_path.startswith("embedded:"):
-        return _installed_embedded_gguf(model_path.removeprefix("embedded:")) is not None
-    return Path(model_path).expanduser().exists() or bool(_HUB_ID.match(model_path))
-
-
 def _base_entry(reference: str, hub_id: str | None, files: list[Path], *,
                 dequantised: bool) -> dict[str, Any]:
     return {"reference": reference, "hub_id": hub_id,

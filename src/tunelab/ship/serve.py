@@ -130,10 +130,7 @@ def _check_servable(run_dir: Path, config) -> None:
 def _common_base(opened: list, base: str | None) -> tuple[str, str | None]:
     if base is not None:
         return base, None
-    from tunelab.model.load import adapter_base
-
-    bases = {adapter_base(config.model.path, config.model.gguf_file, run_dir / "adapter")
-             for _, run_dir, config in opened}
+    bases = {(config.model.path, config.model.gguf_file) for _, _, config in opened}
     if len(bases) > 1:
         listing = "; ".join(f"{run_dir}: {config.model.path}" for _, run_dir, config in opened)
         raise RunError(f"these runs were trained on different base models ({listing})",
