@@ -83,12 +83,13 @@ def train(
         raise Interrupted("training was interrupted", where=str(cfg.run_dir),
                           fix="continue it with tunelab train --resume RUN (the checkpoint "
                           "written at the interruption is used)") from None
-    except OSError as error:  # a full disk while writing the final adapter or the manifest
-        from tunelab.train.checkpoint import DISK_FULL, write_failed
+    except Exception as error:  # a full disk while writing the final adapter or the manifest
+        from tunelab.train.checkpoint import disk_full, write_failed
 
-        if error.errno not in DISK_FULL:
+        if disk_full(error) is None:
             raise
-        raise write_failed(error, run_dir=Path(resume) if resume else cfg.run_dir) from None
+        raise write_failed(disk_full(error), run_dir=Path(resume) if resume else
+                           cfg.run_dir) from None
 
 
 @data_app.command("check")

@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,6 +78,17 @@ def save_checkpoint(checkpoints: Path, *, model: nn.Module, optimizer: torch.opt
             raise
         raise write_failed(cause, run_dir=checkpoints.parent, writing=final) from None
     return final
+
+
+def disk_full(error: BaseException) -> OSError | None:
+    """The full-disk error behind ``error``, or None: an OSError, or the error safetensors
+    raises instead (its writer names the OS error only in its text: ``... (os error 28)``)."""
+    if isinstance(error, OSError):
+        return error if error.errno in DISK_FULL else None
+    found = re.search(r"\(os error (\d+)\)", str(error))
+    if found and int(found[1]) in DISK_FULL:
+        return OSError(int(found[1]), os.strerror(int(found[1])))
+    return None
 
 
 def write_failed(error: OSError, *, run_dir: Path, writing: Path | None = None) -> TrainingError:

@@ -39,7 +39,7 @@ from tunelab.runs import MetricsLog, create_run, hash_file, versions, write_mani
 from tunelab.train import distributed
 from tunelab.train.allocator import release_memory, tune_allocator
 from tunelab.train.checkpoint import (
-    DISK_FULL,
+    disk_full,
     list_checkpoints,
     resume_latest,
     rng_states,
@@ -232,8 +232,8 @@ def _train(config: Config, cluster: distributed.Cluster, *, resume: str | Path |
     except BaseException as error:
         if not resume and not list_checkpoints(run_dir / "checkpoints"):
             shutil.rmtree(run_dir, ignore_errors=True)  # nothing to resume: leave no husk
-        if isinstance(error, OSError) and error.errno in DISK_FULL:  # metrics, manifest
-            raise write_failed(error, run_dir=run_dir) from None
+        if disk_full(error):  # metrics, manifest
+            raise write_failed(disk_full(error), run_dir=run_dir) from None
         raise
     if state.step < total_steps:
         console.print(f"Stopped at step {state.step} of {total_steps}; finish with "
