@@ -213,6 +213,37 @@ def render_example_eval(result: dict) -> str:
             f"{_minutes(result['wall_s']['eval'])}. Measured by {_origin(result)}.\n")
 
 
+def render_example_forms(result: dict) -> str:
+    """An example trained and evaluated in its chat form (``examples/<name>/chat``) against its
+    template form (``examples/<name>/results/result.json``): validation loss, the primary metric
+    of base and tuned with intervals, and whether each tuned value lies in the other's interval."""
+    template = json.loads((ROOT / Path(result["example"]).parent / "results" / "result.json"
+                           ).read_text())
+    primary = result["eval"]["primary_metric"]
+    lines = [f"| form (n = {result['eval']['n']} test) | validation loss | {primary}, base | "
+             f"{primary}, tuned | tuned − base |", "|---|---|---|---|---|"]
+    tuned = {}
+    for form, run in (("template", template), ("chat", result)):
+        models, manifest = run["eval"]["models"], run["manifest"]
+        entry = run["eval"]["comparison"][primary]
+        tuned[form] = models["tuned"]["metrics"][primary]
+        lines.append(f"| {form} (`{run['example']}`) | {manifest['val_loss_before']:.2f} → "
+                     f"{manifest['val_loss_after']:.2f} | "
+                     f"{_interval(models['base']['metrics'][primary])} | "
+                     f"{_interval(tuned[form])} | {entry['delta']:+.3f} "
+                     f"[{entry['ci'][0]:+.3f}, {entry['ci'][1]:+.3f}], {entry['test']} "
+                     f"p = {entry['p_value']:.2g} |")
+
+    def inside(value: dict, interval: dict) -> str:
+        low, high = interval["ci"]
+        return "inside" if low <= value["value"] <= high else "outside"
+
+    return ("\n".join(lines) + f"\n\nThe chat form's tuned {primary} lies "
+            f"{inside(tuned['chat'], tuned['template'])} the template form's interval, and the "
+            f"template form's {inside(tuned['template'], tuned['chat'])} the chat form's. "
+            f"Chat form measured by {_origin(result)}; template form by {_origin(template)}.\n")
+
+
 def render_sweep(result: dict) -> str:
     """A sweep's trials ranked with intervals, the best against the base config on test, and
     what pruning saved against the same sweep run without it."""
@@ -444,7 +475,7 @@ RENDERERS: dict[str, Callable[[dict], str]] = {
     "generation": render_generation,
     "example_train": render_example_train,
     "example_eval": render_example_eval,
-    "sweep": render_sweep,
+    "example_forms": render_example_forms,
     "assess": render_assess,
     "multitask": render_multitask,
     "serve_load": render_serve_load,

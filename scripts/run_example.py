@@ -33,8 +33,9 @@ def run(command: list[str], log: Path) -> float:
     with open(log, "w") as handle:
         completed = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT,
                                    env={**os.environ, "COLUMNS": "120"})
-    if completed.returncode != 0:
-        sys.exit(f"{' '.join(command)} failed (exit {completed.returncode}); see {log}")
+    if completed.returncode != 0:  # the log goes with the scratch folder: show its end
+        tail = log.read_text(errors="replace")[-3000:]
+        sys.exit(f"{tail}\n{' '.join(command)} failed (exit {completed.returncode})")
     return time.perf_counter() - started
 
 

@@ -18,6 +18,7 @@ from tunelab.eval import evaluate as evaluate_module
 from tunelab.eval.evaluate import build_prompts, evaluate
 from tunelab.eval.generate import generate_texts, score_continuations
 from tunelab.eval.metrics import parse_label
+from tunelab.eval.result import EvalResult, read_eval
 from tunelab.model.load import load_model, load_tokenizer
 from tunelab.train.loop import train
 
@@ -85,9 +86,10 @@ def test_base_vs_tuned_classification_writes_the_eval_file(trained):
     assert low <= tuned["metrics"]["accuracy"]["value"] <= high
     assert len(tuned["variants"]) == 2 and tuned["sensitivity"]["accuracy"]["n_variants"] == 2
     assert sum(map(sum, tuned["confusion"]["matrix"])) == 60
-    comparison = result["comparison"]["accuracy"]
-    assert comparison["test"] == "mcnemar" and comparison["delta"] > 0
+    comparison = result.comparison["accuracy"]
+    assert comparison.test == "mcnemar" and comparison.delta > 0
     assert len(tuned["predictions"]) == 60 and "input" in tuned["predictions"][0]
+    assert result == read_eval(run_dir / "eval" / "test.json")  # returned as written
 
 
 def test_generation_mode_parses_and_counts_failures(trained):
@@ -96,13 +98,12 @@ def test_generation_mode_parses_and_counts_failures(trained):
     cfg.eval.max_new_tokens = 3
     cfg.eval.stop = ["\n"]
     result = evaluate(cfg, run_dir=run_dir, base=False, console=Console(quiet=True))
-    tuned = result["models"]["tuned"]
-    assert "base" not in result["models"]
+    tuned = result.models["tuned"]
+    assert "base" not in result.models
     # the count is of the outputs shown that name no label (exact values: see the tests below)
-    failures = sum(parse_label(p["prediction"], cfg.eval.labels) is None
-                   for p in tuned["predictions"])
-    assert tuned["parse_failures"] == {"count": failures, "rate": failures / 60}
-    assert tuned["metrics"]["accuracy"]["value"] >= 0.8
+    failures = sum(parse_label(p.prediction, cfg.eval.labels) is None for p in tuned.predictions)
+    assert tuned.parse_failures.model_dump() == {"count": failures, "rate": failures / 60}
+    assert tuned.metrics["accuracy"].value >= 0.8
 
 
 def test_few_shot_prompts_exclude_the_example_itself():
@@ -245,7 +246,7 @@ def known_outputs(monkeypatch, task: str, *, rotate: int = 0) -> None:
     monkeypatch.setattr(evaluate_module, "generate_texts", generate)
 
 
-def run_base(task: str, tmp_path: Path, model_dir: str) -> tuple[dict, Path]:
+def run_base(task: str, tmp_path: Path, model_dir: str) -> tuple[EvalResult, Path]:
     run_dir = tmp_path / "runs" / task
     run_dir.mkdir(parents=True)
     config = known_output_config(task, tmp_path, model_dir)
@@ -259,28 +260,28 @@ def test_task_metrics_equal_the_hand_computed_values(task, tmp_path, monkeypatch
     spec = KNOWN_OUTPUTS[task]
     known_outputs(monkeypatch, task)
     result, run_dir = run_base(task, tmp_path, tiny_model_dir)
-    outcome = result["models"]["base"]
-    assert result["n"] == 4 and result["primary_metric"] in spec["metrics"]
-    assert set(outcome["metrics"]) == set(spec["metrics"])
+    outcome = result.models["base"]
+    assert result.n == 4 and result.primary_metric in spec["metrics"]
+    assert set(outcome.metrics) == set(spec["metrics"])
     for name, expected in spec["metrics"].items():
-        metric = outcome["metrics"][name]
-        assert metric["value"] == pytest.approx(expected, abs=1e-9), name
-        assert metric["n"] == 4 and metric["ci"][0] <= metric["value"] <= metric["ci"][1]
-    assert outcome["parse_failures"] == {"count": spec["failures"],
-                                         "rate": spec["failures"] / 4}
-    for index, (entry, (record, output)) in enumerate(zip(outcome["predictions"],
+        metric = outcome.metrics[name]
+        assert metric.value == pytest.approx(expected, abs=1e-9), name
+        assert metric.n == 4 and metric.ci[0] <= metric.value <= metric.ci[1]
+    assert outcome.parse_failures.model_dump() == {"count": spec["failures"],
+                                                   "rate": spec["failures"] / 4}
+    for index, (entry, (record, output)) in enumerate(zip(outcome.predictions,
                                                           spec["records"], strict=True)):
-        assert entry["index"] == index and record[spec["key"]] in entry["input"]
-        assert entry["prediction"] == output
-        assert entry["score"] == pytest.approx(spec["per_example"][index], abs=1e-9)
+        assert entry.index == index and record[spec["key"]] in entry.input
+        assert entry.prediction == output
+        assert entry.score == pytest.approx(spec["per_example"][index], abs=1e-9)
     if spec["hallucination"] is None:
-        assert outcome.get("hallucination") is None
+        assert outcome.detail("hallucination") is None
     else:
-        assert outcome["hallucination"]["rate"] == pytest.approx(spec["hallucination"])
-    primary = result["primary_metric"]
-    variation = outcome["sensitivity"][primary]  # the same outputs under both prompt variants
-    assert variation["n_variants"] == 2 and variation["std"] == pytest.approx(0.0)
-    assert variation["mean"] == pytest.approx(spec["metrics"][primary])
+        assert outcome.detail("hallucination")["rate"] == pytest.approx(spec["hallucination"])
+    primary = result.primary_metric
+    variation = outcome.sensitivity[primary]  # the same outputs under both prompt variants
+    assert variation.n_variants == 2 and variation.std == pytest.approx(0.0)
+    assert variation.mean == pytest.approx(spec["metrics"][primary])
     saved = json.loads((run_dir / "eval" / "test.json").read_text())
     assert saved["task"] == task
     assert saved["models"]["base"]["metrics"][primary]["value"] == pytest.approx(
@@ -290,7 +291,7 @@ def test_task_metrics_equal_the_hand_computed_values(task, tmp_path, monkeypatch
 def test_ner_per_type_scores_count_each_type_apart(tmp_path, monkeypatch, tiny_model_dir):
     known_outputs(monkeypatch, "ner")
     result, _ = run_base("ner", tmp_path, tiny_model_dir)
-    per_type = result["models"]["base"]["per_type"]
+    per_type = result.models["base"].detail("per_type")
     # PERSON: Ada, Cy right of 3 predicted (Zed) and 5 gold; GPE: Paris, Rome of 3 (Dee) and 3
     assert per_type["PERSON"] == pytest.approx(
         {"precision": 2 / 3, "recall": 2 / 5, "f1": 4 / 8, "support": 5})
@@ -304,8 +305,8 @@ def test_mispaired_outputs_change_the_metric(task, tmp_path, monkeypatch, tiny_m
     reordering bug would) do not reproduce the hand-computed value."""
     known_outputs(monkeypatch, task, rotate=1)
     result, _ = run_base(task, tmp_path, tiny_model_dir)
-    primary = result["primary_metric"]
-    mispaired = result["models"]["base"]["metrics"][primary]["value"]
+    primary = result.primary_metric
+    mispaired = result.models["base"].metrics[primary].value
     assert mispaired < KNOWN_OUTPUTS[task]["metrics"][primary] - 0.1
 
 

@@ -65,17 +65,17 @@ def test_chat_classification_scores_labels_after_the_training_prompt(tmp_path, t
     run_dir = tmp_path / "runs" / "formats"
     run_dir.mkdir(parents=True)
     result = evaluate(cfg, run_dir=run_dir, base=True, tuned=False, console=Console(quiet=True))
-    base = result["models"]["base"]
-    assert result["n"] == 12 and base["metrics"]["accuracy"]["n"] == 12
-    assert base["predictions"][0]["input"].endswith("<|im_start|>assistant\n")
+    base = result.models["base"]
+    assert result.n == 12 and base.metrics["accuracy"].n == 12
+    assert base.predictions[0].input.endswith("<|im_start|>assistant\n")
     # The same choice as scoring each label after the training ids before the reply.
     model, tokenizer = load_model(tiny_model_dir).eval(), load_tokenizer(tiny_model_dir)
     prompts = [ex.input_ids[:ex.n_prompt_tokens] for ex in tokenize_examples(
         load_examples([test]), tokenizer, max_seq_len=64)]
     scores = score_continuations(model, tokenizer, prompts, ["negative", "positive"])
     expected = [["negative", "positive"][i] for i in scores.argmax(1).tolist()]
-    assert [p["prediction"] for p in base["predictions"]] == expected
-    assert [p["gold"] for p in base["predictions"]] == [
+    assert [p.prediction for p in base.predictions] == expected
+    assert [p.gold for p in base.predictions] == [
         json.loads(line)["messages"][-1]["content"] for line in open(test)]
 
 
@@ -89,14 +89,14 @@ def test_instruction_data_trains_and_evaluates_as_generation(tmp_path, tiny_mode
     result = evaluate(cfg, run_dir=run.run_dir, console=Console(quiet=True))
     names = {"rouge_l", "exact_match", "token_f1", "chrf", "semantic_similarity"}
     for which in ("base", "tuned"):
-        outcome = result["models"][which]
-        assert set(outcome["metrics"]) == names
-        assert outcome["output_length"]["reference_mean_words"] == 3.0
-        assert outcome["predictions"][0]["input"].endswith("### Response:\n")
-        assert outcome["predictions"][0]["gold"] in ("It is positive.", "It is negative.")
+        outcome = result.models[which]
+        assert set(outcome.metrics) == names
+        assert outcome.detail("output_length")["reference_mean_words"] == 3.0
+        assert outcome.predictions[0].input.endswith("### Response:\n")
+        assert outcome.predictions[0].gold in ("It is positive.", "It is negative.")
     for name in names:  # every metric gets its paired comparison
-        entry = result["comparison"][name]
-        assert entry["test"] == "paired bootstrap" and entry["ci"][0] <= entry["ci"][1]
+        entry = result.comparison[name]
+        assert entry.test == "paired bootstrap" and entry.ci[0] <= entry.ci[1]
     assert run.samples and run.samples[0]["target"].startswith("It is ")
 
 
@@ -159,8 +159,8 @@ def test_tool_call_chat_data_evaluates_end_to_end(tmp_path, tiny_model_dir):
     cfg = make_config(tmp_path, tiny_model_dir, {"train": str(data), "test": str(data)},
                       task="tool_call", max_new_tokens=4)
     result = evaluate(cfg, run_dir=tmp_path, base=True, tuned=False, console=Console(quiet=True))
-    outcome = result["models"]["base"]
-    assert result["primary_metric"] == "exact_match" and outcome["metrics"]["exact_match"]["n"] == 3
-    assert "<tools>" in outcome["predictions"][0]["input"]
-    assert json.loads(outcome["predictions"][0]["gold"].replace("'", '"')) == [
+    outcome = result.models["base"]
+    assert result.primary_metric == "exact_match" and outcome.metrics["exact_match"].n == 3
+    assert "<tools>" in outcome.predictions[0].input
+    assert json.loads(outcome.predictions[0].gold.replace("'", '"')) == [
         {"name": "get_weather", "arguments": {"city": "Paris"}}]

@@ -54,12 +54,12 @@ def evaluated_run(tmp_path_factory, tiny_model_dir):
 def test_evaluate_writes_a_typed_versioned_result(evaluated_run):
     run_dir, returned = evaluated_run
     result = read_eval(run_dir / "eval" / "test.json")
-    assert result.schema_version == SCHEMA_VERSION and returned["path"].endswith("test.json")
+    assert result.schema_version == SCHEMA_VERSION
+    assert returned == result  # evaluate() returns exactly what the file holds
     assert result.task == "classification" and result.primary_metric == "accuracy"
     assert set(result.models) == {"base", "tuned"} and result.n == 24
     tuned = result.models["tuned"]
-    assert tuned.metrics["accuracy"].value == returned["models"]["tuned"]["metrics"][
-        "accuracy"]["value"]
+    assert tuned.metrics["accuracy"].value == returned.models["tuned"].metrics["accuracy"].value
     assert len(tuned.variants) == 2 and len(tuned.predictions) == 24
     assert result.comparison["accuracy"].test == "mcnemar"
 

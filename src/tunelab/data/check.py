@@ -6,10 +6,12 @@ from pathlib import Path
 
 from rich.console import Console
 
-from tunelab.data.formats import Example, load_examples
+from tunelab.config import DataConfig
+from tunelab.data.formats import Example
+from tunelab.data.prepare import read_splits, tokenize_as_trained
 from tunelab.data.quality import quality_report, render_quality_report
-from tunelab.data.tokenize import TokenizedExample, tokenize_examples, truncation_effects
-from tunelab.errors import ModelError
+from tunelab.data.tokenize import TokenizedExample, truncation_effects
+from tunelab.errors import ConfigError, ModelError
 
 
 def check_data(source: str | Path, *, max_seq_len: int | None = None, model: str | None = None,
@@ -19,6 +21,9 @@ def check_data(source: str | Path, *, max_seq_len: int | None = None, model: str
     ``source`` is a YAML config (its train, validation and test data, template and tokenizer;
     leakage is checked between every pair of splits) or a data
     file (format auto-detected; token lengths with ``model``'s tokenizer when given).
+    A config's splits are the run's (``prepare.read_splits``: validation split off train with
+    the run's seed when there is no validation file) and are tokenized as the run tokenizes
+    them (``prepare.tokenize_as_trained``), untruncated, to show what ``max_seq_len`` cuts.
     """
     from tunelab.config import load_config
 
@@ -27,31 +32,26 @@ def check_data(source: str | Path, *, max_seq_len: int | None = None, model: str
     if source.suffix in (".yaml", ".yml"):
         config = load_config(source)
         data = config.data
-        train = load_examples(data.train, data.format, prompt=data.prompt,
-                              completion=data.completion)
-        validation = (load_examples(data.validation, data.format, prompt=data.prompt,
-                                    completion=data.completion) if data.validation else None)
-        test = (load_examples(data.test, data.format, prompt=data.prompt,
-                              completion=data.completion) if data.test else None)
+        if data.tasks:
+            raise ConfigError("data check reads one task's data; this config lists several "
+                              "(data.tasks)", where="data.tasks",
+                              fix="check each task's files: tunelab data check <file>")
+        splits = read_splits(data, seed=config.train.seed, test=True)
         model = model or config.model.path
         max_seq_len = max_seq_len or config.train.max_seq_len
-        train_on, chat_template = data.train_on, data.chat_template
-        truncation = data.truncation
     else:
-        train, validation, test = load_examples([str(source)]), None, None
-        train_on, chat_template, truncation = "completion", None, "prompt"
-    lengths = tokenized = None
-    if model:
-        splits = {"train": train, "validation": validation or [], "test": test or []}
-        tokenized = _tokenized(splits, model, train_on=train_on, chat_template=chat_template,
-                               console=console)
+        data = DataConfig(train=[str(source)])  # the defaults: no validation split
+        splits = read_splits(data, seed=0)
+    examples = {"train": splits.train, "validation": splits.validation, "test": splits.test}
+    tokenized = _tokenized(examples, model, data, console=console) if model else None
+    lengths = None
     if tokenized is not None:
         lengths = {split: [len(ex.input_ids) for ex in items] for split, items in tokenized.items()}
-    report = quality_report(train, validation, test, token_lengths=lengths,
-                            max_seq_len=max_seq_len)
-    report["warnings"] = _ignored_columns(train) + report.get("warnings", [])
+    report = quality_report(splits.train, splits.validation or None, splits.test or None,
+                            token_lengths=lengths, max_seq_len=max_seq_len)
+    report["warnings"] = _ignored_columns(splits.train) + report.get("warnings", [])
     if tokenized is not None and max_seq_len:
-        report["truncation"] = {"setting": truncation,
+        report["truncation"] = {"setting": data.truncation,
                                 **truncation_effects(tokenized["train"], max_seq_len)}
     render_quality_report(report, console)
     _render_truncation(report.get("truncation"), console)
@@ -73,9 +73,9 @@ def _render_truncation(effects: dict | None, console: Console) -> None:
         f"{end['target_cut']:,} ({end['target_lost']:,} lose all of it).")
 
 
-def _tokenized(splits: dict[str, list[Example]], model: str, *, train_on: str,
-               chat_template: str | None, console: Console
-               ) -> dict[str, list[TokenizedExample]] | None:
+def _tokenized(splits: dict[str, list[Example]], model: str, data: DataConfig, *,
+               console: Console) -> dict[str, list[TokenizedExample]] | None:
+    """Each split tokenized as the run does, untruncated (its full lengths)."""
     from tunelab.model.load import load_tokenizer
 
     try:
@@ -83,8 +83,7 @@ def _tokenized(splits: dict[str, list[Example]], model: str, *, train_on: str,
     except ModelError as error:
         console.print(f"[yellow]warning:[/] no token lengths: {error.render()}")
         return None
-    return {split: tokenize_examples(examples, tokenizer, max_seq_len=10**9, train_on=train_on,
-                                     chat_template=chat_template)
+    return {split: tokenize_as_trained(examples, tokenizer, data, max_seq_len=10**9)
             for split, examples in splits.items()}
 
 

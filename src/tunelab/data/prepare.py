@@ -2,7 +2,11 @@
 
 ``prepare_data`` is the one place where a config's data becomes token ids. Training, the
 planner and the planner's calibration run all call it, so the counts a plan predicts from are
-the ones the run trains on.
+the ones the run trains on. Its two steps are public for the commands that need the same
+examples without a run: ``read_splits`` (the examples of each split, validation split off as the
+run does; ``tunelab data check`` and evaluation's leakage check) and ``tokenize_as_trained``
+(the data section's template, truncation and loss mask; ``tunelab data check`` measures
+untruncated lengths with it).
 """
 
 from __future__ import annotations
@@ -43,6 +47,35 @@ def split_validation(examples: list[Example], *, fraction: float,
             [examples[i] for i in sorted(held_out)])
 
 
+@dataclass
+class Splits:
+    """A config's examples per split, read and normalised, before tokenizing."""
+
+    train: list[Example]
+    validation: list[Example]  # data.validation, or split off train by data.validation_split
+    test: list[Example]  # read only when asked for (training never reads it)
+
+
+def read_splits(data: DataConfig, *, seed: int, test: bool = False) -> Splits:
+    """Read and normalise the data files (errors name file:line); split off validation data
+    when there is no validation file, with the run's seed, exactly as training does."""
+    read = lambda paths: load_examples(paths, data.format, prompt=data.prompt,  # noqa: E731
+                                       completion=data.completion) if paths else []
+    train, validation = read(data.train), read(data.validation)
+    if not validation and data.validation_split > 0:
+        train, validation = split_validation(train, fraction=data.validation_split, seed=seed)
+    return Splits(train, validation, read(data.test) if test else [])
+
+
+def tokenize_as_trained(examples: list[Example], tokenizer, data: DataConfig, *,
+                        max_seq_len: int) -> list[TokenizedExample]:
+    """``examples`` as a run tokenizes them: the data section's chat template, loss mask
+    (``train_on``) and ``truncation`` at ``max_seq_len`` (10**9: untruncated lengths)."""
+    return tokenize_examples(examples, tokenizer, max_seq_len=max_seq_len,
+                             train_on=data.train_on, chat_template=data.chat_template,
+                             truncation=data.truncation)
+
+
 def prepare_data(data: DataConfig, tokenizer, *, max_seq_len: int, seed: int) -> TokenizedData:
     """Read and normalise the data files, split off validation data, tokenize both in batches.
 
@@ -51,17 +84,11 @@ def prepare_data(data: DataConfig, tokenizer, *, max_seq_len: int, seed: int) ->
     """
     if data.tasks:
         return _prepare_tasks(data, tokenizer, max_seq_len=max_seq_len, seed=seed)
-    read = lambda paths: load_examples(paths, data.format, prompt=data.prompt,  # noqa: E731
-                                       completion=data.completion)
-    train_examples = read(data.train)
-    validation_examples = read(data.validation) if data.validation else []
-    if not validation_examples and data.validation_split > 0:
-        train_examples, validation_examples = split_validation(
-            train_examples, fraction=data.validation_split, seed=seed)
-    tokenize = lambda examples: tokenize_examples(  # noqa: E731
-        examples, tokenizer, max_seq_len=max_seq_len, train_on=data.train_on,
-        chat_template=data.chat_template, truncation=data.truncation)
-    train_tokens, validation_tokens = tokenize(train_examples), tokenize(validation_examples)
+    splits = read_splits(data, seed=seed)
+    train_examples, validation_examples = splits.train, splits.validation
+    train_tokens, validation_tokens = (
+        tokenize_as_trained(examples, tokenizer, data, max_seq_len=max_seq_len)
+        for examples in (train_examples, validation_examples))
     report = {
         "format": train_examples[0].format if train_examples else None,
         "train_examples": len(train_tokens), "validation_examples": len(validation_tokens),

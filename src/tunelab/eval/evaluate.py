@@ -3,8 +3,8 @@
 ``evaluate(config, run_dir=...)`` answers "did fine-tuning help, and is it more than noise?":
 every metric with a bootstrap 95% interval, the metric under each prompt variant (mean ± spread),
 a paired comparison of tuned against base on the same examples (McNemar for accuracy), and the
-outputs themselves, so the worst cases can be read. The result is written to
-``<run>/eval/<split>.json`` and returned.
+outputs themselves, so the worst cases can be read. The result is an ``EvalResult``
+(``eval/result.py``), written to ``<run>/eval/<split>.json`` and returned exactly as written.
 
 Every data format is evaluated as it was trained: prompts come from ``data/render.py`` through
 ``data/tokenize.eval_prompts`` (the ids training put before the reference). Template data
@@ -25,6 +25,7 @@ from rich.table import Table
 
 from tunelab.config import Config, EvalConfig
 from tunelab.data.formats import Example, detect_format, example_prompt, to_example
+from tunelab.data.prepare import read_splits
 from tunelab.data.quality import leaked_examples
 from tunelab.data.readers import read_records
 from tunelab.data.records import Record
@@ -32,18 +33,18 @@ from tunelab.data.render import prompt_segments, reference_text
 from tunelab.data.tokenize import EvalPrompt, eval_prompts
 from tunelab.errors import ConfigError, RunError
 from tunelab.eval.generate import generate_texts, score_continuations
-from tunelab.eval.result import SCHEMA_VERSION, EvalResult
+from tunelab.eval.result import SCHEMA_VERSION, EvalResult, ModelOutcome
 from tunelab.eval.stats import mcnemar, paired_bootstrap, spread
 from tunelab.eval.tasks import TASKS, Task
 
 
 def evaluate(config: Config, *, run_dir: str | Path | None = None, base: bool = True,
              tuned: bool = True, console: Console | None = None,
-             name: str | None = None) -> dict:
+             name: str | None = None) -> EvalResult:
     """Evaluate the base model and/or a run's tuned model on the config's test split.
 
     ``name`` names the result and its file (default: the split); a multitask run's tasks each
-    write their own (``eval/multitask.py``).
+    write their own (``eval/multitask.py``). Returns what ``run_dir/eval/<name>.json`` holds.
     """
     console = console or Console()
     if config.eval is None:
@@ -57,7 +58,8 @@ def evaluate(config: Config, *, run_dir: str | Path | None = None, base: bool = 
     task = TASKS[eval_cfg.task](labels=eval_cfg.labels, entity_types=eval_cfg.entity_types,
                                 n_resamples=eval_cfg.bootstrap, seed=eval_cfg.seed)
     variants = eval_cfg.prompt_variants or [prompt]
-    golds = [task.gold(reference_text(_example(r, fmt, prompt, completion))) for r in records]
+    as_trained = [_example(record, fmt, prompt, completion) for record in records]
+    golds = [task.gold(reference_text(example)) for example in as_trained]
 
     def prompts_for(variant: str | None, tokenizer) -> list[EvalPrompt]:
         """Each record's prompt under one variant, few-shot demonstrations included."""
@@ -67,7 +69,7 @@ def evaluate(config: Config, *, run_dir: str | Path | None = None, base: bool = 
         return eval_prompts(examples, tokenizer, chat_template=config.data.chat_template,
                             demos=demos, max_seq_len=config.train.max_seq_len)
     contexts = [_context(r, eval_cfg.context) for r in records]
-    leakage = _split_leakage(config, eval_cfg, records, prompt, completion)
+    leakage = _split_leakage(config, eval_cfg.split, as_trained)
     models = _load_models(config, run_dir, want_base=base, want_tuned=tuned)
     started = time.perf_counter()
     result = {"name": name or eval_cfg.split, "task": task.kind, "split": eval_cfg.split,
@@ -87,11 +89,12 @@ def evaluate(config: Config, *, run_dir: str | Path | None = None, base: bool = 
         outcome.pop("paired_others")
     result["wall_s"] = round(time.perf_counter() - started, 1)
     result["schema_version"] = SCHEMA_VERSION
-    typed = EvalResult.model_validate(result)  # a change of shape fails here, not in a report
-    if run_dir is not None:
-        result["path"] = str(typed.write(Path(run_dir) / "eval"))
-    render_eval(result, console)
-    return result
+    # Validated as plain JSON data, so the caller holds exactly what the file holds (sets and
+    # tensors as lists); a change of shape fails here, not in a report.
+    typed = EvalResult.model_validate(EvalResult.jsonable(result))
+    path = typed.write(Path(run_dir) / "eval") if run_dir is not None else None
+    render_eval(typed, console, path=path)
+    return typed
 
 
 def _evaluate_model(model, tokenizer, task: Task, eval_cfg: EvalConfig, records: list[Record],
@@ -241,23 +244,23 @@ def _load_models(config: Config, run_dir, *, want_base: bool, want_tuned: bool) 
     return models
 
 
-def _split_leakage(config: Config, eval_cfg: EvalConfig, records: list[Record], prompt: str,
-                   completion: str) -> dict:
+def _split_leakage(config: Config, split: str, evaluated: list[Example]) -> dict:
     """Evaluation examples that also appear in the training data (or, for the test split, in
     validation): the same text, a near-duplicate, or the same prompt. Their scores say what the
-    model memorised, not how it generalises, so the metric is also reported without them."""
-    sources = {"train": config.data.train}
-    if eval_cfg.split == "test":
-        sources["validation"] = config.data.validation
-    fmt = "template" if prompt is not None else config.data.format
-    evaluated = [_example(record, fmt, prompt, completion) for record in records]
+    model memorised, not how it generalises, so the metric is also reported without them.
+
+    The earlier splits are the run's own examples (``prepare.read_splits``: the same format,
+    templates and validation split as training), so chat and instruction data are compared as
+    they were trained."""
+    splits = read_splits(config.data, seed=config.train.seed)
+    sources = {"train": splits.train}
+    if split == "test":
+        sources["validation"] = splits.validation
     leaked: dict[int, dict] = {}
-    for split, paths in sources.items():
-        earlier = [_example(record, fmt, prompt, completion)
-                   for path in paths for record in read_records(path)]
+    for split_name, earlier in sources.items():
         for index, how in leaked_examples(earlier, evaluated).items():
             leaked.setdefault(index, {"index": index, "where": evaluated[index].where,
-                                      "split": split, **how})
+                                      "split": split_name, **how})
     places = [leaked[index] for index in sorted(leaked)]
     return {"count": len(places), "examples": places[:20], "indices": set(leaked)}
 
@@ -321,77 +324,80 @@ def _show(value) -> str:
     return str(value)
 
 
-def render_eval(result: dict, console: Console) -> None:
+def render_eval(result: EvalResult, console: Console, *, path: Path | None = None) -> None:
     """The metric table on screen: base, tuned, and the delta with its interval."""
-    models = result["models"]
-    table = Table(title=f"{result['task']} on {result['split']} (n={result['n']}, "
-                  f"{result['shots']}-shot, {result['predict']})")
+    models = result.models
+    table = Table(title=f"{result.task} on {result.split} (n={result.n}, "
+                  f"{result.shots}-shot, {result.predict})")
     table.add_column("metric")
     for which in models:
         table.add_column(which, justify="right")
-    if result["comparison"]:
+    if result.comparison:
         table.add_column("tuned − base", justify="right")
-    for name in next(iter(models.values()))["metrics"]:
+    for name in next(iter(models.values())).metrics:
         row = [name]
         for outcome in models.values():
-            metric = outcome["metrics"][name]
-            row.append(f"{_num(metric['value'])} [{_num(metric['ci'][0])}, "
-                       f"{_num(metric['ci'][1])}]")
-        entry = result["comparison"].get(name)
+            metric = outcome.metrics[name]
+            row.append(f"{_num(metric.value)} [{_num(metric.ci[0])}, {_num(metric.ci[1])}]")
+        entry = result.comparison.get(name)
         if entry:
-            text = f"{entry['delta']:+.3f}"
-            if "ci" in entry:
-                mark = "significant" if entry["significant"] else "not significant"
-                text += (f" [{entry['ci'][0]:+.3f}, {entry['ci'][1]:+.3f}] "
-                         f"p={entry['p_value']:.3g} ({entry['test']}, {mark})")
+            text = f"{entry.delta:+.3f}"
+            if entry.ci is not None:
+                mark = "significant" if entry.significant else "not significant"
+                text += (f" [{entry.ci[0]:+.3f}, {entry.ci[1]:+.3f}] "
+                         f"p={entry.p_value:.3g} ({entry.test}, {mark})")
             row.append(text)
         table.add_row(*row)
     console.print(table)
-    primary = result["primary_metric"]
     for which, outcome in models.items():
-        variation = outcome["sensitivity"][primary]
-        if variation["n_variants"] > 1:
-            console.print(f"{which}: {primary} over {variation['n_variants']} prompt variants "
-                          f"{_num(variation['mean'])} ± {_num(variation['std'])} (min "
-                          f"{_num(variation['min'])}, max {_num(variation['max'])})")
-        failures = outcome["parse_failures"]
-        if failures["count"]:
-            console.print(f"[yellow]{which}: {failures['count']} outputs "
-                          f"({failures['rate']:.1%}) could not be parsed; they count as wrong.")
-        if outcome.get("hallucination"):
-            rate = outcome["hallucination"]["rate"]
-            console.print(f"{which}: hallucination rate {rate:.1%} of predicted spans not in "
-                          "the input")
-        lengths = outcome.get("output_length")
-        if lengths:
-            console.print(f"{which}: outputs {lengths['mean_words']:.1f} words on average "
-                          f"(median {lengths['median_words']:.0f}, max {lengths['max_words']}); "
-                          f"references {lengths['reference_mean_words']:.1f}")
-        for note in outcome.get("notes", []):
-            console.print(f"[yellow]{which}: {note}")
+        _render_notes(which, outcome, result.primary_metric, console)
     _render_leakage(result, console)
-    if "path" in result:
-        console.print(f"Written to {result['path']}")
+    if path is not None:
+        console.print(f"Written to {path}")
 
 
-def _render_leakage(result: dict, console: Console) -> None:
+def _render_notes(which: str, outcome: ModelOutcome, primary: str, console: Console) -> None:
+    """What the table does not show: spread over prompt variants, unparsed outputs, the task's
+    own details (hallucinated spans, output lengths, notes)."""
+    variation = outcome.sensitivity[primary]
+    if variation.n_variants > 1:
+        console.print(f"{which}: {primary} over {variation.n_variants} prompt variants "
+                      f"{_num(variation.mean)} ± {_num(variation.std)} (min "
+                      f"{_num(variation.min)}, max {_num(variation.max)})")
+    failures = outcome.parse_failures
+    if failures.count:
+        console.print(f"[yellow]{which}: {failures.count} outputs ({failures.rate:.1%}) could "
+                      "not be parsed; they count as wrong.")
+    if outcome.detail("hallucination"):
+        console.print(f"{which}: hallucination rate {outcome.detail('hallucination')['rate']:.1%}"
+                      " of predicted spans not in the input")
+    lengths = outcome.detail("output_length")
+    if lengths:
+        console.print(f"{which}: outputs {lengths['mean_words']:.1f} words on average "
+                      f"(median {lengths['median_words']:.0f}, max {lengths['max_words']}); "
+                      f"references {lengths['reference_mean_words']:.1f}")
+    for note in outcome.detail("notes", []):
+        console.print(f"[yellow]{which}: {note}")
+
+
+def _render_leakage(result: EvalResult, console: Console) -> None:
     """Say loudly when evaluated examples leak from training data, and what the metric is
     without them."""
-    leakage = result.get("leakage")
-    if not leakage or not leakage["count"]:
+    leakage = result.leakage
+    if not leakage or not leakage.count:
         return
-    primary = result["primary_metric"]
-    first = leakage["examples"][0]
-    console.print(f"[yellow]warning: {leakage['count']} of {result['n']} {result['split']} "
+    primary = result.primary_metric
+    first = leakage.examples[0]
+    console.print(f"[yellow]warning: {leakage.count} of {result.n} {result.split} "
                   f"examples leak from the training data (e.g. {first['where']}: "
                   f"{first['kind']} as {first['source']}); they measure memory, not "
                   "generalisation. Remove them from the split (tunelab data check lists them).")
-    for which, outcome in result["models"].items():
-        clean = outcome.get("metrics_without_leaked", {}).get(primary)
+    for which, outcome in result.models.items():
+        clean = (outcome.metrics_without_leaked or {}).get(primary)
         if clean:
-            console.print(f"[yellow]{which}: {primary} {_num(outcome['metrics'][primary]['value'])}"
-                          f" with them, {_num(clean['value'])} [{_num(clean['ci'][0])}, "
-                          f"{_num(clean['ci'][1])}] without them (n={clean['n']})")
+            console.print(f"[yellow]{which}: {primary} {_num(outcome.metrics[primary].value)}"
+                          f" with them, {_num(clean.value)} [{_num(clean.ci[0])}, "
+                          f"{_num(clean.ci[1])}] without them (n={clean.n})")
 
 
 def _num(value: float) -> str:

@@ -31,7 +31,8 @@ def task_config(config: Config, task: TaskConfig) -> Config:
 
 
 def evaluate_tasks(config: Config, *, run_dir: str | Path | None = None, base: bool = True,
-                   tuned: bool = True, console: Console | None = None) -> dict[str, dict]:
+                   tuned: bool = True, console: Console | None = None
+                   ) -> dict[str, EvalResult]:
     """Evaluate every task that has an eval section; task name → its ``evaluate`` result."""
     console = console or Console()
     evaluated = [task for task in config.data.tasks if task.eval is not None]

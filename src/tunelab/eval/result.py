@@ -81,6 +81,10 @@ class ModelOutcome(_Open):
     predictions: list[Prediction]
     metrics_without_leaked: dict[str, Metric] | None = None
 
+    def detail(self, name: str, default: Any = None) -> Any:
+        """A detail the task kind adds (``confusion``, ``per_type``, ``hallucination``...)."""
+        return (self.model_extra or {}).get(name, default)
+
 
 class Comparison(_Open):
     """Tuned minus base for one metric; the paired test where the task runs one."""
@@ -132,9 +136,14 @@ class EvalResult(_Fixed):
                            f"{first['msg']} ({error.error_count()} problem(s))", where=where,
                            fix="run tunelab eval again to rewrite it") from None
 
+    @staticmethod
+    def jsonable(raw: dict[str, Any]) -> dict[str, Any]:
+        """``raw`` as its JSON file will hold it: sets as sorted lists, tensors as lists."""
+        return json.loads(json.dumps(raw, default=_jsonable))
+
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON data, task-specific details included."""
-        return json.loads(json.dumps(self.model_dump(), default=_jsonable))
+        return self.jsonable(self.model_dump())
 
     def write(self, folder: Path) -> Path:
         """``folder/<name>.json``, atomically (a crash never leaves half a file)."""

@@ -279,7 +279,7 @@ def evaluate_run(config: Config, run_dir: Path, *, split: str, console: Console,
     config.eval.split = split
     config.eval.prompt_variants = []  # a format sweep: each run is judged in its own format
     result = evaluate(config, run_dir=run_dir, base=base, tuned=True, console=console)
-    return result.to_dict() if hasattr(result, "to_dict") else result
+    return result.to_dict()
 
 
 def reclaim_dead_trials(study, opened: OpenSweep) -> list[int]:
