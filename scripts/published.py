@@ -468,6 +468,36 @@ def render_ship_checks(result: dict) -> str:
             f"{answers}. Measured by {_origin(result)}.\n")
 
 
+def render_crash_drills(result: dict) -> str:
+    """scripts/crash_drills.py: killed runs resumed bit-identical, full disks, damaged
+    checkpoints, each passed out of run (the drills a result file holds)."""
+    passed = lambda rows: sum(bool(row.get("passed")) for row in rows)  # noqa: E731
+    lines, short = ["| drill | passed | what it covered |", "|---|---|---|"], ""
+    if "sigkill" in result:
+        kills = result["sigkill"]["summary"]
+        where = ", ".join(f"{count} {left}" for left, count in
+                          sorted(kills["left"].items(), key=lambda item: -item[1]))
+        lines.append(f"| SIGKILL, then `tunelab train --resume` | "
+                     f"**{kills['resumed_bit_identical']}/{kills['killed']}** resumed, adapter "
+                     f"bit-identical | killed {where} |")
+        if kills["runs"] < kills["planned"]:
+            short = (f"{kills['runs']} of the {kills['planned']} planned kills ran before the "
+                     "results were committed. ")
+    if "disk_full" in result:
+        disks = result["disk_full"]
+        lines.append(f"| disk full (20 MiB tmpfs as `output_dir`) | **{passed(disks)}/"
+                     f"{len(disks)}** | full at {', '.join(row['fails_at'] for row in disks)}: "
+                     "one-paragraph error, last checkpoint intact, resumed bit-identical once "
+                     "space was freed |")
+    if "damaged_checkpoint" in result:
+        damaged = result["damaged_checkpoint"]
+        lines.append(f"| damaged checkpoint, then `--resume` | **{passed(damaged)}/"
+                     f"{len(damaged)}** | " + "; ".join(
+                         f"{row['damage']} in {', '.join(row['damaged'])}" for row in damaged)
+                     + " |")
+    return "\n".join(lines) + f"\n\n{short}Measured by {_origin(result)}.\n"
+
+
 RENDERERS: dict[str, Callable[[dict], str]] = {
     "throughput": render_throughput,
     "plan_check": render_plan_check,
@@ -480,6 +510,7 @@ RENDERERS: dict[str, Callable[[dict], str]] = {
     "multitask": render_multitask,
     "serve_load": render_serve_load,
     "ship_checks": render_ship_checks,
+    "crash_drills": render_crash_drills,
 }
 
 
