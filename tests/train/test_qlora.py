@@ -19,12 +19,15 @@ from test_loop import make_config  # noqa: E402
 
 @pytest.fixture(scope="module")
 def qlora_model_dir(tiny_model_dir, tmp_path_factory) -> str:
+    return make_qlora_model(tiny_model_dir, tmp_path_factory.mktemp("qlora-model"))
+
+
+def make_qlora_model(tiny_model_dir: str, folder: Path) -> str:
     """The tiny model's tokenizer on a Llama twice as wide: bitsandbytes' CPU kernel packs
     4-bit weights in blocks of 32 output features (the tiny model's k/v projections have 16)."""
     import torch
     from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
 
-    folder = tmp_path_factory.mktemp("qlora-model")
     config = AutoConfig.from_pretrained(tiny_model_dir)
     config.hidden_size, config.intermediate_size, config.head_dim = 64, 128, 16
     torch.manual_seed(0)
@@ -54,3 +57,26 @@ def test_qlora_trains_on_cpu_and_saves_a_peft_adapter(tmp_path, qlora_model_dir)
     assert result.val_loss_after < result.val_loss_before * 0.7
     adapter = json.loads((result.run_dir / "adapter" / "adapter_config.json").read_text())
     assert adapter["peft_type"] == "LORA" and adapter["r"] == 4
+
+
+def test_the_planner_counts_the_4bit_base_as_loaded(tmp_path, qlora_model_dir):
+    """tunelab plan's 4-bit line: the NF4 base's bytes (packed codes, quantised scales, their
+    scales, float32 embeddings and norms) equal what bitsandbytes holds after loading."""
+    from bitsandbytes.nn import Linear4bit
+
+    from tunelab.model.plan import plan
+
+    method = {"kind": "qlora", "r": 4, "alpha": 8, "dropout": 0.0}
+    predicted = plan(make_config(tmp_path, qlora_model_dir, method=method))["memory"]
+    nf4_bytes = predicted["weights_by_dtype"]["nf4 (4-bit base)"]
+    assert predicted["breakdown_bytes"]["weights"] == nf4_bytes
+    model = load_model(qlora_model_dir, device="cpu", load_in_4bit=True)
+    held = sum(p.numel() * p.element_size() for p in model.parameters())
+    for layer in model.modules():
+        if isinstance(layer, Linear4bit):
+            state = layer.weight.quant_state
+            held += state.absmax.numel() * state.absmax.element_size()  # 8-bit: nested
+            held += state.state2.absmax.numel() * state.state2.absmax.element_size()
+    assert nf4_bytes == pytest.approx(held, rel=0.01)
+    float_bytes = sum(p.numel() for p in load_model(qlora_model_dir).parameters()) * 4
+    assert nf4_bytes < 0.5 * float_bytes

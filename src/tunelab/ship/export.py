@@ -133,9 +133,10 @@ def _export_weights(run_dir: Path, to: str, folder: Path, *, quant: str,
                     check: bool) -> ExportResult:
     """Merge the adapter into the base; save it as a HF folder, or write GGUF + Modelfile."""
     from tunelab.data.render import chat_template_of
-    from tunelab.runs import load_run_model
+    from tunelab.ship.dequantize import load_run_for_merge
 
-    model, tokenizer, config = load_run_model(run_dir)
+    # QLoRA: the adapter goes into the de-quantised 4-bit base it was trained on.
+    model, tokenizer, config = load_run_for_merge(run_dir)
     template = chat_template_of(tokenizer, config.data.chat_template)
     probes = probe_prompts(tokenizer, template)
     tuned_logits = logits_of(model, probes)

@@ -1,0 +1,89 @@
+"""tunelab export --to merged of a QLoRA run: the adapter is merged into the de-quantised NF4
+base it was trained on (not into the original float weights, and not into 4-bit weights), and
+the merged folder is plain float safetensors that reproduces the 4-bit base + adapter."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from rich.console import Console
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tunelab import cli
+from tunelab.model.adapters import load_tuned
+from tunelab.model.load import load_model
+from tunelab.ship.export import logit_gap
+from tunelab.train.loop import train
+
+sys.path.insert(0, str(Path(__file__).parent.parent / "train"))
+from test_loop import make_config  # noqa: E402
+from test_qlora import make_qlora_model  # noqa: E402
+
+PROMPTS = ["Review: the movie was good\nSentiment:", "The capital of France is Paris."]
+
+
+@pytest.fixture(scope="module")
+def qlora_model_dir(tiny_model_dir, tmp_path_factory) -> str:
+    return make_qlora_model(tiny_model_dir, tmp_path_factory.mktemp("qlora-model"))
+
+
+@pytest.fixture(scope="module")
+def qlora_run(tmp_path_factory, qlora_model_dir) -> Path:
+    config = make_config(tmp_path_factory.mktemp("qlora-run"), qlora_model_dir, max_steps=6,
+                         samples=0, method={"kind": "qlora", "r": 4, "alpha": 8,
+                                            "dropout": 0.0})
+    return train(config, console=Console(quiet=True)).run_dir
+
+
+def logits_for(model, tokenizer) -> list[torch.Tensor]:
+    with torch.no_grad():
+        return [model(torch.tensor([tokenizer(text).input_ids])).logits[0].float()
+                for text in PROMPTS]
+
+
+def test_cli_merges_a_qlora_adapter_into_the_dequantised_base(qlora_run, qlora_model_dir,
+                                                             monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["tunelab", "export", str(qlora_run), "--to", "merged"])
+    with pytest.raises(SystemExit) as stop:
+        cli.main()
+    assert stop.value.code in (0, None)
+    out = " ".join(capsys.readouterr().out.split())
+    assert "merged folder (transformers) vs base + adapter" in out and "FAIL" not in out, out
+    folder = qlora_run / "export" / "merged"
+    assert "quantization_config" not in json.loads((folder / "config.json").read_text())
+
+    tokenizer = AutoTokenizer.from_pretrained(qlora_model_dir)
+    merged = logits_for(AutoModelForCausalLM.from_pretrained(folder), tokenizer)
+    # What was trained: the 4-bit base (bitsandbytes' own CPU kernel) with the adapter on top.
+    # Its kernel rounds differently from a float matmul with the de-quantised weights (measured
+    # on this random tiny model: 3 % of the largest logit), so it is the nearer reference, not
+    # an exact one; the exact one is the weight test below.
+    trained = load_tuned(load_model(qlora_model_dir, device="cpu", load_in_4bit=True), qlora_run)
+    near, scale, _ = logit_gap(merged, logits_for(trained.eval(), tokenizer))
+    # The adapter merged into the original float weights is another model: off by the whole
+    # quantisation error (measured: 60 % of the largest logit).
+    float_base = load_tuned(load_model(qlora_model_dir, device="cpu"), qlora_run)
+    off, _, _ = logit_gap(merged, logits_for(float_base.eval(), tokenizer))
+    assert near < 0.1 * scale and off > 5 * near, (near, off, scale)
+
+
+def test_the_merged_weights_are_the_dequantised_weights_plus_the_adapter(qlora_run,
+                                                                          qlora_model_dir):
+    from tunelab.ship.dequantize import load_run_for_merge
+
+    model, _, _ = load_run_for_merge(qlora_run)
+    layer = model.get_base_model().model.layers[0].self_attn.q_proj
+    assert type(layer.base_layer) is torch.nn.Linear  # no Linear4bit left to merge into
+    update = layer.get_delta_weight("default")
+    assert update.abs().max() > 0  # the adapter learned something to merge
+    quantised = load_model(qlora_model_dir, device="cpu", load_in_4bit=True)
+    import bitsandbytes.functional as bnb_functional
+
+    weight4 = quantised.model.layers[0].self_attn.q_proj.weight
+    dequantised = bnb_functional.dequantize_4bit(weight4.data, weight4.quant_state)
+    merged = model.merge_and_unload().model.layers[0].self_attn.q_proj.weight
+    torch.testing.assert_close(merged, dequantised + update, rtol=0, atol=1e-6)
