@@ -507,6 +507,7 @@ RENDERERS: dict[str, Callable[[dict], str]] = {
     "example_eval": render_example_eval,
     "example_forms": render_example_forms,
     "assess": render_assess,
+    "sweep": render_sweep,
     "multitask": render_multitask,
     "serve_load": render_serve_load,
     "ship_checks": render_ship_checks,
