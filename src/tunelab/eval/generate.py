@@ -36,6 +36,9 @@ def generate_texts(model: nn.Module, tokenizer, prompts: list[str] | list[list[i
                 temperature=temperature if sampling else None, top_p=top_p if sampling else None,
                 top_k=None, pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=tokenizer.eos_token_id,
+                # stop as soon as every row has written a stop string: a model that has not
+                # learned EOS yet otherwise runs to max_new_tokens on every batch
+                stop_strings=stop or None, tokenizer=tokenizer if stop else None,
             )
             new_tokens = generated[:, encoded["input_ids"].shape[1]:]
             outputs += [_cut(text, stop) for text in
