@@ -3,6 +3,7 @@ version, and states written before versions existed still resume."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -46,5 +47,9 @@ def test_checkpoints_carry_the_versioned_state_and_resume_checks_it(tmp_path, ti
     assert TrainState.from_dict(saved, str(checkpoint)).micro_batch == 2
     saved["schema_version"] = SCHEMA_VERSION + 1
     (checkpoint / "trainer_state.json").write_text(json.dumps(saved))
+    # a checkpoint written by another tunelab version: intact, with its own checksums
+    (checkpoint / "files.sha256").write_text("".join(
+        f"{hashlib.sha256(path.read_bytes()).hexdigest()}  {path.name}\n"
+        for path in sorted(checkpoint.iterdir()) if path.name != "files.sha256"))
     with pytest.raises(RunError, match="schema version"):
         train(config, resume=stopped.run_dir, console=quiet())
