@@ -226,19 +226,25 @@ def test_fsdp_checkpoint_resumes_on_one_and_on_two_ranks(tmp_path, tiny_model_di
         assert_same_weights(full_weights(fsdp_whole_run), full_weights(resumed))
 
 
+def launch_until_first_checkpoint(config: Path, run: Path) -> subprocess.Popen:
+    """`tunelab train CONFIG --nproc 2` started, returned once its step-2 checkpoint exists."""
+    launcher = subprocess.Popen([sys.executable, "-m", "tunelab", "train", str(config),
+                                 "--nproc", "2"], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and not (run / "checkpoints" / "step-2").is_dir():
+        time.sleep(0.2)
+    return launcher
+
+
 @pytest.mark.slow
 def test_a_killed_rank_fails_the_run_naming_the_rank_and_the_checkpoint(tmp_path,
                                                                          tiny_model_dir):
     config = write_config(tmp_path, tiny_model_dir, max_steps=500, save_every=2, samples=0,
                           distributed_timeout_s=30)
     run = tmp_path / "runs" / "reviews"
-    launcher = subprocess.Popen([sys.executable, "-m", "tunelab", "train", str(config),
-                                 "--nproc", "2"], stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
+    launcher = launch_until_first_checkpoint(config, run)
     try:
-        deadline = time.time() + 600
-        while time.time() < deadline and not (run / "checkpoints" / "step-2").is_dir():
-            time.sleep(0.2)
         victim = rank_pid(launcher.pid, rank=1)
         os.kill(victim, signal.SIGKILL)
         # The bound: torchrun notices the dead rank and stops the other one; no hang.
@@ -258,13 +264,8 @@ def test_a_hung_rank_fails_the_run_within_the_timeout_naming_it(tmp_path, tiny_m
     config = write_config(tmp_path, tiny_model_dir, max_steps=500, save_every=2, samples=0,
                           distributed_timeout_s=15)
     run = tmp_path / "runs" / "reviews"
-    launcher = subprocess.Popen([sys.executable, "-m", "tunelab", "train", str(config),
-                                 "--nproc", "2"], stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
+    launcher = launch_until_first_checkpoint(config, run)
     try:
-        deadline = time.time() + 600
-        while time.time() < deadline and not (run / "checkpoints" / "step-2").is_dir():
-            time.sleep(0.2)
         os.kill(rank_pid(launcher.pid, rank=1), signal.SIGSTOP)
         # The bound: the timeout (15 s), the check-in grace (15 s), torchrun's 30 s between
         # SIGTERM and SIGKILL for the stopped rank, and a margin for a loaded machine.
