@@ -129,6 +129,90 @@ def render_throughput(result: dict) -> str:
         f"{positions['tunelab'][0]:,}. Measured by {_origin(result)}.\n")
 
 
+_SIDE_HEADINGS = {"hf_padded": "Trainer + peft, padding collator",
+                  "hf_flattened": "Trainer + peft, `DataCollatorWithFlattening`",
+                  "tunelab": "tunelab"}
+
+
+def render_baselines(result: dict) -> str:
+    """tunelab.train against transformers.Trainer + peft with the padding collator and with
+    DataCollatorWithFlattening, per length distribution; the issue's target against the
+    padding-free Trainer (≥ 1.15× tokens/s, ≤ 0.6× peak memory) said met or not."""
+    parts, verdicts = [], []
+    memory = ("peak memory (CUDA)" if result["runs"][0]["peak_memory_kind"].startswith("cuda")
+              else "peak memory (RSS)")
+    for name, summary in result["summary"].items():
+        parts.append(_baselines_table(name, summary, result["data"][name],
+                                      result["workload"]["per_step"], memory))
+        flat = summary["tunelab_vs"]["hf_flattened"]
+        speed, memory = flat["tokens_per_second"], flat["peak_memory"]
+        verdicts.append(f"{name}: {speed:.2f}× tokens/s ({'met' if speed >= 1.15 else 'not met'})"
+                        f", {memory:.2f}× peak memory ({'met' if memory <= 0.6 else 'not met'})")
+    repeats = result["workload"]["repeats"]
+    attention = {row["attention"] for row in result["runs"] if row["side"] == "hf_flattened"}
+    return ("\n\n".join(parts) + "\n\nTarget against the padding-free Trainer, ≥ 1.15× its "
+            "tokens/s and ≤ 0.6× its peak memory: " + "; ".join(verdicts) + ". "
+            f"{result['model']['parameters'] / 1e6:.0f}M-parameter Llama (random weights), "
+            f"LoRA r={result['lora']['r']} on all linear layers; the flattening Trainer runs "
+            f"attention `{', '.join(sorted(attention))}` with the block mask transformers builds "
+            f"from the restarting position ids. Median of {repeats} alternating run"
+            f"{'s' if repeats > 1 else ''} a side, each a fresh process. Measured by "
+            f"{_origin(result)}.\n")
+
+
+def _baselines_table(name: str, summary: dict, data: dict, per_step: int, memory: str) -> str:
+    sides = ("hf_padded", "hf_flattened", "tunelab")
+    ratios = summary["tunelab_vs"]
+
+    def row(label: str, cells: list[str], ratio_cells: list[str]) -> str:
+        return f"| {label} | " + " | ".join(cells + ratio_cells) + " |"
+
+    lines = [
+        f"**{name.capitalize()} lengths**: {data['examples']} examples, {data['tokens']:,} "
+        f"tokens (median {data['median_tokens']:.0f}, {data['min_tokens']}–{data['max_tokens']})"
+        f", each seen once; the Trainer takes {per_step} examples a step "
+        f"({summary['hf_padded']['steps']:.0f} steps), tunelab up to "
+        f"{data['tunelab_batch_tokens']:,} tokens a step ({summary['tunelab']['steps']:.0f} "
+        "steps).", "",
+        "| | " + " | ".join(_SIDE_HEADINGS[side] for side in sides)
+        + " | tunelab ÷ padding | tunelab ÷ flattening |", "|---" * 6 + "|",
+        row("non-padding tokens/s", [f"{summary[s]['tokens_per_second']:.1f}" for s in sides],
+            [f"**{ratios[s]['tokens_per_second']:.2f}×**" for s in sides[:2]]),
+        row(memory, [_gib(summary[s]["peak_memory_bytes"]) for s in sides],
+            [f"**{ratios[s]['peak_memory']:.2f}×**" for s in sides[:2]]),
+        row("training loss, last quarter of the tokens",
+            [f"{summary[s]['last_quarter_loss']:.4f}" for s in sides],
+            [f"{ratios[s]['last_quarter_loss_relative_difference']:+.2%}" for s in sides[:2]]),
+        row("token positions computed", [f"{summary[s]['processed_tokens']:,.0f}" for s in sides],
+            ["", ""]),
+    ]
+    return "\n".join(lines)
+
+
+def render_levers(result: dict) -> str:
+    """tunelab.train with each lever switched from the default alone: tokens/s, peak memory and
+    loss, each against the default row."""
+    rows = result["runs"]
+    reference = rows[0]
+    lines = ["| lever switched (from the default) | tokens/s | × default | peak RSS | × default "
+             "| training loss, last quarter of the tokens |", "|---|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(f"| {row['lever']} | {row['tokens_per_second']:.1f} | "
+                     f"{row['tokens_per_second'] / reference['tokens_per_second']:.2f} | "
+                     f"{_gib(row['peak_memory_bytes'])} | "
+                     f"{row['peak_memory_bytes'] / reference['peak_memory_bytes']:.2f} | "
+                     f"{row['last_quarter_loss']:.4f} |")
+    data = next(iter(result["data"].values()))
+    repeats = result["workload"]["repeats"]
+    return ("\n".join(lines) + f"\n\n`tunelab.train` on {data['examples']} instruction examples "
+            f"of skewed length ({data['tokens']:,} tokens, median {data['median_tokens']:.0f}, max "
+            f"{data['max_tokens']}), batch_tokens {data['tunelab_batch_tokens']:,} "
+            f"({reference['steps']} steps), a {result['model']['parameters'] / 1e6:.0f}M-parameter "
+            f"Llama with LoRA r={result['lora']['r']} on all linear layers; each row a fresh "
+            f"process, {repeats} run{'s' if repeats > 1 else ''} a row"
+            f"{' (median)' if repeats > 1 else ''}. Measured by {_origin(result)}.\n")
+
+
 def render_plan_check(result: dict) -> str:
     """tunelab plan's predicted peak memory against measured training runs."""
     lines = ["| configuration | predicted peak | measured peak | error |", "|---|---|---|---|"]
@@ -498,8 +582,45 @@ def render_crash_drills(result: dict) -> str:
     return "\n".join(lines) + f"\n\n{short}Measured by {_origin(result)}.\n"
 
 
+def render_distributed(result: dict) -> str:
+    """2 ranks (torchrun, gloo) against 1 process on the same config: validation loss after
+    training and the per-step training loss, held to the script's stated tolerances."""
+    lines = ["| run | command | val loss before → after | wall time |", "|---|---|---|---|"]
+    for run in result["runs"]:
+        lines.append(f"| {run['label']} | `{run['command']}` | {run['val_loss_before']:.4f} → "
+                     f"{run['val_loss_after']:.6f} | {_minutes(run['wall_s'])} |")
+    comparison, verdicts = result["comparison"], []
+    if "dropout_0" in comparison:
+        zero = comparison["dropout_0"]
+        verdicts.append(
+            f"At LoRA dropout 0 the two runs see the same examples per step and no random "
+            f"masks: validation losses differ by {zero['val_loss_after_relative_difference']:.1e} "
+            f"(relative), the per-step training losses by at most "
+            f"{zero['max_step_loss_relative_difference']:.1e}, against a tolerance of "
+            f"{zero['tolerance_relative']:.0e}: **{_within(zero)}**.")
+    if "dropout_0_05" in comparison:
+        drop = comparison["dropout_0_05"]
+        verdicts.append(
+            f"At the config's dropout 0.05 each rank draws its own masks, so the 2-rank run is "
+            f"another random draw: its validation loss is "
+            f"{drop['two_ranks_minus_one_process']:+.4f} from the 1-process run with the same "
+            f"seed, against a seed-to-seed spread of "
+            f"{drop['seed_spread']:.4f} (seeds 0 and 1): **{_within(drop)}**.")
+    if not result.get("complete", True):
+        verdicts.append(f"{len(result['runs'])} of the planned runs finished before this was "
+                        "committed.")
+    return ("\n".join(lines) + "\n\n" + " ".join(verdicts)
+            + f"\n\nMeasured by {_origin(result)}.\n")
+
+
+def _within(comparison: dict) -> str:
+    return "within" if comparison["within_tolerance"] else "outside the tolerance"
+
+
 RENDERERS: dict[str, Callable[[dict], str]] = {
     "throughput": render_throughput,
+    "baselines": render_baselines,
+    "levers": render_levers,
     "plan_check": render_plan_check,
     "train_memory": render_train_memory,
     "generation": render_generation,
@@ -512,6 +633,7 @@ RENDERERS: dict[str, Callable[[dict], str]] = {
     "serve_load": render_serve_load,
     "ship_checks": render_ship_checks,
     "crash_drills": render_crash_drills,
+    "distributed": render_distributed,
 }
 
 

@@ -384,8 +384,12 @@ def config_from_dict(raw: dict[str, Any], *, source: str = "<config>", document:
 
 
 def dump_config(config: Config, path: Path) -> None:
-    """Write the resolved config as YAML (defaults included), so the run can be repeated."""
-    path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    """Write the resolved config as YAML (defaults included), so the run can be repeated.
+
+    Atomically: a crash or a full disk never leaves half a config for ``--resume`` to read."""
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    temporary.replace(path)
 
 
 @dataclass
