@@ -1,26 +1,34 @@
-"""Training throughput and memory: tunelab vs transformers.Trainer + peft LoRA, side by side.
+"""Training throughput and memory: tunelab against transformers.Trainer + peft, side by side.
 
-Both sides train the same randomly initialised Llama-architecture model on the same tokenized
-Alpaca-style data, with the same LoRA (r=16, alpha=32, dropout 0.05, all linear layers), the same
-learning rate and cosine schedule, and the same examples in every optimiser step: the examples are
-put in one seeded order and step s takes examples [s·k, (s+1)·k). Runs alternate (baseline,
-tunelab, baseline, tunelab ...), each in a fresh subprocess so that its peak RSS is its own.
+Three sides train the same LoRA (r=16, alpha=32, dropout 0.05, all linear layers) on the same
+randomly initialised Llama-architecture model, on the same tokenized instruction examples, each
+seen once, with the same AdamW, learning rate, cosine schedule and gradient clipping:
 
-The baseline is what the transformers/peft docs recommend: ``get_peft_model`` + ``Trainer`` with
-``DataCollatorForSeq2Seq`` (pad to the longest example of the batch, labels padded with −100),
-``per_device_train_batch_size=k``. Its only non-default setting is
-``train_sampling_strategy="sequential"``, so that it sees the examples in the shared order.
+* ``hf_padded``: ``get_peft_model`` + ``Trainer`` with ``DataCollatorForSeq2Seq`` (pad to the
+  longest example of the batch, labels padded with −100), as the transformers/peft docs show;
+* ``hf_flattened``: the same ``Trainer`` with ``DataCollatorWithFlattening``, the padding-free
+  collator an informed user picks in 2026: the batch becomes one row with ``position_ids``
+  restarting per example. On CPU the model runs SDPA, and transformers (masking_utils:
+  ``find_packed_sequence_indices``) turns those restarts into a block-diagonal causal mask over
+  the whole row; ``flash_attention_2`` (varlen kernels) is used where a CUDA GPU and flash-attn
+  are present;
+* ``tunelab``: ``tunelab.train.loop.train(config)``, the function ``tunelab train`` and the
+  README's Python section call, on a config naming the same data file and model; what is
+  measured is read from the run's own ``metrics.jsonl`` (tokens and time of every step).
 
-tunelab's ``train()`` batches by a token budget, which cannot say "exactly these k examples per
-step", so the tunelab side is built from the components ``train()`` runs: ``adapters.apply_method``,
-``varlen.enable``, ``packing.plan_batches``/``collate``, ``loss.batch_loss_sum`` and
-``optim.build_optimizer``/``build_scheduler``/``clip_gradients``, in the same order as
-``train/loop.py`` (the k examples of a step are packed into micro-batches of at most
-``--batch-tokens`` tokens and their gradients accumulated over the step's target tokens).
+The Trainer takes ``per_step`` examples per optimiser step, in file order
+(``train_sampling_strategy="sequential"``, so both Trainer sides see identical batches); tunelab
+batches by a token budget, set to the Trainer's mean tokens per step, so both take about the same
+tokens per step (the result file has each side's steps and tokens per step). Losses are compared
+at equal tokens seen: the token-weighted mean training loss over the last quarter of the tokens.
+Runs alternate, each in a fresh subprocess so that its peak RSS (the kernel's VmHWM) is its own.
+Two length distributions: ``skewed`` (lognormal, many short examples and a few long ones: where
+padding costs most) and ``uniform`` (every example within ±15% of one length: where it costs
+least).
 
-    python benchmarks/train_throughput.py            # side by side, ~15 min on 2 CPU cores
-    python benchmarks/train_throughput.py --quick    # 1-2 minute smoke run
-    python benchmarks/train_throughput.py --levers   # ablation: each tunelab lever switched off
+    python benchmarks/train_throughput.py            # 3 sides × 2 distributions, ~25 min here
+    python benchmarks/train_throughput.py --quick    # smoke run, small model
+    python benchmarks/train_throughput.py --levers   # tunelab.train with each lever switched
     python benchmarks/train_throughput.py --plan-check  # tunelab plan vs measured peak RSS
     python benchmarks/train_throughput.py --gpu      # ~1B model, bf16, MFU (needs a CUDA GPU)
 """
@@ -32,7 +40,6 @@ import json
 import math
 import os
 import random
-import resource
 import statistics
 import subprocess
 import sys
@@ -47,37 +54,55 @@ RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parent.parent
 TOKENIZER = "embedded:smollm2-135m-instruct"
 LORA = {"r": 16, "alpha": 32, "dropout": 0.05, "targets": "all-linear"}
+SIDES = ("hf_padded", "hf_flattened", "tunelab")
+SIDE_TITLES = {"hf_padded": "Trainer + peft, padding collator",
+               "hf_flattened": "Trainer + peft, DataCollatorWithFlattening",
+               "tunelab": "tunelab"}
 
 # Model sizes. CPU: ~113M parameters (GQA, tied embeddings like SmolLM2 / Llama-3.2).
 CPU_MODEL = {"hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 12,
              "num_attention_heads": 12, "num_key_value_heads": 4}
+QUICK_MODEL = {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2,
+               "num_attention_heads": 4, "num_key_value_heads": 2}
 GPU_MODEL = {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 18,
              "num_attention_heads": 32, "num_key_value_heads": 8}
 
-# Workloads: (examples per optimiser step, optimiser steps, max_seq_len, micro-batch token budget)
+# Workloads. examples: how many examples each side trains on (each once); per_step: the
+# Trainer's examples per optimiser step; batch_tokens: tunelab's micro-batch budget (None: the
+# smallest with as many steps as the Trainer, so both take about the same tokens per step).
+# Sized for an idle 2-core machine: "full" (6 runs a round, 2 rounds) in about 25 minutes,
+# "levers" (10 rows, one run each, the default train.batch_tokens) in about 20.
 WORKLOADS = {
-    "full": {"per_step": 8, "steps": 16, "max_seq_len": 512, "batch_tokens": 4096,
-             "repeats": 2, "examples": 2000},
-    "levers": {"per_step": 8, "steps": 8, "max_seq_len": 512, "batch_tokens": 4096,
-               "repeats": 1, "examples": 2000},
-    "quick": {"per_step": 4, "steps": 3, "max_seq_len": 512, "batch_tokens": 2048,
-              "repeats": 1, "examples": 400},
-    "gpu": {"per_step": 32, "steps": 40, "max_seq_len": 2048, "batch_tokens": 16384,
-            "repeats": 2, "examples": 4000},
+    "full": {"examples": 64, "per_step": 8, "max_seq_len": 512, "batch_tokens": None,
+             "repeats": 2, "distributions": ["uniform", "skewed"], "model": "cpu"},
+    "levers": {"examples": 80, "per_step": 8, "max_seq_len": 512, "batch_tokens": 4096,
+               "repeats": 1, "distributions": ["skewed"], "model": "cpu"},
+    "quick": {"examples": 16, "per_step": 4, "max_seq_len": 256, "batch_tokens": None,
+              "repeats": 1, "distributions": ["uniform", "skewed"], "model": "quick"},
+    "gpu": {"examples": 1280, "per_step": 32, "max_seq_len": 2048, "batch_tokens": None,
+            "repeats": 2, "distributions": ["uniform", "skewed"], "model": "gpu"},
 }
+MODELS = {"cpu": CPU_MODEL, "quick": QUICK_MODEL, "gpu": GPU_MODEL}
 
-# Levers for --levers: name -> the tunelab options that switch that one lever (from the default).
+# --levers: name -> what switches that one lever away from tunelab's default. "config": fields
+# merged into the run's config; "threads": torch threads of the process; "varlen": False runs
+# packed rows through transformers' own block mask (no config field exists for it: the worker
+# replaces tunelab.model.varlen.enable by a no-op before calling train()).
 LEVERS = {
     "all levers (default)": {},
-    "packing off (padded rows)": {"packing": False},
-    "varlen off (packed, T×T block mask)": {"varlen": False},
-    "chunked loss off (full logits)": {"chunked_loss": False},
-    "loss chunk 1024 tokens (default 2048)": {"chunk_tokens": 1024},
-    "loss chunk 512 tokens (default 2048)": {"chunk_tokens": 512},
-    "activation checkpointing on": {"checkpointing": True},
+    "packing off (train.packing: false)": {"config": {"train": {"packing": False}}},
+    "varlen attention off (packed rows, transformers' T×T block mask)": {"varlen": False},
+    "loss in one chunk (train.loss_chunk_tokens: 65536)": {
+        "config": {"train": {"loss_chunk_tokens": 65536}}},
+    "loss chunk 512 tokens (train.loss_chunk_tokens: 512)": {
+        "config": {"train": {"loss_chunk_tokens": 512}}},
+    "activation checkpointing (train.memory: low)": {"config": {"train": {"memory": "low"}}},
+    "a dropout copy per projection (method.shared_dropout: false)": {
+        "config": {"method": {"shared_dropout": False}}},
+    "no LoRA dropout (method.dropout: 0)": {"config": {"method": {"dropout": 0.0}}},
+    "glibc malloc defaults (train.allocator: system)": {
+        "config": {"train": {"allocator": "system"}}},
     "1 thread instead of all cores": {"threads": 1},
-    "torch.compile per decoder layer": {"compile": True},
-    "glibc malloc: fixed mmap threshold": {"malloc_mmap_threshold": 65536},
 }
 
 
@@ -93,26 +118,34 @@ def english_words() -> list[str]:
     return words
 
 
-def write_dataset(path: Path, n_examples: int, seed: int) -> None:
-    """Alpaca-style instruction JSONL with a skewed length mix: many short, a few very long.
+def write_dataset(path: Path, n_examples: int, seed: int, distribution: str) -> None:
+    """Alpaca-style instruction JSONL whose words are spans of real review text.
 
-    Lengths in words are lognormal (instruction median 12, input present 40% with median 30,
-    output median 70 with a heavy tail); the words are spans of real review text.
+    skewed: lengths in words are lognormal (instruction median 12, an input in 40% of the
+    examples with median 30, output median 70 with a heavy tail). uniform: a 12-word
+    instruction, no input and 110–140 output words, so every example has about the same length.
     """
     rng = random.Random(seed)
     words = english_words()
 
-    def span(median: float, sigma: float, low: int, high: int) -> str:
-        n = int(min(high, max(low, rng.lognormvariate(math.log(median), sigma))))
+    def span(n: int) -> str:
         start = rng.randrange(len(words) - n)
         text = " ".join(words[start:start + n])
         return text[:1].upper() + text[1:]
 
+    def lognormal(median: float, sigma: float, low: int, high: int) -> int:
+        return int(min(high, max(low, rng.lognormvariate(math.log(median), sigma))))
+
     with path.open("w", encoding="utf-8") as handle:
         for _ in range(n_examples):
-            record = {"instruction": span(12, 0.5, 3, 60),
-                      "input": span(30, 0.8, 3, 300) if rng.random() < 0.4 else "",
-                      "output": span(70, 1.0, 1, 900)}
+            if distribution == "skewed":
+                record = {"instruction": span(lognormal(12, 0.5, 3, 60)),
+                          "input": span(lognormal(30, 0.8, 3, 300)) if rng.random() < 0.4
+                          else "",
+                          "output": span(lognormal(70, 1.0, 1, 900))}
+            else:
+                record = {"instruction": span(12), "input": "",
+                          "output": span(rng.randint(110, 140))}
             handle.write(json.dumps(record) + "\n")
 
 
@@ -135,32 +168,44 @@ def build_model(folder: Path, dims: dict, seed: int) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def tokenize_dataset(data_path: Path, model_dir: Path, max_seq_len: int) -> list[dict]:
-    """tunelab's instruction template and loss mask; both sides train on these exact ids."""
-    from tunelab.data.formats import load_examples
-    from tunelab.data.tokenize import tokenize_examples
+def tunelab_config(spec: dict, overrides: dict | None = None) -> dict:
+    """The config tunelab's side trains with: the benchmark's model, data and LoRA; no
+    validation, no samples, no checkpoints (none of them are in the other sides either)."""
+    gpu = spec["gpu"]
+    raw = {"name": "bench", "output_dir": str(Path(spec["scratch"]) / "runs"),
+           "model": {"path": spec["model_dir"], "dtype": "bfloat16" if gpu else "float32",
+                     "device": "cuda" if gpu else "cpu"},
+           "method": {"kind": "lora", **LORA},
+           "data": {"train": [spec["data_path"]], "format": "instruction"},
+           "train": {"epochs": 1, "lr": spec["lr"], "warmup_steps": 0, "schedule": "cosine",
+                     "weight_decay": 0.0, "max_grad_norm": 1.0, "seed": spec["seed"],
+                     "batch_tokens": spec["batch_tokens"], "max_seq_len": spec["max_seq_len"],
+                     "samples": 0}}
+    for section, values in (overrides or {}).items():
+        raw[section] = {**raw[section], **values}
+    return raw
+
+
+def tokenize_as_tunelab(spec: dict) -> list[dict]:
+    """The data file as ``train()`` tokenizes it (prepare_data: template, loss mask,
+    truncation), in file order; the Trainer sides train on these exact ids."""
+    from tunelab.config import config_from_dict
+    from tunelab.data.prepare import prepare_data
     from tunelab.model.load import load_tokenizer
 
-    tokenizer = load_tokenizer(str(model_dir))
-    examples = tokenize_examples(load_examples([str(data_path)]), tokenizer,
-                                 max_seq_len=max_seq_len)
-    return [{"input_ids": ex.input_ids, "labels": ex.labels} for ex in examples]
+    config = config_from_dict(tunelab_config({**spec, "batch_tokens": spec["max_seq_len"],
+                                              "scratch": str(Path(spec["data_path"]).parent)}))
+    tokenizer = load_tokenizer(spec["model_dir"])
+    data = prepare_data(config.data, tokenizer, max_seq_len=config.train.max_seq_len,
+                        seed=config.train.seed)
+    return [{"input_ids": ex.input_ids, "labels": ex.labels} for ex in data.train]
 
 
-def step_schedule(n_examples: int, *, steps: int, per_step: int, seed: int) -> list[list[int]]:
-    """Example indices of every optimiser step: one seeded order, k consecutive per step."""
-    order = list(range(n_examples))
-    random.Random(seed).shuffle(order)
-    if steps * per_step > n_examples:
-        raise SystemExit(f"{steps} steps × {per_step} examples need more than {n_examples}")
-    return [order[s * per_step:(s + 1) * per_step] for s in range(steps)]
-
-
-# --- the two workers (each runs in its own subprocess) ------------------------------------------
+# --- the workers (each runs in its own subprocess) ----------------------------------------------
 
 
 def import_training_stack() -> None:
-    """Import what either side imports, so both start from the same runtime footprint."""
+    """Import what any side imports, so all start from the same runtime footprint."""
     import datasets  # noqa: F401
     import peft  # noqa: F401
     import transformers  # noqa: F401
@@ -169,8 +214,21 @@ def import_training_stack() -> None:
     import tunelab.train.loop  # noqa: F401
 
 
-def run_baseline(spec: dict) -> dict:
-    """transformers.Trainer + peft LoRA, configured as their docs show, on the shared steps."""
+def hf_attention(gpu: bool) -> str:
+    """flash_attention_2 (varlen kernels) where the GPU and flash-attn are there; else SDPA."""
+    if gpu:
+        try:
+            import flash_attn  # noqa: F401
+
+            return "flash_attention_2"
+        except ImportError:
+            pass
+    return "sdpa"
+
+
+def run_trainer(spec: dict, *, flattened: bool) -> dict:
+    """transformers.Trainer + peft LoRA as their docs show, with the padding collator or with
+    DataCollatorWithFlattening, ``per_step`` examples a step in file order."""
     import datasets
     import torch
     from peft import LoraConfig, get_peft_model
@@ -178,138 +236,90 @@ def run_baseline(spec: dict) -> dict:
         AutoModelForCausalLM,
         AutoTokenizer,
         DataCollatorForSeq2Seq,
+        DataCollatorWithFlattening,
         Trainer,
-        TrainerCallback,
         TrainingArguments,
     )
 
     gpu = spec["gpu"]
     tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
+    attention = hf_attention(gpu) if flattened else "sdpa"
     model = AutoModelForCausalLM.from_pretrained(
         spec["model_dir"], dtype=torch.bfloat16 if gpu else torch.float32,
-        attn_implementation="sdpa").to("cuda" if gpu else "cpu")
-    torch.manual_seed(spec["seed"])  # the same LoRA initialisation as the tunelab side
+        attn_implementation=attention).to("cuda" if gpu else "cpu")
+    torch.manual_seed(spec["seed"])
     model = get_peft_model(model, LoraConfig(
         r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
         target_modules=LORA["targets"], task_type="CAUSAL_LM"))
     examples = load_tokens(spec)
-    ordered = [examples[i] for step in spec["schedule"] for i in step]
-    dataset = datasets.Dataset.from_list(
-        [{**ex, "attention_mask": [1] * len(ex["input_ids"])} for ex in ordered])
+    rows = examples if flattened else [{**ex, "attention_mask": [1] * len(ex["input_ids"])}
+                                       for ex in examples]
     args = TrainingArguments(
         output_dir=spec["scratch"], per_device_train_batch_size=spec["per_step"],
-        gradient_accumulation_steps=1, max_steps=len(spec["schedule"]),
-        learning_rate=spec["lr"], lr_scheduler_type="cosine", warmup_steps=0, weight_decay=0.0,
-        max_grad_norm=1.0, optim="adamw_torch", logging_steps=1, save_strategy="no",
-        report_to="none", seed=spec["seed"], train_sampling_strategy="sequential",
-        dataloader_num_workers=0, disable_tqdm=True, bf16=gpu, use_cpu=not gpu)
+        gradient_accumulation_steps=1, num_train_epochs=1, learning_rate=spec["lr"],
+        lr_scheduler_type="cosine", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
+        optim="adamw_torch", logging_steps=1, save_strategy="no", report_to="none",
+        seed=spec["seed"], train_sampling_strategy="sequential", dataloader_num_workers=0,
+        disable_tqdm=True, bf16=gpu, use_cpu=not gpu)
+    collator = (DataCollatorWithFlattening() if flattened else
+                DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100))
     clock = StepClock()
-
-    class Timing(TrainerCallback):
-        def on_train_begin(self, *_, **__):
-            clock.begin()
-
-        def on_step_end(self, *_, **__):
-            clock.step()
-
-    trainer = Trainer(model=model, args=args, train_dataset=dataset,
-                      data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True,
-                                                           label_pad_token_id=-100),
-                      callbacks=[Timing()])
+    trainer = Trainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
+                      data_collator=collator, callbacks=[clock.callback()])
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    padded = sum(spec["per_step"] * max(len(examples[i]["input_ids"]) for i in step)
-                 for step in spec["schedule"])
-    return clock.result(losses, spec, examples, processed_tokens=padded)
+    steps = [examples[i:i + spec["per_step"]] for i in range(0, len(examples), spec["per_step"])]
+    tokens = [sum(len(ex["input_ids"]) for ex in step) for step in steps]
+    positions = sum(len(step) * max(len(ex["input_ids"]) for ex in step) for step in steps)
+    return {**step_summary(tokens, clock.step_s(), losses),
+            "processed_tokens": sum(tokens) if flattened else positions,
+            "attention": attention}
 
 
 def run_tunelab(spec: dict) -> dict:
-    """tunelab's components, in train()'s order, on the shared steps; ``spec['levers']`` ablates."""
+    """``tunelab.train.loop.train`` on the benchmark's config (with ``spec['lever']`` switched);
+    the steps' tokens, times and losses are read back from the run's metrics.jsonl."""
     import torch
+    from rich.console import Console
 
-    from tunelab.data.packing import collate, plan_batches
-    from tunelab.data.tokenize import TokenizedExample
+    from tunelab.config import config_from_dict
     from tunelab.model import varlen
-    from tunelab.model.adapters import apply_method
-    from tunelab.model.load import load_model
-    from tunelab.train.loss import batch_loss_sum
-    from tunelab.train.optim import build_optimizer, build_scheduler, clip_gradients
+    from tunelab.train.loop import train
 
-    levers = {"packing": True, "varlen": True, "chunked_loss": True, "checkpointing": False,
-              "threads": None, "compile": False, "malloc_mmap_threshold": None,
-              "chunk_tokens": spec["chunk_tokens"], **spec.get("levers", {})}
-    if levers["threads"]:
-        torch.set_num_threads(levers["threads"])
-    gpu = spec["gpu"]
-    device = torch.device("cuda" if gpu else "cpu")
-    model = load_model(spec["model_dir"], dtype="bfloat16" if gpu else "float32",
-                       device=str(device))
-    model.config.use_cache = False
-    if levers["packing"] and levers["varlen"]:
-        varlen.enable(model)
-    torch.manual_seed(spec["seed"])
-    model = apply_method(model, kind="lora", r=LORA["r"], alpha=LORA["alpha"],
-                         dropout=LORA["dropout"], targets=LORA["targets"], rslora=False)
-    if levers["checkpointing"]:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    if levers["compile"]:
-        for layer in model.get_base_model().model.layers:
-            layer.compile(dynamic=True)
-    loss_sum = (batch_loss_sum if levers["chunked_loss"] else full_logits_loss_sum)
-    examples = load_tokens(spec)
-    tokenized = [TokenizedExample(ex["input_ids"], ex["labels"], "bench", i)
-                 for i, ex in enumerate(examples)]
-    pad_id = 2
-    steps = len(spec["schedule"])
-    optimizer = build_optimizer(model, lr=spec["lr"], weight_decay=0.0)
-    scheduler = build_scheduler(optimizer, total_steps=steps, warmup_steps=0, schedule="cosine")
-    torch.manual_seed(spec["seed"])
-    model.train()
-    clock, losses, processed = StepClock(), [], 0
-    clock.begin()
-    for step in spec["schedule"]:
-        group = [tokenized[i] for i in step]
-        micro = plan_batches([len(ex.input_ids) for ex in group],
-                             batch_tokens=spec["batch_tokens"], packing=levers["packing"])
-        batches = [collate([group[i] for i in indices], packing=levers["packing"],
-                           pad_id=pad_id) for indices in micro]
-        n_target = sum(batch.n_target_tokens for batch in batches)
-        step_loss = 0.0
-        for batch in batches:
-            batch = batch.to(device)
-            processed += batch.input_ids.numel()
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=gpu):
-                loss = loss_sum(model, batch, chunk_tokens=levers["chunk_tokens"])
-            (loss / n_target).backward()
-            step_loss += float(loss.detach())
-        clip_gradients(model, 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(step_loss / n_target)
-        clock.step()
-    return clock.result(losses, spec, examples, processed_tokens=processed)
+    lever = spec.get("lever", {})
+    if lever.get("threads"):
+        torch.set_num_threads(lever["threads"])
+    if lever.get("varlen") is False:
+        varlen.enable = lambda model: False  # train() then gives packed rows to transformers
+    config = config_from_dict(tunelab_config(spec, lever.get("config")))
+    result = train(config, overwrite=True, console=Console(quiet=True))
+    records = [json.loads(line) for line in
+               (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = [record for record in records if "loss" in record]
+    tokens = [record["tokens"] for record in records]
+    processed = sum(tokens)
+    if not config.train.packing:  # padded rows: each micro-batch costs rows × longest
+        processed = padded_positions(spec, config.train.batch_tokens, config.train.seed)
+    return {**step_summary(tokens, [record["step_s"] for record in records],
+                           [record["loss"] for record in records]),
+            "processed_tokens": processed, "batch_tokens": config.train.batch_tokens,
+            "train_wall_s": round(result.wall_s, 3)}
 
 
-def full_logits_loss_sum(model, batch, *, chunk_tokens: int):
-    """The lever "chunked loss off": logits at every position, as a plain causal LM computes."""
-    import torch.nn.functional as F
+def padded_positions(spec: dict, batch_tokens: int, seed: int) -> int:
+    """Token positions tunelab computes with packing off: rows × longest, per micro-batch."""
+    from tunelab.data.packing import plan_batches
 
-    from tunelab.train.loss import hidden_states, model_parts
-
-    _, output_layer, _ = model_parts(model)
-    logits = output_layer(hidden_states(model, batch)).float()
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1), batch.labels[:, 1:].flatten(),
-                           ignore_index=-100, reduction="sum")
+    lengths = [len(ex["input_ids"]) for ex in load_tokens(spec)]
+    return sum(len(batch) * max(lengths[i] for i in batch) for batch in
+               plan_batches(lengths, batch_tokens=batch_tokens, packing=False, seed=seed))
 
 
 class StepClock:
-    """Wall-clock times of the optimiser steps, synchronised on GPU."""
+    """Wall-clock ends of the Trainer's optimiser steps (synchronised on GPU)."""
 
     def __init__(self):
-        self.started = 0.0
-        self.step_ends: list[float] = []
+        self.ends: list[float] = []
 
     def now(self) -> float:
         import torch
@@ -318,50 +328,51 @@ class StepClock:
             torch.cuda.synchronize()
         return time.perf_counter()
 
-    def begin(self) -> None:
-        self.started = self.now()
+    def callback(self):
+        from transformers import TrainerCallback
 
-    def step(self) -> None:
-        self.step_ends.append(self.now())
+        clock = self
 
-    def result(self, losses: list[float], spec: dict, examples: list[dict], *,
-               processed_tokens: int) -> dict:
-        """Tokens/s, peak memory, losses; ``processed_tokens`` counts padding too."""
-        import torch
+        class Timing(TrainerCallback):
+            def on_train_begin(self, *_, **__):
+                clock.ends = [clock.now()]
 
-        from tunelab.model.plan import peak_rss_bytes
+            def on_step_end(self, *_, **__):
+                clock.ends.append(clock.now())
 
-        tokens_per_step = [sum(len(examples[i]["input_ids"]) for i in step)
-                           for step in spec["schedule"]]
-        train_s = self.step_ends[-1] - self.started
-        steady_s = self.step_ends[-1] - self.step_ends[0]
-        if torch.cuda.is_available():
-            peak, peak_kind = torch.cuda.max_memory_allocated(), "cuda_max_memory_allocated"
-        else:
-            # VmHWM, not ru_maxrss: after fork+exec Linux starts ru_maxrss at the parent's RSS
-            peak, peak_kind = peak_rss_bytes(), "VmHWM"
-        quarter = max(1, len(losses) // 4)
-        step_s = [b - a for a, b in zip([self.started, *self.step_ends[:-1]], self.step_ends,
-                                         strict=True)]
-        # Per-step rates after the first step: their median ignores a step slowed down by
-        # another process on this shared machine; the slowest step says whether one was.
-        seconds_per_token = [s / n for s, n in zip(step_s[1:], tokens_per_step[1:],
-                                                   strict=True)] or [train_s / sum(tokens_per_step)]
-        typical = statistics.median(seconds_per_token)
-        return {
-            "non_padding_tokens": sum(tokens_per_step),
-            "processed_tokens": processed_tokens,
-            "train_s": round(train_s, 3),
-            "tokens_per_second": sum(tokens_per_step) / train_s,
-            "tokens_per_second_after_step_1": sum(tokens_per_step[1:]) / max(steady_s, 1e-9),
+        return Timing()
+
+    def step_s(self) -> list[float]:
+        """Each step from the end of the one before (data loading and collation included, as
+        in tunelab's step times)."""
+        return [b - a for a, b in zip(self.ends, self.ends[1:], strict=False)]
+
+
+def step_summary(tokens: list[int], step_s: list[float], losses: list[float]) -> dict:
+    """Non-padding tokens/s, the median step's rate, and the losses by tokens seen."""
+    seconds_per_token = [s / n for s, n in zip(step_s[1:], tokens[1:], strict=True)] \
+        or [step_s[0] / tokens[0]]
+    typical = statistics.median(seconds_per_token)
+    return {"non_padding_tokens": sum(tokens), "steps": len(tokens),
+            "tokens_per_step_mean": statistics.fmean(tokens),
+            "train_s": round(sum(step_s), 3),
+            "tokens_per_second": sum(tokens) / sum(step_s),
             "tokens_per_second_median_step": 1 / typical,
             "slowest_step_vs_median": max(seconds_per_token) / typical,
-            "peak_memory_bytes": peak, "peak_memory_kind": peak_kind,
-            "ru_maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "final_loss": losses[-1], "final_quarter_mean_loss": statistics.fmean(
-                losses[-quarter:]), "losses": [round(x, 5) for x in losses],
-            "step_s": [round(x, 3) for x in step_s], "tokens_per_step": tokens_per_step,
-        }
+            "final_loss": losses[-1], "last_quarter_loss": last_quarter_loss(tokens, losses),
+            "losses": [round(x, 5) for x in losses], "tokens_per_step": tokens,
+            "step_s": [round(x, 3) for x in step_s]}
+
+
+def last_quarter_loss(tokens: list[int], losses: list[float]) -> float:
+    """Token-weighted mean training loss over the last quarter of the tokens seen: a loss at
+    equal tokens seen for sides whose steps hold different numbers of tokens."""
+    total, seen, weighted, weight = sum(tokens), 0, 0.0, 0.0
+    for n, loss in zip(tokens, losses, strict=True):
+        inside = max(0, seen + n - max(seen, 0.75 * total))
+        weighted, weight = weighted + inside * loss, weight + inside
+        seen += n
+    return weighted / weight
 
 
 def load_tokens(spec: dict) -> list[dict]:
@@ -372,189 +383,211 @@ def worker_main(side: str, spec_path: str, result_path: str) -> None:
     """Entry point of a measuring subprocess: one run, result written as JSON."""
     import torch
 
+    from tunelab.model.plan import peak_rss_bytes
+
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     import_training_stack()
     spec = json.loads(Path(spec_path).read_text())
     started = time.perf_counter()
-    result = (run_baseline if side == "baseline" else run_tunelab)(spec)
+    if side == "tunelab":
+        result = run_tunelab(spec)
+    else:
+        result = run_trainer(spec, flattened=side == "hf_flattened")
     result["wall_s"] = round(time.perf_counter() - started, 3)
     result["threads"] = torch.get_num_threads()
+    if torch.cuda.is_available():
+        result.update(peak_memory_bytes=torch.cuda.max_memory_allocated(),
+                      peak_memory_kind="cuda_max_memory_allocated")
+    else:  # VmHWM, not ru_maxrss: after fork+exec Linux starts ru_maxrss at the parent's RSS
+        result.update(peak_memory_bytes=peak_rss_bytes(), peak_memory_kind="VmHWM")
     Path(result_path).write_text(json.dumps(result))
 
 
 # --- the orchestrating parent -------------------------------------------------------------------
 
 
-MAX_WAIT_FOR_QUIET_S = float(os.environ.get("TUNELAB_BENCH_MAX_WAIT_S", 150))
-
-
-def wait_for_quiet(threshold: float = 1.5,
-                   max_wait_s: float = MAX_WAIT_FOR_QUIET_S) -> tuple[float, float]:
-    """Wait until the 1-minute load average (which includes our own previous run) drops below
-    ``threshold``; returns (load average, seconds waited). Other users' load shows up here.
-    On a machine that is never quiet (shared with other jobs), run the benchmark at a higher
-    priority instead and set TUNELAB_BENCH_MAX_WAIT_S=0; the load is recorded either way."""
+def wait_for_quiet(max_wait_s: float, threshold: float = 1.5) -> tuple[float, float]:
+    """Wait up to ``max_wait_s`` until the 1-minute load average (which includes our own
+    previous run) drops below ``threshold``; returns (load average, seconds waited). Where a
+    measurement queue runs one job at a time, leave it at 0: the load is recorded either way."""
     started = time.perf_counter()
     while os.getloadavg()[0] >= threshold and time.perf_counter() - started < max_wait_s:
         time.sleep(5)
     return os.getloadavg()[0], time.perf_counter() - started
 
 
-def run_worker(side: str, spec: dict, workdir: Path, label: str) -> dict:
+def run_worker(side: str, spec: dict, workdir: Path, label: str, max_wait_s: float) -> dict:
     """Run one measured training in a fresh subprocess and return its result row."""
-    spec_path = workdir / f"spec-{label}.json"
-    result_path = workdir / f"result-{label}.json"
-    spec_path.write_text(json.dumps(spec))
-    env = dict(os.environ)
-    threshold = spec.get("levers", {}).get("malloc_mmap_threshold")
-    if threshold:  # read by glibc when the process starts
-        env["MALLOC_MMAP_THRESHOLD_"] = str(threshold)
-    load_before, waited_s = wait_for_quiet()
+    slug = "".join(c if c.isalnum() else "-" for c in label)
+    spec_path, result_path = workdir / f"spec-{slug}.json", workdir / f"result-{slug}.json"
+    spec_path.write_text(json.dumps({**spec, "scratch": str(workdir / f"scratch-{slug}")}))
+    load_before, waited_s = wait_for_quiet(max_wait_s)
     started = time.perf_counter()
     completed = subprocess.run([sys.executable, __file__, "--worker", side, "--spec",
                                 str(spec_path), "--result", str(result_path)],
-                               capture_output=True, text=True, env=env)
+                               capture_output=True, text=True)
     if completed.returncode != 0:
         raise SystemExit(f"{label} failed:\n{completed.stdout[-3000:]}\n{completed.stderr[-5000:]}")
     row = json.loads(result_path.read_text())
+    subprocess.run(["rm", "-rf", str(workdir / f"scratch-{slug}")], check=True)
     row.update(side=side, label=label, process_wall_s=round(time.perf_counter() - started, 1),
                load_average_before=round(load_before, 2), waited_for_quiet_s=round(waited_s),
                load_average_after=round(os.getloadavg()[0], 2))
-    print(f"  {label:42s} {row['tokens_per_second']:8.1f} tok/s "
-          f"(median step {row['tokens_per_second_median_step']:.1f}, slowest step "
-          f"{row['slowest_step_vs_median']:.1f}× median)  "
-          f"peak {row['peak_memory_bytes'] / 2**30:5.2f} GiB  loss {row['final_loss']:.4f}  "
-          f"({row['process_wall_s']:.0f} s, load {row['load_average_before']}→"
-          f"{row['load_average_after']})", flush=True)
+    print(f"  {label:58s} {row['tokens_per_second']:7.1f} tok/s (median step "
+          f"{row['tokens_per_second_median_step']:.1f})  peak "
+          f"{row['peak_memory_bytes'] / 2**30:5.2f} GiB  loss, last quarter "
+          f"{row['last_quarter_loss']:.4f}  ({row['steps']} steps, {row['process_wall_s']:.0f} s,"
+          f" load {row['load_average_before']}→{row['load_average_after']})", flush=True)
     return row
 
 
-def prepare(workdir: Path, workload: dict, *, gpu: bool, seed: int, lr: float) -> dict:
-    """Data, model and schedule written once; the spec every worker reads."""
-    from tunelab.config import TrainConfig
-
-    data_path, model_dir = workdir / "alpaca_like.jsonl", workdir / "model"
-    write_dataset(data_path, workload["examples"], seed)
-    n_params = build_model(model_dir, GPU_MODEL if gpu else CPU_MODEL, seed)
-    tokens = tokenize_dataset(data_path, model_dir, workload["max_seq_len"])
-    tokens_path = workdir / "tokens.json"
+def prepare(workdir: Path, workload: dict, distribution: str, *, model_dir: Path, gpu: bool,
+            seed: int, lr: float) -> dict:
+    """One distribution's data file and tokens, and the spec every worker reads."""
+    data_path = workdir / f"{distribution}.jsonl"
+    write_dataset(data_path, workload["examples"], seed, distribution)
+    spec = {"model_dir": str(model_dir), "data_path": str(data_path),
+            "per_step": workload["per_step"], "max_seq_len": workload["max_seq_len"],
+            "lr": lr, "seed": seed, "gpu": gpu, "distribution": distribution}
+    tokens = tokenize_as_tunelab(spec)
+    tokens_path = workdir / f"{distribution}-tokens.json"
     tokens_path.write_text(json.dumps(tokens))
     lengths = [len(ex["input_ids"]) for ex in tokens]
-    schedule = step_schedule(len(tokens), steps=workload["steps"], per_step=workload["per_step"],
-                             seed=seed)
-    print(f"model: Llama, random weights, {n_params / 1e6:.0f}M parameters; data: "
-          f"{len(tokens)} examples, tokens median {statistics.median(lengths):.0f} / mean "
-          f"{statistics.fmean(lengths):.0f} / max {max(lengths)}; {len(schedule)} steps × "
-          f"{workload['per_step']} examples", flush=True)
-    return {"model_dir": str(model_dir), "tokens": str(tokens_path), "schedule": schedule,
-            "per_step": workload["per_step"], "batch_tokens": workload["batch_tokens"],
-            "chunk_tokens": TrainConfig().loss_chunk_tokens, "lr": lr, "seed": seed, "gpu": gpu,
-            "scratch": str(workdir / "trainer-output"), "n_params": n_params,
-            "data": {"examples": len(tokens), "median_tokens": statistics.median(lengths),
-                     "mean_tokens": statistics.fmean(lengths), "max_tokens": max(lengths),
-                     "max_seq_len": workload["max_seq_len"]}}
+    trainer_steps = math.ceil(len(lengths) / workload["per_step"])
+    batch_tokens = workload["batch_tokens"] or matched_batch_tokens(lengths, trainer_steps, seed)
+    print(f"{distribution}: {len(tokens)} examples, tokens median "
+          f"{statistics.median(lengths):.0f} / mean {statistics.fmean(lengths):.0f} / min "
+          f"{min(lengths)} / max {max(lengths)}; Trainer {trainer_steps} steps of "
+          f"{workload['per_step']} examples, tunelab batch_tokens {batch_tokens}", flush=True)
+    return {**spec, "tokens": str(tokens_path), "batch_tokens": batch_tokens,
+            "data": {"examples": len(tokens), "tokens": sum(lengths),
+                     "median_tokens": statistics.median(lengths),
+                     "mean_tokens": statistics.fmean(lengths), "min_tokens": min(lengths),
+                     "max_tokens": max(lengths), "max_seq_len": workload["max_seq_len"],
+                     "tunelab_batch_tokens": batch_tokens}}
+
+
+def matched_batch_tokens(lengths: list[int], steps: int, seed: int) -> int:
+    """The smallest token budget (from the Trainer's mean tokens per step up, in steps of 16)
+    at which tunelab's packing plan for these examples has no more steps than the Trainer."""
+    from tunelab.data.packing import plan_batches
+
+    budget = math.ceil(sum(lengths) / steps)
+    while len(plan_batches(lengths, batch_tokens=budget, packing=True, seed=seed)) > steps:
+        budget += 16
+    return budget
 
 
 def summarise(rows: list[dict]) -> dict:
-    """Median over repeats per side, and tunelab / baseline ratios."""
-    def median(side: str, key: str) -> float:
-        return statistics.median(row[key] for row in rows if row["side"] == side)
-
-    keys = ("tokens_per_second", "tokens_per_second_after_step_1",
-            "tokens_per_second_median_step", "peak_memory_bytes", "final_loss",
-            "final_quarter_mean_loss", "train_s")
-    summary = {side: {key: median(side, key) for key in keys} for side in ("baseline", "tunelab")}
-    base, ours = summary["baseline"], summary["tunelab"]
-    summary["ratios"] = {
-        "tokens_per_second": ours["tokens_per_second"] / base["tokens_per_second"],
-        "tokens_per_second_after_step_1": ours["tokens_per_second_after_step_1"]
-        / base["tokens_per_second_after_step_1"],
-        "tokens_per_second_median_step": ours["tokens_per_second_median_step"]
-        / base["tokens_per_second_median_step"],
-        "peak_memory": ours["peak_memory_bytes"] / base["peak_memory_bytes"],
-        "final_loss_relative_difference": (ours["final_loss"] - base["final_loss"])
-        / base["final_loss"],
-        "final_quarter_loss_relative_difference": (ours["final_quarter_mean_loss"]
-                                                   - base["final_quarter_mean_loss"])
-        / base["final_quarter_mean_loss"],
-    }
-    per_step = [abs(a - b) / b for ra in rows if ra["side"] == "tunelab"
-                for rb in rows if rb["side"] == "baseline"
-                for a, b in zip(ra["losses"], rb["losses"], strict=True)]
-    summary["ratios"]["max_per_step_loss_relative_difference"] = max(per_step)
+    """Per side: the median over repeats; tunelab against each Trainer side."""
+    keys = ("tokens_per_second", "tokens_per_second_median_step", "peak_memory_bytes",
+            "final_loss", "last_quarter_loss", "train_s", "steps", "tokens_per_step_mean",
+            "processed_tokens", "non_padding_tokens")
+    summary = {side: {key: statistics.median(row[key] for row in rows if row["side"] == side)
+                      for key in keys}
+               for side in SIDES if any(row["side"] == side for row in rows)}
+    ours = summary["tunelab"]
+    summary["tunelab_vs"] = {
+        side: {"tokens_per_second": ours["tokens_per_second"] / base["tokens_per_second"],
+               "tokens_per_second_median_step": ours["tokens_per_second_median_step"]
+               / base["tokens_per_second_median_step"],
+               "peak_memory": ours["peak_memory_bytes"] / base["peak_memory_bytes"],
+               "last_quarter_loss_relative_difference":
+                   (ours["last_quarter_loss"] - base["last_quarter_loss"])
+                   / base["last_quarter_loss"]}
+        for side, base in summary.items() if side.startswith("hf_")}
     return summary
 
 
-def print_table(summary: dict, rows: list[dict], gpu_mfu: dict | None = None) -> None:
+def print_table(name: str, summary: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="tunelab vs transformers.Trainer + peft LoRA (median of repeats)")
-    for column in ("", "tokens/s", "tokens/s (median step)", "peak memory", "final loss",
-                   "last-quarter loss"):
+    table = Table(title=f"{name} lengths (median of repeats)")
+    for column in ("", "tokens/s", "tokens/s (median step)", "peak memory",
+                   "loss, last quarter of tokens", "steps"):
         table.add_column(column, justify="right")
-    for side in ("baseline", "tunelab"):
+    for side in SIDES:
         values = summary[side]
-        table.add_row(side, f"{values['tokens_per_second']:.1f}",
+        table.add_row(SIDE_TITLES[side], f"{values['tokens_per_second']:.1f}",
                       f"{values['tokens_per_second_median_step']:.1f}",
                       f"{values['peak_memory_bytes'] / 2**30:.2f} GiB",
-                      f"{values['final_loss']:.4f}", f"{values['final_quarter_mean_loss']:.4f}")
-    ratios = summary["ratios"]
-    table.add_row("tunelab / baseline", f"{ratios['tokens_per_second']:.2f}×",
-                  f"{ratios['tokens_per_second_median_step']:.2f}×",
-                  f"{ratios['peak_memory']:.2f}×",
-                  f"{ratios['final_loss_relative_difference']:+.2%}",
-                  f"{ratios['final_quarter_loss_relative_difference']:+.2%}")
+                      f"{values['last_quarter_loss']:.4f}", f"{values['steps']:.0f}")
+    for side, ratios in summary["tunelab_vs"].items():
+        table.add_row(f"tunelab / {SIDE_TITLES[side]}", f"{ratios['tokens_per_second']:.2f}×",
+                      f"{ratios['tokens_per_second_median_step']:.2f}×",
+                      f"{ratios['peak_memory']:.2f}×",
+                      f"{ratios['last_quarter_loss_relative_difference']:+.2%}", "")
     Console().print(table)
-    if gpu_mfu:
-        print("model FLOPs utilisation: " + ", ".join(f"{k} {v:.1%}" for k, v in gpu_mfu.items()))
 
 
 def print_levers(rows: list[dict]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="tunelab levers: each switched off (or on) alone, vs all levers")
-    for column in ("configuration", "tokens/s", "tokens/s (median step)", "× speed",
-                   "peak memory", "× memory", "final loss"):
+    table = Table(title="tunelab.train: each lever switched from the default, alone")
+    for column in ("configuration", "tokens/s", "× speed", "peak memory", "× memory",
+                   "loss, last quarter"):
         table.add_column(column, justify="right")
-    reference = next(row for row in rows if row["lever"] == "all levers (default)")
+    reference = rows[0]
     for row in rows:
-        speed = row["tokens_per_second_median_step"]
-        table.add_row(row["lever"], f"{row['tokens_per_second']:.1f}", f"{speed:.1f}",
-                      f"{speed / reference['tokens_per_second_median_step']:.2f}",
+        table.add_row(row["lever"], f"{row['tokens_per_second']:.1f}",
+                      f"{row['tokens_per_second'] / reference['tokens_per_second']:.2f}",
                       f"{row['peak_memory_bytes'] / 2**30:.2f} GiB",
                       f"{row['peak_memory_bytes'] / reference['peak_memory_bytes']:.2f}",
-                      f"{row['final_loss']:.4f}")
+                      f"{row['last_quarter_loss']:.4f}")
     Console().print(table)
 
 
-def model_flops_utilisation(spec: dict, rows: list[dict], peak_flops: float) -> dict:
-    """MFU per side with LoRA accounting (frozen weights: forward + input gradient only)."""
+def model_flops_utilisation(specs: dict, rows: list[dict], peak_flops: float) -> dict:
+    """MFU per distribution and side, LoRA accounting (frozen weights: forward + input
+    gradient only), over the non-padding tokens every side trains on."""
     from transformers import AutoConfig
 
     from tunelab.model.plan import ModelShape, training_flops
 
-    shape = ModelShape.from_config(AutoConfig.from_pretrained(spec["model_dir"]))
-    examples = load_tokens(spec)
-    total = 0.0
-    for step in spec["schedule"]:
-        for i in step:
-            ex = examples[i]
-            n_target = sum(label != -100 for label in ex["labels"][1:])
-            total += training_flops(shape, [len(ex["input_ids"])], n_target_tokens=n_target,
-                                    kind="lora", r=LORA["r"], checkpointing=False)
     mfu = {}
-    for side in ("baseline", "tunelab"):
-        train_s = statistics.median(row["train_s"] for row in rows if row["side"] == side)
-        mfu[side] = total / train_s / peak_flops
+    for name, spec in specs.items():
+        shape = ModelShape.from_config(AutoConfig.from_pretrained(spec["model_dir"]))
+        total = sum(training_flops(shape, [len(ex["input_ids"])], kind="lora", r=LORA["r"],
+                                   n_target_tokens=sum(x != -100 for x in ex["labels"][1:]),
+                                   checkpointing=False) for ex in load_tokens(spec))
+        mfu[name] = {side: total / statistics.median(
+            row["train_s"] for row in rows if row["side"] == side
+            and row["distribution"] == name) / peak_flops for side in SIDES}
     return mfu
+
+
+def run_comparison(specs: dict, workload: dict, workdir: Path, max_wait_s: float) -> list[dict]:
+    """Every side on every distribution, alternating, ``repeats`` rounds."""
+    rows = []
+    for repeat in range(workload["repeats"]):
+        for name, spec in specs.items():
+            for side in SIDES:
+                row = run_worker(side, spec, workdir, f"{name} · {side} #{repeat + 1}",
+                                 max_wait_s)
+                rows.append({**row, "distribution": name, "repeat": repeat + 1})
+    return rows
+
+
+def run_levers(spec: dict, workload: dict, workdir: Path, max_wait_s: float,
+               only: list[str]) -> list[dict]:
+    """tunelab.train with each lever switched alone; the median repeat of each."""
+    chosen = {name: lever for name, lever in LEVERS.items()
+              if not lever or not only or any(word in name for word in only)}
+    rows = []
+    for repeat in range(workload["repeats"]):
+        for name, lever in chosen.items():
+            row = run_worker("tunelab", {**spec, "lever": lever}, workdir,
+                             f"{name} #{repeat + 1}", max_wait_s)
+            rows.append({**row, "lever": name, "switch": lever, "repeat": repeat + 1})
+    return median_per_lever(rows, list(chosen))
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="1-2 minute smoke run")
+    parser.add_argument("--quick", action="store_true", help="smoke run on a small model")
     parser.add_argument("--levers", action="store_true", help="ablate tunelab's levers")
     parser.add_argument("--only", nargs="+", default=[],
                         help="with --levers: only the levers whose names contain these words")
@@ -563,12 +596,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gpu", action="store_true", help="~1B model in bf16 on a CUDA GPU")
     parser.add_argument("--peak-tflops", type=float, default=989.0,
                         help="the GPU's dense bf16 peak for MFU (H100 SXM: 989)")
-    parser.add_argument("--steps", type=int, help="optimiser steps (default: per workload)")
+    parser.add_argument("--examples", type=int, help="examples per side (default: per workload)")
     parser.add_argument("--repeats", type=int, help="runs per side (default: per workload)")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, help="results JSON (default: results/<device>-<date>)")
-    parser.add_argument("--worker", choices=["baseline", "tunelab"], help=argparse.SUPPRESS)
+    parser.add_argument("--wait-for-quiet-s", type=float, default=0.0,
+                        help="before each run, wait up to this long for a load average < 1.5")
+    parser.add_argument("--out", type=Path, help="results JSON (default: results/...)")
+    parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -580,58 +615,63 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--gpu measures a ~1B Llama in bf16 on a CUDA GPU, and torch sees none "
                      "here (torch.cuda.is_available() is False); run it on a GPU machine, or "
                      "leave out --gpu for the CPU benchmark")
-    name = ("gpu" if args.gpu else "quick" if args.quick else "levers" if args.levers
+    mode = ("gpu" if args.gpu else "quick" if args.quick else "levers" if args.levers
             else "full")
-    workload = dict(WORKLOADS[name])
-    if args.steps:
-        workload["steps"] = args.steps
-    if args.repeats:
-        workload["repeats"] = args.repeats
-    origin = provenance()
-    print(f"provenance: {origin}", flush=True)
-    with tempfile.TemporaryDirectory(prefix="tunelab-bench-") as tmp:
-        workdir = Path(tmp)
-        spec = prepare(workdir, workload, gpu=args.gpu, seed=args.seed, lr=args.lr)
-        rows = []
-        if args.levers:
-            chosen = {name: options for name, options in LEVERS.items()
-                      if not options or not args.only
-                      or any(word in name for word in args.only)}
-            for repeat in range(workload["repeats"]):
-                for lever, options in chosen.items():
-                    row = run_worker("tunelab", {**spec, "levers": options}, workdir,
-                                     f"{lever} #{repeat + 1}")
-                    rows.append({**row, "lever": lever, "repeat": repeat + 1})
-            rows = median_per_lever(rows, list(chosen))
-            print_levers(rows)
-        else:
-            for repeat in range(workload["repeats"]):
-                for side in ("baseline", "tunelab"):
-                    row = run_worker(side, spec, workdir, f"{side} #{repeat + 1}")
-                    rows.append({**row, "repeat": repeat + 1})
-        origin["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
-        report = {"benchmark": "train_throughput", "mode": "levers" if args.levers else name,
-                  "date": date.today().isoformat(), **origin,
-                  "model": {"architecture": "LlamaForCausalLM", "weights": "random",
-                            "parameters": spec["n_params"],
-                            **(GPU_MODEL if args.gpu else CPU_MODEL)},
-                  "lora": LORA, "workload": {**workload, "lr": args.lr, "schedule": "cosine",
-                                             "warmup_steps": 0, "seed": args.seed},
-                  "data": spec["data"], "runs": rows}
-        if not args.levers:
-            report["summary"] = summarise(rows)
-            if args.gpu:
-                report["summary"]["model_flops_utilisation"] = model_flops_utilisation(
-                    spec, rows, args.peak_tflops * 1e12)
-            print_table(report["summary"], rows,
-                        report["summary"].get("model_flops_utilisation"))
-    out = args.out or RESULTS / (f"{'gpu' if args.gpu else 'cpu'}-"
-                                 f"{'levers-' if args.levers else ''}"
-                                 f"{'partial-' if args.levers and args.only else ''}"
-                                 f"{'quick-' if args.quick else ''}{date.today().isoformat()}.json")
+    workload = dict(WORKLOADS[mode])
+    if args.quick and args.levers:
+        workload.update(batch_tokens=1024, distributions=["skewed"])
+    workload.update({key: value for key, value in (("examples", args.examples),
+                                                   ("repeats", args.repeats)) if value})
+    report = measure(args, workload)
+    out = args.out or default_out(args)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {out}")
+
+
+def measure(args, workload: dict) -> dict:
+    """Build the model and data, run the workers, and return the result file's contents."""
+    origin = provenance()
+    print(f"provenance: {origin}", flush=True)
+    dims = MODELS[workload["model"]]
+    with tempfile.TemporaryDirectory(prefix="tunelab-bench-") as tmp:
+        workdir = Path(tmp)
+        n_params = build_model(workdir / "model", dims, args.seed)
+        specs = {name: prepare(workdir, workload, name, model_dir=workdir / "model",
+                               gpu=args.gpu, seed=args.seed, lr=args.lr)
+                 for name in workload["distributions"]}
+        report = {"benchmark": "train_throughput", "mode": "levers" if args.levers else "sides",
+                  "date": date.today().isoformat(), **origin,
+                  "model": {"architecture": "LlamaForCausalLM", "weights": "random",
+                            "parameters": n_params, **dims},
+                  "lora": LORA, "workload": {**workload, "lr": args.lr, "schedule": "cosine",
+                                             "warmup_steps": 0, "seed": args.seed},
+                  "data": {name: spec["data"] for name, spec in specs.items()}}
+        if args.levers:
+            spec = next(iter(specs.values()))
+            report["runs"] = run_levers(spec, workload, workdir, args.wait_for_quiet_s,
+                                        args.only)
+            print_levers(report["runs"])
+        else:
+            rows = run_comparison(specs, workload, workdir, args.wait_for_quiet_s)
+            report["runs"] = rows
+            report["summary"] = {name: summarise([row for row in rows
+                                                  if row["distribution"] == name])
+                                 for name in specs}
+            for name, summary in report["summary"].items():
+                print_table(name, summary)
+            if args.gpu:
+                report["model_flops_utilisation"] = model_flops_utilisation(
+                    specs, rows, args.peak_tflops * 1e12)
+        origin["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    return report
+
+
+def default_out(args) -> Path:
+    """results/{throughput,levers}-{cpu,gpu}[-quick][-partial].json"""
+    return RESULTS / (f"{'levers' if args.levers else 'throughput'}-"
+                      f"{'gpu' if args.gpu else 'cpu'}{'-quick' if args.quick else ''}"
+                      f"{'-partial' if args.levers and args.only else ''}.json")
 
 
 def _cuda_available() -> bool:
@@ -649,7 +689,7 @@ def median_per_lever(rows: list[dict], levers: list[str]) -> list[dict]:
         middle = dict(runs[len(runs) // 2])
         middle["repeats"] = [{k: run[k] for k in ("tokens_per_second",
                                                   "tokens_per_second_median_step",
-                                                  "peak_memory_bytes", "final_loss")}
+                                                  "peak_memory_bytes", "last_quarter_loss")}
                              for run in runs]
         middle["peak_memory_bytes"] = statistics.median(run["peak_memory_bytes"] for run in runs)
         merged.append(middle)
@@ -672,7 +712,7 @@ def plan_check_configs(workdir: Path, seed: int) -> dict[str, dict]:
     bench = workdir / "model"
     build_model(bench, CPU_MODEL, seed)
     alpaca = workdir / "alpaca_like.jsonl"
-    write_dataset(alpaca, 400, seed)
+    write_dataset(alpaca, 400, seed, "skewed")
     review = {"train": str(sentiment / "train.jsonl"), "validation": str(sentiment / "valid.jsonl"),
               "prompt": "Review: {text}\nSentiment:", "completion": " {label}"}
     lora = {"kind": "lora", **{k: LORA[k] for k in ("r", "alpha", "dropout", "targets")}}

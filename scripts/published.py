@@ -139,11 +139,11 @@ def render_baselines(result: dict) -> str:
     DataCollatorWithFlattening, per length distribution; the issue's target against the
     padding-free Trainer (≥ 1.15× tokens/s, ≤ 0.6× peak memory) said met or not."""
     parts, verdicts = [], []
-    memory = ("peak memory (CUDA)" if result["runs"][0]["peak_memory_kind"].startswith("cuda")
-              else "peak memory (RSS)")
+    memory_label = ("peak memory (CUDA)" if result["runs"][0]["peak_memory_kind"]
+                    .startswith("cuda") else "peak memory (RSS)")
     for name, summary in result["summary"].items():
         parts.append(_baselines_table(name, summary, result["data"][name],
-                                      result["workload"]["per_step"], memory))
+                                      result["workload"]["per_step"], memory_label))
         flat = summary["tunelab_vs"]["hf_flattened"]
         speed, memory = flat["tokens_per_second"], flat["peak_memory"]
         verdicts.append(f"{name}: {speed:.2f}× tokens/s ({'met' if speed >= 1.15 else 'not met'})"
@@ -155,12 +155,14 @@ def render_baselines(result: dict) -> str:
             f"{result['model']['parameters'] / 1e6:.0f}M-parameter Llama (random weights), "
             f"LoRA r={result['lora']['r']} on all linear layers; the flattening Trainer runs "
             f"attention `{', '.join(sorted(attention))}` with the block mask transformers builds "
-            f"from the restarting position ids. Median of {repeats} alternating run"
-            f"{'s' if repeats > 1 else ''} a side, each a fresh process. Measured by "
+            f"from the restarting position ids. "
+            + (f"Median of {repeats} alternating runs a side" if repeats > 1 else
+               "One run a side, alternating") + ", each a fresh process. Measured by "
             f"{_origin(result)}.\n")
 
 
-def _baselines_table(name: str, summary: dict, data: dict, per_step: int, memory: str) -> str:
+def _baselines_table(name: str, summary: dict, data: dict, per_step: int,
+                     memory_label: str) -> str:
     sides = ("hf_padded", "hf_flattened", "tunelab")
     ratios = summary["tunelab_vs"]
 
@@ -178,7 +180,7 @@ def _baselines_table(name: str, summary: dict, data: dict, per_step: int, memory
         + " | tunelab ÷ padding | tunelab ÷ flattening |", "|---" * 6 + "|",
         row("non-padding tokens/s", [f"{summary[s]['tokens_per_second']:.1f}" for s in sides],
             [f"**{ratios[s]['tokens_per_second']:.2f}×**" for s in sides[:2]]),
-        row(memory, [_gib(summary[s]["peak_memory_bytes"]) for s in sides],
+        row(memory_label, [_gib(summary[s]["peak_memory_bytes"]) for s in sides],
             [f"**{ratios[s]['peak_memory']:.2f}×**" for s in sides[:2]]),
         row("training loss, last quarter of the tokens",
             [f"{summary[s]['last_quarter_loss']:.4f}" for s in sides],
