@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import platform
@@ -22,9 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import ValidationError
 
 from tunelab.config import Config, dump_config, load_config
-from tunelab.errors import ConfigError, RunError
+from tunelab.errors import ConfigError, ModelError, RunError
 
 
 def hash_file(path: str) -> str:
@@ -68,14 +70,26 @@ def create_run(config: Config, *, overwrite: bool = False) -> Path:
     return run_dir
 
 
-def open_run(run_dir: str | Path) -> tuple[Path, Config]:
-    """An existing run directory and its resolved config."""
+def open_run(run_dir: str | Path, *, need_data: bool = True) -> tuple[Path, Config]:
+    """An existing run directory and its resolved config.
+
+    ``need_data=False`` reads the saved config without checking that its data files and model
+    path exist here: serving, chat and export need only the model part, and a run copied to
+    another machine (or whose data moved) names paths that are gone. Training and evaluation
+    keep the check, so a missing data file is named before any work starts.
+    """
     run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
         raise RunError(f"{run_dir} is not a tunelab run directory (no config.yaml)",
                        where=str(run_dir), fix="pass a folder made by `tunelab train`, "
                        "e.g. runs/<name>")
-    return run_dir, load_config(run_dir / "config.yaml")
+    if need_data:
+        return run_dir, load_config(config_path)
+    try:  # the saved config is already resolved: its paths are absolute, nothing to resolve
+        return run_dir, Config.model_validate(yaml.safe_load(config_path.read_text()))
+    except (ValidationError, yaml.YAMLError, UnicodeDecodeError):
+        return run_dir, load_config(config_path)  # raises the same problem as a clear error
 
 
 def write_manifest(run_dir: Path, manifest: dict[str, Any]) -> None:
@@ -234,20 +248,69 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
 def load_run_model(run_dir: str | Path, *, base: bool = False):
     """The model of a run ready to generate: base + adapter (or full weights), tokenizer, config.
 
-    ``base=True`` gives the untouched base model, for side-by-side comparisons.
+    The base is the one the adapter was trained on (:func:`load_run_base`). ``base=True`` gives
+    that base without the adapter, for side-by-side comparisons. The run's data files need not
+    exist (see :func:`open_run`).
     """
     from tunelab.model.adapters import METHODS, load_tuned, tuned_weights_path
     from tunelab.model.load import load_model, load_tokenizer
 
-    run_dir, config = open_run(run_dir)
-    method = METHODS[config.method.kind]
-    path, gguf_file = config.model.path, config.model.gguf_file
-    if not method.adapter and not base:
-        path, gguf_file = str(tuned_weights_path(method.kind, run_dir)), None
-    tokenizer = load_tokenizer(path, gguf_file)
-    model = load_model(path, dtype=config.model.dtype, device=config.model.device,
-                       gguf_file=gguf_file, attn_implementation=config.model.attn_implementation)
-    if method.adapter and not base:
-        model = load_tuned(model, run_dir)
+    run_dir, config = open_run(run_dir, need_data=False)
+    if METHODS[config.method.kind].adapter:
+        model, tokenizer = load_run_base(run_dir, config)
+        if not base:
+            model = load_tuned(model, run_dir)
+    else:
+        path, gguf_file = config.model.path, config.model.gguf_file
+        if not base:
+            path, gguf_file = str(tuned_weights_path(config.method.kind, run_dir)), None
+        tokenizer = load_tokenizer(path, gguf_file)
+        model = load_model(path, dtype=config.model.dtype, device=config.model.device,
+                           gguf_file=gguf_file,
+                           attn_implementation=config.model.attn_implementation)
     model.eval()
     return model, tokenizer, config
+
+
+def load_run_base(run_dir: Path, config: Config, *,
+                  base: tuple[str, str | None] | None = None):
+    """The base an adapter run trained on, as it trained on it, and its tokenizer.
+
+    A QLoRA run's adapter corrects the NF4 weights, so its base is loaded in 4 bits again (on a
+    float base it would be another model). The base is found with :func:`run_base`, unless
+    ``base`` (model reference, GGUF file) names it.
+    """
+    from tunelab.model.adapters import METHODS
+    from tunelab.model.load import load_model, load_tokenizer
+
+    load_in_4bit = METHODS[config.method.kind].load_in_4bit
+    if load_in_4bit and importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelError(
+            f"{run_dir} was trained with QLoRA on a 4-bit (NF4) base, and loading that base "
+            "needs the bitsandbytes package, which is not installed; on a float base the adapter "
+            "would not give the model that was trained",
+            where=str(run_dir), fix='pip install "tunelab[qlora]" (bitsandbytes >= 0.50 runs on '
+            f"CPU and CUDA); or, where it is installed, run tunelab export {run_dir} --to merged "
+            "and use the merged folder (plain float weights) here")
+    path, gguf_file = base or run_base(run_dir, config)
+    tokenizer = load_tokenizer(path, gguf_file)
+    model = load_model(path, dtype=config.model.dtype, device=config.model.device,
+                       gguf_file=gguf_file, attn_implementation=config.model.attn_implementation,
+                       load_in_4bit=load_in_4bit)
+    return model, tokenizer
+
+
+def run_base(run_dir: Path, config: Config) -> tuple[str, str | None]:
+    """The model reference and GGUF file an adapter run's base loads from on this machine.
+
+    The config's ``model.path`` while it exists here; in a run copied from another machine it
+    names that machine's folder, so the base the adapter's sidecar names (its weights' hashes
+    and hub id, :func:`tunelab.model.load.resolve_adapter_base`) is loaded instead.
+    """
+    from tunelab.model.load import resolve_adapter_base
+
+    path = config.model.path
+    local = path.startswith(("/", "~", ".")) or path.endswith(".gguf")
+    if local and not Path(path).expanduser().exists():
+        return resolve_adapter_base(run_dir / "adapter"), None
+    return path, config.model.gguf_file

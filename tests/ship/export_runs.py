@@ -8,6 +8,7 @@ adapter's B matrices random values, so base and tuned logits differ by whole uni
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -83,3 +84,25 @@ def make_run(folder: Path, model_dir: str, name: str, records: list[dict], steps
                   "samples": 0, "seed": 0},
     })
     return train(config, console=Console(quiet=True)).run_dir
+
+
+def copied_run(run: Path, folder: Path, *, model_path: str | None = None,
+               sidecar: dict | None = None) -> Path:
+    """``run`` as another machine has it: copied to ``folder``, its data files nowhere (the
+    saved config names paths that do not exist here) and, given ``model_path``, its base named
+    by a path of that machine; ``sidecar`` replaces the adapter's record of its base."""
+    import yaml
+
+    from tunelab.model.load import BASE_SIDECAR
+
+    shutil.copytree(run, folder)
+    config = yaml.safe_load((folder / "config.yaml").read_text())
+    gone = Path("/elsewhere") / run.name
+    for split in ("train", "validation", "test"):
+        config["data"][split] = [str(gone / Path(name).name) for name in config["data"][split]]
+    if model_path is not None:
+        config["model"]["path"] = model_path
+    (folder / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    if sidecar is not None:
+        (folder / "adapter" / BASE_SIDECAR).write_text(json.dumps(sidecar))
+    return folder

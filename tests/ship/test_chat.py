@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from export_runs import GREETINGS, make_run
+from export_runs import GREETINGS, copied_run, make_run
 
 from tunelab.data.render import chat_prompt
 from tunelab.eval.generate import generate_texts
@@ -57,9 +57,13 @@ def test_chat_keeps_the_conversation_streams_replies_and_resets(greeter):
     assert output.writes.index("\n") > 1  # the first reply came in several pieces
 
 
-def test_the_cli_chats_with_piped_input(greeter):
+def test_the_cli_chats_with_piped_input_on_a_run_copied_from_another_machine(greeter,
+                                                                            tmp_path):
+    # its data files and its base's folder are paths of that machine; the adapter's record
+    # of its base (sha256 of the weights) finds the same base here
+    copy = copied_run(greeter, tmp_path / "greeter", model_path="/elsewhere/tiny-model")
     result = subprocess.run(
-        [sys.executable, "-m", "tunelab.cli", "chat", str(greeter), "--max-new-tokens",
+        [sys.executable, "-m", "tunelab.cli", "chat", str(copy), "--max-new-tokens",
          str(MAX_TOKENS)], input="Say hi to Eve\n/exit\n", capture_output=True, text=True,
         timeout=600)
     assert result.returncode == 0, result.stderr

@@ -87,3 +87,49 @@ def test_the_merged_weights_are_the_dequantised_weights_plus_the_adapter(qlora_r
     dequantised = bnb_functional.dequantize_4bit(weight4.data, weight4.quant_state)
     merged = model.merge_and_unload().model.layers[0].self_attn.q_proj.weight
     torch.testing.assert_close(merged, dequantised + update, rtol=0, atol=1e-6)
+
+
+def test_generate_chat_and_serve_load_a_qlora_run_on_its_4bit_base(qlora_run,
+                                                                   qlora_model_dir):
+    """Not the float base: the adapter corrects the NF4 weights it trained on (a float base
+    is off by the whole quantisation error, the first test above)."""
+    from bitsandbytes.nn import Linear4bit
+
+    from tunelab.runs import load_run_model
+    from tunelab.ship.serve import load_served_models
+
+    trained = load_tuned(load_model(qlora_model_dir, device="cpu", load_in_4bit=True), qlora_run)
+    tokenizer = AutoTokenizer.from_pretrained(qlora_model_dir)
+    expected = logits_for(trained.eval(), tokenizer)
+    model, _, _ = load_run_model(qlora_run)
+    assert isinstance(model.get_base_model().model.layers[0].self_attn.q_proj.base_layer,
+                      Linear4bit)
+    served, _, _ = load_served_models([str(qlora_run)])
+    served.set_adapter("adapter0")
+    for loaded in (model, served):
+        assert all(a.equal(b) for a, b in zip(logits_for(loaded, tokenizer), expected,
+                                              strict=True))
+
+
+def test_a_qlora_run_and_a_lora_run_on_the_same_path_are_not_served_together(
+        qlora_run, qlora_model_dir, tmp_path):
+    from export_runs import train_tiny_run
+
+    from tunelab.errors import RunError
+    from tunelab.ship.serve import load_served_models
+
+    lora_run = train_tiny_run(tmp_path, qlora_model_dir)
+    with pytest.raises(RunError, match=r"different base models.*4 bits \(QLoRA\)"):
+        load_served_models([str(qlora_run), str(lora_run)])
+
+
+def test_without_bitsandbytes_a_qlora_run_is_a_clear_error_not_a_float_base(
+        qlora_run, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as on a machine without it
+    monkeypatch.setattr(sys, "argv", ["tunelab", "generate", str(qlora_run), "--prompt", "Hi"])
+    with pytest.raises(SystemExit) as stop:
+        cli.main()
+    assert stop.value.code == 2
+    message = " ".join(capsys.readouterr().err.split())
+    assert "trained with QLoRA on a 4-bit (NF4) base" in message
+    assert 'pip install "tunelab[qlora]"' in message and "--to merged" in message

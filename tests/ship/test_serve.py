@@ -21,9 +21,10 @@ from pathlib import Path
 
 import openai
 import pytest
+import torch
 import uvicorn
 import yaml
-from export_runs import GREETINGS, make_run
+from export_runs import GREETINGS, copied_run, make_run
 
 from tunelab.data.render import chat_prompt
 from tunelab.errors import RunError
@@ -340,6 +341,20 @@ def test_runs_on_different_bases_are_refused(runs, tiny_model_dir_no_template, t
         load_served_models([str(runs["reviews"]), f"reviews={runs['greeter']}"])
     with pytest.raises(RunError, match="no config.yaml"):
         load_served_models([str(tmp_path)])
+
+
+def test_runs_copied_from_another_machine_are_served_on_the_base_their_adapters_name(
+        runs, tiny_model_dir, tmp_path):
+    copies = [copied_run(runs[name], tmp_path / name, model_path=f"/elsewhere/{name}-base")
+              for name in ("reviews", "greeter")]  # two machines, two paths, one base
+    model, tokenizer, served = load_served_models([str(copy) for copy in copies])
+    assert [m.name for m in served] == [str(Path(tiny_model_dir).resolve()), "reviews",
+                                        "greeter"]
+    engine_model, _, _ = load_run_model(runs["greeter"])
+    model.set_adapter("adapter1")
+    prompt = torch.tensor([tokenizer(REVIEW).input_ids])
+    with torch.no_grad():
+        assert model(prompt).logits.equal(engine_model(prompt).logits)
 
 
 def free_port() -> int:

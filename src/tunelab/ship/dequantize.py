@@ -21,17 +21,12 @@ def load_run_for_merge(run_dir: str | Path) -> tuple[Any, Any, Any]:
     """Model (base + adapter), tokenizer and config of a run, ready to merge: for a 4-bit
     method (QLoRA) the base is the de-quantised NF4 base the adapter was trained on."""
     from tunelab.model.adapters import METHODS, load_tuned
-    from tunelab.model.load import load_model, load_tokenizer
-    from tunelab.runs import load_run_model, open_run
+    from tunelab.runs import load_run_base, load_run_model, open_run
 
-    run_dir, config = open_run(run_dir)
+    run_dir, config = open_run(run_dir, need_data=False)
     if not METHODS[config.method.kind].load_in_4bit:
         return load_run_model(run_dir)
-    model_cfg = config.model
-    tokenizer = load_tokenizer(model_cfg.path, model_cfg.gguf_file)
-    base = load_model(model_cfg.path, dtype=model_cfg.dtype, device=model_cfg.device,
-                      gguf_file=model_cfg.gguf_file,
-                      attn_implementation=model_cfg.attn_implementation, load_in_4bit=True)
+    base, tokenizer = load_run_base(run_dir, config)  # the 4-bit base, as trained
     model = load_tuned(base.dequantize(), run_dir)
     model.eval()
     return model, tokenizer, config

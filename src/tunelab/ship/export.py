@@ -86,7 +86,7 @@ def export_run(run_dir: str | Path, to: str, *, out: str | Path | None = None,
     if quant not in QUANTS:
         raise ConfigError(f"unknown GGUF quantisation {quant!r}", where="--quant",
                           fix=f"use one of: {', '.join(QUANTS)}")
-    run_dir, config = open_run(run_dir)
+    run_dir, config = open_run(run_dir, need_data=False)
     default_name = f"gguf-{quant}" if to == "gguf" else to
     target = Path(out) if out is not None else run_dir / "export" / default_name
     if target.exists():
@@ -396,7 +396,7 @@ def _name_base_of_old_adapter(run_dir: Path, folder: Path) -> None:
     from tunelab.model.load import BASE_SIDECAR, describe_base, resolve_model_path
     from tunelab.runs import open_run
 
-    _, config = open_run(run_dir)
+    _, config = open_run(run_dir, need_data=False)
     base = describe_base(resolve_model_path(config.model.path, config.model.gguf_file))
     (folder / BASE_SIDECAR).write_text(json.dumps(base, indent=2) + "\n")
     config_path = folder / "adapter_config.json"

@@ -65,16 +65,18 @@ class ServedModel:
 
 def load_served_models(runs: list[str], *, base: str | None = None):
     """The base model with every run's adapter loaded under its own name, the tokenizer and
-    the served model ids (the base first). ``NAME=RUN`` serves a run under another name."""
+    the served model ids (the base first). ``NAME=RUN`` serves a run under another name.
+
+    Runs need only their config, adapter and base here, not their data files; a QLoRA run's
+    base is loaded in 4 bits, as it was trained."""
     from peft import PeftModel
 
-    from tunelab.model.load import load_model, load_tokenizer
-    from tunelab.runs import open_run
+    from tunelab.runs import load_run_base, open_run
 
     opened = []
     for argument in runs:
         name, path = _named_run(argument)
-        run_dir, config = open_run(path)
+        run_dir, config = open_run(path, need_data=False)
         opened.append((name or config.name, run_dir, config))
     for _, run_dir, config in opened:
         _check_servable(run_dir, config)
@@ -84,10 +86,7 @@ def load_served_models(runs: list[str], *, base: str | None = None):
         raise RunError(f"two runs would be served as {duplicates[0]!r}", where="tunelab serve",
                        fix="give one another name: tunelab serve NEWNAME=RUN_DIR ...")
     base_path, gguf_file = _common_base(opened, base)
-    first = opened[0][2]
-    tokenizer = load_tokenizer(base_path, gguf_file)
-    model = load_model(base_path, dtype=first.model.dtype, device=first.model.device,
-                       gguf_file=gguf_file)
+    model, tokenizer = load_run_base(opened[0][1], opened[0][2], base=(base_path, gguf_file))
     served = [ServedModel(base_path if gguf_file is None else f"{base_path}/{gguf_file}", None)]
     for number, (name, run_dir, config) in enumerate(opened):
         adapter = f"adapter{number}"  # peft keys modules by adapter name: no dots allowed
@@ -128,16 +127,22 @@ def _check_servable(run_dir: Path, config) -> None:
 
 
 def _common_base(opened: list, base: str | None) -> tuple[str, str | None]:
-    if base is not None:
-        return base, None
-    bases = {(config.model.path, config.model.gguf_file) for _, _, config in opened}
-    if len(bases) > 1:
-        listing = "; ".join(f"{run_dir}: {config.model.path}" for _, run_dir, config in opened)
+    """The one base every run was trained on (each found as :func:`runs.run_base` finds it),
+    or ``base``; QLoRA runs (a 4-bit base) and others never share one."""
+    from tunelab.model.adapters import METHODS
+    from tunelab.runs import run_base
+
+    in_4bit = {METHODS[config.method.kind].load_in_4bit for _, _, config in opened}
+    bases = {run_base(run_dir, config) for _, run_dir, config in opened}
+    if len(in_4bit) > 1 or (base is None and len(bases) > 1):
+        listing = "; ".join(f"{run_dir}: {config.model.path}"
+                            + (" in 4 bits (QLoRA)" if METHODS[config.method.kind].load_in_4bit
+                               else "") for _, run_dir, config in opened)
         raise RunError(f"these runs were trained on different base models ({listing})",
                        where="tunelab serve",
                        fix="serve runs of one base together (one server per base), or pass "
                        "--base MODEL if the bases are the same model at different paths")
-    return bases.pop()
+    return (base, None) if base is not None else bases.pop()
 
 
 # --- requests ----------------------------------------------------------------------------------
