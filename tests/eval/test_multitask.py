@@ -13,9 +13,13 @@ import yaml
 
 from tunelab import cli
 from tunelab.config import load_config
+from tunelab.data.prepare import prepare_data
 from tunelab.errors import RunError
 from tunelab.eval.multitask import paired_difference
 from tunelab.eval.result import read_eval
+from tunelab.model.load import load_tokenizer
+from tunelab.train.distributed import Cluster, StepLoss
+from tunelab.train.loop import prepare, validation_loss, validation_losses
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "train"))
 from test_loop import quiet, write_reviews  # noqa: E402
@@ -98,12 +102,62 @@ def test_multitask_run_logs_its_mixture_and_per_task_losses(tmp_path, tiny_model
     assert drawn["echo"] / sum(drawn.values()) == pytest.approx(0.75, abs=0.08)
     validations = [r for r in records if "val_loss" in r]
     assert [r["step"] for r in validations] == [0, 4, 8, 12, 16, 20, 24, 28, 30]
+    tokens = validation_target_tokens(load_config(config_path))
     for record in validations:
         losses = record["val_loss_tasks"]
         assert set(losses) == {"sentiment", "echo"}
-        # the overall loss is per target token over both tasks: between the two
-        assert min(losses.values()) <= record["val_loss"] <= max(losses.values())
+        # the overall loss is per target token over both tasks: their token-weighted mean
+        weighted = sum(losses[name] * tokens[name] for name in tokens) / sum(tokens.values())
+        assert record["val_loss"] == pytest.approx(weighted, rel=1e-9)
     assert validations[-1]["val_loss_tasks"]["echo"] < validations[0]["val_loss_tasks"]["echo"]
+
+
+def validation_target_tokens(config) -> dict[str, int]:
+    """Each task's validation target tokens, as the run tokenizes them."""
+    data = prepare_data(config.data, load_tokenizer(config.model.path),
+                        max_seq_len=config.train.max_seq_len, seed=config.train.seed)
+    tokens = dict.fromkeys(data.validation_tasks, 0)
+    for example, task in zip(data.validation, data.validation_tasks, strict=True):
+        tokens[task] += example.n_target_tokens
+    return tokens
+
+
+class CountingStepLoss(StepLoss):
+    """The loop's step loss, counting the examples it scores."""
+
+    def __init__(self, model, chunk_tokens: int):
+        super().__init__(model, chunk_tokens)
+        self.examples_scored = 0
+
+    def forward(self, batch):
+        self.examples_scored += batch.n_examples
+        return super().forward(batch)
+
+
+def test_validation_scores_each_example_once_for_the_overall_and_task_losses(tmp_path,
+                                                                             tiny_model_dir):
+    config = load_config(write_project(tmp_path, tiny_model_dir,
+                                       mixing={"mixing": "proportional"}))
+    prepared = prepare(config, quiet())
+    step_model = CountingStepLoss(prepared.model, config.train.loss_chunk_tokens)
+    options = {"batch_tokens": 128, "packing": True, "pad_id": 0, "device": prepared.device,
+               "cluster": Cluster()}
+    overall, logged = validation_losses(step_model, prepared.validation,
+                                        prepared.validation_tasks, **options)
+    assert step_model.examples_scored == len(prepared.validation) == 16 + 8  # one pass
+    losses, tokens = logged["val_loss_tasks"], validation_target_tokens(config)
+    for name in ("sentiment", "echo"):  # each task's loss is its examples' alone
+        own = [ex for ex, task in zip(prepared.validation, prepared.validation_tasks,
+                                      strict=True) if task == name]
+        assert losses[name] == pytest.approx(validation_loss(step_model, own, **options),
+                                             rel=1e-6)
+    weighted = sum(losses[name] * tokens[name] for name in tokens) / sum(tokens.values())
+    assert overall == pytest.approx(weighted, rel=1e-9)
+    # and it is the loss over all the examples together (batched across tasks)
+    assert overall == pytest.approx(validation_loss(step_model, prepared.validation, **options),
+                                    rel=1e-5)
+    single, nothing = validation_losses(step_model, prepared.validation, [], **options)
+    assert nothing == {} and single == pytest.approx(overall, rel=1e-5)
 
 
 def test_multitask_resume_draws_the_same_examples(tmp_path, tiny_model_dir):

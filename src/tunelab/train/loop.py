@@ -119,6 +119,40 @@ def validation_loss(step_model, examples: list[TokenizedExample], *, batch_token
     """
     if not examples:
         return None
+    total, count = _validation_sums(step_model, examples, batch_tokens=batch_tokens,
+                                    packing=packing, pad_id=pad_id, device=device,
+                                    cluster=cluster)
+    return total / max(1, count)
+
+
+def validation_losses(step_model, examples: list[TokenizedExample], tasks: list[str], *,
+                      batch_tokens: int, packing: bool, pad_id: int, device: torch.device,
+                      cluster: distributed.Cluster) -> tuple[float | None, dict]:
+    """(the validation loss, ``{"val_loss_tasks": {task: loss}}`` for a multitask run, else {}).
+
+    One pass either way: each task's examples are scored once, and the overall loss is the
+    tasks' summed losses over their summed target tokens (the token-weighted mean of theirs).
+    """
+    if not tasks:
+        return validation_loss(step_model, examples, batch_tokens=batch_tokens, packing=packing,
+                               pad_id=pad_id, device=device, cluster=cluster), {}
+    sums = {}  # task → (summed loss, target tokens)
+    for name in dict.fromkeys(tasks):
+        own = [example for example, task in zip(examples, tasks, strict=True) if task == name]
+        sums[name] = _validation_sums(step_model, own, batch_tokens=batch_tokens,
+                                      packing=packing, pad_id=pad_id, device=device,
+                                      cluster=cluster)
+    loss_sum = sum(loss for loss, _ in sums.values())
+    target_tokens = sum(tokens for _, tokens in sums.values())
+    per_task = {name: loss / max(1, tokens) for name, (loss, tokens) in sums.items()}
+    return loss_sum / max(1, target_tokens), {"val_loss_tasks": per_task}
+
+
+@torch.no_grad()
+def _validation_sums(step_model, examples: list[TokenizedExample], *, batch_tokens: int,
+                     packing: bool, pad_id: int, device: torch.device,
+                     cluster: distributed.Cluster) -> tuple[float, float]:
+    """(summed loss, target tokens) over ``examples``, all ranks added up (dropout off)."""
     was_training = step_model.training
     step_model.eval()
     total, count = 0.0, 0
@@ -132,7 +166,7 @@ def validation_loss(step_model, examples: list[TokenizedExample], *, batch_token
         count += batch.n_target_tokens
     step_model.train(was_training)
     release_memory()
-    return cluster.total(total) / max(1, cluster.total(count))
+    return cluster.total(total), cluster.total(count)
 
 
 def train(config: Config, *, resume: str | Path | None = None, overwrite: bool = False,
@@ -181,13 +215,11 @@ def _train(config: Config, cluster: distributed.Cluster, *, resume: str | Path |
     scheduler = build_scheduler(optimizer, total_steps=total_steps, warmup_steps=warmup,
                                 schedule=train_cfg.schedule)
     pad_id = tokenizer.pad_token_id or 0
-    evaluate = lambda: validation_loss(  # noqa: E731
-        step_model, prepared.validation, batch_tokens=train_cfg.batch_tokens,
-        packing=train_cfg.packing, pad_id=pad_id, device=device, cluster=cluster)
-    # Multitask: each task's validation loss too, logged next to the overall one.
-    task_losses = lambda: _task_validation_losses(  # noqa: E731
-        step_model, prepared, batch_tokens=train_cfg.batch_tokens, packing=train_cfg.packing,
-        pad_id=pad_id, cluster=cluster)
+    # The validation loss, and (multitask) each task's to log next to it.
+    evaluate = lambda: validation_losses(  # noqa: E731
+        step_model, prepared.validation, prepared.validation_tasks,
+        batch_tokens=train_cfg.batch_tokens, packing=train_cfg.packing, pad_id=pad_id,
+        device=device, cluster=cluster)
 
     starting = True  # no checkpoint loaded: measure the model before training first
     if resume:
@@ -223,12 +255,11 @@ def _train(config: Config, cluster: distributed.Cluster, *, resume: str | Path |
         if starting:
             samples = _sample_prompts(prepared, config, cluster)
             state.samples_before = _generate(model, tokenizer, samples, config)
-            state.val_loss_before = evaluate()
-            metrics.write(step=0, val_loss=state.val_loss_before, **task_losses())
+            state.val_loss_before, per_task = evaluate()
+            metrics.write(step=0, val_loss=state.val_loss_before, **per_task)
             console.print(f"Validation loss before training: {_fmt(state.val_loss_before)}")
         state = _run_steps(step_model, prepared, steps, optimizer, scheduler, state, metrics,
-                           run_dir, config, console, evaluate, stop_after_steps, cluster,
-                           task_losses)
+                           run_dir, config, console, evaluate, stop_after_steps, cluster)
     except BaseException as error:
         if not resume and not list_checkpoints(run_dir / "checkpoints"):
             shutil.rmtree(run_dir, ignore_errors=True)  # nothing to resume: leave no husk
@@ -240,8 +271,8 @@ def _train(config: Config, cluster: distributed.Cluster, *, resume: str | Path |
                       f"[bold]tunelab train --resume {run_dir}[/]")
         return _result(run_dir, state, None, time.perf_counter() - started)
 
-    val_after = evaluate()
-    metrics.write(step=state.step, val_loss=val_after, **task_losses())
+    val_after, per_task = evaluate()
+    metrics.write(step=state.step, val_loss=val_after, **per_task)
     weights = distributed.full_state(model, cluster)  # FSDP: gathered on rank 0, every rank helps
     if cluster.is_main:
         save_final(model, tokenizer, run_dir / METHODS[config.method.kind].final_folder,
@@ -295,7 +326,7 @@ def _resume(run_dir: Path, model, optimizer, scheduler, total_steps: int,
 def _run_steps(step_model, prepared: Prepared, steps: list[list[list[int]]], optimizer,
                scheduler, state: TrainState, metrics, run_dir: Path, config: Config,
                console: Console, evaluate, stop_after_steps: int | None,
-               cluster: distributed.Cluster, task_losses=dict) -> TrainState:
+               cluster: distributed.Cluster) -> TrainState:
     """The optimizer steps from ``state.step`` to the end (or to ``stop_after_steps``).
 
     Ctrl-C between steps saves a checkpoint of the last finished step, so no work is lost.
@@ -356,8 +387,8 @@ def _run_steps(step_model, prepared: Prepared, steps: list[list[list[int]]], opt
                 status = f"loss {loss:.4f}  {tokens_per_second:,.0f} tok/s"
                 if train_cfg.eval_every and state.step % train_cfg.eval_every == 0 \
                         and state.step < total_steps:
-                    val = evaluate()
-                    metrics.write(step=state.step, val_loss=val, **task_losses())
+                    val, per_task = evaluate()
+                    metrics.write(step=state.step, val_loss=val, **per_task)
                     status += f"  val {_fmt(val)}"
                 progress.update(task, completed=state.step, status=status)
                 if not console.is_terminal and (state.step % max(1, total_steps // 10) == 0
@@ -388,21 +419,6 @@ def _task_tokens(group: list[list[int]], prepared: Prepared,
     lengths = [len(ex.input_ids) for ex in prepared.train]
     counts = task_token_counts(group, lengths, prepared.train_tasks)
     return {"task_tokens": {name: int(cluster.total(count)) for name, count in counts.items()}}
-
-
-def _task_validation_losses(step_model, prepared: Prepared, *, batch_tokens: int, packing: bool,
-                            pad_id: int, cluster: distributed.Cluster) -> dict:
-    """Multitask: ``{"val_loss_tasks": {task: loss}}`` on each task's validation data; else {}."""
-    if not prepared.validation_tasks:
-        return {}
-    losses = {}
-    for name in dict.fromkeys(prepared.validation_tasks):
-        examples = [ex for ex, task in zip(prepared.validation, prepared.validation_tasks,
-                                           strict=True) if task == name]
-        losses[name] = validation_loss(step_model, examples, batch_tokens=batch_tokens,
-                                       packing=packing, pad_id=pad_id, device=prepared.device,
-                                       cluster=cluster)
-    return {"val_loss_tasks": losses}
 
 
 def _forward_backward(step_model, batches: list[Batch], prepared: Prepared,
