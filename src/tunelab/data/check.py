@@ -5,13 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from rich.console import Console
+from rich.table import Table
 
 from tunelab.config import DataConfig
 from tunelab.data.formats import Example
-from tunelab.data.prepare import read_splits, tokenize_as_trained
+from tunelab.data.mixture import data_rates, task_data, task_token_counts
+from tunelab.data.prepare import Splits, prepare_data, read_splits, tokenize_as_trained
 from tunelab.data.quality import quality_report, render_quality_report
-from tunelab.data.tokenize import TokenizedExample, truncation_effects
-from tunelab.errors import ConfigError, ModelError
+from tunelab.data.tokenize import truncation_effects
+from tunelab.errors import ModelError
 
 
 def check_data(source: str | Path, *, max_seq_len: int | None = None, model: str | None = None,
@@ -24,6 +26,9 @@ def check_data(source: str | Path, *, max_seq_len: int | None = None, model: str
     A config's splits are the run's (``prepare.read_splits``: validation split off train with
     the run's seed when there is no validation file) and are tokenized as the run tokenizes
     them (``prepare.tokenize_as_trained``), untruncated, to show what ``max_seq_len`` cuts.
+    A multitask config (``data.tasks``) is checked task by task, as each task is trained, and
+    the report adds the mixture's planned token shares: ``{"tasks": {name: report},
+    "mixture": ...}``.
     """
     from tunelab.config import load_config
 
@@ -31,19 +36,28 @@ def check_data(source: str | Path, *, max_seq_len: int | None = None, model: str
     source = Path(source)
     if source.suffix in (".yaml", ".yml"):
         config = load_config(source)
-        data = config.data
-        if data.tasks:
-            raise ConfigError("data check reads one task's data; this config lists several "
-                              "(data.tasks)", where="data.tasks",
-                              fix="check each task's files: tunelab data check <file>")
-        splits = read_splits(data, seed=config.train.seed, test=True)
+        data, seed = config.data, config.train.seed
         model = model or config.model.path
         max_seq_len = max_seq_len or config.train.max_seq_len
     else:
-        data = DataConfig(train=[str(source)])  # the defaults: no validation split
-        splits = read_splits(data, seed=0)
+        data, seed = DataConfig(train=[str(source)]), 0  # the defaults: no validation split
+    tokenizer = _tokenizer(model, console) if model else None
+    if data.tasks:
+        return _check_tasks(data, seed=seed, tokenizer=tokenizer, max_seq_len=max_seq_len,
+                            console=console)
+    splits = read_splits(data, seed=seed, test=source.suffix in (".yaml", ".yml"))
+    return _check_splits(splits, data, tokenizer=tokenizer, max_seq_len=max_seq_len,
+                         console=console)
+
+
+def _check_splits(splits: Splits, data: DataConfig, *, tokenizer, max_seq_len: int | None,
+                  console: Console) -> dict:
+    """The quality report of one data section's splits, drawn on the console."""
     examples = {"train": splits.train, "validation": splits.validation, "test": splits.test}
-    tokenized = _tokenized(examples, model, data, console=console) if model else None
+    tokenized = None
+    if tokenizer is not None:  # each split tokenized as the run does, untruncated
+        tokenized = {split: tokenize_as_trained(items, tokenizer, data, max_seq_len=10**9)
+                     for split, items in examples.items()}
     lengths = None
     if tokenized is not None:
         lengths = {split: [len(ex.input_ids) for ex in items] for split, items in tokenized.items()}
@@ -56,6 +70,54 @@ def check_data(source: str | Path, *, max_seq_len: int | None = None, model: str
     render_quality_report(report, console)
     _render_truncation(report.get("truncation"), console)
     return report
+
+
+def _check_tasks(data: DataConfig, *, seed: int, tokenizer, max_seq_len: int | None,
+                 console: Console) -> dict:
+    """Each task's report, its data read, split and tokenized as the run does for that task
+    (``mixture.task_data``); then the token shares the mixture plans."""
+    reports = {}
+    for task in data.tasks:
+        console.rule(f"task {task.name}")
+        own = task_data(data, task)
+        reports[task.name] = _check_splits(read_splits(own, seed=seed, test=True), own,
+                                           tokenizer=tokenizer, max_seq_len=max_seq_len,
+                                           console=console)
+    mixture = None
+    if tokenizer is not None and max_seq_len:
+        mixture = planned_mixture(data, tokenizer, max_seq_len=max_seq_len, seed=seed)
+        _render_mixture(mixture, console)
+    return {"tasks": reports, "mixture": mixture}
+
+
+def planned_mixture(data: DataConfig, tokenizer, *, max_seq_len: int, seed: int) -> dict:
+    """Each task's training tokens as the run keeps them and the share of the training tokens
+    ``data.mixing`` gives it: the rates the run's manifest records as ``mixture``.
+
+    The run's own preparation (``prepare_data``: truncated at ``max_seq_len``, examples with no
+    target left out) measures the tokens, so the shares are the run's, not an estimate.
+    """
+    prepared = prepare_data(data, tokenizer, max_seq_len=max_seq_len, seed=seed)
+    lengths = [len(example.input_ids) for example in prepared.train]
+    tokens = task_token_counts([range(len(lengths))], lengths, prepared.train_tasks)
+    examples = task_token_counts([range(len(lengths))], [1] * len(lengths),
+                                 prepared.train_tasks)
+    return {"mixing": data.mixing, "max_seq_len": max_seq_len, "train_examples": examples,
+            "train_tokens": tokens, "rates": data_rates(data, lengths, prepared.train_tasks)}
+
+
+def _render_mixture(mixture: dict, console: Console) -> None:
+    """Per task: what it holds and the share of the training tokens it will get."""
+    total = sum(mixture["train_tokens"].values())
+    table = Table(title=f"Mixture ({mixture['mixing']}): planned share of the training tokens")
+    for column in ("task", "train examples", "train tokens", "share of the data",
+                   "planned share"):
+        table.add_column(column, justify="left" if column == "task" else "right")
+    for name, rate in mixture["rates"].items():
+        tokens = mixture["train_tokens"][name]
+        table.add_row(name, f"{mixture['train_examples'][name]:,}", f"{tokens:,}",
+                      f"{tokens / max(1, total):.1%}", f"{rate:.1%}")
+    console.print(table)
 
 
 def _render_truncation(effects: dict | None, console: Console) -> None:
@@ -73,18 +135,15 @@ def _render_truncation(effects: dict | None, console: Console) -> None:
         f"{end['target_cut']:,} ({end['target_lost']:,} lose all of it).")
 
 
-def _tokenized(splits: dict[str, list[Example]], model: str, data: DataConfig, *,
-               console: Console) -> dict[str, list[TokenizedExample]] | None:
-    """Each split tokenized as the run does, untruncated (its full lengths)."""
+def _tokenizer(model: str, console: Console):
+    """The model's tokenizer, or None (with a warning) when it cannot be loaded."""
     from tunelab.model.load import load_tokenizer
 
     try:
-        tokenizer = load_tokenizer(model)
+        return load_tokenizer(model)
     except ModelError as error:
         console.print(f"[yellow]warning:[/] no token lengths: {error.render()}")
         return None
-    return {split: tokenize_as_trained(examples, tokenizer, data, max_seq_len=10**9)
-            for split, examples in splits.items()}
 
 
 def _ignored_columns(examples: list[Example]) -> list[str]:
