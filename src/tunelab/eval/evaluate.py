@@ -296,7 +296,9 @@ def _records(config: Config, eval_cfg: EvalConfig) -> list[Record]:
 def _shot_pool(config: Config, eval_cfg: EvalConfig) -> list[Record]:
     if not eval_cfg.shots:
         return []
-    return [record for path in config.data.train for record in read_records(path)]
+    trained = {example.where for example in read_splits(config.data, seed=config.train.seed).train}
+    return [record for path in config.data.train for record in read_records(path)
+            if record.where in trained]
 
 
 def _example(record: Record, fmt: str, prompt: str | None, completion: str | None) -> Example:
