@@ -52,6 +52,20 @@ def evaluate_tasks(config: Config, *, run_dir: str | Path | None = None, base: b
     return results
 
 
+def multitask_refused(command: str, config: Config, where: str = "data.tasks") -> ConfigError:
+    """Assessments and sweeps judge one task's metric on one test split; a multitask config
+    has one per task (and no top-level eval section), so it gets this error up front."""
+    names = ", ".join(task.name for task in config.data.tasks)
+    return ConfigError(
+        f"tunelab {command} takes a single-task config; this one trains "
+        f"{len(config.data.tasks)} tasks at once (data.tasks: {names}), each with its own "
+        "metric and test split", where=where,
+        fix=f"run tunelab {command} on each task's own config (its files, templates and eval "
+        "section as a single-task config, e.g. examples/sentiment/config.yaml), then put the "
+        "chosen values in the multitask config; compare mixtures (data.mixing, weights) by "
+        "training each one and running tunelab eval, which scores every task")
+
+
 def paired_difference(first: EvalResult, second: EvalResult, eval_cfg: EvalConfig, *,
                       model: str = "tuned") -> dict:
     """``second − first`` on the primary metric over the same examples, with the paired

@@ -421,6 +421,10 @@ def measure_load_s(config: Config) -> dict[str, float]:
 def _check_config(config: Config) -> None:
     """An assessment needs an eval section, test data to report on and validation data to
     choose the prompt on (never test)."""
+    if config.data.tasks:
+        from tunelab.eval.multitask import multitask_refused
+
+        raise multitask_refused("assess", config)
     problems = []
     if config.eval is None:
         problems.append(("eval", "the config has no eval section",

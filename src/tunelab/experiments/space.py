@@ -126,6 +126,10 @@ def load_sweep(path: str | Path) -> Sweep:
         _check_key(key, where("overrides", key))
     base_path = Path(spec.base) if Path(spec.base).is_absolute() else path.parent / spec.base
     base = load_config(base_path, overrides=spec.overrides)
+    if base.data.tasks:
+        from tunelab.eval.multitask import multitask_refused
+
+        raise multitask_refused("sweep", base, where=where("base"))
     params = [_param(key, value, where) for key, value in spec.space.items()]
     if not params:
         raise ConfigError("space is empty", where=where("space"),
