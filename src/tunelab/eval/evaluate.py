@@ -294,6 +294,8 @@ def _records(config: Config, eval_cfg: EvalConfig) -> list[Record]:
 
 
 def _shot_pool(config: Config, eval_cfg: EvalConfig) -> list[Record]:
+    """The records of the run's own training split (``prepare.read_splits``): with a
+    validation split off the train file, its held-out records are never demonstrations."""
     if not eval_cfg.shots:
         return []
     trained = {example.where for example in read_splits(config.data, seed=config.train.seed).train}
