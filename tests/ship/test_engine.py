@@ -1,10 +1,12 @@
-"""The serving engine: batched generation equals one-at-a-time generation, token for token."""
+"""The serving engine: batched generation equals one-at-a-time generation, token for token,
+prompts that arrive together are prefilled in one forward pass per adapter."""
 
 from __future__ import annotations
 
 import threading
 
 import pytest
+import torch
 
 from tunelab.data.render import bos_to_add
 from tunelab.eval.generate import generate_texts
@@ -63,7 +65,8 @@ def test_requests_queued_together_share_every_decode_pass_and_match_offline(tiny
     assert [c.texts.get(0, "") for c in collectors] == expected
     assert all(c.done[0].finish_reason == "length" for c in collectors)
     assert all(c.done[0].completion_tokens == 12 for c in collectors)
-    assert engine.decode_passes == 11  # the first token comes from each prefill
+    assert engine.prefill_passes == 1  # four prompts of different lengths, left-padded
+    assert engine.decode_passes == 11  # the first token comes from the prefill
 
 
 def test_a_request_joining_a_running_batch_starts_at_once_and_stays_exact(tiny):
@@ -141,3 +144,90 @@ def test_a_cancelled_request_leaves_the_batch_and_reports_no_end(tiny):
     assert engine.running_sequences() == 0 and engine.cancelled_sequences == 1
     assert not cancelled.done and len(cancelled.texts[0]) > 0
     assert other.done[0].completion_tokens == 20
+
+
+def run_engine(engine: Engine, requests: list[tuple[list[list[int]], str | None, Sampling]],
+               *, one_at_a_time: bool = False) -> list[dict[int, str]]:
+    """Each request's texts by choice: all queued before the first turn, or each submitted
+    only after the one before it finished (so every prefill holds one request)."""
+    collectors = [Collector(expected=len(prompts) * sampling.n)
+                  for prompts, _, sampling in requests]
+    if not one_at_a_time:
+        for (prompts, adapter, sampling), collector in zip(requests, collectors, strict=True):
+            engine.submit(Request(prompts, adapter, sampling, collector))
+    engine.start()
+    try:
+        for (prompts, adapter, sampling), collector in zip(requests, collectors, strict=True):
+            if one_at_a_time:
+                engine.submit(Request(prompts, adapter, sampling, collector))
+            assert collector.finished.wait(120)
+    finally:
+        engine.stop()
+    assert all(done.kind == "done" for c in collectors for done in c.done.values())
+    return [c.texts for c in collectors]
+
+
+@pytest.fixture(scope="module")
+def two_adapters(tiny_model_dir):
+    """The tiny model with two LoRA adapters whose B matrices are random (so they matter)."""
+    from peft import LoraConfig, get_peft_model
+
+    model = load_model(tiny_model_dir, device="cpu")
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"])
+    model = get_peft_model(model, config, adapter_name="first")
+    model.add_adapter("second", config)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.5)
+    return model.eval(), load_tokenizer(tiny_model_dir)
+
+
+def test_prompts_arriving_together_are_prefilled_once_per_adapter_and_stay_exact(two_adapters):
+    model, tokenizer = two_adapters
+    greedy = Sampling(max_new_tokens=10)
+    requests = [([ids(tokenizer, PROMPTS[0])], "first", greedy),
+                ([ids(tokenizer, PROMPTS[1]), ids(tokenizer, PROMPTS[3])], "second", greedy),
+                ([ids(tokenizer, PROMPTS[2])], None, Sampling(max_new_tokens=10, n=2)),
+                ([ids(tokenizer, PROMPTS[3])], "first", greedy),
+                ([ids(tokenizer, PROMPTS[1])], "second", greedy)]
+    together = Engine(model, tokenizer)
+    batched = run_engine(together, requests)
+    alone = Engine(model, tokenizer)
+    assert batched == run_engine(alone, requests, one_at_a_time=True)
+    assert together.prefill_passes == 3 and alone.prefill_passes == len(requests)
+    # and what each model gives offline, so an adapter mixed up in the batch would show
+    offline = {}
+    for adapter in ("first", "second"):
+        model.set_adapter(adapter)
+        offline[adapter] = generate_texts(model, tokenizer, PROMPTS, max_new_tokens=10)
+    with model.disable_adapter():
+        offline[None] = generate_texts(model, tokenizer, PROMPTS, max_new_tokens=10)
+    assert batched == [{0: offline["first"][0]}, {0: offline["second"][1], 1: offline["second"][3]},
+                       {0: offline[None][2], 1: offline[None][2]}, {0: offline["first"][3]},
+                       {0: offline["second"][1]}]
+    assert offline["first"][3] != offline["second"][3] != offline[None][3]
+
+
+def test_a_prefill_over_the_token_budget_is_split_and_stays_exact(tiny):
+    model, tokenizer = tiny
+    requests = [([ids(tokenizer, prompt)], None, Sampling(max_new_tokens=8))
+                for prompt in PROMPTS]
+    longest = max(len(ids(tokenizer, prompt)) for prompt in PROMPTS)
+    engine = Engine(model, tokenizer, max_prefill_tokens=2 * longest)
+    texts = run_engine(engine, requests)
+    assert engine.prefill_passes == 2  # two prompts each
+    assert [t[0] for t in texts] == generate_texts(model, tokenizer, PROMPTS, max_new_tokens=8)
+
+
+def test_seeded_samples_do_not_depend_on_the_requests_prefilled_beside_them(tiny):
+    model, tokenizer = tiny
+    sampled = ([ids(tokenizer, PROMPTS[0])], None,
+               Sampling(max_new_tokens=10, temperature=1.0, seed=3, n=2))
+    others = [([ids(tokenizer, prompt)], None, Sampling(max_new_tokens=10, temperature=1.0,
+                                                        seed=number))
+              for number, prompt in enumerate(PROMPTS[1:])]
+    alone = run_engine(Engine(model, tokenizer), [sampled])[0]
+    beside = run_engine(Engine(model, tokenizer), [others[0], sampled, *others[1:]])[1]
+    assert alone == beside and alone[0] != alone[1]

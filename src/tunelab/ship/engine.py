@@ -1,11 +1,13 @@
 """Continuous batching for serving: one base model, several adapters, one token per turn.
 
-One thread owns the model. Each turn of its loop admits the requests that arrived (one prefill
-per prompt), then advances every running sequence by one token with one forward pass per
-adapter: the KV caches of all sequences on that adapter are left-padded to a common length and
-stacked, so requests for the same adapter share forward passes, and a new request starts on the
-next turn instead of waiting for an unrelated long generation to end. A sequence leaves its
-batch when it finishes or its client goes away, and padding columns no row needs are dropped.
+One thread owns the model. Each turn of its loop admits the requests that arrived: the prompts
+of all those for one adapter are prefilled together, left-padded, in one forward pass (split only
+past ``max_prefill_tokens``). Then it advances every running sequence by one token with one
+forward pass per adapter: the KV caches of all sequences on that adapter are left-padded to a
+common length and stacked, so requests for the same adapter share forward passes, and a new
+request starts on the next turn instead of waiting for an unrelated long generation to end. A
+sequence leaves its batch when it finishes or its client goes away, and padding columns no row
+needs are dropped.
 """
 
 from __future__ import annotations
@@ -88,11 +90,15 @@ class _Batch:
 class Engine:
     """Generates for queued requests on a background thread; see the module docstring."""
 
-    def __init__(self, model: nn.Module, tokenizer):
+    def __init__(self, model: nn.Module, tokenizer, *, max_prefill_tokens: int = 8192):
         self.model = model
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
         self.eos_ids = {tokenizer.eos_token_id} - {None}
+        self.pad_id = next((token for token in (tokenizer.pad_token_id, tokenizer.eos_token_id)
+                            if token is not None), 0)
+        # one prefill holds rows x longest prompt tokens (padding included) and their logits
+        self.max_prefill_tokens = max_prefill_tokens
         # transformers 5 renamed past_key_values to cache; older releases know only the former
         body = model.get_base_model() if hasattr(model, "get_base_model") else model
         self._cache_argument = ("cache" if "cache" in inspect.signature(body.forward).parameters
@@ -100,6 +106,7 @@ class Engine:
         self._inbox: queue.Queue[Request | None] = queue.Queue()
         self._batches: dict[str | None, _Batch] = {}
         self._thread = threading.Thread(target=self._loop, name="tunelab-engine", daemon=True)
+        self.prefill_passes = 0  # one per adapter per turn in which its requests arrived
         self.decode_passes = 0  # forward passes after the prefills: one per adapter per turn
         self.cancelled_sequences = 0  # dropped because their client went away
 
@@ -122,10 +129,10 @@ class Engine:
             arrived = [] if self._batches else [self._inbox.get()]  # idle: sleep until work
             while not self._inbox.empty():
                 arrived.append(self._inbox.get_nowait())
-            for request in arrived:
-                if request is None:
-                    return
-                self._guarded([request], self._admit, request)
+            if None in arrived:
+                return
+            for group in _prefill_groups(arrived, self.max_prefill_tokens):
+                self._guarded(group, self._admit, group)
             for adapter, batch in list(self._batches.items()):
                 self._guarded([row.request for row in batch.rows], self._step, adapter)
 
@@ -145,28 +152,44 @@ class Engine:
             for request in failed.values():
                 request.on_event(Event("error", text=f"{type(error).__name__}: {error}"))
 
-    def _admit(self, request: Request) -> None:
-        """Prefill each prompt once, pick the first token of each choice, join the batch."""
-        generator = torch.Generator()
-        if request.sampling.seed is None:
-            generator.seed()
-        else:
-            generator.manual_seed(request.sampling.seed & 0xFFFF_FFFF_FFFF_FFFF)
-        n = request.sampling.n
-        for number, prompt in enumerate(request.prompts):
+    def _admit(self, requests: list[Request]) -> None:
+        """Prefill the prompts of ``requests`` (one adapter) in one forward pass, pick the first
+        token of each choice, and join the adapter's running batch.
+
+        The prompts are left-padded to the longest, with the padding masked and position ids
+        counted from each prompt's first real token, so each row computes what its prompt alone
+        would; a prompt with ``n`` choices is prefilled once and its cache row repeated.
+        """
+        live = []
+        for request in requests:
             if request.cancelled.is_set():  # its client left before its prompts were read
-                self.cancelled_sequences += (len(request.prompts) - number) * n
-                return
-            cache = DynamicCache()
-            logits = self._forward(request.adapter, cache, logits_to_keep=1,
-                                   input_ids=torch.tensor([prompt], device=self.device))
-            cache.batch_repeat_interleave(n)
-            rows = [_Row(request, number * n + choice, generator) for choice in range(n)]
-            batch = _Batch(rows, cache, torch.ones(n, len(prompt), dtype=torch.long,
-                                                   device=self.device),
-                           torch.full((n,), len(prompt), device=self.device))
-            self._advance(batch, logits.expand(n, -1))
-            self._join(request.adapter, batch)
+                self.cancelled_sequences += len(request.prompts) * request.sampling.n
+            else:
+                live.append(request)
+        if not live:
+            return
+        prompts = [(request, number, prompt) for request in live
+                   for number, prompt in enumerate(request.prompts)]
+        width = max(len(prompt) for _, _, prompt in prompts)
+        input_ids = torch.tensor([[self.pad_id] * (width - len(prompt)) + prompt
+                                  for _, _, prompt in prompts], device=self.device)
+        lengths = torch.tensor([len(prompt) for _, _, prompt in prompts], device=self.device)
+        mask = (torch.arange(width, device=self.device) >= width - lengths[:, None]).long()
+        cache = DynamicCache()
+        self.prefill_passes += 1
+        logits = self._forward(live[0].adapter, cache, logits_to_keep=1, input_ids=input_ids,
+                               attention_mask=mask,
+                               position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
+        generators = {id(request): _generator(request.sampling.seed) for request in live}
+        rows = [_Row(request, number * request.sampling.n + choice, generators[id(request)])
+                for request, number, _ in prompts for choice in range(request.sampling.n)]
+        choices = torch.tensor([request.sampling.n for request, _, _ in prompts],
+                               device=self.device)
+        index = torch.repeat_interleave(torch.arange(len(prompts), device=self.device), choices)
+        layers = [(keys[index], values[index]) for keys, values in _layers(cache)]
+        batch = _Batch(rows, DynamicCache(layers), mask[index], lengths[index])
+        self._advance(batch, logits[index])
+        self._join(live[0].adapter, batch)
 
     def _step(self, adapter: str | None) -> None:
         """One forward pass for every running sequence of ``adapter``: one new token each."""
@@ -258,6 +281,30 @@ def context_length(model: nn.Module) -> int:
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") \
         else model.config
     return int(getattr(config, "max_position_embeddings", None) or 2048)
+
+
+def _generator(seed: int | None) -> torch.Generator:
+    """A request's own random numbers: seeded by the client, else from the OS."""
+    generator = torch.Generator()
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed & 0xFFFF_FFFF_FFFF_FFFF)
+    return generator
+
+
+def _prefill_groups(requests: list[Request], max_tokens: int) -> list[list[Request]]:
+    """The requests of each adapter in arrival order, cut where one prefill would exceed
+    ``max_tokens`` (rows x longest prompt, padding included; a larger request goes alone)."""
+    by_adapter: dict[str | None, list[list[Request]]] = {}
+    for request in requests:
+        groups = by_adapter.setdefault(request.adapter, [[]])
+        rows = sum(len(r.prompts) for r in groups[-1]) + len(request.prompts)
+        width = max(len(prompt) for r in [*groups[-1], request] for prompt in r.prompts)
+        if groups[-1] and rows * width > max_tokens:
+            groups.append([])
+        groups[-1].append(request)
+    return [group for groups in by_adapter.values() for group in groups]
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float,
