@@ -7,7 +7,8 @@ manifest: the peak RSS of the process (VmHWM), the training tokens/s, the valida
 training, and the planner's predicted peak for that configuration.
 
     python benchmarks/train_memory.py                      # before / default / low
-    python benchmarks/train_memory.py --rows shared-dropout-only allocator-only
+    python benchmarks/train_memory.py --rows before default tuned-allocator low \
+        checkpointing-only allocator-only                  # every lever
 """
 
 from __future__ import annotations
@@ -29,16 +30,18 @@ CONFIG = REPO / "examples" / "sentiment" / "config.yaml"
 ROWS = {
     "before": ["method.shared_dropout=false", "train.allocator=system"],
     "default": [],
+    "tuned-allocator": ["train.allocator=tuned"],
     "low": ["train.memory=low"],
-    "shared-dropout-only": ["train.allocator=system"],
-    "allocator-only": ["method.shared_dropout=false"],
+    "checkpointing-only": ["train.gradient_checkpointing=true", "train.allocator=system"],
+    "allocator-only": ["method.shared_dropout=false", "train.allocator=tuned"],
 }
 TITLES = {
     "before": "before issue 13 (peft's dropout per projection, glibc defaults)",
-    "default": "default (shared LoRA dropout, tuned allocator)",
-    "low": "train.memory: low (+ activation checkpointing)",
-    "shared-dropout-only": "shared LoRA dropout alone",
-    "allocator-only": "tuned allocator alone",
+    "default": "default (shared LoRA dropout, glibc defaults)",
+    "tuned-allocator": "default + tuned allocator (train.allocator: tuned)",
+    "low": "train.memory: low (activation checkpointing + tuned allocator)",
+    "checkpointing-only": "default + activation checkpointing, glibc defaults",
+    "allocator-only": "tuned allocator alone (peft's dropout)",
 }
 
 

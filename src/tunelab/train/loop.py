@@ -196,7 +196,7 @@ def _train(config: Config, cluster: distributed.Cluster, *, resume: str | Path |
     console = console if cluster.is_main else Console(quiet=True)
     _seed_everything(train_cfg.seed)
     # Before the model is loaded: its activations are then mmap-ed and handed back when freed.
-    allocator = tune_allocator() if train_cfg.allocator == "tuned" else None
+    allocator = tune_allocator() if train_cfg.allocator_tuned else None
     prepared = prepare(config, console)
     model, tokenizer, device = prepared.model, prepared.tokenizer, prepared.device
     # What the loop calls for a batch's loss: the model, DDP- or FSDP-wrapped under torchrun.
