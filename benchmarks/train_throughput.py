@@ -71,11 +71,11 @@ GPU_MODEL = {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers"
 # Trainer's examples per optimiser step; batch_tokens: tunelab's micro-batch budget (None: the
 # smallest with as many steps as the Trainer, so both take about the same tokens per step).
 # Sized for an idle 2-core machine: "full" (6 runs a round, 2 rounds) in about 25 minutes,
-# "levers" (10 rows, one run each, the default train.batch_tokens) in about 20.
+# "levers" (11 rows, one run each, the default train.batch_tokens) in about 20.
 WORKLOADS = {
     "full": {"examples": 64, "per_step": 8, "max_seq_len": 512, "batch_tokens": None,
              "repeats": 2, "distributions": ["uniform", "skewed"], "model": "cpu"},
-    "levers": {"examples": 80, "per_step": 8, "max_seq_len": 512, "batch_tokens": 4096,
+    "levers": {"examples": 56, "per_step": 8, "max_seq_len": 512, "batch_tokens": 4096,
                "repeats": 1, "distributions": ["skewed"], "model": "cpu"},
     "quick": {"examples": 16, "per_step": 4, "max_seq_len": 256, "batch_tokens": None,
               "repeats": 1, "distributions": ["uniform", "skewed"], "model": "quick"},
@@ -96,12 +96,15 @@ LEVERS = {
         "config": {"train": {"loss_chunk_tokens": 65536}}},
     "loss chunk 512 tokens (train.loss_chunk_tokens: 512)": {
         "config": {"train": {"loss_chunk_tokens": 512}}},
-    "activation checkpointing (train.memory: low)": {"config": {"train": {"memory": "low"}}},
+    "activation checkpointing alone (train.gradient_checkpointing: true)": {
+        "config": {"train": {"gradient_checkpointing": True}}},
+    "glibc malloc tuned alone (train.allocator: tuned)": {
+        "config": {"train": {"allocator": "tuned"}}},
+    "both: train.memory: low (checkpointing + tuned malloc)": {
+        "config": {"train": {"memory": "low"}}},
     "a dropout copy per projection (method.shared_dropout: false)": {
         "config": {"method": {"shared_dropout": False}}},
     "no LoRA dropout (method.dropout: 0)": {"config": {"method": {"dropout": 0.0}}},
-    "glibc malloc defaults (train.allocator: system)": {
-        "config": {"train": {"allocator": "system"}}},
     "1 thread instead of all cores": {"threads": 1},
 }
 
