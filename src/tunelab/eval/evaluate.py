@@ -284,23 +284,35 @@ def _templates(config: Config) -> tuple[str, str | None, str | None]:
 
 
 def _records(config: Config, eval_cfg: EvalConfig) -> list[Record]:
-    paths = config.data.test if eval_cfg.split == "test" else config.data.validation
-    if not paths:
-        raise ConfigError(f"eval.split is {eval_cfg.split!r} but data.{eval_cfg.split} is empty",
-                          where=f"data.{eval_cfg.split}",
-                          fix=f"add data.{eval_cfg.split}: <file>, or set eval.split")
-    records = [record for path in paths for record in read_records(path)]
+    """The evaluated split's records: the test files, or the run's own validation split (the
+    validation files, or the examples ``data.validation_split`` holds out of train)."""
+    data = config.data
+    if eval_cfg.split == "validation" and not data.validation and data.validation_split > 0:
+        records = _run_split_records(config, "validation")
+    else:
+        paths = data.test if eval_cfg.split == "test" else data.validation
+        if not paths:
+            raise ConfigError(f"eval.split is {eval_cfg.split!r} but data.{eval_cfg.split} is "
+                              "empty", where=f"data.{eval_cfg.split}",
+                              fix=f"add data.{eval_cfg.split}: <file>, or set eval.split")
+        records = [record for path in paths for record in read_records(path)]
     return records[:eval_cfg.max_examples] if eval_cfg.max_examples else records
 
 
 def _shot_pool(config: Config, eval_cfg: EvalConfig) -> list[Record]:
-    """The records of the run's own training split (``prepare.read_splits``): with a
-    validation split off the train file, its held-out records are never demonstrations."""
-    if not eval_cfg.shots:
-        return []
-    trained = {example.where for example in read_splits(config.data, seed=config.train.seed).train}
+    """The records of the run's own training split: with a validation split off the train
+    file, its held-out records are never demonstrations."""
+    return _run_split_records(config, "train") if eval_cfg.shots else []
+
+
+def _run_split_records(config: Config, split: str) -> list[Record]:
+    """The train files' records that ``prepare.read_splits`` puts in the run's ``split``
+    (train, or validation split off it), in file order, as raw records so that each prompt
+    variant can render them."""
+    splits = read_splits(config.data, seed=config.train.seed)
+    kept = {example.where for example in getattr(splits, split)}
     return [record for path in config.data.train for record in read_records(path)
-            if record.where in trained]
+            if record.where in kept]
 
 
 def _example(record: Record, fmt: str, prompt: str | None, completion: str | None) -> Example:
