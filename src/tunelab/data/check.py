@@ -72,7 +72,7 @@ def _check_splits(splits: Splits, data: DataConfig, *, tokenizer, max_seq_len: i
     return report
 
 
-def _check_tasks(data: DataConfig, *, seed: int, tokenizer, max_seq_len: int | None,
+def _check_tasks(data: DataConfig, *, seed: int, tokenizer, max_seq_len: int,
                  console: Console) -> dict:
     """Each task's report, its data read, split and tokenized as the run does for that task
     (``mixture.task_data``); then the token shares the mixture plans."""
@@ -83,10 +83,11 @@ def _check_tasks(data: DataConfig, *, seed: int, tokenizer, max_seq_len: int | N
         reports[task.name] = _check_splits(read_splits(own, seed=seed, test=True), own,
                                            tokenizer=tokenizer, max_seq_len=max_seq_len,
                                            console=console)
-    mixture = None
-    if tokenizer is not None and max_seq_len:
-        mixture = planned_mixture(data, tokenizer, max_seq_len=max_seq_len, seed=seed)
-        _render_mixture(mixture, console)
+    if tokenizer is None:  # the shares are shares of tokens
+        console.print("[yellow]warning:[/] no planned mixture without the model's tokenizer.")
+        return {"tasks": reports, "mixture": None}
+    mixture = planned_mixture(data, tokenizer, max_seq_len=max_seq_len, seed=seed)
+    _render_mixture(mixture, console)
     return {"tasks": reports, "mixture": mixture}
 
 
