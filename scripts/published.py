@@ -607,9 +607,10 @@ def render_distributed(result: dict) -> str:
         verdicts.append(
             f"At the config's dropout 0.05 each rank draws its own masks, so the 2-rank run is "
             f"another random draw: its validation loss is "
-            f"{drop['two_ranks_minus_one_process']:+.4f} from the 1-process run with the same "
+            f"{drop['two_ranks_minus_one_process']:+.6f} from the 1-process run with the same "
             f"seed, against a seed-to-seed spread of "
-            f"{drop['seed_spread']:.4f} (seeds 0 and 1): **{_within(drop)}**.")
+            f"{drop['seed_spread']:.4f} (seeds 0 and 1, which also change the data order and the "
+            f"adapter's initialisation): **{_within(drop)}**.")
     if not result.get("complete", True):
         verdicts.append(f"{len(result['runs'])} of the planned runs finished before this was "
                         "committed.")
