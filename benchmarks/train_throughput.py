@@ -23,8 +23,8 @@ tokens per step (the result file has each side's steps and tokens per step). Los
 at equal tokens seen: the token-weighted mean training loss over the last quarter of the tokens.
 Runs alternate, each in a fresh subprocess so that its peak RSS (the kernel's VmHWM) is its own.
 Two length distributions: ``skewed`` (lognormal, many short examples and a few long ones: where
-padding costs most) and ``uniform`` (every example within ±15% of one length: where it costs
-least).
+padding costs most) and ``uniform`` (lengths spread evenly over a narrow range, about 0.85–1.15
+of the mean: where it costs least).
 
     python benchmarks/train_throughput.py            # 3 sides × 2 distributions, ~25 min here
     python benchmarks/train_throughput.py --quick    # smoke run, small model
