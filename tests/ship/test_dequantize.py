@@ -89,13 +89,14 @@ def test_the_merged_weights_are_the_dequantised_weights_plus_the_adapter(qlora_r
     torch.testing.assert_close(merged, dequantised + update, rtol=0, atol=1e-6)
 
 
-def test_generate_chat_and_serve_load_a_qlora_run_on_its_4bit_base(qlora_run,
+def test_generate_chat_serve_and_eval_load_a_qlora_run_on_its_4bit_base(qlora_run,
                                                                    qlora_model_dir):
     """Not the float base: the adapter corrects the NF4 weights it trained on (a float base
     is off by the whole quantisation error, the first test above)."""
     from bitsandbytes.nn import Linear4bit
 
-    from tunelab.runs import load_run_model
+    from tunelab.eval.evaluate import _load_models
+    from tunelab.runs import load_run_model, open_run
     from tunelab.ship.serve import load_served_models
 
     trained = load_tuned(load_model(qlora_model_dir, device="cpu", load_in_4bit=True), qlora_run)
@@ -106,7 +107,9 @@ def test_generate_chat_and_serve_load_a_qlora_run_on_its_4bit_base(qlora_run,
                       Linear4bit)
     served, _, _ = load_served_models([str(qlora_run)])
     served.set_adapter("adapter0")
-    for loaded in (model, served):
+    _, config = open_run(qlora_run, need_data=False)
+    evaluated, _, _ = _load_models(config, qlora_run, want_base=False, want_tuned=True)["tuned"]
+    for loaded in (model, served, evaluated):
         assert all(a.equal(b) for a, b in zip(logits_for(loaded, tokenizer), expected,
                                               strict=True))
 

@@ -212,7 +212,7 @@ def _load_models(config: Config, run_dir, *, want_base: bool, want_tuned: bool) 
     from contextlib import nullcontext
 
     from tunelab.model import varlen
-    from tunelab.model.adapters import load_tuned, tuned_weights_path
+    from tunelab.model.adapters import METHODS, load_tuned, tuned_weights_path
     from tunelab.model.load import load_model, load_tokenizer
 
     if want_tuned and run_dir is None:
@@ -223,7 +223,12 @@ def _load_models(config: Config, run_dir, *, want_base: bool, want_tuned: bool) 
         attn_implementation=config.model.attn_implementation)
     tokenizer = load_tokenizer(config.model.path, config.model.gguf_file)
     models = {}
-    base_model = load(config.model.path, config.model.gguf_file)
+    # A QLoRA adapter corrects the NF4 weights it trained on: the shared base is loaded in 4 bits
+    # again (the base row then measures the NF4 base), else the tuned row is another model.
+    base_model = load_model(
+        config.model.path, dtype=config.model.dtype, device=config.model.device,
+        gguf_file=config.model.gguf_file, attn_implementation=config.model.attn_implementation,
+        load_in_4bit=want_tuned and METHODS[config.method.kind].load_in_4bit)
     varlen.enable(base_model)
     weights = tuned_weights_path(config.method.kind, Path(run_dir)) if want_tuned else None
     if weights is not None:  # full fine-tuning: a whole second model
