@@ -97,7 +97,7 @@ def _assess_time(result: dict, assess: dict) -> str:
     spent["start-up, model loads and reading data"] = result["wall_s"] - sum(spent.values())
     parts = ", ".join(f"{label} {_minutes(seconds)}" for label, seconds in spent.items())
     return (f"Wall time of the whole command: **{_minutes(result['wall_s'])}** ({parts}), run "
-            f"alone under the measurement lock at raised priority. Measured by "
+            f"alone at raised priority. Measured by "
             f"{_origin(result)}.")
 
 
