@@ -3,26 +3,15 @@ from the CLI, with one paragraph naming the place and the fix, and nothing writt
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-from tunelab import cli
+from test_cli import run_cli  # tests/ is on sys.path (rootdir conftest)
 
 MULTITASK = Path(__file__).resolve().parents[2] / "examples" / "multitask" / "config.yaml"
 
 
-def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
-    monkeypatch.setattr(sys, "argv", ["tunelab", *args])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as stop:
-        code = stop.code
-    return code, " ".join(capsys.readouterr().err.split())
-
-
 def test_assess_refuses_a_multitask_config(tmp_path, monkeypatch, capsys):
-    code, err = run_cli(monkeypatch, capsys, "assess", str(MULTITASK),
+    code, _, err = run_cli(monkeypatch, capsys, "assess", str(MULTITASK),
                         "--set", f"output_dir={tmp_path}")
     assert code != 0
     assert "tunelab assess takes a single-task config" in err
@@ -36,7 +25,7 @@ def test_sweep_refuses_a_multitask_base_naming_the_sweep_files_line(tmp_path, mo
     sweep = tmp_path / "sweep.yaml"
     sweep.write_text(f"output_dir: {tmp_path / 'sweeps'}\ntrials: 2\nsampler: random\n"
                      f"base: {MULTITASK}\nspace:\n  train.lr: [1.0e-4, 1.0e-3]\n")
-    code, err = run_cli(monkeypatch, capsys, "sweep", str(sweep))
+    code, _, err = run_cli(monkeypatch, capsys, "sweep", str(sweep))
     assert code != 0
     assert "tunelab sweep takes a single-task config" in err
     assert f"{sweep}:4" in err  # the base line of the sweep file
