@@ -72,8 +72,14 @@ def main(argv: list[str] | None = None) -> None:
                   "wall_s": {name: round(seconds, 1) for name, seconds in wall_s.items()},
                   "manifest": manifest, "eval": evaluation}
         (staging / "result.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
-        shutil.rmtree(results, ignore_errors=True)
-        shutil.copytree(staging, results)
+        results.mkdir(exist_ok=True)  # what other scripts keep here (results/assess) stays
+        for entry in staging.iterdir():
+            target = results / entry.name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+            shutil.move(str(entry), target)
     print(f"wrote {results} (train {wall_s['train']:.0f} s, eval {wall_s['eval']:.0f} s)")
 
 
