@@ -98,9 +98,11 @@ LEVERS = {
         "config": {"train": {"loss_chunk_tokens": 512}}},
     "activation checkpointing alone (train.gradient_checkpointing: true)": {
         "config": {"train": {"gradient_checkpointing": True}}},
-    "glibc malloc tuned alone (train.allocator: tuned)": {
+    "glibc's malloc instead of jemalloc (train.allocator: system)": {
+        "config": {"train": {"allocator": "system"}}},
+    "glibc malloc tuned instead of jemalloc (train.allocator: tuned)": {
         "config": {"train": {"allocator": "tuned"}}},
-    "both: train.memory: low (checkpointing + tuned malloc)": {
+    "train.memory: low (checkpointing; allocator auto)": {
         "config": {"train": {"memory": "low"}}},
     "a dropout copy per projection (method.shared_dropout: false)": {
         "config": {"method": {"shared_dropout": False}}},
@@ -429,7 +431,7 @@ def run_worker(side: str, spec: dict, workdir: Path, label: str, max_wait_s: flo
     started = time.perf_counter()
     completed = subprocess.run([sys.executable, __file__, "--worker", side, "--spec",
                                 str(spec_path), "--result", str(result_path)],
-                               capture_output=True, text=True)
+                               capture_output=True, text=True, env=worker_environment(side, spec))
     if completed.returncode != 0:
         raise SystemExit(f"{label} failed:\n{completed.stdout[-3000:]}\n{completed.stderr[-5000:]}")
     row = json.loads(result_path.read_text())
@@ -443,6 +445,23 @@ def run_worker(side: str, spec: dict, workdir: Path, label: str, max_wait_s: flo
           f"{row['last_quarter_loss']:.4f}  ({row['steps']} steps, {row['process_wall_s']:.0f} s,"
           f" load {row['load_average_before']}→{row['load_average_after']})", flush=True)
     return row
+
+
+def worker_environment(side: str, spec: dict) -> dict[str, str]:
+    """tunelab's side gets the malloc the ``tunelab`` command would give it (jemalloc where
+    installed and ``train.allocator`` allows: ``tunelab.allocator``); the Trainer sides run
+    as a Trainer user's would, under the C library's."""
+    from tunelab import allocator
+
+    environment = {key: value for key, value in os.environ.items()
+                   if key not in allocator.USER_SETTINGS}
+    if side != "tunelab":
+        return environment
+    train = tunelab_config({**spec, "scratch": ""}, spec.get("lever", {}).get("config"))["train"]
+    chosen = allocator.choose(train.get("allocator", "auto"), train.get("memory", "default"))
+    if chosen == "jemalloc":
+        return allocator.jemalloc_environment(environment) or environment
+    return environment
 
 
 def prepare(workdir: Path, workload: dict, distribution: str, *, model_dir: Path, gpu: bool,

@@ -248,10 +248,18 @@ def render_train_memory(result: dict) -> str:
             f"| {speed:.1f} ({speed / median(first, 'tokens_per_second'):.2f}×) | "
             f"{median(runs, 'val_loss_after'):.4f} |")
     rounds = len(first)
+    earlier: dict[tuple[str, str], list[str]] = {}
+    for runs in rows.values():
+        run = runs[0]
+        if run.get("git_commit", result["git_commit"]) != result["git_commit"]:
+            earlier.setdefault((run["command"], run["git_commit"]), []).append(run["title"])
+    kept = "".join(f" Rows {', '.join(f'“{title}”' for title in titles)}: kept from "
+                   f"`{command}` at commit `{commit[:10]}`." for (command, commit), titles
+                   in earlier.items())
     return ("\n".join(lines) + f"\n\n`tunelab train {result['config']}` "
             f"({first[0]['steps']} optimizer steps), each row a fresh process, rows "
             f"alternating, {rounds} round"
-            f"{'s' if rounds > 1 else ''} (median). Measured by {_origin(result)}.\n")
+            f"{'s' if rounds > 1 else ''} (median). Measured by {_origin(result)}.{kept}\n")
 
 
 def render_generation(result: dict) -> str:

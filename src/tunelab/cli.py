@@ -372,6 +372,15 @@ def _trained_on_chat(run: Path) -> bool:
     return read_manifest(run).get("data_report", {}).get("format") == "chat"
 
 
+def entry() -> None:
+    """The ``tunelab`` command: a training command re-executes itself under jemalloc first
+    where ``train.allocator`` asks for it and it is installed (``tunelab/allocator.py``)."""
+    from tunelab.allocator import preload
+
+    preload(sys.argv)
+    main()
+
+
 def main() -> None:
     """Entry point: run the app; a TunelabError becomes one paragraph and its exit code."""
     # peft still calls a transformers property that warns on every model load; not the user's

@@ -215,20 +215,21 @@ class TrainConfig(_Section):
         "output_dir/mlflow.db, unless MLFLOW_TRACKING_URI is set; pip install "
         "\"tunelab[mlflow]\")."))
     memory: Literal["default", "low"] = Field("default", description=(
-        "default: activations kept for the backward pass, glibc's allocator (fastest); low: each "
-        "decoder layer's activations recomputed in the backward pass instead (activation "
-        "checkpointing) and the tuned allocator (train.allocator): a fraction of the memory, "
-        "slower. tunelab plan --memory-budget says which fits."))
+        "default: activations kept for the backward pass (fastest); low: each decoder layer's "
+        "activations recomputed in the backward pass instead (activation checkpointing), and "
+        "glibc's tuned allocator where jemalloc is not installed (train.allocator): a fraction "
+        "of the memory, slower. tunelab plan --memory-budget says which fits."))
     gradient_checkpointing: bool | None = Field(None, description=(
         "Recompute each layer's activations in the backward pass: far less memory, ~40% slower; "
         "null: as train.memory says (on for low)."))
-    allocator: Literal["auto", "tuned", "system"] = Field("auto", description=(
-        "tuned: glibc malloc hands freed activations back to the system at once (a fixed mmap "
-        "threshold; trimmed after validation and sampling), instead of keeping them as "
-        "fragments that inflate the peak, at the cost of a page fault per page of every new "
-        "activation (more CPU time); system: the C library's defaults; auto: tuned when "
-        "train.memory is low, else system. Set at the start of training; MALLOC_* environment "
-        "variables set by hand take precedence."))
+    allocator: Literal["auto", "jemalloc", "tuned", "system"] = Field("auto", description=(
+        "The malloc that holds the activations on CPU. jemalloc: freed activations reused "
+        "without the fragments of glibc's heap and without page faults (the tunelab command "
+        "preloads it; install libjemalloc2 or conda's jemalloc); tuned: glibc malloc with a "
+        "fixed mmap threshold, freed activations handed back to the system at once (less "
+        "memory, a page fault per page of every new activation: slower); system: the C "
+        "library's defaults; auto: jemalloc where installed, else tuned when train.memory is "
+        "low and system otherwise. MALLOC_* or LD_PRELOAD set by hand take precedence."))
     loss_chunk_tokens: int = Field(2048, ge=16, description=(
         "Loss targets whose logits are computed at once; lower it to save memory."))
     samples: int = Field(3, ge=0, description=(
@@ -251,14 +252,6 @@ class TrainConfig(_Section):
         if self.gradient_checkpointing is not None:
             return self.gradient_checkpointing
         return self.memory == "low"
-
-    @property
-    def allocator_tuned(self) -> bool:
-        """Whether training tunes glibc's allocator: train.allocator when set, else as
-        train.memory says (tuned for low)."""
-        if self.allocator == "auto":
-            return self.memory == "low"
-        return self.allocator == "tuned"
 
     @model_validator(mode="after")
     def _batch_fits(self) -> TrainConfig:

@@ -64,3 +64,22 @@ def test_every_lever_is_a_valid_train_config_that_differs_from_the_default(lever
     changed = switched != default or "threads" in switch or switch.get("varlen") is False
     assert changed == bool(switch)
     assert default.train.samples == 0 and default.data.validation == []
+
+
+def test_tunelab_side_gets_the_malloc_the_cli_gives_it_and_the_trainer_sides_do_not(
+        monkeypatch):
+    from tunelab import allocator
+
+    monkeypatch.setattr(allocator, "find_jemalloc", lambda: "libjemalloc.so.2")
+    monkeypatch.setenv("MALLOC_CONF", "narenas:1")  # a setting of the shell is not inherited
+    spec = {"model_dir": "m", "data_path": "d.jsonl", "gpu": False, "lr": 1e-3, "seed": 0,
+            "batch_tokens": 4096, "max_seq_len": 512}
+    tunelab = bench.worker_environment("tunelab", spec)
+    assert tunelab["LD_PRELOAD"] == "libjemalloc.so.2"
+    assert tunelab["MALLOC_CONF"] == allocator.JEMALLOC_CONF
+    for side in ("hf_padded", "hf_flattened"):
+        environment = bench.worker_environment(side, spec)
+        assert "LD_PRELOAD" not in environment and "MALLOC_CONF" not in environment
+    glibc = {**spec, "lever": bench.LEVERS["glibc's malloc instead of jemalloc "
+                                            "(train.allocator: system)"]}
+    assert "LD_PRELOAD" not in bench.worker_environment("tunelab", glibc)

@@ -38,6 +38,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from tunelab.allocator import choose as choose_allocator
 from tunelab.config import Config
 from tunelab.data.prepare import prepare_data, schedule_micro_batches
 from tunelab.errors import ConfigError
@@ -389,7 +390,7 @@ class Setting:
     chunk_tokens: int
     eager: bool
     shared_dropout: bool = False  # method.shared_dropout
-    allocator_tuned: bool = False  # train.allocator: tuned (no glibc fragmentation)
+    allocator: str = "system"  # jemalloc | tuned | system (tunelab/allocator.py: choose)
 
 
 def plan(config: Config, *, calibration: dict | None = None,
@@ -538,7 +539,7 @@ def _setting(config: Config, device: str, weight_dtype: str) -> Setting:
                    chunk_tokens=train_cfg.loss_chunk_tokens,
                    eager=config.model.attn_implementation == "eager",
                    shared_dropout=method.shared_dropout,
-                   allocator_tuned=train_cfg.allocator_tuned)
+                   allocator=choose_allocator(train_cfg.allocator, train_cfg.memory))
 
 
 def _trainable(shape: ModelShape, setting: Setting) -> int:
@@ -590,7 +591,7 @@ def predict_memory(shape: ModelShape, batches: list[dict], setting: Setting,
 
 def _fragmentation_bytes(shape: ModelShape, batch: dict, setting: Setting) -> int:
     """RSS that glibc malloc holds beyond the live tensors (see GLIBC_FRAGMENTATION)."""
-    if (setting.allocator_tuned or os.environ.get("MALLOC_MMAP_THRESHOLD_")
+    if (setting.allocator != "system" or os.environ.get("MALLOC_MMAP_THRESHOLD_")
             or not sys.platform.startswith("linux")):
         return 0
     per_layer = layer_activation_bytes(shape, kind=setting.kind, r=setting.r,
@@ -772,11 +773,12 @@ def memory_settings(shape: ModelShape, batches: list[dict], setting: Setting,
                     layout: DataLayout, budget_bytes: int, *,
                     allocator_follows_memory: bool = True) -> dict:
     """The predicted peak under each ``train.memory`` setting, and the one to use within
-    ``budget_bytes``: default (faster) when it fits, else low (activation checkpointing, and
-    the tuned allocator when ``train.allocator`` is auto)."""
+    ``budget_bytes``: default (faster) when it fits, else low (activation checkpointing; with
+    ``train.allocator: auto``, each setting under the allocator it gets: ``allocator.choose``)."""
     def under(low: bool) -> Setting:
         if allocator_follows_memory:
-            return replace_setting(setting, checkpointing=low, allocator_tuned=low)
+            return replace_setting(setting, checkpointing=low, allocator=choose_allocator(
+                "auto", "low" if low else "default"))
         return replace_setting(setting, checkpointing=low)
 
     peaks = {name: predict_memory(shape, batches, under(low), layout)["predicted_peak_bytes"]
@@ -837,7 +839,7 @@ def render_plan(plan: dict, console) -> None:
     choice = (f"use train.memory: {settings['recommended']}" if settings["recommended"]
               else "neither fits")
     console.print(f"train.memory: default {_gib(peaks['default'])}, low {_gib(peaks['low'])} "
-                  f"(activation checkpointing and the tuned allocator, slower); for "
+                  f"(activation checkpointing, slower); for "
                   f"{_gib(settings['budget_bytes'])}: {choice}.")
     if "measured_peak_bytes" in memory:
         console.print(f"Calibration run peak: {_gib(memory['measured_peak_bytes'])} "

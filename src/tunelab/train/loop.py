@@ -23,6 +23,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from tunelab import allocator as malloc
+from tunelab.allocator import release_memory
 from tunelab.config import Config
 from tunelab.data.formats import Example
 from tunelab.data.mixture import data_rates, task_token_counts
@@ -37,7 +39,6 @@ from tunelab.model.dropout import share_lora_dropout
 from tunelab.model.load import describe_model, load_model, load_tokenizer, resolve_device
 from tunelab.runs import MetricsLog, create_run, hash_file, versions, write_manifest
 from tunelab.train import distributed
-from tunelab.train.allocator import release_memory, tune_allocator
 from tunelab.train.checkpoint import (
     disk_full,
     list_checkpoints,
@@ -196,7 +197,7 @@ def _train(config: Config, cluster: distributed.Cluster, *, resume: str | Path |
     console = console if cluster.is_main else Console(quiet=True)
     _seed_everything(train_cfg.seed)
     # Before the model is loaded: its activations are then mmap-ed and handed back when freed.
-    allocator = tune_allocator() if train_cfg.allocator_tuned else None
+    allocator = malloc.for_training(train_cfg.allocator, train_cfg.memory)
     prepared = prepare(config, console)
     model, tokenizer, device = prepared.model, prepared.tokenizer, prepared.device
     # What the loop calls for a batch's loss: the model, DDP- or FSDP-wrapped under torchrun.
