@@ -31,6 +31,7 @@ ROWS = {
     "before": ["method.shared_dropout=false", "train.allocator=system"],
     "glibc": ["train.allocator=system"],
     "default": [],
+    "unfused": ["train.fused_swiglu=false"],
     "tuned-allocator": ["train.allocator=tuned"],
     "low": ["train.memory=low"],
     "low-glibc": ["train.memory=low", "train.allocator=tuned"],
@@ -40,7 +41,9 @@ ROWS = {
 TITLES = {
     "before": "before issue 13 (peft's dropout per projection, glibc defaults)",
     "glibc": "shared LoRA dropout, glibc defaults (the default where jemalloc is not installed)",
-    "default": "default (shared LoRA dropout, train.allocator: auto → {allocator})",
+    "default": "default (shared LoRA dropout, fused SwiGLU, train.allocator: auto → "
+               "{allocator})",
+    "unfused": "default with transformers' MLP (train.fused_swiglu: false)",
     "tuned-allocator": "shared LoRA dropout + tuned glibc (train.allocator: tuned)",
     "low": "train.memory: low (activation checkpointing, allocator auto → {allocator})",
     "low-glibc": "train.memory: low with tuned glibc (where jemalloc is not installed)",

@@ -107,6 +107,8 @@ LEVERS = {
     "a dropout copy per projection (method.shared_dropout: false)": {
         "config": {"method": {"shared_dropout": False}}},
     "no LoRA dropout (method.dropout: 0)": {"config": {"method": {"dropout": 0.0}}},
+    "MLP activation unfused (train.fused_swiglu: false)": {
+        "config": {"train": {"fused_swiglu": False}}},
     "1 thread instead of all cores": {"threads": 1},
 }
 

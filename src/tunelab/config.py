@@ -222,6 +222,10 @@ class TrainConfig(_Section):
     gradient_checkpointing: bool | None = Field(None, description=(
         "Recompute each layer's activations in the backward pass: far less memory, ~40% slower; "
         "null: as train.memory says (on for low)."))
+    fused_swiglu: bool = Field(True, description=(
+        "Llama-style MLPs (silu(gate) * up) keep gate and up for the backward pass and "
+        "recompute silu(gate) there: one [tokens × intermediate] tensor per layer less, same "
+        "gradients (model/swiglu.py); false: transformers' own forward."))
     allocator: Literal["auto", "jemalloc", "tuned", "system"] = Field("auto", description=(
         "The malloc that holds the activations on CPU. jemalloc: freed activations reused "
         "without the fragments of glibc's heap and without page faults (the tunelab command "

@@ -32,6 +32,7 @@ from tunelab.model.plan import (
     render_plan,
     training_flops,
 )
+from tunelab.model.swiglu import fuse_gated_activations
 from tunelab.train.loss import hidden_states
 
 WORDS = ["good", "great", "fine", "lovely", "fun", "bad", "awful", "boring", "dull", "poor",
@@ -166,7 +167,8 @@ def test_padding_is_reported_as_waste(tmp_path, tiny_model_dir):
 
 
 def saved_activation_bytes(shape_config: dict, *, kind: str, dropout: float, layers: int,
-                           checkpointing: bool = False, shared_dropout: bool = False) -> int:
+                           checkpointing: bool = False, shared_dropout: bool = False,
+                           fused_swiglu: bool = False) -> int:
     """Bytes autograd keeps for backward (parameters excluded) over a packed row of 4 examples."""
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=layers, attn_implementation="sdpa",
@@ -177,6 +179,8 @@ def saved_activation_bytes(shape_config: dict, *, kind: str, dropout: float, lay
                          rslora=False)
     if shared_dropout:
         assert share_lora_dropout(model) == 7 * layers
+    if fused_swiglu:
+        assert fuse_gated_activations(model) == layers
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -198,21 +202,24 @@ def saved_activation_bytes(shape_config: dict, *, kind: str, dropout: float, lay
     return sum(storages.values())
 
 
-@pytest.mark.parametrize("kind,dropout,shared", [("lora", 0.05, False), ("lora", 0.05, True),
-                                                 ("lora", 0.0, False), ("full", 0.0, False)])
-def test_layer_activation_model_matches_autograd_saved_tensors(kind, dropout, shared):
+@pytest.mark.parametrize("kind,dropout,shared,fused", [
+    ("lora", 0.05, False, False), ("lora", 0.05, True, False), ("lora", 0.0, False, False),
+    ("full", 0.0, False, False), ("lora", 0.05, True, True), ("lora", 0.0, False, True),
+    ("full", 0.0, False, True)])
+def test_layer_activation_model_matches_autograd_saved_tensors(kind, dropout, shared, fused):
     dims = {"hidden_size": 48, "intermediate_size": 80, "num_attention_heads": 6,
             "num_key_value_heads": 2}
     per_layer = (saved_activation_bytes(dims, kind=kind, dropout=dropout, layers=3,
-                                        shared_dropout=shared)
+                                        shared_dropout=shared, fused_swiglu=fused)
                  - saved_activation_bytes(dims, kind=kind, dropout=dropout, layers=2,
-                                          shared_dropout=shared)) / 64
+                                          shared_dropout=shared, fused_swiglu=fused)) / 64
     shape = ModelShape(hidden_size=48, intermediate_size=80, num_layers=1, num_heads=6,
                        num_kv_heads=2, head_dim=8, vocab_size=128, tied_embeddings=False)
     # the shared dropout's mask is a bool tensor; peft's nn.Dropout keeps a float one on CPU
     predicted = layer_activation_bytes(shape, kind=kind, r=4, dropout=dropout,
                                        targets="all-linear", element_bytes=4,
-                                       mask_bytes=1 if shared else 4, shared_dropout=shared)
+                                       mask_bytes=1 if shared else 4, shared_dropout=shared,
+                                       fused_swiglu=fused)
     assert predicted["total"] == per_layer
 
 

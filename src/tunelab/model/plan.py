@@ -107,6 +107,7 @@ class ModelShape:
     vocab_size: int
     tied_embeddings: bool
     model_type: str = "llama"
+    gated_silu: bool = True  # a silu(gate) * up MLP (model/swiglu.py can fuse it)
 
     @classmethod
     def from_config(cls, hf_config: Any) -> ModelShape:
@@ -119,7 +120,8 @@ class ModelShape:
                    head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
                    vocab_size=text.vocab_size,
                    tied_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
-                   model_type=getattr(text, "model_type", "llama"))
+                   model_type=getattr(text, "model_type", "llama"),
+                   gated_silu=getattr(text, "hidden_act", "silu") in ("silu", "swish"))
 
     def linears(self) -> dict[str, tuple[int, int]]:
         """(in_features, out_features) of each projection of one decoder layer."""
@@ -167,11 +169,12 @@ def adapter_params(shape: ModelShape, *, kind: str, r: int, targets: str | list[
 
 def layer_activation_bytes(shape: ModelShape, *, kind: str, r: int, dropout: float,
                            targets: str | list[str], element_bytes: int, mask_bytes: int,
-                           shared_dropout: bool = False) -> dict:
+                           shared_dropout: bool = False, fused_swiglu: bool = False) -> dict:
     """Bytes per token that one decoder layer keeps for the backward pass, by part.
 
     ``shared_dropout``: one LoRA dropout per input tensor (``model/dropout.py``), its dropped
-    copy and mask kept once for all the projections that read the input.
+    copy and mask kept once for all the projections that read the input. ``fused_swiglu``: the
+    MLP keeps gate and up, not silu(gate) as well (``model/swiglu.py``; SiLU MLPs only).
     """
     e, fp32 = element_bytes, 4
     h, i = shape.hidden_size, shape.intermediate_size
@@ -205,7 +208,7 @@ def layer_activation_bytes(shape: ModelShape, *, kind: str, r: int, dropout: flo
         if dropped_needed:
             projections += linears[group[0]][0] * (e + mask_bytes)
     attention = (2 * q + 2 * kv) * e + shape.num_heads * fp32
-    mlp = 3 * i * e
+    mlp = (2 if fused_swiglu and shape.gated_silu else 3) * i * e
     return {"norms": norms, "projections": projections, "attention": attention, "mlp": mlp,
             "total": norms + projections + attention + mlp}
 
@@ -213,7 +216,7 @@ def layer_activation_bytes(shape: ModelShape, *, kind: str, r: int, dropout: flo
 def activation_bytes(shape: ModelShape, *, tokens: int, kind: str, r: int, dropout: float,
                      targets: str | list[str], checkpointing: bool, element_bytes: int,
                      mask_bytes: int, eager_attention_elements: int = 0,
-                     shared_dropout: bool = False) -> dict:
+                     shared_dropout: bool = False, fused_swiglu: bool = False) -> dict:
     """Saved activations of one micro-batch of ``tokens`` positions (padding included).
 
     ``eager_attention_elements`` is Σ heads·rowlength² for eager attention (it keeps the
@@ -221,7 +224,8 @@ def activation_bytes(shape: ModelShape, *, tokens: int, kind: str, r: int, dropo
     """
     per_layer = layer_activation_bytes(shape, kind=kind, r=r, dropout=dropout, targets=targets,
                                        element_bytes=element_bytes, mask_bytes=mask_bytes,
-                                       shared_dropout=shared_dropout)
+                                       shared_dropout=shared_dropout,
+                                       fused_swiglu=fused_swiglu)
     layer = tokens * per_layer["total"] + eager_attention_elements * element_bytes
     # final RMSNorm; RoPE cos/sin shared by all layers
     outside = tokens * (shape.hidden_size * 4 + 4 + 2 * shape.head_dim * element_bytes)
@@ -390,6 +394,7 @@ class Setting:
     chunk_tokens: int
     eager: bool
     shared_dropout: bool = False  # method.shared_dropout
+    fused_swiglu: bool = False  # train.fused_swiglu
     allocator: str = "system"  # jemalloc | tuned | system (tunelab/allocator.py: choose)
 
 
@@ -539,6 +544,7 @@ def _setting(config: Config, device: str, weight_dtype: str) -> Setting:
                    chunk_tokens=train_cfg.loss_chunk_tokens,
                    eager=config.model.attn_implementation == "eager",
                    shared_dropout=method.shared_dropout,
+                   fused_swiglu=train_cfg.fused_swiglu,
                    allocator=choose_allocator(train_cfg.allocator, train_cfg.memory))
 
 
@@ -598,7 +604,8 @@ def _fragmentation_bytes(shape: ModelShape, batch: dict, setting: Setting) -> in
                                        dropout=setting.dropout, targets=setting.targets,
                                        element_bytes=setting.element_bytes,
                                        mask_bytes=setting.mask_bytes,
-                                       shared_dropout=setting.shared_dropout)["total"]
+                                       shared_dropout=setting.shared_dropout,
+                                       fused_swiglu=setting.fused_swiglu)["total"]
     factor = (GLIBC_FRAGMENTATION_CHECKPOINTED if setting.checkpointing
               else GLIBC_FRAGMENTATION)[METHODS[setting.kind].adapter]
     if setting.shared_dropout and setting.dropout > 0 and not setting.checkpointing:
@@ -616,7 +623,8 @@ def _batch_bytes(shape: ModelShape, batch: dict, setting: Setting) -> dict:
         shape, tokens=batch["positions"], kind=setting.kind, r=setting.r,
         dropout=setting.dropout, targets=setting.targets, checkpointing=setting.checkpointing,
         element_bytes=setting.element_bytes, mask_bytes=setting.mask_bytes,
-        eager_attention_elements=eager, shared_dropout=setting.shared_dropout)
+        eager_attention_elements=eager, shared_dropout=setting.shared_dropout,
+        fused_swiglu=setting.fused_swiglu)
     logits = logits_bytes(shape, target_tokens=batch["targets"],
                           chunk_tokens=setting.chunk_tokens, element_bytes=setting.element_bytes)
     workspace = workspace_bytes(shape, tokens=batch["positions"],

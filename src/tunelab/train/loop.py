@@ -37,6 +37,7 @@ from tunelab.model import varlen
 from tunelab.model.adapters import METHODS, apply_method, save_final
 from tunelab.model.dropout import share_lora_dropout
 from tunelab.model.load import describe_model, load_model, load_tokenizer, resolve_device
+from tunelab.model.swiglu import fuse_gated_activations
 from tunelab.runs import MetricsLog, create_run, hash_file, versions, write_manifest
 from tunelab.train import distributed
 from tunelab.train.checkpoint import (
@@ -90,6 +91,8 @@ def prepare(config: Config, console: Console) -> Prepared:
                          dropout=method.dropout, targets=method.targets, rslora=method.rslora)
     if method.shared_dropout:
         share_lora_dropout(model)  # one dropped copy and a bool mask per input, not per projection
+    if train_cfg.fused_swiglu:
+        fuse_gated_activations(model)  # the MLP keeps gate and up, recomputes silu(gate)
     if train_cfg.checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(model, "enable_input_require_grads"):
