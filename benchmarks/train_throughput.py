@@ -455,11 +455,21 @@ def worker_environment(side: str, spec: dict) -> dict[str, str]:
     as a Trainer user's would, under the C library's."""
     from tunelab import allocator
 
+    if side != "tunelab":
+        return {key: value for key, value in os.environ.items()
+                if key not in allocator.USER_SETTINGS}
+    config = tunelab_config({**spec, "scratch": ""}, spec.get("lever", {}).get("config"))
+    return cli_environment(config)
+
+
+def cli_environment(config: dict) -> dict[str, str]:
+    """The environment the ``tunelab`` command would train ``config`` (a raw dict) under: the
+    shell's malloc settings dropped, jemalloc preloaded where ``tunelab.allocator`` chooses it."""
+    from tunelab import allocator
+
     environment = {key: value for key, value in os.environ.items()
                    if key not in allocator.USER_SETTINGS}
-    if side != "tunelab":
-        return environment
-    train = tunelab_config({**spec, "scratch": ""}, spec.get("lever", {}).get("config"))["train"]
+    train = config.get("train", {})
     chosen = allocator.choose(train.get("allocator", "auto"), train.get("memory", "default"))
     if chosen == "jemalloc":
         return allocator.jemalloc_environment(environment) or environment
@@ -791,9 +801,9 @@ def plan_check(args) -> None:
             raw = {"name": "plan-check", "output_dir": str(workdir / "runs"), **raw}
             predicted = plan(config_from_dict(raw))
             load_before = os.getloadavg()[0]
-            completed = subprocess.run(
+            completed = subprocess.run(  # under the malloc the CLI gives it, as predicted
                 [sys.executable, "-c", MEASURE_TRAIN, json.dumps(raw)], capture_output=True,
-                text=True)
+                text=True, env=cli_environment(raw))
             if completed.returncode != 0:
                 raise SystemExit(f"{name} failed:\n{completed.stderr[-4000:]}")
             measured = json.loads(completed.stdout.strip().splitlines()[-1])

@@ -400,7 +400,7 @@ class Setting:
 
 def plan(config: Config, *, calibration: dict | None = None,
          memory_budget_bytes: int | None = None, nproc: int = 1,
-         strategy: str = "ddp") -> dict:
+         strategy: str = "ddp", allocator: str | None = None) -> dict:
     """Predict peak memory (broken down), tokens/s and wall time of ``train(config)``.
 
     Tokenizes the data as ``train()`` will; reads the model's ``config.json`` only.
@@ -408,19 +408,22 @@ def plan(config: Config, *, calibration: dict | None = None,
     ``calibration`` is what a few real steps of the config measured
     (``tunelab.train.calibrate.calibrate_run``): its tokens/s replaces the predicted rate, its
     peak memory is reported beside the prediction. ``nproc`` ranks (torchrun) under
-    ``strategy`` (ddp or fsdp) add each rank's memory (``per_rank_memory``). Returns a
-    JSON-serialisable dict (see ``render_plan``).
+    ``strategy`` (ddp or fsdp) add each rank's memory (``per_rank_memory``). ``allocator``
+    (jemalloc, tuned, system): the malloc the run gets; by default the one the ``tunelab``
+    command would give it (``allocator.choose``). Returns a JSON-serialisable dict (see
+    ``render_plan``).
     """
     from tunelab.model.load import load_tokenizer
 
     counts = count_tokens(config, load_tokenizer(config.model.path, config.model.gguf_file))
     return plan_counts(config, counts, calibration=calibration,
-                       memory_budget_bytes=memory_budget_bytes, nproc=nproc, strategy=strategy)
+                       memory_budget_bytes=memory_budget_bytes, nproc=nproc, strategy=strategy,
+                       allocator=allocator)
 
 
 def plan_counts(config: Config, counts: TokenCounts, *, calibration: dict | None = None,
                 memory_budget_bytes: int | None = None, nproc: int = 1,
-                strategy: str = "ddp") -> dict:
+                strategy: str = "ddp", allocator: str | None = None) -> dict:
     """``plan`` for data already tokenized (``TokenCounts.from_tokenized``), as in ``train()``."""
     from transformers import AutoConfig
 
@@ -437,7 +440,7 @@ def plan_counts(config: Config, counts: TokenCounts, *, calibration: dict | None
     layout = describe_data(counts, batches, config, resolved)
     device = resolve_device(config.model.device)
     dtype = str(resolve_dtype(config.model.dtype, device)).removeprefix("torch.")
-    setting = _setting(config, device.type, dtype)
+    setting = _setting(config, device.type, dtype, allocator)
     result = {
         "config": config.name,
         "model": {"path": config.model.path, "resolved": resolved, **asdict(shape),
@@ -533,7 +536,8 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
-def _setting(config: Config, device: str, weight_dtype: str) -> Setting:
+def _setting(config: Config, device: str, weight_dtype: str,
+             allocator: str | None = None) -> Setting:
     element = 4 if weight_dtype == "float32" else 2
     method, train_cfg = config.method, config.train
     return Setting(device=device, weight_dtype=weight_dtype, element_bytes=element,
@@ -545,7 +549,8 @@ def _setting(config: Config, device: str, weight_dtype: str) -> Setting:
                    eager=config.model.attn_implementation == "eager",
                    shared_dropout=method.shared_dropout,
                    fused_swiglu=train_cfg.fused_swiglu,
-                   allocator=choose_allocator(train_cfg.allocator, train_cfg.memory))
+                   allocator=allocator or choose_allocator(train_cfg.allocator,
+                                                           train_cfg.memory))
 
 
 def _trainable(shape: ModelShape, setting: Setting) -> int:

@@ -246,7 +246,7 @@ def _train(config: Config, cluster: distributed.Cluster, *, resume: str | Path |
         "data_report": prepared.data_report, "total_steps": total_steps,
         "warmup_steps": warmup, "status": "running",
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "plan": state.plan or _predicted(config, prepared, console),
+        "plan": state.plan or _predicted(config, prepared, console, allocator["name"]),
     }
     if prepared.train_tasks:  # the configured token shares, to check metrics' task_tokens by
         manifest["mixture"] = {"mixing": config.data.mixing, "rates": data_rates(
@@ -484,17 +484,18 @@ def _generate(model, tokenizer, prompts: list[EvalPrompt], config: Config) -> li
     return texts
 
 
-def _predicted(config: Config, prepared: Prepared, console: Console) -> dict:
+def _predicted(config: Config, prepared: Prepared, console: Console, allocator: str) -> dict:
     """The planner's prediction for this run, kept in the manifest to track its error.
 
-    The planner gets the run's own token counts: the data is read and tokenized once.
+    The planner gets the run's own token counts (the data is read and tokenized once) and the
+    allocator the run got.
     """
     from tunelab.model.plan import TokenCounts, plan_counts
 
     counts = TokenCounts.from_tokenized(prepared.train, prepared.validation)
     try:
         with torch.random.fork_rng(devices=[]):  # its matmul benchmark must not move the seed
-            predicted = plan_counts(config, counts)
+            predicted = plan_counts(config, counts, allocator=allocator)
     except Exception as error:  # the planner must never stop a run it only describes
         console.print(f"[yellow]warning:[/] no cost prediction for the manifest: {error}")
         return {"error": str(error)}
