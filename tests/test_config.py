@@ -4,13 +4,12 @@ method.kind and eval.task are the registries' kinds."""
 
 from __future__ import annotations
 
-import sys
 from typing import get_args
 
 import pytest
 from pydantic import BaseModel
+from test_cli import run_cli  # tests/ is on sys.path (rootdir conftest)
 
-from tunelab import cli
 from tunelab.config import (
     Config,
     DataConfig,
@@ -84,15 +83,6 @@ def test_a_task_kind_says_which_fields_it_requires(tmp_path):
     assert config_from_dict(raw, base_dir=tmp_path).eval.task == "qa"
 
 
-def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["tunelab", *args])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as stop:
-        code = stop.code
-    captured = capsys.readouterr()
-    return code, captured.out, " ".join(captured.err.split())
 
 
 def test_config_explain_from_the_cli(monkeypatch, capsys):

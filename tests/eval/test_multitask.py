@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tunelab import cli
 from tunelab.config import load_config
 from tunelab.data.prepare import prepare_data
 from tunelab.errors import RunError
@@ -22,6 +21,7 @@ from tunelab.train.distributed import Cluster, StepLoss
 from tunelab.train.loop import prepare, validation_loss, validation_losses
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "train"))
+import test_cli  # noqa: E402 -- tests/ is on sys.path (rootdir conftest)
 from test_loop import quiet, write_reviews  # noqa: E402
 
 WORDS = ["good", "bad", "movie", "film", "story", "plot", "cast", "fun", "dull", "great"]
@@ -69,12 +69,10 @@ def write_project(folder: Path, model_dir: str, *, mixing: dict, max_steps: int 
 
 
 def run_cli(monkeypatch, capsys, *args: str) -> str:
-    monkeypatch.setattr(sys, "argv", ["tunelab", *args])
-    try:
-        cli.main()
-    except SystemExit as stop:
-        assert stop.code == 0, capsys.readouterr().err
-    return capsys.readouterr().out
+    """test_cli.run_cli for a command that must succeed: its output."""
+    code, out, err = test_cli.run_cli(monkeypatch, capsys, *args)
+    assert code == 0, err
+    return out
 
 
 def read_metrics(run: Path) -> list[dict]:

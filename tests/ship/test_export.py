@@ -7,17 +7,16 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
+import test_cli  # tests/ is on sys.path (rootdir conftest)
 import torch
 from export_runs import liven_adapter, tiny_qwen2_dir, train_tiny_run
 from peft import PeftModel
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tunelab import cli
 from tunelab.errors import ConfigError, ModelError, RunError
 from tunelab.model.load import (
     BASE_SIDECAR,
@@ -153,14 +152,9 @@ def test_vllm_rules_pass_a_plain_lora_and_catch_embedding_lora_by_its_weights(tm
 
 
 def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["tunelab", *args])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as stop:
-        code = stop.code
-    captured = capsys.readouterr()
-    return code, " ".join(captured.out.split()), " ".join(captured.err.split())
+    """test_cli.run_cli with the output's whitespace folded too (rich wraps long lines)."""
+    code, out, err = test_cli.run_cli(monkeypatch, capsys, *args)
+    return code, " ".join(out.split()), err
 
 
 def test_cli_exports_an_adapter_that_vllm_would_reject_with_the_rules_and_fixes(
