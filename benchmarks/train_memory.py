@@ -23,6 +23,8 @@ from pathlib import Path
 
 from provenance import provenance  # benchmarks/provenance.py, beside this script
 
+from tunelab.allocator import without_malloc_settings
+
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "examples" / "sentiment" / "config.yaml"
@@ -57,8 +59,7 @@ def start_row(name: str, workdir: Path, extra: list[str]) -> tuple[subprocess.Po
     overrides = [f"output_dir={workdir}", f"name={name}", *ROWS[name], *extra]
     command = [sys.executable, "-m", "tunelab", "train", str(CONFIG), "--overwrite",
                *[arg for pair in overrides for arg in ("--set", pair)]]
-    environment = {key: value for key, value in os.environ.items()
-                   if not key.startswith(("MALLOC_", "GLIBC_TUNABLES"))}
+    environment = without_malloc_settings(dict(os.environ))  # the CLI chooses per row
     log = open(workdir / f"{name}.log", "w")  # noqa: SIM115 -- the child writes it until it ends
     return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                             env=environment), os.getloadavg()[0]

@@ -456,8 +456,7 @@ def worker_environment(side: str, spec: dict) -> dict[str, str]:
     from tunelab import allocator
 
     if side != "tunelab":
-        return {key: value for key, value in os.environ.items()
-                if key not in allocator.USER_SETTINGS}
+        return allocator.without_malloc_settings(dict(os.environ))
     config = tunelab_config({**spec, "scratch": ""}, spec.get("lever", {}).get("config"))
     return cli_environment(config)
 
@@ -467,13 +466,11 @@ def cli_environment(config: dict) -> dict[str, str]:
     shell's malloc settings dropped, jemalloc preloaded where ``tunelab.allocator`` chooses it."""
     from tunelab import allocator
 
-    environment = {key: value for key, value in os.environ.items()
-                   if key not in allocator.USER_SETTINGS}
+    environment = allocator.without_malloc_settings(dict(os.environ))
     train = config.get("train", {})
-    chosen = allocator.choose(train.get("allocator", "auto"), train.get("memory", "default"))
-    if chosen == "jemalloc":
-        return allocator.jemalloc_environment(environment) or environment
-    return environment
+    return allocator.training_environment(train.get("allocator", "auto"),
+                                          train.get("memory", "default"),
+                                          environment) or environment
 
 
 def prepare(workdir: Path, workload: dict, distribution: str, *, model_dir: Path, gpu: bool,

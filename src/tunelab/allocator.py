@@ -1,4 +1,4 @@
-"""glibc malloc set for training: freed activations go back to the system instead of into holes.
+"""The malloc a training gets: jemalloc preloaded by the CLI where installed, else glibc's.
 
 PyTorch's CPU tensors come from ``malloc``. glibc serves a large block from ``mmap`` (returned to
 the system on ``free``) only above its mmap threshold, and raises that threshold to the size of
@@ -89,9 +89,10 @@ def for_training(setting: str, memory: str) -> dict:
     name = in_use(setting, memory)
     if name == "jemalloc":
         return {"name": name, "malloc_conf": os.environ.get("MALLOC_CONF")}
-    settings = tune_allocator() if name == "tuned" else None
-    return {"name": name, **settings} if settings else {"name": "system" if name == "tuned"
-                                                         else name}
+    if name == "tuned":
+        settings = tune_allocator()
+        return {"name": "tuned", **settings} if settings else {"name": "system"}
+    return {"name": name}
 
 
 def release_memory() -> None:
@@ -156,9 +157,8 @@ def in_use(setting: str, memory: str) -> str:
         return "jemalloc"
     if any(os.environ.get(name) for name in USER_SETTINGS):
         return "external"
-    chosen = choose(setting, memory, jemalloc_available=False)
-    return "tuned" if chosen == "jemalloc" and memory == "low" else (
-        "system" if chosen == "jemalloc" else chosen)
+    return choose("auto" if setting == "jemalloc" else setting, memory,
+                  jemalloc_available=False)
 
 
 def preload_environment(argv: list[str], environ: dict[str, str]) -> dict[str, str] | None:
@@ -171,9 +171,26 @@ def preload_environment(argv: list[str], environ: dict[str, str]) -> dict[str, s
     if len(words) < 2 or words[0] not in TRAINING_COMMANDS:
         return None
     setting, memory = _allocator_settings(Path(words[1]), argv)
-    if setting is None or choose(setting, memory, jemalloc_available=True) != "jemalloc":
+    if setting is None:
+        return None
+    return training_environment(setting, memory, environ)
+
+
+def training_environment(setting: str, memory: str,
+                         environ: dict[str, str]) -> dict[str, str] | None:
+    """``environ`` as the ``tunelab`` command changes it for a run under ``train.allocator:
+    setting`` and ``train.memory: memory``: jemalloc preloaded where ``choose`` picks it (None:
+    unchanged)."""
+    if choose(setting, memory) != "jemalloc":
         return None
     return jemalloc_environment(environ)
+
+
+def without_malloc_settings(environ: dict[str, str]) -> dict[str, str]:
+    """``environ`` without any malloc choice (``USER_SETTINGS`` and tunelab's preload mark): a
+    child process then gets the allocator its own settings choose."""
+    return {key: value for key, value in environ.items()
+            if key not in USER_SETTINGS and key != _REEXEC_MARK}
 
 
 def jemalloc_environment(environ: dict[str, str]) -> dict[str, str] | None:

@@ -284,8 +284,7 @@ def test_predicted_peak_matches_a_real_training_run(tmp_path, tiny_model_dir):
 
 def malloc_environment(name: str) -> dict[str, str]:
     """This process's environment without malloc settings, jemalloc preloaded for "jemalloc"."""
-    environment = {key: value for key, value in os.environ.items()
-                   if key not in allocator.USER_SETTINGS and key != "TUNELAB_ALLOCATOR_PRELOADED"}
+    environment = allocator.without_malloc_settings(dict(os.environ))
     return allocator.jemalloc_environment(environment) if name == "jemalloc" else environment
 
 

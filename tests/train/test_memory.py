@@ -141,19 +141,28 @@ def test_the_cli_preloads_jemalloc_for_training_commands_only(tmp_path, jemalloc
         ["tunelab", "sweep", str(tmp_path / "sweep.yaml"), "--workers", "2"], {}) is not None
 
 
-def test_auto_is_jemalloc_where_installed_else_glibc_by_memory_setting():
+def test_auto_is_jemalloc_where_installed_else_glibc_by_memory_setting(monkeypatch):
     assert allocator.choose("auto", "default", jemalloc_available=True) == "jemalloc"
     assert allocator.choose("auto", "low", jemalloc_available=True) == "jemalloc"
     assert allocator.choose("auto", "default", jemalloc_available=False) == "system"
     assert allocator.choose("auto", "low", jemalloc_available=False) == "tuned"
     assert allocator.choose("tuned", "default", jemalloc_available=True) == "tuned"
+    # a process not started under jemalloc gets glibc, by the memory setting
+    monkeypatch.setattr(allocator, "jemalloc_loaded", lambda: False)
+    for name in allocator.USER_SETTINGS:
+        monkeypatch.delenv(name, raising=False)
+    assert allocator.in_use("auto", "low") == "tuned"
+    assert allocator.in_use("auto", "default") == "system"
+    assert allocator.in_use("system", "low") == "system"
 
 
 def test_jemalloc_asked_for_without_it_loaded_is_a_config_error(monkeypatch):
     monkeypatch.setattr(allocator, "jemalloc_loaded", lambda: False)
-    with pytest.raises(ConfigError, match="train.allocator is jemalloc") as caught:
-        allocator.for_training("jemalloc", "default")
-    assert "LD_PRELOAD" in caught.value.render() or "install" in caught.value.render()
+    for installed, fix in ((JEMALLOC, f"LD_PRELOAD={JEMALLOC}"), (None, "apt install")):
+        monkeypatch.setattr(allocator, "find_jemalloc", lambda installed=installed: installed)
+        with pytest.raises(ConfigError, match="train.allocator is jemalloc") as caught:
+            allocator.for_training("jemalloc", "default")
+        assert fix in caught.value.render()
 
 
 @pytest.mark.skipif(allocator.find_jemalloc() is None, reason="libjemalloc is not installed")

@@ -214,6 +214,7 @@ def _load_models(config: Config, run_dir, *, want_base: bool, want_tuned: bool) 
     from tunelab.model import varlen
     from tunelab.model.adapters import METHODS, load_tuned, tuned_weights_path
     from tunelab.model.load import load_model, load_tokenizer
+    from tunelab.runs import load_run_base
 
     if want_tuned and run_dir is None:
         raise RunError("a tuned model needs a run directory", where="--run",
@@ -221,14 +222,15 @@ def _load_models(config: Config, run_dir, *, want_base: bool, want_tuned: bool) 
     load = lambda path, gguf: load_model(  # noqa: E731
         path, dtype=config.model.dtype, device=config.model.device, gguf_file=gguf,
         attn_implementation=config.model.attn_implementation)
-    tokenizer = load_tokenizer(config.model.path, config.model.gguf_file)
     models = {}
-    # A QLoRA adapter corrects the NF4 weights it trained on: the shared base is loaded in 4 bits
-    # again (the base row then measures the NF4 base), else the tuned row is another model.
-    base_model = load_model(
-        config.model.path, dtype=config.model.dtype, device=config.model.device,
-        gguf_file=config.model.gguf_file, attn_implementation=config.model.attn_implementation,
-        load_in_4bit=want_tuned and METHODS[config.method.kind].load_in_4bit)
+    if want_tuned and METHODS[config.method.kind].adapter:
+        # the base as the adapter trained on it (4 bits again for QLoRA; the base row then
+        # measures the NF4 base), else the tuned row is another model
+        base_model, tokenizer = load_run_base(Path(run_dir), config,
+                                              base=(config.model.path, config.model.gguf_file))
+    else:
+        tokenizer = load_tokenizer(config.model.path, config.model.gguf_file)
+        base_model = load(config.model.path, config.model.gguf_file)
     varlen.enable(base_model)
     weights = tuned_weights_path(config.method.kind, Path(run_dir)) if want_tuned else None
     if weights is not None:  # full fine-tuning: a whole second model

@@ -24,7 +24,6 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from tunelab import allocator as malloc
-from tunelab.allocator import release_memory
 from tunelab.config import Config
 from tunelab.data.formats import Example
 from tunelab.data.mixture import data_rates, task_token_counts
@@ -169,7 +168,7 @@ def _validation_sums(step_model, examples: list[TokenizedExample], *, batch_toke
             total += float(step_model(batch))
         count += batch.n_target_tokens
     step_model.train(was_training)
-    release_memory()
+    malloc.release_memory()
     return cluster.total(total), cluster.total(count)
 
 
@@ -199,7 +198,7 @@ def _train(config: Config, cluster: distributed.Cluster, *, resume: str | Path |
     train_cfg = config.train
     console = console if cluster.is_main else Console(quiet=True)
     _seed_everything(train_cfg.seed)
-    # Before the model is loaded: its activations are then mmap-ed and handed back when freed.
+    # Before the model is loaded: under tuned glibc its activations are then mmap-ed.
     allocator = malloc.for_training(train_cfg.allocator, train_cfg.memory)
     prepared = prepare(config, console)
     model, tokenizer, device = prepared.model, prepared.tokenizer, prepared.device
@@ -480,7 +479,7 @@ def _generate(model, tokenizer, prompts: list[EvalPrompt], config: Config) -> li
         return []
     texts = generate_texts(model, tokenizer, [prompt.ids for prompt in prompts],
                            max_new_tokens=config.train.max_new_tokens)
-    release_memory()  # the KV caches and logits of generation
+    malloc.release_memory()  # the KV caches and logits of generation
     return texts
 
 
