@@ -94,8 +94,8 @@ LEVERS = {
     "varlen attention off (packed rows, transformers' T×T block mask)": {"varlen": False},
     "loss in one chunk (train.loss_chunk_tokens: 65536)": {
         "config": {"train": {"loss_chunk_tokens": 65536}}},
-    "loss chunk 512 tokens (train.loss_chunk_tokens: 512)": {
-        "config": {"train": {"loss_chunk_tokens": 512}}},
+    "loss chunk 2048 tokens (train.loss_chunk_tokens: 2048)": {
+        "config": {"train": {"loss_chunk_tokens": 2048}}},
     "activation checkpointing alone (train.gradient_checkpointing: true)": {
         "config": {"train": {"gradient_checkpointing": True}}},
     "glibc's malloc instead of jemalloc (train.allocator: system)": {

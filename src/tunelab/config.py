@@ -234,8 +234,11 @@ class TrainConfig(_Section):
         "memory, a page fault per page of every new activation: slower); system: the C "
         "library's defaults; auto: jemalloc where installed, else tuned when train.memory is "
         "low and system otherwise. MALLOC_* or LD_PRELOAD set by hand take precedence."))
-    loss_chunk_tokens: int = Field(2048, ge=16, description=(
-        "Loss targets whose logits are computed at once; lower it to save memory."))
+    loss_chunk_tokens: int = Field(512, ge=16, description=(
+        "Loss targets whose logits are computed at once ([chunk × vocabulary] fp32 logits, "
+        "their log-probabilities and gradient: ~0.3 GB at 512 for a 49k vocabulary); lower "
+        "it to save memory. A frozen output layer computes each chunk once; a trainable one "
+        "recomputes them in the backward pass when there is more than one chunk."))
     samples: int = Field(3, ge=0, description=(
         "Validation examples completed greedily before and after training, to compare."))
     max_new_tokens: int = Field(16, ge=1, description=(

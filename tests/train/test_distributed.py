@@ -141,9 +141,13 @@ def test_planner_divides_sharded_state_under_fsdp_and_adds_buckets_under_ddp():
 # --- two ranks ----------------------------------------------------------------------------
 
 
-def test_two_rank_ddp_equals_one_process(tmp_path, tiny_model_dir):
-    """The default suite's torchrun test: 2 ranks × DDP, gradient accumulation, validation."""
+@pytest.mark.parametrize("strategy", ["ddp", pytest.param("fsdp", marks=pytest.mark.slow)])
+def test_two_rank_lora_equals_one_process(tmp_path, tiny_model_dir, strategy):
+    """The default suite's torchrun test: 2 ranks × DDP, gradient accumulation, validation.
+    FSDP with an adapter: the frozen output layer's loss gradient, computed in the forward pass
+    (train/loss.py), runs inside the sharded root."""
     settings = dict(max_steps=3, grad_accum=2, batch_tokens=64, samples=0, eval_every=2,
+                    distributed=strategy,
                     method={"kind": "lora", "r": 4, "alpha": 8, "dropout": 0.0})
     single = train(make_config(tmp_path / "one", tiny_model_dir, **settings),
                    console=Console(quiet=True))

@@ -60,22 +60,46 @@ def assert_close_grads(a: dict, b: dict) -> None:
         assert error <= 1e-5, f"{name}: relative gradient error {error:.2e}"
 
 
-def test_chunked_loss_equals_full_logits_cross_entropy():
+@pytest.mark.parametrize("trainable_head", [True, False])
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_chunked_loss_equals_full_logits_cross_entropy(trainable_head, softcap):
     torch.manual_seed(0)
     hidden = torch.randn(2, 12, 16, requires_grad=True)
-    head = torch.nn.Linear(16, 50, bias=False)
+    head = torch.nn.Linear(16, 50, bias=False).requires_grad_(trainable_head)
     labels = torch.randint(0, 50, (2, 12))
     labels[0, :5] = IGNORE_INDEX
-    plain = F.cross_entropy(head(hidden)[:, :-1].reshape(-1, 50), labels[:, 1:].reshape(-1),
-                            ignore_index=IGNORE_INDEX, reduction="sum")
-    plain.backward()
-    expected_hidden, expected_head = hidden.grad.clone(), head.weight.grad.clone()
+    logits = head(hidden)[:, :-1].reshape(-1, 50)
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    plain = F.cross_entropy(logits, labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX,
+                            reduction="sum")
+    (plain / 7).backward()  # an upstream gradient other than 1 (the loop divides the sum)
+    expected_hidden = hidden.grad.clone()
+    expected_head = head.weight.grad.clone() if trainable_head else None
     hidden.grad, head.weight.grad = None, None
-    chunked = chunked_loss(hidden, labels, head, chunk_tokens=4)  # 4 chunks, recomputed
-    chunked.backward()
+    calls = []
+    head.register_forward_hook(lambda *_: calls.append(1))
+    chunked = chunked_loss(hidden, labels, head, chunk_tokens=4, softcap=softcap)
+    # 18 targets, 5 chunks: a frozen head's logits are computed once per chunk (the gradient in
+    # the forward pass); a trainable head's are recomputed in the backward pass.
+    assert len(calls) == 5
+    (chunked / 7).backward()
+    assert len(calls) == (10 if trainable_head else 5)
     torch.testing.assert_close(chunked, plain, rtol=1e-5, atol=0)
     torch.testing.assert_close(hidden.grad, expected_hidden, rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(head.weight.grad, expected_head, rtol=1e-5, atol=1e-7)
+    if trainable_head:
+        torch.testing.assert_close(head.weight.grad, expected_head, rtol=1e-5, atol=1e-7)
+    else:
+        assert head.weight.grad is None
+
+
+def test_chunked_loss_without_gradients_keeps_nothing_for_backward():
+    hidden = torch.randn(1, 12, 16, requires_grad=True)
+    head = torch.nn.Linear(16, 50, bias=False).requires_grad_(False)
+    labels = torch.randint(0, 50, (1, 12))
+    with torch.no_grad():
+        loss = chunked_loss(hidden, labels, head, chunk_tokens=4)
+    assert loss.grad_fn is None and loss.item() > 0
 
 
 @pytest.mark.parametrize("per_example_attention", [False, True])

@@ -274,7 +274,7 @@ def training_flops(shape: ModelShape, lengths: list[int], *, n_target_tokens: in
     attention = 3 * 4 * shape.num_layers * shape.num_heads * shape.head_dim * keys
     head_trainable = full
     head_passes = TRAINABLE_PASSES if head_trainable else FROZEN_PASSES
-    if chunk_tokens is not None and n_target_tokens > chunk_tokens:
+    if head_trainable and chunk_tokens is not None and n_target_tokens > chunk_tokens:
         head_passes += 1  # each chunk's logits are recomputed in the backward pass
     head = 2 * n_target_tokens * shape.hidden_size * shape.vocab_size * head_passes
     recompute = 2 * positions * (body + lora) + attention / 3 if checkpointing else 0

@@ -1,8 +1,13 @@
 """Chunked cross-entropy on completion tokens: the full ``[tokens × vocab]`` logits never exist.
 
 The model body gives hidden states; only the positions whose next token carries loss go through
-the output layer, a chunk at a time. Each chunk's logits are recomputed in the backward pass
-(activation checkpointing) instead of being kept, so peak memory holds one chunk of logits.
+the output layer, a chunk at a time, so peak memory holds one chunk of logits. When the output
+layer is frozen (adapters), each chunk's gradient with respect to its hidden states is computed
+right after its loss, in the forward pass, and only that ``[targets × hidden]`` gradient is kept
+for the backward pass (the fused linear cross-entropy of Liger-Kernel and torchtune): the logits
+are computed once. A trainable output layer (full fine-tuning) instead recomputes each chunk's
+logits in the backward pass (activation checkpointing), which accumulates its weight gradient
+where autograd, DDP and FSDP expect it.
 """
 
 from __future__ import annotations
@@ -41,6 +46,10 @@ def chunked_loss(hidden: torch.Tensor, labels: torch.Tensor, output_layer: nn.Mo
     selected = targets != IGNORE_INDEX
     positions = hidden[:, :-1][selected]  # [n_targets, hidden]
     target_ids = targets[selected]
+    if (torch.is_grad_enabled() and positions.requires_grad
+            and not any(p.requires_grad for p in output_layer.parameters())):
+        return _GradientInForward.apply(positions, target_ids, output_layer, softcap,
+                                        chunk_tokens)
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, positions.shape[0], chunk_tokens):
         args = (positions[start:start + chunk_tokens], target_ids[start:start + chunk_tokens])
@@ -58,6 +67,32 @@ def _chunk_loss(output_layer: nn.Module, softcap: float | None, hidden: torch.Te
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
     return F.cross_entropy(logits, target_ids, reduction="sum")
+
+
+class _GradientInForward(torch.autograd.Function):
+    """The summed loss of ``positions`` through a frozen output layer, its gradient computed a
+    chunk at a time during the forward pass; backward scales that gradient by the upstream one
+    (the loss is a sum, so its gradient is linear in the upstream scalar)."""
+
+    @staticmethod
+    def forward(ctx, positions: torch.Tensor, target_ids: torch.Tensor, output_layer: nn.Module,
+                softcap: float | None, chunk_tokens: int) -> torch.Tensor:
+        total = positions.new_zeros((), dtype=torch.float32)
+        gradient = torch.empty_like(positions)
+        for start in range(0, positions.shape[0], chunk_tokens):
+            chunk = positions[start:start + chunk_tokens].detach().requires_grad_()
+            with torch.enable_grad():
+                loss = _chunk_loss(output_layer, softcap, chunk,
+                                   target_ids[start:start + chunk_tokens])
+                (gradient[start:start + chunk_tokens],) = torch.autograd.grad(loss, chunk)
+            total += loss.detach()
+        ctx.save_for_backward(gradient)
+        return total
+
+    @staticmethod
+    def backward(ctx, upstream: torch.Tensor):
+        (gradient,) = ctx.saved_tensors
+        return gradient * upstream.to(gradient.dtype), None, None, None, None
 
 
 def batch_loss_sum(model: nn.Module, batch: Batch, *, chunk_tokens: int = 2048) -> torch.Tensor:
