@@ -6,10 +6,16 @@ through causal SDPA on its own, which costs Σ lengthᵢ² instead of T². Padde
 without boundaries, take transformers' ordinary SDPA path unchanged.
 
 ``enable(model)`` switches a loaded model to it; the loop passes ``cu_seq_lens_q`` (cumulative
-example lengths, as flash-attention's varlen kernels take them) with every packed batch.
+example lengths, as flash-attention's varlen kernels take them) with every packed batch. On a
+CUDA GPU in bf16/fp16 with torch's own flash-attention varlen kernel
+(``torch.nn.attention.varlen``, torch ≥ 2.10), the whole row goes through that kernel in one call
+instead of one SDPA call per example.
 """
 
 from __future__ import annotations
+
+import inspect
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +40,8 @@ def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
     groups = query.shape[1] // key.shape[1]
+    if segment_masks is None and dropout == 0.0 and _flash_varlen_usable(query, scaling):
+        return _flash_varlen(query, key, value, cu_seq_lens_q, scaling, groups)
     outputs = []
     bounds = cu_seq_lens_q.tolist()
     for number, (start, end) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
@@ -43,6 +51,48 @@ def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
             attn_mask=mask, is_causal=mask is None, dropout_p=dropout, scale=scaling,
             enable_gqa=groups > 1))
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
+
+
+def _flash_varlen_usable(query: torch.Tensor, scaling: float | None) -> bool:
+    default_scale = scaling is None or abs(scaling * query.shape[-1] ** 0.5 - 1) < 1e-6
+    return (_FLASH_VARLEN is not None and query.is_cuda and query.shape[-1] <= 256
+            and query.dtype in (torch.bfloat16, torch.float16)
+            and ("scale" in _FLASH_VARLEN_ARGS or default_scale))
+
+
+def _flash_varlen(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  cu_seq_lens_q: torch.Tensor, scaling: float | None, groups: int) -> torch.Tensor:
+    """The packed row through torch's flash-attention varlen kernel: ``[1, heads, T, dim]`` in,
+    ``[1, T, heads, dim]`` out (what transformers' attention functions return)."""
+    cu = cu_seq_lens_q.to(device=query.device, dtype=torch.int32)
+    max_len = int((cu[1:] - cu[:-1]).max())
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, heads, dim]
+    if groups > 1 and "enable_gqa" not in _FLASH_VARLEN_ARGS:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    extra = ({"window_size": (-1, 0)} if "window_size" in _FLASH_VARLEN_ARGS
+             else {"is_causal": True})  # torch 2.10 spelled causal is_causal
+    if groups > 1 and "enable_gqa" in _FLASH_VARLEN_ARGS:
+        extra["enable_gqa"] = True
+    if "scale" in _FLASH_VARLEN_ARGS:
+        extra["scale"] = scaling
+    out = _FLASH_VARLEN(q, k, v, cu, cu, max_len, max_len, **extra)
+    return out.unsqueeze(0)
+
+
+def _load_flash_varlen():
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None, frozenset()
+    parameters = frozenset(inspect.signature(varlen_attn).parameters)
+    if "window_size" not in parameters and "is_causal" not in parameters:
+        warnings.warn("torch.nn.attention.varlen.varlen_attn takes neither window_size nor "
+                      "is_causal: packed rows use one SDPA call per example", stacklevel=2)
+        return None, frozenset()
+    return varlen_attn, parameters
+
+
+_FLASH_VARLEN, _FLASH_VARLEN_ARGS = _load_flash_varlen()
 
 
 def cu_seq_lens(position_ids: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,44 @@
+"""Packed rows through torch's flash-attention varlen kernel equal one causal SDPA per example.
+
+Needs a CUDA GPU (the kernel exists only there): marked ``gpu`` and skipped without one.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tunelab.model import varlen
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+@pytest.mark.parametrize("kv_heads", [8, 2])
+def test_flash_varlen_equals_sdpa_per_example(kv_heads):
+    assert varlen._FLASH_VARLEN is not None, "torch.nn.attention.varlen is missing"
+    torch.manual_seed(0)
+    lengths, heads, dim = [37, 300, 1, 129], 8, 64
+    total = sum(lengths)
+    query, key, value = (torch.randn(1, n, total, dim, device="cuda", dtype=torch.bfloat16,
+                                     requires_grad=True)
+                         for n in (heads, kv_heads, kv_heads))
+    position_ids = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0).cuda()
+    cu = varlen.cu_seq_lens(position_ids)
+    assert varlen._flash_varlen_usable(query, dim ** -0.5)
+    fused, _ = varlen.varlen_attention_forward(None, query, key, value, None,
+                                               scaling=dim ** -0.5, cu_seq_lens_q=cu)
+    grad = torch.randn_like(fused)
+    fused_grads = torch.autograd.grad(fused, (query, key, value), grad)
+
+    bounds = cu.tolist()
+    reference = torch.cat([F.scaled_dot_product_attention(
+        query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], is_causal=True,
+        enable_gqa=heads != kv_heads) for a, b in zip(bounds[:-1], bounds[1:])], dim=2)
+    reference = reference.transpose(1, 2)
+    reference_grads = torch.autograd.grad(reference, (query, key, value), grad)
+    assert fused.shape == (1, total, heads, dim)
+    torch.testing.assert_close(fused, reference, atol=2e-2, rtol=2e-2)
+    for mine, theirs in zip(fused_grads, reference_grads):
+        torch.testing.assert_close(mine, theirs, atol=5e-2, rtol=5e-2)
