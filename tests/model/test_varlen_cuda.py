@@ -27,8 +27,9 @@ def test_flash_varlen_equals_sdpa_per_example(kv_heads):
     position_ids = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0).cuda()
     cu = varlen.cu_seq_lens(position_ids)
     assert varlen._flash_varlen_usable(query, dim ** -0.5)
-    fused, _ = varlen.varlen_attention_forward(None, query, key, value, None,
+    fused, weights = varlen.varlen_attention_forward(None, query, key, value, None,
                                                scaling=dim ** -0.5, cu_seq_lens_q=cu)
+    assert weights is None  # what transformers expects back from an attention function
     grad = torch.randn_like(fused)
     fused_grads = torch.autograd.grad(fused, (query, key, value), grad)
 

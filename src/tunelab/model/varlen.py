@@ -41,7 +41,7 @@ def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
                                       scaling=scaling, **kwargs)
     groups = query.shape[1] // key.shape[1]
     if segment_masks is None and dropout == 0.0 and _flash_varlen_usable(query, scaling):
-        return _flash_varlen(query, key, value, cu_seq_lens_q, scaling, groups)
+        return _flash_varlen(query, key, value, cu_seq_lens_q, scaling, groups), None
     outputs = []
     bounds = cu_seq_lens_q.tolist()
     for number, (start, end) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
