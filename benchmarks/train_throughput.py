@@ -695,6 +695,7 @@ def measure(args, workload: dict) -> dict:
             for name, summary in report["summary"].items():
                 print_table(name, summary)
             if args.gpu:
+                report["peak_tflops"] = args.peak_tflops
                 report["model_flops_utilisation"] = model_flops_utilisation(
                     specs, rows, args.peak_tflops * 1e12)
         origin["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]

@@ -45,8 +45,11 @@ def _origin(result: dict) -> str:
     load = f"load average {machine['load_average_at_start'][0]}"
     if "load_average_at_end" in machine:
         load += f"→{machine['load_average_at_end'][0]}"
-    return (f"`{result['command']}` at commit `{result['git_commit'][:10]}` on a "
-            f"{machine['cpu_cores']}-core {machine['cpu']} (torch {machine['torch']}), {load}")
+    where = f"a {machine['cpu_cores']}-core {machine['cpu']}"
+    if machine.get("gpu"):
+        where = f"one {machine['gpu']} GPU ({where[2:]} host)"
+    return (f"`{result['command']}` at commit `{result['git_commit'][:10]}` on "
+            f"{where} (torch {machine['torch']}), {load}")
 
 
 def render_assess(result: dict) -> str:
@@ -157,8 +160,20 @@ def render_baselines(result: dict) -> str:
             f"attention `{', '.join(sorted(attention))}` with the block mask transformers builds "
             f"from the restarting position ids. "
             + (f"Median of {repeats} alternating runs a side" if repeats > 1 else
-               "One run a side, alternating") + ", each a fresh process. Measured by "
-            f"{_origin(result)}.\n")
+               "One run a side, alternating") + ", each a fresh process. "
+            + _utilisation(result) + f"Measured by {_origin(result)}.\n")
+
+
+def _utilisation(result: dict) -> str:
+    """Model FLOPs utilisation per side, where the run measured it (GPU runs)."""
+    mfu = result.get("model_flops_utilisation")
+    if not mfu:
+        return ""
+    cells = "; ".join(f"{name}: " + ", ".join(f"{_SIDE_HEADINGS[side]} {value:.1%}"
+                                              for side, value in sides.items())
+                      for name, sides in mfu.items())
+    peak = result.get("peak_tflops", 989.0)  # the script's --peak-tflops default (H100/H200)
+    return f"Model FLOPs utilisation (of a {peak:.0f} TFLOP/s bf16 peak): {cells}. "
 
 
 def _baselines_table(name: str, summary: dict, data: dict, per_step: int,
