@@ -36,10 +36,10 @@ def test_flash_varlen_equals_sdpa_per_example(kv_heads):
     bounds = cu.tolist()
     reference = torch.cat([F.scaled_dot_product_attention(
         query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], is_causal=True,
-        enable_gqa=heads != kv_heads) for a, b in zip(bounds[:-1], bounds[1:])], dim=2)
+        enable_gqa=heads != kv_heads) for a, b in zip(bounds[:-1], bounds[1:], strict=True)], dim=2)
     reference = reference.transpose(1, 2)
     reference_grads = torch.autograd.grad(reference, (query, key, value), grad)
     assert fused.shape == (1, total, heads, dim)
     torch.testing.assert_close(fused, reference, atol=2e-2, rtol=2e-2)
-    for mine, theirs in zip(fused_grads, reference_grads):
+    for mine, theirs in zip(fused_grads, reference_grads, strict=True):
         torch.testing.assert_close(mine, theirs, atol=5e-2, rtol=5e-2)
