@@ -233,12 +233,18 @@ def render_levers(result: dict) -> str:
 
 
 def render_plan_check(result: dict) -> str:
-    """tunelab plan's predicted peak memory against measured training runs."""
-    lines = ["| configuration | predicted peak | measured peak | error |", "|---|---|---|---|"]
+    """tunelab plan's predicted peak memory and tokens/s against measured training runs."""
+    lines = ["| configuration | predicted peak | measured peak | error | predicted tokens/s | "
+             "measured tokens/s | error |", "|---|---|---|---|---|---|---|"]
     for row in result["runs"]:
+        predicted, measured = (row["predicted_tokens_per_second"],
+                               row["measured_tokens_per_second"])
         lines.append(f"| {row['configuration']} | {_gib(row['predicted_peak_bytes'])} | "
-                     f"{_gib(row['measured_peak_bytes'])} | {row['error']:+.1%} |")
-    return "\n".join(lines) + f"\n\nMeasured by {_origin(result)}.\n"
+                     f"{_gib(row['measured_peak_bytes'])} | {row['error']:+.1%} | "
+                     f"{predicted:,.0f} | {measured:,.0f} | {predicted / measured - 1:+.0%} |")
+    return ("\n".join(lines) + "\n\nTokens/s: the whole run of each configuration, 3 optimizer "
+            "steps, the first (slower: one-off allocations) included. "
+            f"Measured by {_origin(result)}.\n")
 
 
 def render_train_memory(result: dict) -> str:

@@ -169,8 +169,9 @@ def test_padding_is_reported_as_waste(tmp_path, tiny_model_dir):
 
 def saved_activation_bytes(shape_config: dict, *, kind: str, dropout: float, layers: int,
                            checkpointing: bool = False, shared_dropout: bool = False,
-                           fused_swiglu: bool = False) -> int:
-    """Bytes autograd keeps for backward (parameters excluded) over a packed row of 4 examples."""
+                           fused_swiglu: bool = False, padded: bool = False) -> int:
+    """Bytes autograd keeps for backward (parameters excluded) over a packed row of 4 examples
+    (``padded``: 4 rows of 16 positions, two of them ending in padding)."""
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=layers, attn_implementation="sdpa",
                                          vocab_size=128, **shape_config))
@@ -189,6 +190,11 @@ def saved_activation_bytes(shape_config: dict, *, kind: str, dropout: float, lay
     ids = torch.randint(0, 128, (1, 64))
     positions = torch.arange(16).repeat(4)[None]
     batch = Batch(ids, ids.clone(), positions, None, 4, 64, 60)
+    if padded:
+        mask = torch.ones(4, 16, dtype=torch.long)
+        mask[1, 12:], mask[3, 5:] = 0, 0
+        batch = Batch(ids.view(4, 16), ids.view(4, 16).clone(), positions.view(4, 16), mask,
+                      4, 64, 60)
     parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
     storages: dict[int, int] = {}
 
@@ -222,6 +228,24 @@ def test_layer_activation_model_matches_autograd_saved_tensors(kind, dropout, sh
                                        mask_bytes=1 if shared else 4, shared_dropout=shared,
                                        fused_swiglu=fused)
     assert predicted["total"] == per_layer
+
+
+def test_padded_sdpa_keeps_keys_and_values_for_every_head():
+    """With a padding mask transformers' SDPA copies keys and values out to the query heads
+    (no GQA kernel with a mask), and the copies are kept for the backward pass."""
+    dims = {"hidden_size": 48, "intermediate_size": 80, "num_attention_heads": 6,
+            "num_key_value_heads": 2}
+    per_layer = (saved_activation_bytes(dims, kind="lora", dropout=0.05, layers=3,
+                                        shared_dropout=True, fused_swiglu=True, padded=True)
+                 - saved_activation_bytes(dims, kind="lora", dropout=0.05, layers=2,
+                                          shared_dropout=True, fused_swiglu=True,
+                                          padded=True)) / 64
+    shape = ModelShape(48, 80, 1, 6, 2, 8, 128, False)
+    common = dict(kind="lora", r=4, dropout=0.05, targets="all-linear", element_bytes=4,
+                  mask_bytes=1, shared_dropout=True, fused_swiglu=True)
+    expanded = layer_activation_bytes(shape, kv_expanded=True, **common)["total"]
+    assert expanded == per_layer
+    assert expanded - layer_activation_bytes(shape, **common)["total"] == 2 * (48 - 16) * 4
 
 
 def test_checkpointing_keeps_one_hidden_state_per_layer():

@@ -172,12 +172,15 @@ def adapter_params(shape: ModelShape, *, kind: str, r: int, targets: str | list[
 
 def layer_activation_bytes(shape: ModelShape, *, kind: str, r: int, dropout: float,
                            targets: str | list[str], element_bytes: int, mask_bytes: int,
-                           shared_dropout: bool = False, fused_swiglu: bool = False) -> dict:
+                           shared_dropout: bool = False, fused_swiglu: bool = False,
+                           kv_expanded: bool = False) -> dict:
     """Bytes per token that one decoder layer keeps for the backward pass, by part.
 
     ``shared_dropout``: one LoRA dropout per input tensor (``model/dropout.py``), its dropped
     copy and mask kept once for all the projections that read the input. ``fused_swiglu``: the
     MLP keeps gate and up, not silu(gate) as well (``model/swiglu.py``; SiLU MLPs only).
+    ``kv_expanded``: attention gets keys and values copied out to every query head (transformers
+    does so for eager attention, and for SDPA whenever a padding mask is passed), and keeps them.
     """
     e, fp32 = element_bytes, 4
     h, i = shape.hidden_size, shape.intermediate_size
@@ -210,7 +213,7 @@ def layer_activation_bytes(shape: ModelShape, *, kind: str, r: int, dropout: flo
             projections += linears[group[0]][0] * e
         if dropped_needed:
             projections += linears[group[0]][0] * (e + mask_bytes)
-    attention = (2 * q + 2 * kv) * e + shape.num_heads * fp32
+    attention = (2 * q + 2 * (q if kv_expanded else kv)) * e + shape.num_heads * fp32
     mlp = (2 if fused_swiglu and shape.gated_silu else 3) * i * e
     return {"norms": norms, "projections": projections, "attention": attention, "mlp": mlp,
             "total": norms + projections + attention + mlp}
@@ -219,7 +222,8 @@ def layer_activation_bytes(shape: ModelShape, *, kind: str, r: int, dropout: flo
 def activation_bytes(shape: ModelShape, *, tokens: int, kind: str, r: int, dropout: float,
                      targets: str | list[str], checkpointing: bool, element_bytes: int,
                      mask_bytes: int, eager_attention_elements: int = 0,
-                     shared_dropout: bool = False, fused_swiglu: bool = False) -> dict:
+                     shared_dropout: bool = False, fused_swiglu: bool = False,
+                     kv_expanded: bool = False) -> dict:
     """Saved activations of one micro-batch of ``tokens`` positions (padding included).
 
     ``eager_attention_elements`` is Σ heads·rowlength² for eager attention (it keeps the
@@ -228,7 +232,7 @@ def activation_bytes(shape: ModelShape, *, tokens: int, kind: str, r: int, dropo
     per_layer = layer_activation_bytes(shape, kind=kind, r=r, dropout=dropout, targets=targets,
                                        element_bytes=element_bytes, mask_bytes=mask_bytes,
                                        shared_dropout=shared_dropout,
-                                       fused_swiglu=fused_swiglu)
+                                       fused_swiglu=fused_swiglu, kv_expanded=kv_expanded)
     layer = tokens * per_layer["total"] + eager_attention_elements * element_bytes
     # final RMSNorm; RoPE cos/sin shared by all layers
     outside = tokens * (shape.hidden_size * 4 + 4 + 2 * shape.head_dim * element_bytes)
@@ -640,7 +644,8 @@ def _batch_bytes(shape: ModelShape, batch: dict, setting: Setting) -> dict:
         dropout=setting.dropout, targets=setting.targets, checkpointing=setting.checkpointing,
         element_bytes=setting.element_bytes, mask_bytes=setting.mask_bytes,
         eager_attention_elements=eager, shared_dropout=setting.shared_dropout,
-        fused_swiglu=setting.fused_swiglu)
+        fused_swiglu=setting.fused_swiglu,
+        kv_expanded=bool(setting.eager or batch["padded_length"]))
     logits = logits_bytes(shape, target_tokens=batch["targets"],
                           chunk_tokens=setting.chunk_tokens, element_bytes=setting.element_bytes)
     workspace = workspace_bytes(shape, tokens=batch["positions"],
