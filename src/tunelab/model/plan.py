@@ -213,7 +213,10 @@ def layer_activation_bytes(shape: ModelShape, *, kind: str, r: int, dropout: flo
             projections += linears[group[0]][0] * e
         if dropped_needed:
             projections += linears[group[0]][0] * (e + mask_bytes)
-    attention = (2 * q + 2 * (q if kv_expanded else kv)) * e + shape.num_heads * fp32
+    # query, output, keys and values (copied out to the query heads when expanded; then one
+    # [tokens × kv] tensor more stays referenced: measured, tests/model/test_plan.py)
+    attention = (2 * q + (2 * q + kv if kv_expanded else 2 * kv)) * e
+    attention += shape.num_heads * fp32
     mlp = (2 if fused_swiglu and shape.gated_silu else 3) * i * e
     return {"norms": norms, "projections": projections, "attention": attention, "mlp": mlp,
             "total": norms + projections + attention + mlp}
