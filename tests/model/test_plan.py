@@ -24,6 +24,7 @@ from tunelab.model.adapters import apply_method
 from tunelab.model.dropout import share_lora_dropout
 from tunelab.model.load import load_model
 from tunelab.model.plan import (
+    JEMALLOC_PADDED_RETENTION,
     ModelShape,
     activation_bytes,
     adapter_params,
@@ -165,6 +166,14 @@ def test_padding_is_reported_as_waste(tmp_path, tiny_model_dir):
     result = plan(make_config(tmp_path, tiny_model_dir, packing=False))
     assert result["data"]["processed_tokens"] > result["data"]["run_tokens"]
     assert any("packing: true" in line for line in result["advice"])
+
+
+def test_jemalloc_retention_is_counted_for_padded_batches_only(tmp_path, tiny_model_dir):
+    padded = plan(make_config(tmp_path, tiny_model_dir, packing=False), allocator="jemalloc")
+    packed = plan(make_config(tmp_path, tiny_model_dir, packing=True), allocator="jemalloc")
+    memory = padded["memory"]["breakdown_bytes"]
+    assert memory["allocator"] == int(JEMALLOC_PADDED_RETENTION * memory["activations"]) > 0
+    assert packed["memory"]["breakdown_bytes"]["allocator"] == 0
 
 
 def saved_activation_bytes(shape_config: dict, *, kind: str, dropout: float, layers: int,
