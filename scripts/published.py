@@ -260,14 +260,22 @@ def render_train_memory(result: dict) -> str:
             values[len(values) // 2 - 1:len(values) // 2 + 1]) / 2
 
     first = next(iter(rows.values()))
+
+    def measured_with(runs: list[dict]) -> tuple[str, str]:
+        return runs[0].get("command", result["command"]), runs[0].get("git_commit",
+                                                                        result["git_commit"])
+
     lines = ["| setting | peak RSS (predicted) | tokens/s | validation loss after |",
              "|---|---|---|---|"]
     for runs in rows.values():
         peak, speed = median(runs, "measured_peak_rss_bytes"), median(runs, "tokens_per_second")
+        # Speed against the first row only where both ran in the same command: tokens/s of
+        # runs measured on other days on this shared machine do not compare.
+        ratio = (f" ({speed / median(first, 'tokens_per_second'):.2f}×)"
+                 if measured_with(runs) == measured_with(first) else "")
         lines.append(
             f"| {runs[0]['title']} | {_gib(peak)} ({_gib(median(runs, 'predicted_peak_bytes'))}) "
-            f"| {speed:.1f} ({speed / median(first, 'tokens_per_second'):.2f}×) | "
-            f"{median(runs, 'val_loss_after'):.4f} |")
+            f"| {speed:.1f}{ratio} | {median(runs, 'val_loss_after'):.4f} |")
     rounds = len(first)
     earlier: dict[tuple[str, str], list[str]] = {}
     for runs in rows.values():

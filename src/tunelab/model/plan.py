@@ -86,8 +86,9 @@ GLIBC_FRAGMENTATION_SHARED_DROPOUT = 0.88
 # jemalloc (dirty pages kept, train.allocator auto) reuses freed activations when every step
 # allocates the same sizes, as packed rows of one token budget do. Padded batches change shape
 # every step and it keeps extents of earlier shapes: the plan check's padded configuration
-# (113M model, 4,096-token batches) grew 0.26, 0.65 and 1.08 GiB beyond the live tensors after
-# 1, 3 and 10 steps, flat from step 7 to 10 — 0.41 of the peak batch's activations.
+# (113M model, 4,096-token batches) held 0.14, 0.53 and 1.09 GiB beyond the live tensors of its
+# peak batch after 1, 3 and 10 steps, flat from step 7 to 10 — 0.41 of that batch's
+# activations (benchmarks/padded_growth.py, results/padded-growth-cpu.json).
 JEMALLOC_PADDED_RETENTION = 0.41
 # QLoRA's NF4 base: 4-bit codes, an absmax per 64 weights stored in 8 bits (double
 # quantisation), and a float32 scale per 256 of those.
