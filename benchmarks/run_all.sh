@@ -9,6 +9,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python benchmarks/train_throughput.py
 python benchmarks/train_throughput.py --levers
+python benchmarks/padded_growth.py
+python benchmarks/training_efficiency.py
 python benchmarks/train_throughput.py --plan-check
 python benchmarks/generation.py
 python scripts/run_example.py examples/sentiment
