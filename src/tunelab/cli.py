@@ -60,6 +60,7 @@ def train(
 ) -> None:
     """Fine-tune a model: data files → LoRA or full fine-tuning → a run directory."""
     from tunelab.config import load_config
+    from tunelab.model.adapters import without_bitsandbytes
     from tunelab.runs import open_run
     from tunelab.train.loop import train as run_training
 
@@ -70,6 +71,7 @@ def train(
                           fix="tunelab train examples/sentiment/config.yaml")
     else:
         cfg = load_config(config, _overrides(set_))
+    without_bitsandbytes(cfg.method.kind)
     if nproc is not None:
         from tunelab.train.distributed import launch
 

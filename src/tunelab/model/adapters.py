@@ -11,6 +11,7 @@ a model is touched, so the config can read the registry cheaply.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
@@ -95,6 +96,18 @@ class Full(Method):
 
 METHODS: dict[str, Method] = {method.kind: method for method in
                               (LoRA(), DoRA(), QLoRA(), Full())}
+
+
+def without_bitsandbytes(kind: str) -> bool:
+    """Keep peft from importing bitsandbytes in a process whose one training quantises nothing
+    (``tunelab train`` with a method other than QLoRA): peft imports it whenever it is
+    installed, which costs ~45 MB of resident memory for the whole run and prints a warning
+    about a missing optional CPU kernel. Afterwards nothing in this process can import it, so
+    only a command that trains once calls this. True if it took effect."""
+    if METHODS[kind].load_in_4bit or "bitsandbytes" in sys.modules:
+        return False
+    sys.modules["bitsandbytes"] = None  # importlib.util.find_spec now answers None
+    return True
 
 
 def apply_method(model: nn.Module, *, kind: str, r: int, alpha: float, dropout: float,
