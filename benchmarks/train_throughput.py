@@ -163,7 +163,13 @@ def build_model(folder: Path, dims: dict, seed: int, tokenizer_path: str = TOKEN
 
     from tunelab.model.load import load_tokenizer
 
-    tokenizer = load_tokenizer(tokenizer_path)
+    folder = Path(tokenizer_path)
+    if folder.is_dir() and not (folder / "config.json").exists():  # save_pretrained's files only
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    else:
+        tokenizer = load_tokenizer(tokenizer_path)
     config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=4096,
                          tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
