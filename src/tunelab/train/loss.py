@@ -36,7 +36,7 @@ def hidden_states(model: nn.Module, batch: Batch) -> torch.Tensor:
 
 
 def chunked_loss(hidden: torch.Tensor, labels: torch.Tensor, output_layer: nn.Module, *,
-                 chunk_tokens: int = 2048, softcap: float | None = None) -> torch.Tensor:
+                 chunk_tokens: int = 512, softcap: float | None = None) -> torch.Tensor:
     """Sum of token cross-entropies over positions whose next-token label is not −100.
 
     Returns a float32 scalar sum (divide by the number of target tokens for the mean); it equals
@@ -95,7 +95,7 @@ class _GradientInForward(torch.autograd.Function):
         return gradient * upstream.to(gradient.dtype), None, None, None, None
 
 
-def batch_loss_sum(model: nn.Module, batch: Batch, *, chunk_tokens: int = 2048) -> torch.Tensor:
+def batch_loss_sum(model: nn.Module, batch: Batch, *, chunk_tokens: int = 512) -> torch.Tensor:
     """Forward a batch and return its summed completion-token loss."""
     _, output_layer, softcap = model_parts(model)
     return chunked_loss(hidden_states(model, batch), batch.labels, output_layer,
