@@ -279,9 +279,9 @@ def render_train_memory(result: dict) -> str:
     rounds = len(first)
     earlier: dict[tuple[str, str], list[str]] = {}
     for runs in rows.values():
-        run = runs[0]
-        if run.get("git_commit", result["git_commit"]) != result["git_commit"]:
-            earlier.setdefault((run["command"], run["git_commit"]), []).append(run["title"])
+        command, commit = measured_with(runs)
+        if commit != result["git_commit"]:
+            earlier.setdefault((command, commit), []).append(runs[0]["title"])
     kept = "".join(f" Rows {', '.join(f'“{title}”' for title in titles)}: kept from "
                    f"`{command}` at commit `{commit[:10]}`." for (command, commit), titles
                    in earlier.items())

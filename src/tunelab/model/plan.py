@@ -303,9 +303,10 @@ def measure_matmul_flops(device: str = "cpu", *, dtype: str = "float32",
                          trials: int = 10) -> float:
     """FLOP/s of a dense matmul of a training-like shape on ``device`` (a quick benchmark).
 
-    The best of ``trials`` short timings over ``seconds``: one 0.5 s timing swung from 91 to
-    144 GFLOP/s between calls on the 2-core machine of benchmarks/README.md (slow spells of
-    half a second and more: neighbours on the host), and the predicted time inherited it.
+    The best of ``trials`` short timings over ``seconds``, to skip short slow spells. Longer
+    ones remain: on the 2-core machine of benchmarks/README.md it still gave 93 to 184 GFLOP/s
+    from one call to the next (results/training-efficiency-cpu.json), and a predicted time
+    inherits that.
     """
     import torch
 
@@ -609,7 +610,8 @@ def predict_memory(shape: ModelShape, batches: list[dict], setting: Setting,
         "activations": transient["activations"]["total"],
         "logits": transient["logits"],
         "workspace": transient["workspace"],
-        "allocator": _fragmentation_bytes(shape, heaviest, setting) if cpu else 0,
+        "allocator": _fragmentation_bytes(shape, heaviest, setting,
+                                          transient["activations"]["total"]) if cpu else 0,
     }
     by_dtype = {"nf4 (4-bit base)" if method.load_in_4bit else setting.weight_dtype:
                 breakdown["weights"]}
@@ -625,12 +627,12 @@ def predict_memory(shape: ModelShape, batches: list[dict], setting: Setting,
     }
 
 
-def _fragmentation_bytes(shape: ModelShape, batch: dict, setting: Setting) -> int:
+def _fragmentation_bytes(shape: ModelShape, batch: dict, setting: Setting,
+                         activations: int) -> int:
     """RSS that the allocator holds beyond the live tensors (GLIBC_FRAGMENTATION,
-    JEMALLOC_PADDED_RETENTION)."""
+    JEMALLOC_PADDED_RETENTION); ``activations``: the batch's saved activations."""
     if setting.allocator == "jemalloc" and batch["padded_length"] and not setting.checkpointing:
-        return int(JEMALLOC_PADDED_RETENTION * _batch_bytes(shape, batch, setting)[
-            "activations"]["total"])
+        return int(JEMALLOC_PADDED_RETENTION * activations)
     if (setting.allocator != "system" or os.environ.get("MALLOC_MMAP_THRESHOLD_")
             or not sys.platform.startswith("linux")):
         return 0
