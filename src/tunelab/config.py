@@ -114,6 +114,14 @@ class TaskData(_Section):
         return self
 
 
+#: apply_chat_template's own arguments: tunelab's renderer sets them, a template variable cannot.
+_RENDERER_ARGUMENTS = frozenset({
+    "conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+    "continue_final_message", "tokenize", "padding", "truncation", "max_length",
+    "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs",
+    "sanitize_control_tokens"})
+
+
 class DataConfig(TaskData):
     """Data files, their format, and which tokens carry the loss."""
 
@@ -125,6 +133,10 @@ class DataConfig(TaskData):
         "Which tokens carry the loss: completion (targets and assistant turns only) or all."))
     chat_template: str | None = Field(None, description=(
         "A Jinja chat template used instead of the tokenizer's own (ChatML when it has none)."))
+    chat_template_kwargs: dict[str, Any] = Field({}, description=(
+        "Extra variables for the chat template, in every rendering: training, evaluation, "
+        "tunelab chat and serve, e.g. {enable_thinking: false} for Qwen3 (an empty <think> "
+        "block before each answer, so the model answers without reasoning)."))
     truncation: Literal["prompt", "drop", "end"] = Field("prompt", description=(
         "An example longer than train.max_seq_len: prompt cuts the middle of its prompt and "
         "keeps the whole target; drop leaves it out; end cuts its end, target included. "
@@ -141,6 +153,15 @@ class DataConfig(TaskData):
     temperature: float = Field(2.0, ge=1.0, description=(
         "Multitask, mixing temperature: T in (task tokens)^(1/T); 1 is proportional, larger "
         "values move the shares towards equal."))
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _template_variables(cls, value: dict[str, Any]) -> dict[str, Any]:
+        taken = sorted(set(value) & _RENDERER_ARGUMENTS)
+        if taken:
+            raise ValueError(f"data.chat_template_kwargs: {taken[0]!r} is set by tunelab's "
+                             "renderer itself (messages, tools, generation prompt); remove it")
+        return value
 
     @model_validator(mode="after")
     def _tasks_or_files(self) -> DataConfig:
@@ -294,6 +315,10 @@ class EvalConfig(_Section):
         "Template of the text answers must come from, e.g. '{text}', for the hallucination "
         "check."))
     max_new_tokens: int = Field(64, ge=1, description="Longest generated answer, in tokens.")
+    strip_thinking: bool = Field(True, description=(
+        "Remove <think>...</think> blocks from generated answers before they are scored (a "
+        "thinking model such as Qwen3 writes its reasoning first); an unterminated block, cut "
+        "by eval.max_new_tokens, leaves an empty answer. The eval file counts both."))
     stop: list[str] = Field(["\n\n"], description="Strings that end a generated answer.")
     max_examples: int | None = Field(None, ge=1, description=(
         "Evaluate only the first N examples of the split."))

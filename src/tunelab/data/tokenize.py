@@ -59,18 +59,22 @@ class EvalPrompt(Prompt):
 
 def tokenize_examples(examples: list[Example], tokenizer, *, max_seq_len: int,
                       train_on: str = "completion", chat_template: str | None = None,
+                      chat_template_kwargs: dict | None = None,
                       truncation: str = "prompt") -> list[TokenizedExample]:
     """Tokenize examples in one batch; labels are −100 outside trained segments.
 
     ``train_on="all"`` puts loss on every token. Examples longer than ``max_seq_len`` are fitted
     by ``truncation`` (see the module docstring) and marked ``truncated``.
+    ``chat_template_kwargs``: the chat template's extra variables (data.chat_template_kwargs).
     """
-    rendered = [render_segments(example, tokenizer, chat_template) for example in examples]
+    rendered = [render_segments(example, tokenizer, chat_template, chat_template_kwargs)
+                for example in examples]
     return _tokenize(examples, rendered, tokenizer, max_seq_len=max_seq_len, train_on=train_on,
                      truncation=truncation)
 
 
 def eval_prompts(examples: list[Example], tokenizer, *, chat_template: str | None = None,
+                 chat_template_kwargs: dict | None = None,
                  demos: list[list[Example]] | None = None,
                  max_seq_len: int | None = None) -> list[EvalPrompt]:
     """Each example's evaluation prompt and reference, as training renders and tokenizes it.
@@ -79,6 +83,7 @@ def eval_prompts(examples: list[Example], tokenizer, *, chat_template: str | Non
     trained segment); ``demos[i]`` are solved examples shown before example ``i`` (few-shot).
     """
     splits = [prompt_segments(example, tokenizer, chat_template=chat_template,
+                              chat_template_kwargs=chat_template_kwargs,
                               demos=demos[index] if demos else ())
               for index, example in enumerate(examples)]
     as_trained = [[Segment(s.text, False) for s in prompt] + rest for prompt, rest in splits]
