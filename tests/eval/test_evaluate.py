@@ -319,3 +319,56 @@ def test_batched_generation_returns_each_prompt_its_own_completion(tiny_model_di
     alone = [generate_texts(model, tokenizer, [p], max_new_tokens=6)[0] for p in prompts]
     assert batched == alone
     assert len(set(alone)) == len(prompts)  # distinct, so a reordering could not pass
+
+
+@pytest.mark.parametrize("output, answer, kind", [
+    ("<think>\nweighing it\n</think>\n\n Positive.", "Positive.", "closed"),
+    ("<think>\n\n</think>\n\nnegative", "negative", "closed"),  # Qwen3's empty block
+    ("opened by the template</think> positive", "positive", "closed"),
+    ("<think>\nstill weighing, cut by max_new_tokens", "", "unterminated"),
+    ("<think>a</think>\n\npositive <think>and then", "positive ", "unterminated"),
+    (" positive", " positive", None),
+])
+def test_strip_thinking_leaves_the_answer(output, answer, kind):
+    assert evaluate_module.strip_thinking(output) == (answer, kind)
+
+
+# The classification records of KNOWN_OUTPUTS, each output with reasoning before it: the
+# reasoning names both labels, so only the answer after it parses.
+THINKING_OUTPUTS = ["<think>\npositive or negative? good.\n</think>\n\n Positive.",
+                    "<think>\nnegative or positive? the plot was dull, so",  # cut: empty
+                    " negative",
+                    "<think>positive or negative</think>\n\n positive or negative"]
+
+
+@pytest.mark.parametrize("strip", [True, False])
+def test_thinking_is_stripped_before_scoring_and_counted(strip, tmp_path, monkeypatch,
+                                                         tiny_model_dir):
+    spec = KNOWN_OUTPUTS["classification"]
+    records = [(record, output) for (record, _), output in zip(spec["records"],
+                                                               THINKING_OUTPUTS, strict=True)]
+    monkeypatch.setitem(KNOWN_OUTPUTS, "classification", {**spec, "records": records})
+    known_outputs(monkeypatch, "classification")
+    config = known_output_config("classification", tmp_path, tiny_model_dir)
+    config.eval.strip_thinking = strip
+    run_dir = tmp_path / "runs" / "classification"
+    run_dir.mkdir(parents=True)
+    result = evaluate(config, run_dir=run_dir, base=True, tuned=False,
+                      console=Console(quiet=True))
+    outcome = result.models["base"]
+    assert outcome.thinking.model_dump() == {"closed": 2, "unterminated": 1, "stripped": strip}
+    # stripped: 1 right (Positive), 1 empty, 1 wrong, 1 unparseable; as written, the reasoning
+    # names both labels, so the first, second and last are unparseable
+    assert outcome.metrics["accuracy"].value == pytest.approx(1 / 4 if strip else 0.0)
+    assert outcome.parse_failures.count == (2 if strip else 3)
+    if strip:
+        assert [p.prediction for p in outcome.predictions][:2] == ["Positive.", ""]
+    notes = outcome.detail("notes", [])
+    assert any("ended inside a <think> block" in note for note in notes) == strip
+    saved = read_eval(run_dir / "eval" / "test.json")
+    assert saved.models["base"].thinking == outcome.thinking and saved == result
+    # a file from before the counts (the same schema version) reads as it is
+    older = saved.to_dict()
+    del older["models"]["base"]["thinking"]
+    assert EvalResult.from_dict(older).models["base"].thinking is None
+

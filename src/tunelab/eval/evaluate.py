@@ -10,6 +10,11 @@ Every data format is evaluated as it was trained: prompts come from ``data/rende
 ``data/tokenize.eval_prompts`` (the ids training put before the reference). Template data
 renders each prompt variant; chat, instruction and completion data are evaluated on the
 reference (the last trained assistant turn, or the output / completion) after their prompt.
+
+A thinking model (Qwen3) writes ``<think>...</think>`` before its answer; with
+``eval.strip_thinking`` (the default) the block is removed before the answer is parsed and
+scored, and the eval file counts the answers that held one (``thinking``), those cut inside it
+apart: they are scored as empty answers.
 """
 
 from __future__ import annotations
@@ -67,7 +72,8 @@ def evaluate(config: Config, *, run_dir: str | Path | None = None, base: bool = 
         demos = choose_demos(examples, [_example(r, fmt, variant, completion) for r in pool],
                              shots=eval_cfg.shots, seed=eval_cfg.seed) if pool else None
         return eval_prompts(examples, tokenizer, chat_template=config.data.chat_template,
-                            demos=demos, max_seq_len=config.train.max_seq_len)
+                            chat_template_kwargs=config.data.chat_template_kwargs, demos=demos,
+                            max_seq_len=config.train.max_seq_len)
     contexts = [_context(r, eval_cfg.context) for r in records]
     leakage = _split_leakage(config, eval_cfg.split, as_trained)
     models = _load_models(config, run_dir, want_base=base, want_tuned=tuned)
@@ -104,8 +110,8 @@ def _evaluate_model(model, tokenizer, task: Task, eval_cfg: EvalConfig, records:
     outcome = {"variants": []}
     for number, template in enumerate(variants):
         prompts = prompts_for(template, tokenizer)
-        raw, predictions, failures = _predict(model, tokenizer, task, eval_cfg, prompts,
-                                              completion)
+        raw, predictions, failures, thinking = _predict(model, tokenizer, task, eval_cfg,
+                                                        prompts, completion)
         scored = task.score(golds, predictions, contexts)
         outcome["variants"].append({"prompt": template, "metrics": scored.metrics,
                                     "parse_failures": {"count": failures,
@@ -119,6 +125,11 @@ def _evaluate_model(model, tokenizer, task: Task, eval_cfg: EvalConfig, records:
                     [golds[i] for i in clean], [predictions[i] for i in clean],
                     [contexts[i] for i in clean]).metrics
             outcome["parse_failures"] = outcome["variants"][0]["parse_failures"]
+            if thinking is not None:
+                outcome["thinking"] = thinking
+                if thinking["unterminated"] and thinking["stripped"]:
+                    outcome.setdefault("notes", []).append(_UNTERMINATED_NOTE.format(
+                        count=thinking["unterminated"], limit=eval_cfg.max_new_tokens))
             outcome["predictions"] = [
                 {"index": i, "input": p.text[-600:], "gold": _show(g), "prediction": _show(r),
                  "score": s}
@@ -163,9 +174,23 @@ def choose_demos(examples: list[Example], pool: list[Example], *, shots: int, se
     return chosen
 
 
+def strip_thinking(output: str) -> tuple[str, str | None]:
+    """A generated answer without its reasoning, and which kind it had: "closed", "unterminated"
+    or None. The answer is the text after the last ``</think>`` (a template may open the block
+    in the prompt, so ``<think>`` itself is optional), cut before a ``<think>`` left open, so
+    an answer cut by max_new_tokens while reasoning is empty."""
+    kind = None
+    if THINK_CLOSE in output:
+        output, kind = output.rsplit(THINK_CLOSE, 1)[1].lstrip(), "closed"
+    if THINK_OPEN in output:
+        output, kind = output.split(THINK_OPEN, 1)[0], "unterminated"
+    return output, kind
+
+
 def _predict(model, tokenizer, task: Task, eval_cfg: EvalConfig, prompts: list[EvalPrompt],
-             completion: str | None) -> tuple[list[str], list, int]:
-    """Raw outputs, parsed predictions and the number of unparseable outputs."""
+             completion: str | None) -> tuple[list[str], list, int, dict | None]:
+    """Outputs as scored, parsed predictions, the number of unparseable outputs, and the
+    count of ``<think>`` blocks in generated ones (None when labels were scored)."""
     ids = [prompt.ids for prompt in prompts]
     if task.scores_labels and eval_cfg.predict in ("score", "both"):
         # A label continues the prompt as training's target did: through the completion
@@ -173,11 +198,25 @@ def _predict(model, tokenizer, task: Task, eval_cfg: EvalConfig, prompts: list[E
         options = [_label_completion(completion or "{label}", label) for label in eval_cfg.labels]
         scores = score_continuations(model, tokenizer, ids, options)
         chosen = [eval_cfg.labels[i] for i in scores.argmax(1).tolist()]
-        return chosen, chosen, 0
+        return chosen, chosen, 0, None
     outputs = generate_texts(model, tokenizer, ids, max_new_tokens=eval_cfg.max_new_tokens,
                              batch_size=eval_cfg.batch_size, stop=eval_cfg.stop)
+    stripped = [strip_thinking(output) for output in outputs]
+    kinds = [kind for _, kind in stripped]
+    thinking = {"closed": kinds.count("closed"), "unterminated": kinds.count("unterminated"),
+                "stripped": eval_cfg.strip_thinking}
+    if eval_cfg.strip_thinking:
+        outputs = [answer for answer, _ in stripped]
     parsed = [task.parse(output) for output in outputs]
-    return outputs, [p for p, _ in parsed], sum(failed for _, failed in parsed)
+    return outputs, [p for p, _ in parsed], sum(failed for _, failed in parsed), thinking
+
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+_UNTERMINATED_NOTE = (
+    "{count} answers ended inside a <think> block (cut by eval.max_new_tokens {limit} or a "
+    "stop string of eval.stop) and count as empty: raise eval.max_new_tokens, take the "
+    "blank-line stop out of eval.stop, or turn thinking off (Qwen3: data.chat_template_kwargs "
+    "{{enable_thinking: false}})")
 
 
 def _compare(models: dict, task: Task) -> dict:
@@ -399,6 +438,11 @@ def _render_notes(which: str, outcome: ModelOutcome, primary: str, console: Cons
         console.print(f"{which}: outputs {lengths['mean_words']:.1f} words on average "
                       f"(median {lengths['median_words']:.0f}, max {lengths['max_words']}); "
                       f"references {lengths['reference_mean_words']:.1f}")
+    thinking = outcome.thinking
+    if thinking is not None and thinking.closed + thinking.unterminated:
+        done = "removed before scoring" if thinking.stripped else "scored as written"
+        console.print(f"{which}: {thinking.closed + thinking.unterminated} answers held a "
+                      f"<think> block ({thinking.unterminated} unterminated), {done}")
     for note in outcome.detail("notes", []):
         console.print(f"[yellow]{which}: {note}")
 

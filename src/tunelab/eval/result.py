@@ -71,6 +71,17 @@ class Prediction(_Open):
     score: float | None
 
 
+class Thinking(_Fixed):
+    """Generated answers (first variant) that held a ``<think>`` block: ``closed`` ones, and
+    ``unterminated`` ones cut inside it (by eval.max_new_tokens or a stop string). With
+    ``stripped`` (eval.strip_thinking) the blocks were removed before scoring, an unterminated
+    one leaving an empty answer."""
+
+    closed: int
+    unterminated: int
+    stripped: bool
+
+
 class ModelOutcome(_Open):
     """One model's results: the first variant's metrics, every variant, every prediction."""
 
@@ -80,6 +91,9 @@ class ModelOutcome(_Open):
     sensitivity: dict[str, Spread]
     predictions: list[Prediction]
     metrics_without_leaked: dict[str, Metric] | None = None
+    # Optional, so files from before it read as they are (no version bump); on ModelOutcome,
+    # which allows extra fields, so an older tunelab reads newer files too.
+    thinking: Thinking | None = None
 
     def detail(self, name: str, default: Any = None) -> Any:
         """A detail the task kind adds (``confusion``, ``per_type``, ``hallucination``...)."""
