@@ -135,6 +135,11 @@ def _export_weights(run_dir: Path, to: str, folder: Path, *, quant: str,
     from tunelab.data.render import chat_template_of
     from tunelab.ship.dequantize import load_run_for_merge
 
+    notes = []
+    if to == "gguf":  # refuse a model the writer cannot write before loading and merging it
+        from tunelab.ship.gguf import check_gguf_support
+
+        notes = check_gguf_support(merge_source(run_dir)).notes
     # QLoRA: the adapter goes into the de-quantised 4-bit base it was trained on.
     model, tokenizer, config = load_run_for_merge(run_dir)
     template = chat_template_of(tokenizer, config.data.chat_template)
@@ -151,7 +156,7 @@ def _export_weights(run_dir: Path, to: str, folder: Path, *, quant: str,
         return result
     from tunelab.ship.gguf import write_gguf
 
-    result = ExportResult("gguf", folder)
+    result = ExportResult("gguf", folder, notes=notes)
     gguf_name = f"{config.name}-{quant}.gguf"
     shapes = write_gguf(merged, tokenizer, folder / gguf_name, quant=quant, name=config.name,
                         chat_template=template)
@@ -167,6 +172,19 @@ def _export_weights(run_dir: Path, to: str, folder: Path, *, quant: str,
     result.usage = (f"ollama create {config.name} -f {{path}}/Modelfile && ollama run "
                     f"{config.name}\nllama-cli -m {{path}}/{gguf_name} -cnv")
     return result
+
+
+def merge_source(run_dir: Path) -> str:
+    """The folder (or cached hub id) whose config.json and tokenizer the merged model has: the
+    base an adapter trained on, or a full fine-tune's own weights folder."""
+    from tunelab.model.adapters import METHODS, tuned_weights_path
+    from tunelab.model.load import resolve_model_path
+    from tunelab.runs import open_run, run_base
+
+    run_dir, config = open_run(run_dir, need_data=False)
+    if METHODS[config.method.kind].adapter:
+        return resolve_model_path(*run_base(run_dir, config))
+    return str(tuned_weights_path(config.method.kind, run_dir))
 
 
 def merge(model: Any) -> Any:
@@ -234,23 +252,24 @@ def check_merged_folder(folder: Path, probes: list[list[int]],
 
 
 def check_gguf_metadata(path: Path, shapes: dict[str, list[int]], config: Any) -> Check:
-    """Read the file back with gguf.GGUFReader: architecture, sizes and every tensor's shape."""
+    """Read the file back with gguf.GGUFReader: the keys llama.cpp requires for the
+    architecture (``required_keys``) and every tensor's shape."""
     from gguf import GGUFReader
+
+    from tunelab.ship.gguf import required_keys
 
     reader = GGUFReader(path)
     read_shapes = {t.name: [int(n) for n in t.shape] for t in reader.tensors}
-    expected = {"general.architecture": "llama", "llama.block_count": config.num_hidden_layers,
-                "llama.embedding_length": config.hidden_size,
-                "llama.attention.head_count": config.num_attention_heads,
-                "llama.attention.head_count_kv": config.num_key_value_heads,
-                "llama.vocab_size": config.vocab_size}
+    n_vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
+    expected = required_keys(config, n_vocab)
     problems = [f"{key} is {_field(reader, key)!r}, expected {value!r}"
                 for key, value in expected.items() if _field(reader, key) != value]
     problems += [f"tensor {name} has shape {read_shapes.get(name)}, expected {shape}"
                  for name, shape in shapes.items() if read_shapes.get(name) != shape]
     problems += [f"unexpected tensor {name}" for name in set(read_shapes) - set(shapes)]
-    detail = "; ".join(problems) or (f"{len(read_shapes)} tensors and the architecture "
-                                     "metadata read back as written")
+    detail = "; ".join(problems) or (f"{len(read_shapes)} tensors and the "
+                                     f"{expected['general.architecture']} metadata read back "
+                                     "as written")
     return Check("GGUF read back (gguf.GGUFReader)", not problems, detail,
                  value=float(len(problems)), tolerance=0.0)
 
@@ -270,7 +289,7 @@ def check_gguf_in_transformers(folder: Path, gguf_name: str, probes: list[list[i
     merged model with the same quantisation; plus a note on the quantisation error."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tunelab.ship.gguf import quantised_copy
+    from tunelab.ship.gguf import quantised_copy, transformers_config
 
     gguf_tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf_name)
     texts = [*_PROBES, _CHAT_PROBE, "  spaces,\ttabs\nand 1234567 digits: ünïcödé 🙂"]
@@ -279,14 +298,23 @@ def check_gguf_in_transformers(folder: Path, gguf_name: str, probes: list[list[i
                    f"{len(texts) - len(mismatched)}/{len(texts)} texts tokenize identically"
                    + (f"; differs on {mismatched[0]!r}" if mismatched else ""),
                    value=float(len(mismatched)), tolerance=0.0)
+    from gguf import GGUFReader
+
+    n_vocab = len(GGUFReader(folder / gguf_name).fields["tokenizer.ggml.tokens"].data)
+    config = transformers_config(merged.config, n_vocab)
     gguf_model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=gguf_name,
-                                                      dtype=torch.float32)
+                                                      dtype=torch.float32, config=config)
     gguf_logits = logits_of(gguf_model, probes)
     del gguf_model
-    logits = compare_logits(f"GGUF {quant} (transformers) vs merged model with {quant} weights",
-                            gguf_logits, logits_of(quantised_copy(merged, quant), probes),
+    # Gemma 3's GGUF drops embedding rows past the tokenizer's vocabulary, as llama.cpp's does
+    read = "metadata and tensors" if config is None else "tensors, with the run's config"
+    logits = compare_logits(f"GGUF {quant} (transformers, {read}) vs merged model with {quant} "
+                            "weights", gguf_logits,
+                            [e[..., :n_vocab] for e in logits_of(quantised_copy(merged, quant),
+                                                                 probes)],
                             RELATIVE_TOLERANCE["gguf"])
-    difference, scale, agreement = logit_gap(gguf_logits, logits_of(merged, probes))
+    difference, scale, agreement = logit_gap(
+        gguf_logits, [e[..., :n_vocab] for e in logits_of(merged, probes)])
     note = (f"{quant} quantisation error: max |logit difference| {difference:.3g} from the "
             f"unquantised merged model ({difference / scale:.2%} of max |logit| {scale:.3g}); "
             f"{agreement}")
