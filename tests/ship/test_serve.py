@@ -415,3 +415,29 @@ def test_a_smollm2_run_answers_the_openai_client_as_it_does_offline(embedded_mod
         assert answers[embedded_model] != answers["smol-greeter"]  # the adapter is applied
     finally:
         running.close()
+
+
+def test_the_runs_chat_template_kwargs_reach_the_served_prompt(runs, tmp_path):
+    """A Qwen3 run trained with enable_thinking false is served with it: the prompt ends in
+    the empty think block, as the prompts before its trained answers did."""
+    template = (Path(__file__).parent.parent / "data" / "templates" / "qwen3.jinja").read_text()
+    run = copied_run(runs["greeter"], tmp_path / "qwen3-greeter")
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["data"].update(chat_template=template,
+                          chat_template_kwargs={"enable_thinking": False})
+    (run / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    model, tokenizer, served = load_served_models([str(run)])
+    assert served[1].chat_template_kwargs == {"enable_thinking": False}
+    thinking_off = chat_prompt(CHAT, tokenizer, chat_template=template,
+                               chat_template_kwargs={"enable_thinking": False})
+    assert thinking_off.text.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    running = Server(create_app(model, tokenizer, served))
+    try:
+        client = openai.OpenAI(base_url=f"{running.url}/v1", api_key="unused", max_retries=0,
+                               timeout=120)
+        response = client.chat.completions.create(model="greeter", messages=CHAT,
+                                                  max_tokens=1, temperature=0)
+        assert response.usage.prompt_tokens == len(thinking_off.ids)
+        assert len(thinking_off.ids) > len(chat_prompt(CHAT, tokenizer, chat_template=template).ids)
+    finally:
+        running.close()

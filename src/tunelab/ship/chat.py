@@ -66,7 +66,8 @@ def chat(run_dir: str | Path, *, input_stream: TextIO = sys.stdin,
             if not line:
                 continue
             conversation.messages.append({"role": "user", "content": line})
-            ids = _prompt_ids(conversation.messages, tokenizer, config.data.chat_template)
+            ids = _prompt_ids(conversation.messages, tokenizer, config.data.chat_template,
+                              config.data.chat_template_kwargs)
             room = context_tokens - len(ids)
             if room < 1:
                 conversation.messages.pop()
@@ -92,10 +93,12 @@ def _lines(input_stream: TextIO, output: TextIO, interactive: bool):
         yield line.strip()
 
 
-def _prompt_ids(messages: list[dict], tokenizer, chat_template: str | None) -> list[int]:
+def _prompt_ids(messages: list[dict], tokenizer, chat_template: str | None,
+                chat_template_kwargs: dict | None) -> list[int]:
     from tunelab.data.render import chat_prompt
 
-    return chat_prompt(messages, tokenizer, chat_template=chat_template).ids
+    return chat_prompt(messages, tokenizer, chat_template=chat_template,
+                       chat_template_kwargs=chat_template_kwargs).ids
 
 
 def _reply(engine: Engine, request: Request, output: TextIO) -> str:

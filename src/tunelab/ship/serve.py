@@ -58,6 +58,7 @@ class ServedModel:
     name: str
     adapter: str | None
     chat_template: str | None = None  # the run's data.chat_template, as training used it
+    chat_template_kwargs: dict | None = None  # and its data.chat_template_kwargs
 
 
 # --- loading -----------------------------------------------------------------------------------
@@ -100,7 +101,8 @@ def load_served_models(runs: list[str], *, base: str | None = None):
                              f"{str(error).splitlines()[0]}", where=str(run_dir / "adapter"),
                              fix=f"serve it on the base it was trained on ({config.model.path})"
                              ) from None
-        served.append(ServedModel(name, adapter, config.data.chat_template))
+        served.append(ServedModel(name, adapter, config.data.chat_template,
+                                  config.data.chat_template_kwargs))
     model.eval()
     return model, tokenizer, served
 
@@ -288,7 +290,8 @@ def create_app(model, tokenizer, served: list[ServedModel], *, api_key: str | No
     async def chat_completions(request: HttpRequest):
         parsed = _parse(ChatRequest, await _read_json(request, max_body_bytes))
         served_model = _served(context, parsed.model)
-        prompt = _chat_prompt_ids(parsed.messages, tokenizer, served_model.chat_template)
+        prompt = _chat_prompt_ids(parsed.messages, tokenizer, served_model.chat_template,
+                                  served_model.chat_template_kwargs)
         limit = parsed.max_completion_tokens or parsed.max_tokens
         return await _respond(context, parsed, served_model, [prompt], limit, chat=True)
 
@@ -351,8 +354,8 @@ def _served(context: _Context, name: str) -> ServedModel:
     return context.models[name]
 
 
-def _chat_prompt_ids(messages: list[ChatMessage], tokenizer, chat_template: str | None
-                     ) -> list[int]:
+def _chat_prompt_ids(messages: list[ChatMessage], tokenizer, chat_template: str | None,
+                     chat_template_kwargs: dict | None = None) -> list[int]:
     """The conversation as the ids the model reads next, rendered as training rendered it."""
     from tunelab.data.render import chat_prompt
 
@@ -360,7 +363,8 @@ def _chat_prompt_ids(messages: list[ChatMessage], tokenizer, chat_template: str 
               "content": m.content if isinstance(m.content, str)
               else "".join(part.text for part in m.content)} for m in messages]
     try:
-        return chat_prompt(turns, tokenizer, chat_template=chat_template).ids
+        return chat_prompt(turns, tokenizer, chat_template=chat_template,
+                           chat_template_kwargs=chat_template_kwargs).ids
     except DataError as error:
         raise ApiError(400, error.message, param="messages") from None
 
