@@ -1,22 +1,43 @@
 """GGUF export: the file reads back with the metadata and shapes written, transformers loads
 it with the run's tokenizer and logits close to the merged model, and the Ollama Modelfile
-renders conversations as the chat template does."""
+renders conversations as the chat template does; each family tunelab writes (Llama, Llama 3.1,
+Mistral, Qwen2, Qwen3, Gemma 3) round-trips, and the others are refused before any weight is
+read."""
 
 from __future__ import annotations
 
+import copy
 import json
 import re
+import shutil
 
+import architectures  # tests/ is on sys.path (rootdir conftest)
 import numpy as np
 import pytest
 import torch
+from conftest import _corpus
 from export_runs import liven_adapter, train_tiny_run
 from gguf import GGUFReader
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from tunelab.errors import ModelError
-from tunelab.ship.export import RELATIVE_TOLERANCE, chatml_form, export_run, modelfile_text
-from tunelab.ship.gguf import pre_tokenizer_name, quantised_copy
+from tunelab.ship import export
+from tunelab.ship.export import (
+    RELATIVE_TOLERANCE,
+    chatml_form,
+    check_gguf_metadata,
+    export_run,
+    modelfile_text,
+)
+from tunelab.ship.gguf import (
+    QUANTS,
+    check_gguf_support,
+    pre_tokenizer_name,
+    quantised_copy,
+    required_keys,
+    transformers_config,
+    write_gguf,
+)
 
 SMOLLM2_TEMPLATE = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
@@ -182,3 +203,231 @@ def test_embedded_smollm2_run_exports_to_gguf_and_its_adapter_to_the_hub_base(
     assert modelfile["system"].startswith("You are a helpful AI assistant named SmolLM")
     adapter = export_run(run, "adapter")
     assert "vllm serve HuggingFaceTB/SmolLM2-135M-Instruct --enable-lora" in adapter.usage
+
+
+# --- every family tunelab writes ------------------------------------------------------------
+
+#: families written as GGUF, each with the tensors its llama.cpp architecture adds to Llama's
+FAMILIES = {"llama": set(), "llama3": {"rope_freqs.weight"},
+            "qwen2": {"blk.0.attn_q.bias", "blk.0.attn_k.bias", "blk.0.attn_v.bias"},
+            "qwen3": {"blk.0.attn_q_norm.weight", "blk.0.attn_k_norm.weight"},
+            "mistral": set(),
+            "gemma3_text": {"blk.0.attn_q_norm.weight", "blk.0.post_attention_norm.weight",
+                            "blk.0.post_ffw_norm.weight"}}
+ARCHES = {"llama": "llama", "llama3": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
+          "mistral": "llama", "gemma3_text": "gemma3"}
+GEMMA_CHAT = ("{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}"
+              "<end_of_turn>\n{% endfor %}")
+TEXT = "Review: the movie was good, 10/10! The plot was slow ünï"
+
+
+def sentencepiece_style_tokenizer():
+    """A tiny Gemma tokenizer (SentencePiece BPE with byte fallback, as transformers 5 holds
+    Gemma's tokenizer.model): specials, the 256 byte pieces, then BPE trained offline here."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers.models.gemma.tokenization_gemma import GemmaTokenizer
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>"]
+    backend = Tokenizer(models.BPE())
+    backend.normalizer = normalizers.Replace(" ", "\u2581")
+    backend.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
+    backend.train_from_iterator(_corpus(), trainers.BpeTrainer(vocab_size=400,
+                                                               show_progress=False))
+    trained = json.loads(backend.to_str())["model"]
+    vocab = {t: i for i, t in enumerate(specials + [f"<0x{b:02X}>" for b in range(256)])}
+    for token, _ in sorted(trained["vocab"].items(), key=lambda item: item[1]):
+        vocab.setdefault(token, len(vocab))
+    tokenizer = GemmaTokenizer(vocab=vocab, merges=[tuple(m) for m in trained["merges"]])
+    tokenizer.chat_template = GEMMA_CHAT
+    return tokenizer
+
+
+def save_gemma3(folder):
+    """Gemma 3 text as llama.cpp runs it: six layers (every sixth global, as llama.cpp fixes it),
+    a 4-token window, soft-capped logits, and 3 embedding rows past the tokenizer's vocabulary
+    (as Gemma 3 has), which the GGUF drops."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    tokenizer = sentencepiece_style_tokenizer()
+    config = Gemma3TextConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+        vocab_size=len(tokenizer) + 3, sliding_window=4, query_pre_attn_scalar=16,
+        final_logit_softcapping=30.0, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    model = Gemma3ForCausalLM(config)
+    with torch.no_grad():
+        for parameter in model.parameters():  # norms too: Gemma's start at 0 (= scale 1)
+            parameter.normal_(0, 0.1)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def family_dir(tmp_path_factory, tiny_model_dir):
+    """family name -> a saved tiny model of it (the tiny BPE tokenizer; Gemma its own)."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    folders = {}
+
+    def build(name):
+        if name not in folders:
+            folder = tmp_path_factory.mktemp(name)
+            if name == "gemma3_text":
+                save_gemma3(folder)
+            else:
+                architectures.save(name, folder, tokenizer)
+            folders[name] = folder
+        return folders[name]
+    return build
+
+
+def write(folder, quant, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    shutil.copytree(folder, tmp_path / "gguf")  # transformers reads a GGUF from a folder
+    path = tmp_path / "gguf" / f"tiny-{quant}.gguf"
+    shapes = write_gguf(model, tokenizer, path, quant=quant, name="tiny",
+                        chat_template=tokenizer.chat_template)
+    return model, tokenizer, path, shapes
+
+
+@pytest.mark.parametrize("quant", ["f16", "q8_0"])
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_each_family_reads_back_with_llama_cpp_keys_and_reproduces_its_logits(
+        name, quant, family_dir, tmp_path):
+    folder = family_dir(name)
+    assert check_gguf_support(str(folder)).tokenizer_model == (
+        "llama" if name == "gemma3_text" else "gpt2")
+    model, tokenizer, path, shapes = write(folder, quant, tmp_path)
+    reader = GGUFReader(path)
+    n_vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
+    assert n_vocab == len(tokenizer) if name == "gemma3_text" else model.config.vocab_size
+    for key, value in required_keys(model.config, n_vocab).items():
+        assert field(reader, key) == value, key
+    assert field(reader, "general.architecture") == ARCHES[name]
+    assert check_gguf_metadata(path, shapes, model.config).passed
+    tensors = {t.name: t for t in reader.tensors}
+    assert FAMILIES[name] <= set(tensors)
+    assert ("output.weight" in tensors) != model.config.tie_word_embeddings
+    assert [int(n) for n in tensors["token_embd.weight"].shape] == [64, n_vocab]
+    assert tensors["blk.1.attn_q.weight"].tensor_type.name == quant.upper()
+    assert tensors["blk.1.attn_norm.weight"].tensor_type.name == "F32"
+
+    gguf_tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    ids = tokenizer(TEXT).input_ids
+    assert gguf_tokenizer(TEXT).input_ids == ids
+    if name == "mistral":  # llama.cpp ignores the window: equal only within it
+        ids = ids[:architectures.WINDOW]
+    gguf_model = AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32,
+        config=transformers_config(model.config, n_vocab))
+    with torch.no_grad():
+        expected = quantised_copy(model, quant)(torch.tensor([ids])).logits[..., :n_vocab]
+        actual = gguf_model(torch.tensor([ids])).logits
+    # same bound as the export's check: 1e-4 of the largest logit (measured: 0, bit-equal)
+    assert (actual - expected).abs().max() <= RELATIVE_TOLERANCE["gguf"] * expected.abs().max()
+
+
+def test_mistral_window_is_ignored_as_llama_cpp_does(family_dir, tmp_path):
+    model, tokenizer, path, _ = write(family_dir("mistral"), "f16", tmp_path)
+    assert "sliding window" in check_gguf_support(str(family_dir("mistral"))).notes[0]
+    gguf_model = AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32,
+        config=transformers_config(model.config, model.config.vocab_size))
+    ids = torch.tensor([tokenizer(TEXT).input_ids])
+    assert ids.shape[1] > architectures.WINDOW
+    with torch.no_grad():
+        expected = quantised_copy(model, "f16")(ids).logits
+        actual = gguf_model(ids).logits
+    within = architectures.WINDOW
+    scale = expected.abs().max()
+    assert (actual - expected)[:, :within].abs().max() <= RELATIVE_TOLERANCE["gguf"] * scale
+    assert (actual - expected)[:, within:].abs().max() > 0.01 * scale
+
+
+def test_llama3_rope_freqs_are_llama_cpp_s_divisors(family_dir, tmp_path):
+    """Llama 3.1 scaling as llama.cpp applies it: rope_freqs divides each inverse frequency;
+    transformers' own llama3 rope must give the same frequencies."""
+    model, _, path, _ = write(family_dir("llama3"), "f16", tmp_path)
+    factors = next(t for t in GGUFReader(path).tensors if t.name == "rope_freqs.weight")
+    rotary = model.model.rotary_emb
+    head_dim = model.config.head_dim
+    theta = model.config.rope_parameters["rope_theta"]
+    plain = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    divisors = torch.from_numpy(np.asarray(factors.data, dtype=np.float32).copy())
+    assert set(divisors.tolist()) > {1.0, 8.0}  # high, low and smoothed frequencies all occur
+    torch.testing.assert_close(plain / divisors, rotary.inv_freq.float(), rtol=1e-5, atol=0)
+
+
+def test_gemma3_norms_are_stored_plus_one_and_window_and_softcap_written(family_dir, tmp_path):
+    model, _, path, _ = write(family_dir("gemma3_text"), "f16", tmp_path)
+    reader = GGUFReader(path)
+    tensors = {t.name: np.asarray(t.data, dtype=np.float32) for t in reader.tensors}
+    original = model.model.layers[0].post_feedforward_layernorm.weight.detach().numpy()
+    np.testing.assert_allclose(tensors["blk.0.post_ffw_norm.weight"], original + 1, rtol=1e-6)
+    assert field(reader, "gemma3.attention.sliding_window") == 4
+    assert field(reader, "gemma3.final_logit_softcapping") == pytest.approx(30.0)
+    assert field(reader, "tokenizer.ggml.model") == "llama"
+    assert field(reader, "tokenizer.ggml.add_space_prefix") is False
+    assert field(reader, "tokenizer.ggml.eot_token_id") == 6  # <end_of_turn>
+
+
+@pytest.mark.parametrize("quant", sorted(set(QUANTS) - {"f16", "q8_0"}))
+def test_other_quants_load_in_transformers(quant, family_dir, tmp_path):
+    model, tokenizer, path, _ = write(family_dir("qwen2"), quant, tmp_path)
+    gguf_model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                      dtype=torch.float32)
+    ids = torch.tensor([tokenizer(TEXT).input_ids])
+    with torch.no_grad():
+        expected = quantised_copy(model, quant)(ids).logits
+        actual = gguf_model(ids).logits
+    assert (actual - expected).abs().max() <= RELATIVE_TOLERANCE["gguf"] * expected.abs().max()
+
+
+@pytest.mark.parametrize(("name", "reason"), [
+    ("phi3", "architecture 'phi3'"), ("qwen3_moe", "architecture 'qwen3_moe'"),
+    ("gemma3_text", "layer_types"),  # a pattern llama.cpp's fixed one would not run
+])
+def test_unsupported_models_are_refused_from_config_json_alone(name, reason, tmp_path):
+    architectures.config(name).save_pretrained(tmp_path)  # no weights, no tokenizer
+    assert [p.name for p in tmp_path.iterdir()] == ["config.json"]
+    with pytest.raises(ModelError, match=reason) as error:
+        check_gguf_support(str(tmp_path))
+    message = str(error.value)
+    assert "tunelab export RUN --to merged" in message
+    assert "python convert_hf_to_gguf.py <merged folder> --outtype f16" in message
+
+
+def test_export_refuses_before_loading_or_merging(tiny_run, tmp_path, monkeypatch):
+    architectures.config("phi3").save_pretrained(tmp_path / "phi3")
+    monkeypatch.setattr(export, "merge_source", lambda run_dir: str(tmp_path / "phi3"))
+
+    def no_loading(run_dir):
+        raise AssertionError("the weights were loaded before the check")
+    monkeypatch.setattr("tunelab.ship.dequantize.load_run_for_merge", no_loading)
+    with pytest.raises(ModelError, match="phi3"):
+        export_run(tiny_run, "gguf", out=tmp_path / "out" / "gguf")
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_unigram_tokenizer_is_refused(tiny_model_dir, tmp_path):
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    folder = tmp_path / "unigram"
+    AutoConfig.from_pretrained(tiny_model_dir).save_pretrained(folder)
+    backend = Tokenizer(models.Unigram([("<unk>", 0.0), ("a", -1.0)], unk_id=0))
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>").save_pretrained(folder)
+    with pytest.raises(ModelError, match="Unigram") as error:
+        check_gguf_support(str(folder))
+    assert "convert_hf_to_gguf.py" in str(error.value)
+
+
+def test_copy_of_config_is_given_where_transformers_drops_facts(family_dir):
+    qwen2 = AutoConfig.from_pretrained(family_dir("qwen2"))
+    assert transformers_config(qwen2, qwen2.vocab_size) is None
+    gemma = AutoConfig.from_pretrained(family_dir("gemma3_text"))
+    given = transformers_config(gemma, 10)
+    assert given.vocab_size == 10 and gemma.vocab_size != 10 and given is not gemma
+    assert copy.deepcopy(given).query_pre_attn_scalar == 16

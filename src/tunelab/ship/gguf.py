@@ -526,7 +526,8 @@ def transformers_config(config: Any, n_vocab: int) -> Any | None:
     """None where transformers rebuilds ``config`` from the GGUF's metadata alone; else the
     config to load the GGUF's tensors with, because its GGUF reader drops what llama.cpp
     reads or hard-codes (Llama 3.1's rope_freqs, Qwen3's head_dim, Gemma 3's
-    query_pre_attn_scalar, soft-cap and layer pattern, Mistral's window)."""
+    query_pre_attn_scalar, soft-cap and layer pattern); Mistral is given as the Llama that
+    llama.cpp runs it as."""
     import copy
 
     family = family_of(config)
@@ -534,6 +535,14 @@ def transformers_config(config: Any, n_vocab: int) -> Any | None:
     if family.arch == "QWEN2" or (family is FAMILIES["llama"]
                                   and _rope(text).get("rope_type", "default") == "default"):
         return None
+    if family is FAMILIES["mistral"]:
+        # llama.cpp's llama, window and all; and transformers reads a GGUF named "*mistral*"
+        # as a mistral arch that gguf-py lacks, unless told it is a Llama
+        from transformers import LlamaConfig
+
+        settings = {k: v for k, v in text.to_dict().items()
+                    if k not in ("model_type", "sliding_window", "architectures")}
+        return LlamaConfig(**{**settings, "vocab_size": n_vocab})
     text = copy.deepcopy(text)
     text.vocab_size = n_vocab
     return text
