@@ -118,8 +118,9 @@ def score_continuations(model: nn.Module, tokenizer, prompts: list[str] | list[l
                                   device=device, dtype=torch.int32)
             hidden = body(input_ids=ids, position_ids=positions, use_cache=False,
                           cu_seq_lens_q=bounds,
-                          segment_masks=[row["mask"].to(device) for row in rows]
-                          ).last_hidden_state[0]
+                          segment_masks=[row["mask"].to(device) for row in rows],
+                          segment_positions=[torch.tensor(row["positions"], device=device)
+                                             for row in rows]).last_hidden_state[0]
             offsets = bounds[:-1].tolist()
             sources = torch.tensor([offsets[r] + s for r, row in enumerate(rows)
                                     for s in row["sources"]], device=device)

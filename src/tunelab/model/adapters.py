@@ -47,11 +47,18 @@ class LoRA(Method):
         from peft import LoraConfig, get_peft_model
         from torch import nn
 
-        config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
+        from tunelab.model.architecture import expert_targets, language_model_targets
+
+        experts = expert_targets(model, targets)
+        # peft's LoRA on a 3-D parameter (the experts) takes no dropout, so with experts the
+        # adapter is made without and the linear projections get their dropout afterwards
+        config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0 if experts else dropout,
+                            target_modules=language_model_targets(model, targets),
+                            target_parameters=experts or None,
                             use_dora=self.use_dora, use_rslora=rslora, bias="none",
                             task_type="CAUSAL_LM")
         try:
-            return get_peft_model(model, config)
+            wrapped = get_peft_model(model, config)
         except ValueError as error:
             available = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
                                 if isinstance(module, nn.Linear)})
@@ -59,6 +66,21 @@ class LoRA(Method):
                               where="method.targets",
                               fix="use 'all-linear' or names of linear layers: "
                               f"{', '.join(available)}") from None
+        if experts and dropout > 0:
+            _add_linear_dropout(wrapped, dropout)
+        return wrapped
+
+
+def _add_linear_dropout(model: nn.Module, dropout: float) -> None:
+    """``nn.Dropout(dropout)`` on every LoRA linear projection of ``model`` (where peft put
+    ``nn.Identity`` because the adapter was made without dropout)."""
+    from peft.tuners.lora import Linear as LoraLinear
+    from torch import nn
+
+    for module in model.modules():
+        if isinstance(module, LoraLinear):
+            for name in module.lora_dropout:
+                module.lora_dropout[name] = nn.Dropout(dropout)
 
 
 class DoRA(LoRA):

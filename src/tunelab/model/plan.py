@@ -43,6 +43,14 @@ from tunelab.config import Config
 from tunelab.data.prepare import prepare_data, schedule_micro_batches
 from tunelab.errors import ConfigError
 from tunelab.model.adapters import METHODS
+from tunelab.model.architecture import (
+    SILU_NAMES,
+    SPECS,
+    ArchitectureSpec,
+    activation,
+    model_layout,
+    text_config,
+)
 
 GIB = 2**30
 
@@ -96,17 +104,15 @@ NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64 + 4 / (64 * 256)
 # Frozen weights: forward + input gradient. Trainable: + weight gradient.
 FROZEN_PASSES, TRAINABLE_PASSES = 2, 3
 
-LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-_PARENTS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn",
-            "o_proj": "self_attn", "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
-# Projections that read the same input tensor (saved once when several need it).
-_SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"),
-                  ("down_proj",))
-
-
 @dataclass(frozen=True)
 class ModelShape:
-    """The dimensions of a Llama-style decoder that cost memory and time."""
+    """The dimensions of a decoder that cost memory and time.
+
+    Which projections a layer has, and which of them read one input, come from the family's
+    ``ArchitectureSpec`` (``model/architecture.py``); ``from_config`` counts the parameters on
+    the model itself, built on the meta device, so experts, q/k norms, biases and a vision
+    tower are all counted.
+    """
 
     hidden_size: int
     intermediate_size: int
@@ -117,13 +123,20 @@ class ModelShape:
     vocab_size: int
     tied_embeddings: bool
     model_type: str = "llama"
-    gated_silu: bool = True  # a silu(gate) * up MLP (model/swiglu.py can fuse it)
+    activation: str = "silu"
+    counted_params: int = 0  # every parameter, counted on the meta device (0: from the sizes)
+    vision_params: int = 0  # outside the language model (a multimodal model's vision tower)
+    num_experts: int = 0  # routed experts per MoE layer (0: a dense MLP)
+    experts_per_token: int = 0
+    expert_intermediate_size: int = 0
 
     @classmethod
     def from_config(cls, hf_config: Any) -> ModelShape:
         """From a transformers ``PretrainedConfig`` (``AutoConfig.from_pretrained``)."""
-        text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+        text = text_config(hf_config)
         heads = text.num_attention_heads
+        layout = model_layout(hf_config)
+        experts = getattr(text, "num_experts", None) or getattr(text, "num_local_experts", 0)
         return cls(hidden_size=text.hidden_size, intermediate_size=text.intermediate_size,
                    num_layers=text.num_hidden_layers, num_heads=heads,
                    num_kv_heads=getattr(text, "num_key_value_heads", None) or heads,
@@ -131,18 +144,60 @@ class ModelShape:
                    vocab_size=text.vocab_size,
                    tied_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
                    model_type=getattr(text, "model_type", "llama"),
-                   gated_silu=getattr(text, "hidden_act", "silu") in ("silu", "swish"))
+                   activation=activation(hf_config), counted_params=layout.params,
+                   vision_params=layout.vision_params,
+                   num_experts=experts if layout.expert_params else 0,
+                   experts_per_token=getattr(text, "num_experts_per_tok", 0) or 0,
+                   expert_intermediate_size=getattr(text, "moe_intermediate_size", 0) or 0)
+
+    @property
+    def spec(self) -> ArchitectureSpec:
+        return SPECS.get(self.model_type) or ArchitectureSpec(self.model_type, self.model_type)
+
+    @property
+    def gated_silu(self) -> bool:
+        """A silu(gate) * up MLP that ``model/swiglu.py`` fuses."""
+        return self.spec.mlp_kind != "moe" and self.activation in SILU_NAMES
 
     def linears(self) -> dict[str, tuple[int, int]]:
-        """(in_features, out_features) of each projection of one decoder layer."""
+        """(in_features, out_features) of each linear projection of one decoder layer, by
+        leaf name (``q_proj``), as the family's spec lays them out."""
         h, i = self.hidden_size, self.intermediate_size
         q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+        sizes = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+                 "qkv_proj": (h, q + 2 * kv), "gate_proj": (h, i), "up_proj": (h, i),
+                 "gate_up_proj": (h, 2 * i), "down_proj": (i, h)}
+        return {_leaf(name): sizes[_leaf(name)] for name in self.spec.projections}
+
+    def expert_shapes(self) -> dict[str, tuple[int, int]]:
+        """(in_features, out_features) of each expert weight (one expert), MoE only."""
+        if not self.num_experts:
+            return {}
+        h, m = self.hidden_size, self.expert_intermediate_size
+        return {"gate_up_proj": (h, 2 * m), "down_proj": (m, h)}
+
+    @property
+    def expert_params_per_layer(self) -> int:
+        """Every expert's weights and the router of one layer (0 for a dense MLP)."""
+        if not self.num_experts:
+            return 0
+        per_expert = sum(a * b for a, b in self.expert_shapes().values())
+        return self.num_experts * (per_expert + self.hidden_size)
+
+    @property
+    def active_layer_weights(self) -> int:
+        """Weights one token is multiplied by in a layer: the projections, its routed experts
+        and the router (what FLOPs count; a MoE token skips the other experts)."""
+        dense = sum(a * b for a, b in self.linears().values())
+        if not self.num_experts:
+            return dense
+        per_expert = sum(a * b for a, b in self.expert_shapes().values())
+        return dense + self.experts_per_token * per_expert + self.num_experts * self.hidden_size
 
     @property
     def layer_params(self) -> int:
-        return sum(a * b for a, b in self.linears().values()) + 2 * self.hidden_size
+        return (sum(a * b for a, b in self.linears().values()) + self.expert_params_per_layer
+                + 2 * self.hidden_size)
 
     @property
     def embedding_params(self) -> int:
@@ -150,30 +205,49 @@ class ModelShape:
 
     @property
     def params(self) -> int:
+        if self.counted_params:
+            return self.counted_params
         head = 0 if self.tied_embeddings else self.embedding_params
         return (self.num_layers * self.layer_params + self.embedding_params + head
                 + self.hidden_size)
 
+    @property
+    def active_params(self) -> int:
+        """Parameters a text token passes through: not the vision tower, not idle experts."""
+        per_expert = sum(a * b for a, b in self.expert_shapes().values())
+        idle = self.num_layers * (self.num_experts - self.experts_per_token) * per_expert
+        return self.params - self.vision_params - idle
 
-def target_modules(targets: str | list[str]) -> list[str]:
-    """Which projections of a Llama block peft adapts for ``method.targets``."""
+
+def _leaf(name: str) -> str:
+    return name.rsplit(".", 1)[-1]
+
+
+def target_modules(targets: str | list[str], shape: ModelShape | None = None) -> list[str]:
+    """Which projections of one decoder layer (leaf names) peft adapts for ``method.targets``."""
+    spec = shape.spec if shape is not None else SPECS["llama"]
     if targets == "all-linear":
-        return list(LINEAR_NAMES)
+        return [_leaf(name) for name in spec.projections]
     if isinstance(targets, str):
-        return [name for name in LINEAR_NAMES
-                if re.fullmatch(targets, f"model.layers.0.{_PARENTS[name]}.{name}")]
-    return [name for name in LINEAR_NAMES if name in targets]
+        return [_leaf(name) for name in spec.projections
+                if re.fullmatch(targets, f"model.layers.0.{name}")]
+    return [_leaf(name) for name in spec.projections if _leaf(name) in targets]
 
 
 def adapter_params(shape: ModelShape, *, kind: str, r: int, targets: str | list[str]) -> int:
-    """Trainable adapter parameters: r·(in + out) per adapted projection (+ out for DoRA)."""
+    """Trainable adapter parameters: r·(in + out) per adapted projection (+ out for DoRA); a
+    MoE layer's experts under ``all-linear`` (peft's ``target_parameters``) r·(in + out) per
+    expert and weight."""
     method = METHODS[kind]
     if not method.adapter:
         return 0
     linears = shape.linears()
     magnitude = method.magnitude_vector
     per_layer = sum(r * (linears[n][0] + linears[n][1]) + (linears[n][1] if magnitude else 0)
-                    for n in target_modules(targets))
+                    for n in target_modules(targets, shape))
+    if targets == "all-linear":
+        per_layer += sum(r * shape.num_experts * (a + b)
+                         for a, b in shape.expert_shapes().values())
     return per_layer * shape.num_layers
 
 
@@ -194,11 +268,13 @@ def layer_activation_bytes(shape: ModelShape, *, kind: str, r: int, dropout: flo
     q, kv = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
     method = METHODS[kind]
     full = not method.adapter
-    adapted = set(LINEAR_NAMES) if full else set(target_modules(targets))
+    groups = [tuple(_leaf(name) for name in group)
+              for group in shape.spec.attention + shape.spec.mlp if group]
+    adapted = set(shape.linears()) if full else set(target_modules(targets, shape))
     linears = shape.linears()
     norms = 2 * (h * fp32 + fp32 + (h * e if full else 0))
     projections = 0
-    for group in _SHARED_INPUTS:
+    for group in groups:
         inputs_needed = dropped_needed = False
         for name in group:
             if name not in adapted:
@@ -224,7 +300,13 @@ def layer_activation_bytes(shape: ModelShape, *, kind: str, r: int, dropout: flo
     # [tokens × kv] tensor more stays referenced: measured, tests/model/test_plan.py)
     attention = (2 * q + (2 * q + kv if kv_expanded else 2 * kv)) * e
     attention += shape.num_heads * fp32
-    mlp = (2 if fused_swiglu and shape.gated_silu else 3) * i * e
+    if shape.num_experts:
+        # each routed copy of a token keeps its expert's input, gate/up output and product
+        # (not measured against autograd as the dense MLPs are), and the router its logits
+        m = shape.expert_intermediate_size
+        mlp = shape.experts_per_token * (h + 3 * m) * e + shape.num_experts * fp32
+    else:
+        mlp = (2 if fused_swiglu and shape.gated_silu else 3) * i * e
     return {"norms": norms, "projections": projections, "attention": attention, "mlp": mlp,
             "total": norms + projections + attention + mlp}
 
@@ -280,7 +362,7 @@ def training_flops(shape: ModelShape, lengths: list[int], *, n_target_tokens: in
     """
     positions = len(lengths) * padded_length if padded_length else sum(lengths)
     full = not METHODS[kind].adapter
-    body = shape.num_layers * sum(a * b for a, b in shape.linears().values())
+    body = shape.num_layers * shape.active_layer_weights
     lora = adapter_params(shape, kind=kind, r=r, targets=targets)
     linear = 2 * positions * body * (TRAINABLE_PASSES if full else FROZEN_PASSES)
     linear += 2 * positions * lora * TRAINABLE_PASSES
@@ -692,7 +774,7 @@ def predict_time(shape: ModelShape, layout: DataLayout, batches: list[dict],
     train_cfg = config.train
     evals = 2 + (layout.steps // train_cfg.eval_every if train_cfg.eval_every else 0)
     target_fraction = layout.target_tokens / max(1, layout.train_tokens)
-    forward_per_token = 2 * (shape.params - shape.embedding_params
+    forward_per_token = 2 * (shape.active_params - shape.embedding_params
                              + target_fraction * shape.embedding_params)
     eval_s = evals * layout.validation_tokens * forward_per_token / effective
     load_s = 2.0 + shape.params * 4 / 1e9

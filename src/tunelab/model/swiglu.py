@@ -1,6 +1,6 @@
 """The gated MLP's ``silu(gate) * up`` keeping two tensors for the backward pass, not three.
 
-Llama-style MLPs (Llama, Mistral, Qwen2, SmolLM2, ...) compute ``down(silu(gate(x)) * up(x))``.
+SiLU-gated MLPs (Llama, Mistral, Qwen2/3, Phi-3, SmolLM2, ...) compute ``down(silu(gate(x)) * up(x))``.
 Autograd keeps ``gate`` for the SiLU's backward and ``silu(gate)`` and ``up`` for the product's:
 three ``[tokens × intermediate]`` tensors per layer, the largest part of a layer's activations
 (SmolLM2-135M: 18 of 46 KB per token). ``SwiGLU`` keeps ``gate`` and ``up`` and recomputes
@@ -41,14 +41,34 @@ def _gated_forward(self, x: torch.Tensor) -> torch.Tensor:
     return self.down_proj(SwiGLU.apply(self.gate_proj(x), self.up_proj(x)))
 
 
+def _gate_up_forward(self, x: torch.Tensor) -> torch.Tensor:
+    # Phi-3: one projection whose halves are gate and up; both stay views of its output
+    gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+    return self.down_proj(SwiGLU.apply(gate, up))
+
+
+_FORWARDS = {"gated": (("gate_proj", "up_proj", "down_proj"), "act_fn", _gated_forward),
+             "fused_gate_up": (("gate_up_proj", "down_proj"), "activation_fn", _gate_up_forward)}
+
+
 def fuse_gated_activations(model: nn.Module) -> int:
-    """Give every Llama-style MLP of ``model`` (``gate_proj``, ``up_proj``, ``down_proj`` and a
-    SiLU ``act_fn``) the saving forward; how many were changed. Other activations (GELU MLPs)
-    keep theirs."""
+    """Give every SiLU-gated MLP of ``model`` the saving forward; how many were changed.
+
+    Which MLPs those are comes from the family's ``ArchitectureSpec``: separate gate and up
+    projections (Llama, Mistral, Qwen) or Phi-3's fused ``gate_up_proj``, each with a SiLU.
+    GELU MLPs (Gemma) and mixtures of experts keep their forward, and the planner counts them
+    unfused (``ModelShape.gated_silu``).
+    """
+    from tunelab.model.architecture import spec_for
+
+    kind = spec_for(model.config).mlp_kind
+    if kind not in _FORWARDS:
+        return 0
+    names, act_name, forward = _FORWARDS[kind]
     fused = 0
     for module in model.modules():
-        if (all(hasattr(module, name) for name in ("gate_proj", "up_proj", "down_proj"))
-                and isinstance(getattr(module, "act_fn", None), (nn.SiLU, SiLUActivation))):
-            module.forward = types.MethodType(_gated_forward, module)
+        if (all(hasattr(module, name) for name in names)
+                and isinstance(getattr(module, act_name, None), (nn.SiLU, SiLUActivation))):
+            module.forward = types.MethodType(forward, module)
             fused += 1
     return fused
