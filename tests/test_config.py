@@ -85,6 +85,31 @@ def test_a_task_kind_says_which_fields_it_requires(tmp_path):
 
 
 
+def test_chat_template_kwargs_and_strip_thinking(tmp_path):
+    (tmp_path / "train.jsonl").write_text('{"text": "hi"}\n')
+    raw = {"name": "x", "data": {"train": "train.jsonl"}, "eval": {"task": "qa"}}
+    config = config_from_dict(raw, base_dir=tmp_path)
+    assert config.data.chat_template_kwargs == {} and config.eval.strip_thinking is True
+    raw["data"]["chat_template_kwargs"] = {"enable_thinking": False}
+    raw["eval"]["strip_thinking"] = False
+    config = config_from_dict(raw, base_dir=tmp_path)
+    assert config.data.chat_template_kwargs == {"enable_thinking": False}
+    assert config.eval.strip_thinking is False
+    # saved with the run and read back (serving reads the run's config.yaml)
+    assert config_from_dict(config.model_dump(mode="json"), base_dir=tmp_path) == config
+    raw["data"]["chat_template_kwargs"] = {"add_generation_prompt": True}
+    with pytest.raises(ConfigError, match="data.chat_template_kwargs: 'add_generation_prompt' "
+                       "is set by tunelab's renderer"):
+        config_from_dict(raw, base_dir=tmp_path)
+    raw["data"]["chat_template_kwargs"] = "enable_thinking: false"
+    with pytest.raises(ConfigError, match="data.chat_template_kwargs"):
+        config_from_dict(raw, base_dir=tmp_path)
+    raw["data"]["chat_template_kwargs"] = {}
+    raw["eval"]["strip_thinking"] = "sometimes"
+    with pytest.raises(ConfigError, match="eval.strip_thinking"):
+        config_from_dict(raw, base_dir=tmp_path)
+
+
 def test_config_explain_from_the_cli(monkeypatch, capsys):
     code, out, _ = run_cli(monkeypatch, capsys, "config", "--explain", "train.lr")
     assert code == 0

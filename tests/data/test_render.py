@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import warnings
+from pathlib import Path
 
 import pytest
 from transformers import AutoTokenizer
 
-from tunelab.data.formats import Record, to_example
+from tunelab.data.formats import Record, Segment, to_example
 from tunelab.data.render import (
     TOOLS_SYSTEM_PROMPT,
     chat_prompt,
@@ -163,3 +165,94 @@ def test_chat_prompt_for_serving_equals_the_training_prompt(tokenizer):
         user_prompt("Hi\nthere", tokenizer, chat=True)
     with pytest.raises(DataError, match="image_url"):
         chat_prompt([{"role": "user", "content": [{"type": "image_url"}]}], tokenizer)
+
+
+# Qwen3's real template (tests/data/templates/README.md): not prefix-stable, so the mask comes
+# from one whole rendering.
+QWEN3 = (Path(__file__).parent / "templates" / "qwen3.jinja").read_text()
+TWO_TURNS = {"messages": [{"role": "user", "content": "Is the movie good?"},
+                          {"role": "assistant", "content": "It is bad."},
+                          {"role": "user", "content": "And the book?"},
+                          {"role": "assistant", "content": "It is good."}]}
+NO_THINKING = {"enable_thinking": False}
+
+
+def test_qwen3_two_turns_train_exactly_the_answers_and_their_end_of_turn(tokenizer):
+    item = example("chat", TWO_TURNS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # with thinking off, serving's prompt is training's
+        segments = render_segments(item, tokenizer, QWEN3, NO_THINKING)
+    assert segments == [
+        Segment("<|im_start|>user\nIs the movie good?<|im_end|>\n<|im_start|>assistant\n", False),
+        Segment("It is bad.<|im_end|>", True),
+        Segment("\n<|im_start|>user\nAnd the book?<|im_end|>\n<|im_start|>assistant\n"
+                "<think>\n\n</think>\n\n", False),  # Qwen3 writes the empty block last only
+        Segment("It is good.<|im_end|>", True),
+        Segment("\n", False)]
+    [tokenized] = tokenize_examples([item], tokenizer, max_seq_len=1024, chat_template=QWEN3,
+                                    chat_template_kwargs=NO_THINKING)
+    runs, run = [], []
+    for token, label in zip(tokenized.input_ids, tokenized.labels, strict=True):
+        if label != IGNORE_INDEX:
+            run.append(token)
+        elif run:
+            runs, run = runs + [run], []
+    assert [tokenizer.decode(ids) for ids in runs] == ["It is bad.<|im_end|>",
+                                                       "It is good.<|im_end|>"]
+    # a turn with weight 0 is located but untrained
+    unweighted = json.loads(json.dumps(TWO_TURNS))
+    unweighted["messages"][1]["weight"] = 0
+    trained = [s.text for s in render_segments(example("chat", unweighted), tokenizer, QWEN3,
+                                               NO_THINKING) if s.train]
+    assert trained == ["It is good.<|im_end|>"]
+
+
+def test_enable_thinking_false_reaches_the_template_and_serving_matches_training(tokenizer):
+    item = example("chat", TWO_TURNS)
+    served = chat_prompt(TWO_TURNS["messages"][:3], tokenizer, chat_template=QWEN3,
+                         chat_template_kwargs=NO_THINKING)
+    assert served.text.endswith("And the book?<|im_end|>\n<|im_start|>assistant\n"
+                                "<think>\n\n</think>\n\n")
+    [evaluated] = eval_prompts([item], tokenizer, chat_template=QWEN3,
+                               chat_template_kwargs=NO_THINKING)
+    assert evaluated.text == served.text and evaluated.ids == served.ids
+    assert evaluated.target == "It is good."
+    assert user_prompt("Hi", tokenizer, chat=True, chat_template=QWEN3,
+                       chat_template_kwargs=NO_THINKING).endswith("<think>\n\n</think>\n\n")
+    # thinking on (the template's default): serving's prompt lacks the block training has
+    thinking = chat_prompt(TWO_TURNS["messages"][:3], tokenizer, chat_template=QWEN3).text
+    assert thinking.endswith("<|im_start|>assistant\n")
+    with pytest.warns(UserWarning, match="enable_thinking: false"):
+        render_segments(item, tokenizer, QWEN3)
+
+
+def test_a_content_the_rendering_does_not_hold_is_refused_clearly(tokenizer):
+    # Qwen3 drops the reasoning of an earlier answer, so that answer is not there verbatim
+    record = json.loads(json.dumps(TWO_TURNS))
+    record["messages"][1]["content"] = "<think>\nDull.\n</think>\n\nIt is bad."
+    with pytest.raises(DataError, match="message 2, an assistant turn, is not in the whole"):
+        render_segments(example("chat", record), tokenizer, QWEN3, NO_THINKING)
+    with pytest.raises(DataError, match="tool calls only"):
+        render_segments(example("chat", TOOL_CHAT), tokenizer, QWEN3, NO_THINKING)
+
+
+def test_generation_tags_give_the_mask_where_the_template_has_them(tokenizer):
+    tagged = QWEN3.replace(
+        "        {{- '<|im_end|>\\n' }}\n    {%- elif message.role == \"tool\" %}",
+        "        {% generation %}{{- '<|im_end|>' }}{% endgeneration %}{{- '\\n' }}\n"
+        "    {%- elif message.role == \"tool\" %}").replace(
+        "{{- '<|im_start|>' + message.role + '\\n' + content }}",
+        "{{- '<|im_start|>' + message.role + '\\n' }}{% generation %}{{- content }}"
+        "{% endgeneration %}").replace(
+        "+ '\\n</think>\\n\\n' + content.lstrip('\\n') }}",
+        "+ '\\n</think>\\n\\n' }}{% generation %}{{- content.lstrip('\\n') }}"
+        "{% endgeneration %}")
+    assert tagged.count("{% generation %}") == 4
+    unweighted = json.loads(json.dumps(TWO_TURNS))
+    unweighted["messages"][1]["weight"] = 0
+    for record, trained in ((TWO_TURNS, ["It is bad.<|im_end|>", "It is good.<|im_end|>"]),
+                            (unweighted, ["It is good.<|im_end|>"])):
+        segments = render_segments(example("chat", record), tokenizer, tagged, NO_THINKING)
+        assert [s.text for s in segments if s.train] == trained
+        assert "".join(s.text for s in segments) == tokenizer.apply_chat_template(
+            record["messages"], chat_template=tagged, tokenize=False, enable_thinking=False)

@@ -377,14 +377,17 @@ def _located_segments(turns: list[tuple[dict, Message | None]], rendering: _Rend
         if not _is_trained(message):
             continue
         if places[index] is None:
-            raise _unstable_error(rendering.where, f"assistant turn {index + 1}'s content is "
-                                  "not in the whole rendering verbatim")
+            content = turns[index][0].get("content")
+            raise _unstable_error(rendering.where, f"message {index + 1}, an assistant turn, "
+                                  + ("has no text to locate in the whole rendering (tool calls "
+                                     "only)" if not content else
+                                     "is not in the whole rendering verbatim"))
         start, end = places[index]
         limit = next((place[0] for place in places[index + 1:] if place), len(text))
         stop = text.find(end_of_turn, end, limit) if end_of_turn else -1
         if stop < 0:
             raise _unstable_error(rendering.where, f"no end-of-turn token ({end_of_turn}) "
-                                  f"follows assistant turn {index + 1}'s content")
+                                  f"follows message {index + 1}, an assistant turn")
         spans.append((start, stop + len(end_of_turn)))
     return _cut(text, spans)
 
