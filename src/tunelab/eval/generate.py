@@ -105,6 +105,7 @@ def score_continuations(model: nn.Module, tokenizer, prompts: list[str] | list[l
     option_ids = [ids + eos for ids in tokenizer(options, add_special_tokens=False)["input_ids"]]
     row_length = lambda ids: len(ids) + sum(len(o) for o in option_ids)  # noqa: E731
     body, output_layer, softcap = model_parts(model)
+    previous = getattr(model.config, "_attn_implementation", None)
     switched = varlen.enable(model)
     scores = torch.empty(len(prompts), len(options))
     try:
@@ -136,7 +137,7 @@ def score_continuations(model: nn.Module, tokenizer, prompts: list[str] | list[l
             scores[indices] = sums.view(len(rows), len(options)).cpu()
     finally:
         if switched:
-            model.set_attn_implementation("sdpa")
+            model.set_attn_implementation(previous)
         model.train(was_training)
     return scores
 

@@ -171,7 +171,7 @@ def unsupported_features(hf_config) -> list[str]:
     bidirectional attention, attention sinks and non-attention layers (linear attention,
     Mamba) are not, and such a model keeps transformers' own path for packed rows.
     """
-    text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+    text = _text(hf_config)
     found = []
     if getattr(text, "attention_chunk_size", None):
         found.append(f"chunked attention (attention_chunk_size={text.attention_chunk_size})")
@@ -185,13 +185,21 @@ def unsupported_features(hf_config) -> list[str]:
     return found
 
 
+def _text(hf_config):
+    return hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+
+
 def enable(model: torch.nn.Module) -> bool:
-    """Use per-example attention for packed rows if the model runs on SDPA; True if it did.
+    """Use per-example attention for packed rows if the model runs on SDPA (or on eager
+    attention for its soft-capped scores); True if it did.
 
     A model whose attention has a feature this path cannot honour keeps transformers' own
     packed path (a block mask built from the position ids), with a one-line notice.
     """
-    if getattr(model.config, "_attn_implementation", None) != "sdpa":
+    implementation = getattr(model.config, "_attn_implementation", None)
+    capped = getattr(_text(model.config), "attn_logit_softcapping", None) is not None
+    # eager attention is what a model with soft-capped scores runs (SDPA has no cap)
+    if implementation != "sdpa" and not (implementation == "eager" and capped):
         return False
     unsupported = unsupported_features(model.config)
     if unsupported:
