@@ -1,6 +1,7 @@
 """The gated MLP's ``silu(gate) * up`` keeping two tensors for the backward pass, not three.
 
-SiLU-gated MLPs (Llama, Mistral, Qwen2/3, Phi-3, SmolLM2, ...) compute ``down(silu(gate(x)) * up(x))``.
+SiLU-gated MLPs (Llama, Mistral, Qwen2/3, Phi-3, SmolLM2, ...) compute
+``down(silu(gate(x)) * up(x))``.
 Autograd keeps ``gate`` for the SiLU's backward and ``silu(gate)`` and ``up`` for the product's:
 three ``[tokens × intermediate]`` tensors per layer, the largest part of a layer's activations
 (SmolLM2-135M: 18 of 46 KB per token). ``SwiGLU`` keeps ``gate`` and ``up`` and recomputes
