@@ -148,3 +148,43 @@ def embedded_model() -> str:
             pytrace=False,
         )
     return EMBEDDED
+
+
+# --- the architecture matrix (tests/model/test_architectures.py) -------------------------------
+# Each test marked ``matrix(column)`` and parametrised by ``name`` is one check of one cell;
+# ``--matrix-out FILE`` writes every cell's outcome there (scripts/architecture_matrix.py adds
+# provenance and the README renders it). A test that records the property ``matrix`` with a
+# "refused: ..." value passed by refusing clearly; the cell says so.
+_MATRIX: dict[tuple[str, str], list[dict]] = {}
+
+
+def pytest_addoption(parser):
+    parser.addoption("--matrix-out", default=None,
+                     help="write the architecture matrix's outcomes to this JSON file")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    marker = item.get_closest_marker("matrix")
+    callspec = getattr(item, "callspec", None)
+    if marker is None or callspec is None or "name" not in callspec.params:
+        return
+    if report.when == "call" or (report.when == "setup" and not report.passed):
+        notes = [value for key, value in item.user_properties if key == "matrix"]
+        _MATRIX.setdefault((callspec.params["name"], marker.args[0]), []).append({
+            "test": item.originalname, "outcome": report.outcome,
+            "note": notes[0] if notes else None})
+
+
+def pytest_sessionfinish(session):
+    import json
+
+    out = session.config.getoption("--matrix-out")
+    if not out or not _MATRIX:
+        return
+    cells = {}
+    for (name, column), checks in sorted(_MATRIX.items()):
+        cells.setdefault(name, {})[column] = checks
+    Path(out).write_text(json.dumps({"cells": cells}, indent=2) + "\n")

@@ -27,6 +27,7 @@ from tunelab.config import config_from_dict
 from tunelab.data.formats import Record, to_example
 from tunelab.data.packing import collate
 from tunelab.data.tokenize import IGNORE_INDEX, TokenizedExample, tokenize_examples
+from tunelab.errors import ModelError
 from tunelab.eval.generate import generate_texts, score_continuations
 from tunelab.model import varlen
 from tunelab.model.adapters import apply_method, model_parts
@@ -228,6 +229,23 @@ def test_merged_export_reloads_with_the_runs_logits(name, family_runs, tmp_path)
     assert result.checks and all(check.passed for check in result.checks)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
     assert type(reloaded).__name__ == type(architectures.build(name)).__name__
+
+
+@pytest.mark.matrix("gguf")
+@pytest.mark.parametrize("name", NAMES)
+def test_gguf_export_reproduces_the_run_or_is_refused_before_loading(name, family_runs,
+                                                                    tmp_path, record_property):
+    """F16 GGUF read back by gguf and by transformers (the export's own checks), or the
+    one-paragraph refusal that names the llama.cpp converter, decided from config.json."""
+    run_dir = family_runs[name].run_dir
+    try:
+        result = export_run(run_dir, "gguf", out=tmp_path / "gguf", quant="f16")
+    except ModelError as error:
+        assert "convert_hf_to_gguf.py" in str(error.fix)
+        assert not (tmp_path / "gguf").exists()
+        record_property("matrix", f"refused: {error.message}")
+        return
+    assert result.checks and all(check.passed for check in result.checks)
 
 
 @pytest.mark.matrix("serve")

@@ -54,21 +54,6 @@ def liven_adapter(run_dir: Path, seed: int = 0) -> None:
     save_file(weights, path, metadata={"format": "pt"})
 
 
-def tiny_qwen2_dir(folder: Path, tiny_model_dir: str) -> str:
-    """A tiny Qwen2 (not Llama: q/k/v biases) with the tiny model's tokenizer."""
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
-
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
-                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id)
-    torch.manual_seed(0)
-    Qwen2ForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
-
-
 def make_run(folder: Path, model_dir: str, name: str, records: list[dict], steps: int,
              **data) -> Path:
     """A finished rank-4 LoRA run of ``steps`` steps on ``records`` (its first 8 validate)."""

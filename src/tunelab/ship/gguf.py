@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from tunelab.errors import ModelError
+from tunelab.model.architecture import SPECS
 
 #: --quant name -> (tensor type of 2-D weights, general.file_type). The types gguf-py quantises
 #: in Python that transformers also reads back, so every export is checked (gguf-py also
@@ -56,15 +57,21 @@ _CONVERT_FIX = ("export the merged model (tunelab export RUN --to merged) and co
 
 @dataclass(frozen=True)
 class Family:
-    """How one transformers ``model_type`` is written as one llama.cpp architecture."""
+    """How one transformers ``model_type`` is written as one llama.cpp architecture (whose
+    name is the family's ``ArchitectureSpec.gguf_arch``, model/architecture.py)."""
 
-    arch: str  #: gguf.MODEL_ARCH member
+    model_type: str
     problems: Callable[[Any], list[str]]  #: what llama.cpp would run differently, from config
     notes: Callable[[Any], list[str]] = lambda config: []  #: differences worth a word
     extra_keys: Callable[[Any, Any], None] = lambda writer, config: None
     permute_qk: bool = False  #: llama.cpp's llama rope pairs neighbouring dimensions
     norm_shift: float = 0.0  #: Gemma's RMSNorm multiplies by 1 + weight; llama.cpp by weight
     trim_vocab: bool = False  #: embedding rows past the tokenizer's vocabulary are dropped
+
+    @property
+    def arch(self) -> str:
+        """The gguf.MODEL_ARCH member name, e.g. LLAMA."""
+        return SPECS[self.model_type].gguf_arch.upper()
 
 
 def _rope(config: Any, layer_type: str = "full_attention") -> dict:
@@ -147,13 +154,13 @@ def _gemma3_keys(writer: Any, config: Any) -> None:
 
 
 FAMILIES = {
-    "llama": Family("LLAMA", _llama_problems, extra_keys=_llama_keys, permute_qk=True),
+    "llama": Family("llama", _llama_problems, extra_keys=_llama_keys, permute_qk=True),
     # llama.cpp's converter registers MistralForCausalLM with LlamaModel
-    "mistral": Family("LLAMA", lambda config: _rope_problem(config, ("default",)),
+    "mistral": Family("mistral", lambda config: _rope_problem(config, ("default",)),
                       notes=_mistral_notes, permute_qk=True),
-    "qwen2": Family("QWEN2", _qwen_problems),
-    "qwen3": Family("QWEN3", _qwen_problems),
-    "gemma3_text": Family("GEMMA3", _gemma3_problems, extra_keys=_gemma3_keys, norm_shift=1.0,
+    "qwen2": Family("qwen2", _qwen_problems),
+    "qwen3": Family("qwen3", _qwen_problems),
+    "gemma3_text": Family("gemma3_text", _gemma3_problems, extra_keys=_gemma3_keys, norm_shift=1.0,
                           trim_vocab=True),
 }
 
