@@ -129,7 +129,8 @@ def generate(
     model, tokenizer, cfg = load_run_model(run, base=base)
     if chat is None:
         chat = cfg.data.format == "chat" or _trained_on_chat(run)
-    text = user_prompt(prompt, tokenizer, chat=chat, chat_template=cfg.data.chat_template)
+    text = user_prompt(prompt, tokenizer, chat=chat, chat_template=cfg.data.chat_template,
+                       chat_template_kwargs=cfg.data.chat_template_kwargs)
     output = generate_texts(model, tokenizer, [text], max_new_tokens=max_new_tokens,
                             temperature=temperature, top_p=top_p, seed=seed)[0]
     console.print(output, markup=False, highlight=False)

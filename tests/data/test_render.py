@@ -256,3 +256,25 @@ def test_generation_tags_give_the_mask_where_the_template_has_them(tokenizer):
         assert [s.text for s in segments if s.train] == trained
         assert "".join(s.text for s in segments) == tokenizer.apply_chat_template(
             record["messages"], chat_template=tagged, tokenize=False, enable_thinking=False)
+
+
+def test_the_runs_data_section_passes_its_template_kwargs_to_training(tokenizer, tmp_path):
+    """tokenize_as_trained (what train, plan and data check call) renders with
+    data.chat_template_kwargs: with thinking off, a one-turn Qwen3 answer trains its content
+    and end of turn, not the empty think block the template writes before it."""
+    from tunelab.config import DataConfig
+    from tunelab.data.prepare import tokenize_as_trained
+
+    one_turn = {"messages": TWO_TURNS["messages"][:2]}
+    item = example("chat", one_turn)
+    trained = {}
+    for kwargs in ({}, NO_THINKING):
+        data = DataConfig(train=[str(tmp_path / "unused.jsonl")], chat_template=QWEN3,
+                          chat_template_kwargs=kwargs)
+        [tokens] = tokenize_as_trained([item], tokenizer, data, max_seq_len=1024)
+        trained[bool(kwargs)] = tokenizer.decode(
+            [t for t, label in zip(tokens.input_ids, tokens.labels, strict=True)
+             if label != IGNORE_INDEX])
+    answer = one_turn["messages"][1]["content"]
+    assert trained[True] == f"{answer}<|im_end|>\n"
+    assert "<think>" in trained[False]  # without the kwargs the think block is trained

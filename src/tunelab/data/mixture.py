@@ -36,12 +36,12 @@ MIXINGS = ("proportional", "temperature", "weights")
 
 def task_data(data: DataConfig, task: TaskConfig) -> DataConfig:
     """One task as a single-task data section: its files and templates, the run's shared
-    settings (``train_on``, ``chat_template``, ``truncation``)."""
+    settings (``train_on``, ``chat_template`` and its kwargs, ``truncation``)."""
     return DataConfig(
         train=task.train, validation=task.validation, test=task.test,
         validation_split=task.validation_split, format=task.format, prompt=task.prompt,
         completion=task.completion, train_on=data.train_on, chat_template=data.chat_template,
-        truncation=data.truncation)
+        chat_template_kwargs=data.chat_template_kwargs, truncation=data.truncation)
 
 
 def mixing_rates(task_tokens: dict[str, int], *, mixing: str, temperature: float = 2.0,

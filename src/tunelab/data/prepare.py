@@ -73,6 +73,7 @@ def tokenize_as_trained(examples: list[Example], tokenizer, data: DataConfig, *,
     (``train_on``) and ``truncation`` at ``max_seq_len`` (10**9: untruncated lengths)."""
     return tokenize_examples(examples, tokenizer, max_seq_len=max_seq_len,
                              train_on=data.train_on, chat_template=data.chat_template,
+                             chat_template_kwargs=data.chat_template_kwargs,
                              truncation=data.truncation)
 
 

@@ -793,6 +793,7 @@ def mean_prompt_tokens(config: Config, tokenizer, *, prompt: str | None, shots: 
     demos = choose_demos(examples, read(config.data.train), shots=shots,
                          seed=config.eval.seed) if shots else None
     prompts = eval_prompts(examples, tokenizer, chat_template=config.data.chat_template,
+                           chat_template_kwargs=config.data.chat_template_kwargs,
                            demos=demos, max_seq_len=config.train.max_seq_len)
     return float(np.mean([len(p.ids) for p in prompts]))
 

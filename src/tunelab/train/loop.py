@@ -471,6 +471,7 @@ def _sample_prompts(prepared: Prepared, config: Config,
         return []
     examples = prepared.validation_examples[: config.train.samples]
     return eval_prompts(examples, prepared.tokenizer, chat_template=config.data.chat_template,
+                        chat_template_kwargs=config.data.chat_template_kwargs,
                         max_seq_len=config.train.max_seq_len)
 
 
