@@ -1,11 +1,12 @@
 """Tiny random-weight models of every family users fine-tune, built from their configs.
 
-Hidden 64, 2 decoder layers, 4 query heads over 2 key/value heads, each family's own features
-switched on where tunelab must honour them: sliding windows set small (8) so a packed row is
-longer than the window, Llama 3's ``rope_type: llama3``, Qwen2's attention biases, Qwen3's q/k
-norms, Qwen3-MoE's fused experts, Gemma 3's GELU MLP, local/global layers, soft-capped logits and
-``query_pre_attn_scalar``, Phi-3's fused ``qkv_proj`` and ``gate_up_proj``, and Gemma 3's
-multimodal class with a (tiny) SigLIP vision tower that text data never reaches.
+Hidden 64, 2 decoder layers (Gemma 3: its pattern of 6), 4 query heads over 2 key/value heads,
+each family's own features switched on where tunelab must honour them: sliding windows set small
+(8) so a packed row is longer than the window, Llama 3's ``rope_type: llama3``, Qwen2's
+attention biases, Qwen3's q/k norms, Qwen3-MoE's fused experts, Gemma 3's GELU MLP, local/global
+layers, soft-capped logits and ``query_pre_attn_scalar``, Phi-3's fused ``qkv_proj`` and
+``gate_up_proj``, and Gemma 3's multimodal class with a (tiny) SigLIP vision tower that text
+data never reaches.
 
 ``build(name)`` returns a model in eval mode; ``save(name, folder, tokenizer)`` writes it with a
 tokenizer through ``save_pretrained``, so code under test loads it the way a user's model loads.
@@ -41,8 +42,11 @@ def _text_configs(vocab_size: int) -> dict[str, transformers.PretrainedConfig]:
                                                  moe_intermediate_size=32, num_experts=4,
                                                  num_experts_per_tok=2, decoder_sparse_step=1,
                                                  mlp_only_layers=[]),
+        # Gemma 3's own layer pattern (five local layers, then a global one), which llama.cpp
+        # hard-codes: six layers here, not two
         "gemma3_text": transformers.Gemma3TextConfig(
-            **common, sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"],
+            **dict(common, num_hidden_layers=6, tie_word_embeddings=True), sliding_window=WINDOW,
+            layer_types=["sliding_attention"] * 5 + ["full_attention"],
             query_pre_attn_scalar=16, final_logit_softcapping=30.0),
         "mistral": transformers.MistralConfig(**common, sliding_window=WINDOW),
         "phi3": transformers.Phi3Config(**common, sliding_window=WINDOW,
@@ -63,6 +67,9 @@ def config(name: str, vocab_size: int = 512) -> transformers.PretrainedConfig:
     if name != "gemma3":
         return _text_configs(vocab_size)[name]
     text = _text_configs(vocab_size)["gemma3_text"]
+    # transformers' multimodal Gemma 3 class applies no final soft-cap (its causal LM does);
+    # real Gemma 3 configs have none, so the multimodal tiny model has none either
+    text.final_logit_softcapping = None
     vision = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=64,
                                              num_hidden_layers=1, num_attention_heads=2,
                                              image_size=28, patch_size=14)

@@ -552,4 +552,6 @@ def transformers_config(config: Any, n_vocab: int) -> Any | None:
         return LlamaConfig(**{**settings, "vocab_size": n_vocab})
     text = copy.deepcopy(text)
     text.vocab_size = n_vocab
+    # a multimodal config's own tie_word_embeddings is what ties (its text_config may differ)
+    text.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
     return text
