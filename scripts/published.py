@@ -23,7 +23,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-DOCUMENTS = ["README.md", "benchmarks/README.md", "docs/DESIGN.md", "examples/*/README.md"]
+DOCUMENTS = ["README.md", "benchmarks/README.md", "docs/DESIGN.md", "docs/*.md",
+             "examples/*/README.md", "examples/*/*/README.md"]
 BLOCK = re.compile(r"<!-- published: (?P<kind>\w+) (?P<path>\S+) -->\n(?P<body>.*?)"
                    r"<!-- /published -->", re.S)
 # A measured figure: "2.7×", "150 tokens/s", "7.4 GB", "0.62 GiB", "+1.1%", "22 s → 8.5 s",
@@ -659,6 +660,50 @@ def _within(comparison: dict) -> str:
     return "within" if comparison["within_tolerance"] else "outside the tolerance"
 
 
+# what each column of the architecture matrix checks (tests/model/test_architectures.py)
+_MATRIX_COLUMNS = {
+    "train": "packed loss and gradients = one example at a time; label scores = each label "
+             "alone; `tunelab train` runs",
+    "plan": "the planner's parameters, projections and adapter size = the model's; "
+            "`all-linear` adapts the language model (and experts) only",
+    "merged": "`tunelab export --to merged` reproduces the run's logits",
+    "gguf": "`tunelab export --to gguf` (F16) read back by gguf and transformers, or refused "
+            "before loading",
+    "serve": "the serving engine's greedy output = `generate`",
+    "chat": "a two-turn conversation trains exactly its assistant turns",
+}
+
+
+def render_architectures(result: dict) -> str:
+    """The architecture matrix: one row per family, one cell per kind of check, "yes" only
+    when every test of the cell passed in the committed run; refusals footnoted."""
+    columns = list(_MATRIX_COLUMNS)
+    lines = ["| family | " + " | ".join(columns) + " |",
+             "|---|" + "---|" * len(columns)]
+    notes: list[str] = []
+    for name, label in result["families"].items():
+        cells = []
+        for column in columns:
+            checks = result["cells"].get(name, {}).get(column, [])
+            refusals = [c["note"] for c in checks if (c.get("note") or "").startswith("refused")]
+            if not checks:
+                cells.append("not run")
+            elif any(c["outcome"] != "passed" for c in checks):
+                cells.append("**fails**")
+            elif refusals:
+                notes.append(f"{label}, {column}: {refusals[0].removeprefix('refused: ')}")
+                cells.append(f"refused ({len(notes)})")
+            else:
+                cells.append(f"yes ({len(checks)})")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += ["", "Each cell: how many checks passed; " + "; ".join(
+        f"**{column}**: {text}" for column, text in _MATRIX_COLUMNS.items()) + "."]
+    lines += [f"({number}) {note}" for number, note in enumerate(notes, 1)]
+    lines += ["", f"From {_origin(result)}; tiny random-weight models "
+              f"(tests/architectures.py, sliding windows of {result['window']})."]
+    return "\n".join(lines) + "\n"
+
+
 RENDERERS: dict[str, Callable[[dict], str]] = {
     "throughput": render_throughput,
     "baselines": render_baselines,
@@ -676,6 +721,7 @@ RENDERERS: dict[str, Callable[[dict], str]] = {
     "ship_checks": render_ship_checks,
     "crash_drills": render_crash_drills,
     "distributed": render_distributed,
+    "architectures": render_architectures,
 }
 
 

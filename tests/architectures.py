@@ -58,6 +58,11 @@ def _text_configs(vocab_size: int) -> dict[str, transformers.PretrainedConfig]:
 #: every family of the matrix, in the order the README lists them
 NAMES = ("llama", "llama3", "qwen2", "qwen3", "qwen3_moe", "gemma3_text", "gemma3", "mistral",
          "phi3")
+#: how the README's matrix names each family
+LABELS = {"llama": "Llama (default RoPE)", "llama3": "Llama 3.1+ (`llama3` RoPE)",
+          "qwen2": "Qwen2 / Qwen2.5", "qwen3": "Qwen3", "qwen3_moe": "Qwen3-MoE",
+          "gemma3_text": "Gemma 3 (text)", "gemma3": "Gemma 3 (multimodal class, text data)",
+          "mistral": "Mistral (sliding window)", "phi3": "Phi-3 (sliding window)"}
 #: families whose attention has a sliding window (packed attention must band it)
 WINDOWED = ("gemma3_text", "gemma3", "mistral", "phi3")
 

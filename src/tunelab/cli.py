@@ -260,7 +260,7 @@ def export(
     to: str = typer.Option(..., "--to", help="merged (HF folder), gguf (llama.cpp / Ollama) "
                            "or adapter (PEFT, checked for vLLM)."),
     out: Path | None = typer.Option(None, help="Folder to create (default RUN/export/KIND)."),
-    quant: str = typer.Option("f16", help="GGUF tensor type: f16 or q8_0."),
+    quant: str = typer.Option("f16", help="GGUF tensor type: f16, bf16, q8_0, q4_0 or q4_1."),
     max_lora_rank: int = typer.Option(16, help="vLLM --max-lora-rank to check the adapter "
                                       "against."),
     check: bool = typer.Option(True, help="Reload the export and compare its logits."),
