@@ -360,3 +360,26 @@ def test_peak_rss_is_this_process_not_its_parent():
                                check=True).stdout)
     assert child < 300 * 2**20 < peak_rss_bytes()
     del ballast
+
+
+def test_real_mixture_and_multimodal_configs_are_counted_whole():
+    """Qwen3-30B-A3B's and Gemma-3-4B's published dimensions, built on the meta device: every
+    expert and the vision tower are counted (the planner once said 3.34 B for the former), and
+    time counts the experts a token goes through."""
+    import transformers
+
+    moe = ModelShape.from_config(transformers.Qwen3MoeConfig(
+        hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_experts=128,
+        num_experts_per_tok=8, num_hidden_layers=48, num_attention_heads=32,
+        num_key_value_heads=4, head_dim=128, vocab_size=151936, tie_word_embeddings=False,
+        decoder_sparse_step=1, mlp_only_layers=[]))
+    assert moe.params == 30_532_122_624  # "30.5B" on its model card
+    assert 3.2e9 < moe.active_params < 3.4e9  # "3.3B activated"
+    gemma = ModelShape.from_config(transformers.Gemma3Config(
+        text_config=dict(hidden_size=2560, intermediate_size=10240, num_hidden_layers=34,
+                         num_attention_heads=8, num_key_value_heads=4, head_dim=256,
+                         vocab_size=262208),
+        vision_config=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
+                           num_attention_heads=16, image_size=896, patch_size=14)))
+    assert 4.2e9 < gemma.params < 4.4e9 and 0.4e9 < gemma.vision_params < 0.45e9
+    assert not gemma.gated_silu  # GELU: the fused SwiGLU leaves it alone, so it is not assumed
