@@ -308,17 +308,37 @@ def check_gguf_in_transformers(folder: Path, gguf_name: str, probes: list[list[i
     del gguf_model
     # Gemma 3's GGUF drops embedding rows past the tokenizer's vocabulary, as llama.cpp's does
     read = "metadata and tensors" if config is None else "tensors, with the run's config"
-    logits = compare_logits(f"GGUF {quant} (transformers, {read}) vs merged model with {quant} "
-                            "weights", gguf_logits,
-                            [e[..., :n_vocab] for e in logits_of(quantised_copy(merged, quant),
-                                                                 probes)],
-                            RELATIVE_TOLERANCE["gguf"])
-    difference, scale, agreement = logit_gap(
-        gguf_logits, [e[..., :n_vocab] for e in logits_of(merged, probes)])
+    with _window_as_in_gguf(merged, config) as dropped:
+        read += ", both without the sliding window llama.cpp drops" if dropped else ""
+        logits = compare_logits(
+            f"GGUF {quant} (transformers, {read}) vs merged model with {quant} weights",
+            gguf_logits, [e[..., :n_vocab] for e in logits_of(quantised_copy(merged, quant),
+                                                              probes)],
+            RELATIVE_TOLERANCE["gguf"])
+        difference, scale, agreement = logit_gap(
+            gguf_logits, [e[..., :n_vocab] for e in logits_of(merged, probes)])
     note = (f"{quant} quantisation error: max |logit difference| {difference:.3g} from the "
             f"unquantised merged model ({difference / scale:.2%} of max |logit| {scale:.3g}); "
             f"{agreement}")
     return [tokens, logits], note
+
+
+@contextmanager
+def _window_as_in_gguf(merged: Any, gguf_config: Any) -> Iterator[bool]:
+    """The merged model without its sliding window while the GGUF is loaded without one
+    (Mistral, which llama.cpp runs as a Llama: the export notes it), so the check compares the
+    tensors, not the window; True if a window was taken off."""
+    text = merged.config.get_text_config()
+    window = getattr(text, "sliding_window", None)
+    dropped = (gguf_config is not None and window is not None
+               and getattr(gguf_config, "sliding_window", None) is None)
+    if dropped:
+        text.sliding_window = None
+    try:
+        yield dropped
+    finally:
+        if dropped:
+            text.sliding_window = window
 
 
 def _merged_usage() -> str:
