@@ -159,30 +159,41 @@ def trained_run(model: str, steps: int, batch_tokens: int, folder: Path) -> Path
     validation data, so that nothing but the steps costs time."""
     name = "llama-cpp-check-" + model.split(":")[-1].replace("/", "-")
     config = folder / f"{name}.yaml"
-    config.write_text(RUN_CONFIG.format(name=name, output_dir=folder / "runs", model=model,
-                                        data=SENTIMENT, steps=steps,
-                                        batch_tokens=batch_tokens))
+    text = RUN_CONFIG.format(name=name, output_dir=folder / "runs", model=model, data=SENTIMENT,
+                             steps=steps, batch_tokens=batch_tokens)
+    run = folder / "runs" / name
+    manifest = run / "manifest.json"
+    if config.exists() and config.read_text() == text and manifest.exists() \
+            and json.loads(manifest.read_text()).get("status") == "finished":
+        return run  # --work kept it from an earlier invocation with the same settings
+    config.write_text(text)
     subprocess.run([sys.executable, "-m", "tunelab", "train", str(config), "--overwrite"],
                    check=True, cwd=ROOT)
-    return folder / "runs" / name
+    return run
 
 
 def exported(run: Path, folder: Path, quants: list[str]) -> tuple[Path, dict[str, Path], list]:
     """The run exported --to merged and --to gguf per quant, with ``tunelab export``'s own
-    checks (transformers reading the GGUF back) kept for the result file."""
+    checks (transformers reading the GGUF back) kept for the result file. An export folder
+    already there (``--work`` from an earlier invocation; exports are renamed into place whole)
+    is reused with the record ``tunelab_export.json`` keeps of its checks."""
     from tunelab.ship.export import export_run
 
-    checks = []
-    merged = export_run(run, "merged", out=folder / "merged")
-    checks.append({"export": "merged", "checks": merged.to_json()["checks"]})
+    def export(kind: str, name: str, quant: str) -> dict:
+        target = folder / name
+        if not (target / "tunelab_export.json").exists():
+            export_run(run, kind, out=target, quant=quant)
+        return json.loads((target / "tunelab_export.json").read_text())
+
+    checks = [{"export": "merged", "checks": export("merged", "merged", "f16")["checks"]}]
     ggufs = {}
     for quant in quants:
-        result = export_run(run, "gguf", out=folder / f"gguf-{quant}", quant=quant)
+        record = export("gguf", f"gguf-{quant}", quant)
         ggufs[quant] = next((folder / f"gguf-{quant}").glob("*.gguf"))
-        checks.append({"export": f"gguf-{quant}", "checks": result.to_json()["checks"],
-                       "notes": result.notes,
+        checks.append({"export": f"gguf-{quant}", "checks": record["checks"],
+                       "notes": record["notes"],
                        "modelfile": (folder / f"gguf-{quant}" / "Modelfile").read_text()})
-    return merged.path, ggufs, checks
+    return folder / "merged", ggufs, checks
 
 
 def test_prompts(run: Path, tokenizer, count: int) -> list[dict]:
@@ -507,13 +518,21 @@ def main() -> None:
         started = time.perf_counter()
         folder = work / (model or "run").split(":")[-1].replace("/", "-")
         folder.mkdir(parents=True, exist_ok=True)
+        kept = sorted(p.name for p in folder.glob("*/*") if p.is_dir())  # from an earlier --work
         run = (Path(args.run) if args.run
                else trained_run(model, args.steps, args.batch_tokens, folder))
         compared = compare_model(model or str(run), run, folder / "export", build,
                                  quants=quants, prompts_n=args.prompts,
                                  new_tokens=args.new_tokens, threads=args.threads)
         compared["wall_s"] = round(time.perf_counter() - started, 1)
+        compared["reused_from_work"] = kept
         models.append(compared)
+        _write(args, origin, build, models)  # after each model: a slow second one loses nothing
+    if not args.work:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _write(args: argparse.Namespace, origin: dict, build: dict, models: list[dict]) -> None:
     origin["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     result = {**origin, "llama_cpp": {**{k: v for k, v in build.items()
                                          if k not in ("bin", "llama_cpp_tree")},
@@ -521,9 +540,7 @@ def main() -> None:
               "steps": args.steps, "batch_tokens": args.batch_tokens,
               "new_tokens": args.new_tokens, "models": models}
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
-    if not args.work:
-        shutil.rmtree(work, ignore_errors=True)
+    print(f"wrote {args.out} ({len(models)} model{'s' if len(models) > 1 else ''})", flush=True)
 
 
 if __name__ == "__main__":

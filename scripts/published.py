@@ -706,41 +706,60 @@ def render_architectures(result: dict) -> str:
 
 def render_llama_cpp(result: dict) -> str:
     """benchmarks/llama_cpp_check.py: llama.cpp's tokens on tunelab's GGUFs against
-    transformers' greedy tokens, per model and quantisation."""
+    transformers' greedy tokens, per model, quantisation and kind of prompt."""
     build = result["llama_cpp"]
-    lines = ["| model | GGUF | tokenization identical | all tokens agree (merged fp32) | "
-             "leading tokens agreeing | all tokens agree (same rounded weights, fp32) | "
-             "first divergences (step: transformers' top-2 logit gap) |",
+    lines = ["| model | GGUF | prompts | tokenization identical | leading tokens agreeing, "
+             "vs merged fp32 | vs the same rounded weights in fp32 | first divergence "
+             "(step: top-2 logit gap in transformers / llama.cpp) |",
              "|---|---|---|---|---|---|---|"]
     for model in result["models"]:
         for quant, run in model["quants"].items():
-            summary = run["summary"]
-            gaps = [f"{row['vs_merged_fp32']['divergence']['step']}: "
-                    f"{row['vs_merged_fp32']['divergence']['transformers_top2']['gap']:.3g}"
-                    for row in run["prompts"] if "divergence" in row["vs_merged_fp32"]]
-            lines.append(
-                f"| {model['model']} | {quant.upper()} | {summary['tokenization_identical']} | "
-                f"{summary['full_agreement_vs_merged_fp32']} | "
-                f"{', '.join(map(str, summary['leading_tokens_agree_vs_merged_fp32']))} | "
-                f"{summary['full_agreement_vs_rounded_weights_fp32']} | "
-                f"{'; '.join(gaps) or 'none'} |")
+            kinds = dict.fromkeys(row.get("kind", "as trained") for row in run["prompts"])
+            for kind in kinds:
+                rows = [row for row in run["prompts"] if row.get("kind", "as trained") == kind]
+                lines.append(
+                    f"| {model['model'].removeprefix('embedded:')} | {quant.upper()} | {kind} | "
+                    f"{sum(row['tokenization_identical'] for row in rows)}/{len(rows)} | "
+                    f"{_agreeing(rows, 'vs_merged_fp32')} | "
+                    f"{_agreeing(rows, 'vs_rounded_weights_fp32')} | "
+                    f"{'; '.join(_divergence(row) for row in rows if _divergence(row)) or '–'} |")
     templates = []
     for model in result["models"]:
         rows = next(iter(model["quants"].values()))["chat_template"]
         same = lambda key, rows=rows: sum(bool(row[key]) for row in rows)  # noqa: E731
-        templates.append(f"{model['model']}: llama.cpp's rendering of the GGUF's template "
-                         f"equals transformers' in {same('llama_cpp_equals_transformers')}/"
-                         f"{len(rows)} conversations, the Modelfile's (Ollama, emulated) in "
+        templates.append(f"{model['model'].removeprefix('embedded:')}: llama.cpp's rendering "
+                         f"of the GGUF's template equals transformers' in "
+                         f"{same('llama_cpp_equals_transformers')}/{len(rows)} conversations, "
+                         f"the Modelfile's (Ollama, emulated) in "
                          f"{same('ollama_equals_transformers')}/{len(rows)}")
-    adapters = "; ".join(f"{m['model']} {m['adapter_changes_greedy']}"
+    adapters = "; ".join(f"{m['model'].removeprefix('embedded:')} {m['adapter_changes_greedy']}"
                          for m in result["models"])
-    return ("\n".join(lines) + f"\n\n{result['new_tokens']} greedy tokens from each test "
-            "prompt's ids (special tokens suppressed on both sides, so neither stops early); "
-            f"the LoRA ({result['steps']} steps) changed the greedy tokens of {adapters} "
-            f"prompts against the base. Chat template: {'; '.join(templates)}. "
-            f"llama.cpp from `{build['sdist']}` ({build['llama_cpp_version']}, ggml "
-            f"{build['ggml_version']}), CPU build of {', '.join(build['targets'])}. "
+    return ("\n".join(lines) + "\n\nA cell counts the prompts whose "
+            f"{result['new_tokens']} greedy tokens all agree (where some do not, each prompt's "
+            "number of leading tokens that agree follows); generation starts from the prompt's "
+            "ids, special tokens suppressed on both sides so neither stops early. The LoRA "
+            f"({result['steps']} steps) changed the greedy tokens against the base in "
+            f"{adapters} prompts. Chat template: {'; '.join(templates)}. llama.cpp from "
+            f"`{build['sdist']}` ({build['llama_cpp_version']}; ggml {build['ggml_version']}), "
+            f"CPU build of {', '.join(build['targets'])} in {build['build_s'] / 60:.0f} min. "
             f"Measured by {_origin(result)}.\n")
+
+
+def _agreeing(rows: list[dict], key: str) -> str:
+    of = rows[0][key]["of"] if rows else 0
+    counts = [row[key]["agree"] for row in rows]
+    full = sum(count == of for count in counts)
+    return f"{full}/{len(rows)} all {of}" + ("" if full == len(rows) else
+                                             f" ({', '.join(map(str, counts))})")
+
+
+def _divergence(row: dict) -> str | None:
+    at = row["vs_merged_fp32"].get("divergence")
+    if at is None:
+        return None
+    cpp = (at.get("llama_cpp_top2") or {}).get("gap")
+    return (f"{at['step']}: {at['transformers_top2']['gap']:.3g} / "
+            f"{'–' if cpp is None else f'{cpp:.3g}'}")
 
 
 RENDERERS: dict[str, Callable[[dict], str]] = {
