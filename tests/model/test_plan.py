@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import architectures  # tests/ is on sys.path (rootdir conftest)
 import pytest
 import torch
 import yaml
@@ -383,3 +384,68 @@ def test_real_mixture_and_multimodal_configs_are_counted_whole():
                            num_attention_heads=16, image_size=896, patch_size=14)))
     assert 4.2e9 < gemma.params < 4.4e9 and 0.4e9 < gemma.vision_params < 0.45e9
     assert not gemma.gated_silu  # GELU: the fused SwiGLU leaves it alone, so it is not assumed
+
+
+def family_config(name: str, layers: int):
+    """The tiny config of family ``name`` (tests/architectures.py) with ``layers`` layers (all
+    global where the family lists layer types: its pattern needs more layers than 2 or 3)."""
+    hf_config = architectures.config(name)
+    text = hf_config.get_text_config()
+    text.num_hidden_layers = layers
+    if getattr(text, "layer_types", None):
+        text.layer_types = ["full_attention"] * layers
+    return hf_config
+
+
+def family_saved_bytes(name: str, *, layers: int, tokens: int) -> int:
+    """Bytes autograd keeps over a packed row of 4 examples of ``tokens`` positions, for a
+    tiny model of family ``name`` under the default LoRA setting."""
+    hf_config = family_config(name, layers)
+    hf_config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = architectures.model_class(name)(hf_config)
+    model.config.use_cache = False
+    varlen.enable(model)
+    model = apply_method(model, kind="lora", r=4, alpha=8, dropout=0.05, targets="all-linear",
+                         rslora=False)
+    share_lora_dropout(model)
+    fuse_gated_activations(model)
+    model.train()
+    ids = torch.randint(0, 500, (1, tokens))
+    batch = Batch(ids, ids.clone(), torch.arange(tokens // 4).repeat(4)[None], None, 4,
+                  tokens, tokens - 4)
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def keep(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        hidden_states(model, batch)
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("name", ["qwen2", "qwen3", "qwen3_moe", "gemma3_text", "mistral",
+                                  "phi3"])
+def test_each_familys_layer_activations_match_autograd(name):
+    """The planner's per-layer activations for every family's own layer (q/k norms, Gemma's
+    four norms, Phi-3's fused projections, a mixture's routed experts) against what autograd
+    keeps: per token, and for a MoE also the weight-sized W + BA that peft's expert LoRA keeps."""
+    def per_layer(tokens: int) -> int:
+        return (family_saved_bytes(name, layers=3, tokens=tokens)
+                - family_saved_bytes(name, layers=2, tokens=tokens))
+
+    shape = ModelShape.from_config(family_config(name, 3))
+    common = dict(kind="lora", r=4, dropout=0.05, targets="all-linear", checkpointing=False,
+                  element_bytes=4, mask_bytes=1, shared_dropout=True, fused_swiglu=True)
+    window = shape.sliding_window
+    for tokens in (64, 128):
+        # four examples of tokens/4 positions; the banded masks of those past the window
+        banded = 4 * (tokens // 4) ** 2 if window and tokens // 4 > window else 0
+        predicted = activation_bytes(shape, tokens=tokens, window_mask_elements=banded,
+                                     **common)["layers"] / shape.num_layers
+        # a mixture's routing keeps a 16-byte scalar more per layer
+        assert abs(predicted - per_layer(tokens)) <= (16 if shape.num_experts else 0), tokens

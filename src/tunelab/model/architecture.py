@@ -34,6 +34,9 @@ class ArchitectureSpec:
     mlp_kind: Literal["gated", "fused_gate_up", "moe"] = "gated"
     # the experts' 3-D weights, relative to the layer (peft's target_parameters adapts them)
     expert_parameters: tuple[str, ...] = ()
+    qk_norm: bool = False  # RMSNorm on each head's query and key (Qwen3, Gemma 3)
+    norms_per_layer: int = 2  # Gemma 2/3 also normalise each block's output: 4
+    norm_plus_one: bool = False  # Gemma's RMSNorm scales by 1 + weight (formed every forward)
     gguf_arch: str | None = None  # llama.cpp's name for it, where tunelab writes GGUF
 
     @property
@@ -48,12 +51,14 @@ SPECS: dict[str, ArchitectureSpec] = {spec.model_type: spec for spec in (
     ArchitectureSpec("llama", "Llama 2/3.x, SmolLM2", gguf_arch="llama"),
     ArchitectureSpec("mistral", "Mistral", gguf_arch="llama"),
     ArchitectureSpec("qwen2", "Qwen2 / Qwen2.5", gguf_arch="qwen2"),
-    ArchitectureSpec("qwen3", "Qwen3", gguf_arch="qwen3"),
+    ArchitectureSpec("qwen3", "Qwen3", qk_norm=True, gguf_arch="qwen3"),
     ArchitectureSpec("qwen3_moe", "Qwen3-MoE", mlp=((), ()), mlp_kind="moe",
-                     expert_parameters=_MOE_EXPERTS, gguf_arch="qwen3moe"),
-    ArchitectureSpec("gemma", "Gemma", gguf_arch="gemma"),
-    ArchitectureSpec("gemma2", "Gemma 2", gguf_arch="gemma2"),
-    ArchitectureSpec("gemma3_text", "Gemma 3", gguf_arch="gemma3"),
+                     expert_parameters=_MOE_EXPERTS, qk_norm=True, gguf_arch="qwen3moe"),
+    ArchitectureSpec("gemma", "Gemma", norm_plus_one=True, gguf_arch="gemma"),
+    ArchitectureSpec("gemma2", "Gemma 2", norms_per_layer=4, norm_plus_one=True,
+                     gguf_arch="gemma2"),
+    ArchitectureSpec("gemma3_text", "Gemma 3", qk_norm=True, norms_per_layer=4,
+                     norm_plus_one=True, gguf_arch="gemma3"),
     ArchitectureSpec("phi3", "Phi-3", attention=_PHI3_ATTENTION,
                      mlp=(("mlp.gate_up_proj",), ("mlp.down_proj",)), mlp_kind="fused_gate_up",
                      gguf_arch="phi3"),

@@ -129,6 +129,8 @@ class ModelShape:
     num_experts: int = 0  # routed experts per MoE layer (0: a dense MLP)
     experts_per_token: int = 0
     expert_intermediate_size: int = 0
+    sliding_window: int = 0  # a local layer's window (0: none)
+    windowed_layers: int = 0  # how many layers attend within it
 
     @classmethod
     def from_config(cls, hf_config: Any) -> ModelShape:
@@ -148,7 +150,8 @@ class ModelShape:
                    vision_params=layout.vision_params,
                    num_experts=experts if layout.expert_params else 0,
                    experts_per_token=getattr(text, "num_experts_per_tok", 0) or 0,
-                   expert_intermediate_size=getattr(text, "moe_intermediate_size", 0) or 0)
+                   expert_intermediate_size=getattr(text, "moe_intermediate_size", 0) or 0,
+                   **_window(text))
 
     @property
     def spec(self) -> ArchitectureSpec:
@@ -219,6 +222,16 @@ class ModelShape:
         return self.params - self.vision_params - idle
 
 
+def _window(text: Any) -> dict:
+    """The sliding window and the layers that use it: the config's layer types where it lists
+    them (Gemma 3, Qwen2), else every layer (Mistral, Phi-3)."""
+    window = getattr(text, "sliding_window", None) or 0
+    types = getattr(text, "layer_types", None)
+    layers = (sum(kind == "sliding_attention" for kind in types) if types
+              else text.num_hidden_layers if window else 0)
+    return {"sliding_window": window if layers else 0, "windowed_layers": layers}
+
+
 def _leaf(name: str) -> str:
     return name.rsplit(".", 1)[-1]
 
@@ -272,7 +285,13 @@ def layer_activation_bytes(shape: ModelShape, *, kind: str, r: int, dropout: flo
               for group in shape.spec.attention + shape.spec.mlp if group]
     adapted = set(shape.linears()) if full else set(target_modules(targets, shape))
     linears = shape.linears()
-    norms = 2 * (h * fp32 + fp32 + (h * e if full else 0))
+    spec = shape.spec
+    # each RMSNorm keeps its fp32 input and inverse RMS (and, trainable, the normed input);
+    # q/k norms do so per head
+    norms = spec.norms_per_layer * (h * fp32 + fp32 + (h * e if full else 0))
+    if spec.qk_norm:
+        heads = shape.num_heads + shape.num_kv_heads
+        norms += heads * (shape.head_dim * fp32 + fp32 + (shape.head_dim * e if full else 0))
     projections = 0
     for group in groups:
         inputs_needed = dropped_needed = False
@@ -299,12 +318,17 @@ def layer_activation_bytes(shape: ModelShape, *, kind: str, r: int, dropout: flo
     # query, output, keys and values (copied out to the query heads when expanded; then one
     # [tokens × kv] tensor more stays referenced: measured, tests/model/test_plan.py)
     attention = (2 * q + (2 * q + kv if kv_expanded else 2 * kv)) * e
+    if len(spec.attention[0]) == 1:  # one fused qkv_proj: values stay a view of its output
+        attention += (q + kv) * e
     attention += shape.num_heads * fp32
     if shape.num_experts:
-        # each routed copy of a token keeps its expert's input, gate/up output and product
-        # (not measured against autograd as the dense MLPs are), and the router its logits
+        # each routed copy of a token keeps its expert's input, gate/up output, SiLU(gate),
+        # the product and the expert's output (scaled by its routing weight), and the router
+        # its probabilities: measured with saved-tensor hooks (tests/model/test_plan.py)
         m = shape.expert_intermediate_size
-        mlp = shape.experts_per_token * (h + 3 * m) * e + shape.num_experts * fp32
+        # (and the routing's index tensors: E + 9k floats, fitted on 4 experts, top 2)
+        mlp = (shape.experts_per_token * (2 * h + 4 * m) * e
+               + (shape.num_experts + 9 * shape.experts_per_token) * fp32)
     else:
         mlp = (2 if fused_swiglu and shape.gated_silu else 3) * i * e
     return {"norms": norms, "projections": projections, "attention": attention, "mlp": mlp,
@@ -314,25 +338,38 @@ def layer_activation_bytes(shape: ModelShape, *, kind: str, r: int, dropout: flo
 def activation_bytes(shape: ModelShape, *, tokens: int, kind: str, r: int, dropout: float,
                      targets: str | list[str], checkpointing: bool, element_bytes: int,
                      mask_bytes: int, eager_attention_elements: int = 0,
+                     window_mask_elements: int = 0,
                      shared_dropout: bool = False, fused_swiglu: bool = False,
                      kv_expanded: bool = False) -> dict:
     """Saved activations of one micro-batch of ``tokens`` positions (padding included).
 
     ``eager_attention_elements`` is Σ heads·rowlength² for eager attention (it keeps the
-    probabilities); SDPA keeps none.
+    probabilities); SDPA keeps none. ``window_mask_elements`` is Σ length² over the packed
+    examples longer than the sliding window: each windowed layer keeps their banded masks, in
+    float32 (the per-example path on CPU; CUDA's varlen kernel takes the window without one).
     """
     per_layer = layer_activation_bytes(shape, kind=kind, r=r, dropout=dropout, targets=targets,
                                        element_bytes=element_bytes, mask_bytes=mask_bytes,
                                        shared_dropout=shared_dropout,
                                        fused_swiglu=fused_swiglu, kv_expanded=kv_expanded)
     layer = tokens * per_layer["total"] + eager_attention_elements * element_bytes
+    if shape.spec.norm_plus_one:  # each norm's 1 + weight, kept once per forward
+        norm_widths = shape.spec.norms_per_layer * shape.hidden_size
+        layer += (norm_widths + (2 * shape.head_dim if shape.spec.qk_norm else 0)) * 4
+    if METHODS[kind].adapter and targets == "all-linear" and shape.num_experts:
+        # peft's LoRA on the experts' 3-D weights forms W + BA in every forward and keeps it
+        # for the backward pass: a weight-sized tensor per layer, whatever the batch
+        layer += (shape.expert_params_per_layer - shape.num_experts * shape.hidden_size) \
+            * element_bytes
+    windowed = window_mask_elements * 4
     # final RMSNorm; RoPE cos/sin shared by all layers
     outside = tokens * (shape.hidden_size * 4 + 4 + 2 * shape.head_dim * element_bytes)
     if checkpointing:
         kept = shape.num_layers * tokens * shape.hidden_size * element_bytes
-        return {"per_token_per_layer": per_layer, "layers": kept, "recomputed_layer": layer,
-                "outside_layers": outside, "total": kept + layer + outside}
-    kept = shape.num_layers * layer
+        return {"per_token_per_layer": per_layer, "layers": kept,
+                "recomputed_layer": layer + windowed, "outside_layers": outside,
+                "total": kept + layer + windowed + outside}
+    kept = shape.num_layers * layer + shape.windowed_layers * windowed
     return {"per_token_per_layer": per_layer, "layers": kept, "recomputed_layer": 0,
             "outside_layers": outside, "total": kept + outside}
 
@@ -737,11 +774,16 @@ def _batch_bytes(shape: ModelShape, batch: dict, setting: Setting) -> dict:
         rows = ([batch["padded_length"]] * len(batch["lengths"]) if batch["padded_length"]
                 else [sum(batch["lengths"])])  # a packed row without varlen: T×T per head
         eager = shape.num_heads * sum(n * n for n in rows)
+    window = shape.sliding_window
+    banded = (sum(n * n for n in batch["lengths"] if n > window)
+              if window and not batch["padded_length"] and not setting.eager
+              and setting.device != "cuda" else 0)
     activations = activation_bytes(
         shape, tokens=batch["positions"], kind=setting.kind, r=setting.r,
         dropout=setting.dropout, targets=setting.targets, checkpointing=setting.checkpointing,
         element_bytes=setting.element_bytes, mask_bytes=setting.mask_bytes,
-        eager_attention_elements=eager, shared_dropout=setting.shared_dropout,
+        eager_attention_elements=eager, window_mask_elements=banded,
+        shared_dropout=setting.shared_dropout,
         fused_swiglu=setting.fused_swiglu,
         kv_expanded=bool(setting.eager or batch["padded_length"]))
     logits = logits_bytes(shape, target_tokens=batch["targets"],
