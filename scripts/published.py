@@ -325,7 +325,7 @@ def render_example_eval(result: dict) -> str:
         cells = [_interval(models[which]["metrics"][name]) for which in ("base", "tuned")]
         entry = comparison.get(name, {})
         delta = f"{entry['delta']:+.3f}" if entry else ""
-        if "ci" in entry:
+        if entry.get("ci"):  # a metric without a paired test (macro-F1) has none
             delta += (f" [{entry['ci'][0]:+.3f}, {entry['ci'][1]:+.3f}], "
                       f"{entry['test']} p = {entry['p_value']:.2g}")
         lines.append(f"| {name} | {cells[0]} | {cells[1]} | {delta} |")
