@@ -68,5 +68,7 @@ def test_embedded_gemma3_learns_the_sentiment_example_and_evaluates(tmp_path):
     assert (result.run_dir / "adapter" / "adapter_model.safetensors").is_file()
     assert (result.run_dir / "eval" / "test.json").is_file()
     assert evaluation.n == 40 and set(evaluation.models) == {"base", "tuned"}
-    # four steps on 96 reviews teach the answer: the tuned model scores well above chance
-    assert evaluation.models["tuned"].metrics["accuracy"].value >= 0.7
+    # four steps on 96 reviews teach the answer (measured: base 0.525, tuned 0.75 on these 40)
+    accuracy = {name: outcome.metrics["accuracy"].value
+                for name, outcome in evaluation.models.items()}
+    assert accuracy["tuned"] >= 0.65 and accuracy["tuned"] >= accuracy["base"] + 0.1, accuracy
