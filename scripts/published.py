@@ -698,7 +698,7 @@ def render_architectures(result: dict) -> str:
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", "Each cell: how many checks passed; " + "; ".join(
         f"**{column}**: {text}" for column, text in _MATRIX_COLUMNS.items()) + "."]
-    lines += [f"({number}) {note}" for number, note in enumerate(notes, 1)]
+    lines += [""] + [f"- ({number}) {note}" for number, note in enumerate(notes, 1)]
     lines += ["", f"From {_origin(result)}; tiny random-weight models "
               f"(tests/architectures.py, sliding windows of {result['window']})."]
     return "\n".join(lines) + "\n"
