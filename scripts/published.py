@@ -734,12 +734,17 @@ def render_llama_cpp(result: dict) -> str:
                          f"{same('ollama_equals_transformers')}/{len(rows)}")
     adapters = "; ".join(f"{m['model'].removeprefix('embedded:')} {m['adapter_changes_greedy']}"
                          for m in result["models"])
+    reused = [m["model"].removeprefix("embedded:") for m in result["models"]
+              if m.get("reused_from_work")]
+    adapters += "" if not reused else (
+        f" ({', '.join(reused)}: run and exports made by an earlier invocation with the same "
+        "--work and settings, reused)")
     return ("\n".join(lines) + "\n\nA cell counts the prompts whose "
             f"{result['new_tokens']} greedy tokens all agree (where some do not, each prompt's "
             "number of leading tokens that agree follows); generation starts from the prompt's "
             "ids, special tokens suppressed on both sides so neither stops early. The LoRA "
-            f"({result['steps']} steps) changed the greedy tokens against the base in "
-            f"{adapters} prompts. Chat template: {'; '.join(templates)}. llama.cpp from "
+            f"({result['steps']} steps) changed the greedy tokens against the base in, of each "
+            f"model's prompts: {adapters}. Chat template: {'; '.join(templates)}. llama.cpp from "
             f"`{build['sdist']}` ({build['llama_cpp_version']}; ggml {build['ggml_version']}), "
             f"CPU build of {', '.join(build['targets'])} in {build['build_s'] / 60:.0f} min. "
             f"Measured by {_origin(result)}.\n")
