@@ -177,6 +177,23 @@ def test_jemalloc_retention_is_counted_for_padded_batches_only(tmp_path, tiny_mo
     assert packed["memory"]["breakdown_bytes"]["allocator"] == 0
 
 
+def saved_bytes(model, batch) -> int:
+    """Bytes of the storages autograd keeps for backward over one forward (parameters
+    excluded; a storage several saved tensors view is counted once)."""
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def keep(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        hidden_states(model, batch)
+    return sum(storages.values())
+
+
 def saved_activation_bytes(shape_config: dict, *, kind: str, dropout: float, layers: int,
                            checkpointing: bool = False, shared_dropout: bool = False,
                            fused_swiglu: bool = False, padded: bool = False) -> int:
@@ -205,18 +222,7 @@ def saved_activation_bytes(shape_config: dict, *, kind: str, dropout: float, lay
         mask[1, 12:], mask[3, 5:] = 0, 0
         batch = Batch(ids.view(4, 16), ids.view(4, 16).clone(), positions.view(4, 16), mask,
                       4, 64, 60)
-    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    storages: dict[int, int] = {}
-
-    def keep(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in parameters:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
-        hidden_states(model, batch)
-    return sum(storages.values())
+    return saved_bytes(model, batch)
 
 
 @pytest.mark.parametrize("kind,dropout,shared,fused", [
@@ -414,18 +420,7 @@ def family_saved_bytes(name: str, *, layers: int, tokens: int) -> int:
     ids = torch.randint(0, 500, (1, tokens))
     batch = Batch(ids, ids.clone(), torch.arange(tokens // 4).repeat(4)[None], None, 4,
                   tokens, tokens - 4)
-    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    storages: dict[int, int] = {}
-
-    def keep(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in parameters:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
-        hidden_states(model, batch)
-    return sum(storages.values())
+    return saved_bytes(model, batch)
 
 
 @pytest.mark.parametrize("name", ["qwen2", "qwen3", "qwen3_moe", "gemma3_text", "mistral",
