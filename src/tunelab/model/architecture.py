@@ -23,7 +23,6 @@ class ArchitectureSpec:
     """The parts of a decoder family that tunelab's fast paths and planner depend on."""
 
     model_type: str
-    title: str  # how the README's support matrix names the family
     # projections of one decoder layer, grouped by the input tensor they read (an input read
     # by several is saved once for the backward pass); each name relative to the layer
     attention: tuple[tuple[str, ...], ...] = (
@@ -48,18 +47,18 @@ _PHI3_ATTENTION = (("self_attn.qkv_proj",), ("self_attn.o_proj",))
 _MOE_EXPERTS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 
 SPECS: dict[str, ArchitectureSpec] = {spec.model_type: spec for spec in (
-    ArchitectureSpec("llama", "Llama 2/3.x, SmolLM2", gguf_arch="llama"),
-    ArchitectureSpec("mistral", "Mistral", gguf_arch="llama"),
-    ArchitectureSpec("qwen2", "Qwen2 / Qwen2.5", gguf_arch="qwen2"),
-    ArchitectureSpec("qwen3", "Qwen3", qk_norm=True, gguf_arch="qwen3"),
-    ArchitectureSpec("qwen3_moe", "Qwen3-MoE", mlp=((), ()), mlp_kind="moe",
+    ArchitectureSpec("llama", gguf_arch="llama"),
+    ArchitectureSpec("mistral", gguf_arch="llama"),
+    ArchitectureSpec("qwen2", gguf_arch="qwen2"),
+    ArchitectureSpec("qwen3", qk_norm=True, gguf_arch="qwen3"),
+    ArchitectureSpec("qwen3_moe", mlp=((), ()), mlp_kind="moe",
                      expert_parameters=_MOE_EXPERTS, qk_norm=True, gguf_arch="qwen3moe"),
-    ArchitectureSpec("gemma", "Gemma", norm_plus_one=True, gguf_arch="gemma"),
-    ArchitectureSpec("gemma2", "Gemma 2", norms_per_layer=4, norm_plus_one=True,
+    ArchitectureSpec("gemma", norm_plus_one=True, gguf_arch="gemma"),
+    ArchitectureSpec("gemma2", norms_per_layer=4, norm_plus_one=True,
                      gguf_arch="gemma2"),
-    ArchitectureSpec("gemma3_text", "Gemma 3", qk_norm=True, norms_per_layer=4,
+    ArchitectureSpec("gemma3_text", qk_norm=True, norms_per_layer=4,
                      norm_plus_one=True, gguf_arch="gemma3"),
-    ArchitectureSpec("phi3", "Phi-3", attention=_PHI3_ATTENTION,
+    ArchitectureSpec("phi3", attention=_PHI3_ATTENTION,
                      mlp=(("mlp.gate_up_proj",), ("mlp.down_proj",)), mlp_kind="fused_gate_up",
                      gguf_arch="phi3"),
 )}
@@ -70,14 +69,14 @@ def text_config(hf_config: Any) -> Any:
     return hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
 
 
+def spec_of_type(model_type: str) -> ArchitectureSpec:
+    """The entry of ``model_type``; Llama's layout for a type not listed."""
+    return SPECS.get(model_type) or ArchitectureSpec(model_type)
+
+
 def spec_for(hf_config: Any) -> ArchitectureSpec:
-    """The entry of a model's (text) model type; Llama's layout for a type not listed."""
-    model_type = getattr(text_config(hf_config), "model_type", "llama")
-    return SPECS.get(model_type) or ArchitectureSpec(model_type, model_type)
-
-
-def known(hf_config: Any) -> bool:
-    return getattr(text_config(hf_config), "model_type", None) in SPECS
+    """The entry of a model's (text) model type."""
+    return spec_of_type(getattr(text_config(hf_config), "model_type", "llama"))
 
 
 def activation(hf_config: Any) -> str:

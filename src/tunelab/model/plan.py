@@ -49,6 +49,7 @@ from tunelab.model.architecture import (
     ArchitectureSpec,
     activation,
     model_layout,
+    spec_of_type,
     text_config,
 )
 
@@ -155,7 +156,7 @@ class ModelShape:
 
     @property
     def spec(self) -> ArchitectureSpec:
-        return SPECS.get(self.model_type) or ArchitectureSpec(self.model_type, self.model_type)
+        return spec_of_type(self.model_type)
 
     @property
     def gated_silu(self) -> bool:

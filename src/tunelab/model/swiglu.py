@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import SiLUActivation
 
+from tunelab.model.architecture import spec_for
+
 
 class SwiGLU(torch.autograd.Function):
     """``silu(gate) * up``, saving ``gate`` and ``up`` only."""
@@ -60,8 +62,6 @@ def fuse_gated_activations(model: nn.Module) -> int:
     GELU MLPs (Gemma) and mixtures of experts keep their forward, and the planner counts them
     unfused (``ModelShape.gated_silu``).
     """
-    from tunelab.model.architecture import spec_for
-
     kind = spec_for(model.config).mlp_kind
     if kind not in _FORWARDS:
         return 0

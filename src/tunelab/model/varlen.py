@@ -24,6 +24,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from tunelab.model.architecture import text_config
+
 NAME = "tunelab_varlen"
 logger = logging.getLogger(__name__)
 
@@ -171,7 +173,7 @@ def unsupported_features(hf_config) -> list[str]:
     bidirectional attention, attention sinks and non-attention layers (linear attention,
     Mamba) are not, and such a model keeps transformers' own path for packed rows.
     """
-    text = _text(hf_config)
+    text = text_config(hf_config)
     found = []
     if getattr(text, "attention_chunk_size", None):
         found.append(f"chunked attention (attention_chunk_size={text.attention_chunk_size})")
@@ -185,10 +187,6 @@ def unsupported_features(hf_config) -> list[str]:
     return found
 
 
-def _text(hf_config):
-    return hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
-
-
 def enable(model: torch.nn.Module) -> bool:
     """Use per-example attention for packed rows if the model runs on SDPA (or on eager
     attention for its soft-capped scores); True if it did.
@@ -197,7 +195,7 @@ def enable(model: torch.nn.Module) -> bool:
     packed path (a block mask built from the position ids), with a one-line notice.
     """
     implementation = getattr(model.config, "_attn_implementation", None)
-    capped = getattr(_text(model.config), "attn_logit_softcapping", None) is not None
+    capped = getattr(text_config(model.config), "attn_logit_softcapping", None) is not None
     # eager attention is what a model with soft-capped scores runs (SDPA has no cap)
     if implementation != "sdpa" and not (implementation == "eager" and capped):
         return False

@@ -306,10 +306,11 @@ def check_gguf_in_transformers(folder: Path, gguf_name: str, probes: list[list[i
                                                       dtype=torch.float32, config=config)
     gguf_logits = logits_of(gguf_model, probes)
     del gguf_model
-    # Gemma 3's GGUF drops embedding rows past the tokenizer's vocabulary, as llama.cpp's does
     read = "metadata and tensors" if config is None else "tensors, with the run's config"
     with _window_as_in_gguf(merged, config) as dropped:
         read += ", both without the sliding window llama.cpp drops" if dropped else ""
+        # logits over the GGUF's vocabulary: Gemma 3's drops embedding rows past the
+        # tokenizer's, as llama.cpp's converter does
         logits = compare_logits(
             f"GGUF {quant} (transformers, {read}) vs merged model with {quant} weights",
             gguf_logits, [e[..., :n_vocab] for e in logits_of(quantised_copy(merged, quant),

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from tunelab.errors import ModelError
-from tunelab.model.architecture import SPECS
+from tunelab.model.architecture import SPECS, text_config
 
 #: --quant name -> (tensor type of 2-D weights, general.file_type). The types gguf-py quantises
 #: in Python that transformers also reads back, so every export is checked (gguf-py also
@@ -185,13 +185,13 @@ def check_gguf_support(model_ref: str) -> GGUFSupport:
     config = AutoConfig.from_pretrained(model_ref)
     family = family_of(config)  # before the tokenizer: a config.json alone is enough to refuse
     tokenizer = AutoTokenizer.from_pretrained(model_ref)
-    return GGUFSupport(family, tokenizer_model(tokenizer), family.notes(_text_config(config)))
+    return GGUFSupport(family, tokenizer_model(tokenizer), family.notes(text_config(config)))
 
 
 def family_of(config: Any) -> Family:
     """The registered family of ``config``, or a ModelError naming why llama.cpp's converter
     is needed instead."""
-    text = _text_config(config)
+    text = text_config(config)
     model_type = getattr(text, "model_type", None)
     family = FAMILIES.get(model_type)
     problems = family.problems(text) if family else []
@@ -204,13 +204,6 @@ def family_of(config: Any) -> Family:
     return family
 
 
-def _text_config(config: Any) -> Any:
-    """Gemma 3's multimodal config keeps the language model's settings in ``text_config``."""
-    if getattr(config, "model_type", None) == "gemma3":
-        return config.get_text_config()
-    return config
-
-
 def write_gguf(model: Any, tokenizer: Any, path: Path, *, quant: str, name: str,
                chat_template: str | None) -> dict[str, list[int]]:
     """Write ``model`` + ``tokenizer`` to ``path``; return each tensor's shape.
@@ -219,7 +212,7 @@ def write_gguf(model: Any, tokenizer: Any, path: Path, *, quant: str, name: str,
     """
     import gguf
 
-    config = _text_config(model.config)
+    config = text_config(model.config)
     family = family_of(model.config)
     tensor_type, file_type = QUANTS[quant]
     writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[family.arch]])
@@ -291,7 +284,7 @@ def gguf_tensors(model: Any, family: Family, n_vocab: int) -> Iterator[tuple[str
     """(llama.cpp name, float32 numpy array) per tensor, changed as llama.cpp's converter does."""
     import gguf
 
-    config = _text_config(model.config)
+    config = text_config(model.config)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[family.arch], config.num_hidden_layers)
     tied = getattr(model.config, "tie_word_embeddings", False)
     for hf_name, tensor in model.state_dict().items():
@@ -514,7 +507,7 @@ def required_keys(config: Any, n_vocab: int) -> dict[str, Any]:
     import gguf
 
     family = family_of(config)
-    config = _text_config(config)
+    config = text_config(config)
     arch = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[family.arch]]
     keys = {"general.architecture": arch,
             f"{arch}.context_length": config.max_position_embeddings,
@@ -538,7 +531,7 @@ def transformers_config(config: Any, n_vocab: int) -> Any | None:
     import copy
 
     family = family_of(config)
-    text = _text_config(config)
+    text = text_config(config)
     if family.arch == "QWEN2" or (family is FAMILIES["llama"]
                                   and _rope(text).get("rope_type", "default") == "default"):
         return None
