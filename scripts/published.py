@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from collections.abc import Callable
@@ -25,6 +26,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 DOCUMENTS = ["README.md", "benchmarks/README.md", "docs/DESIGN.md", "docs/*.md",
              "examples/*/README.md", "examples/*/*/README.md"]
+# Pages generated from the code and checked by their own script (scripts/config_reference.py
+# --check): the configuration reference quotes the schema's field descriptions, whose sizes are
+# arithmetic (a loss chunk's logits), not measurements, so its prose is not scanned for figures.
+GENERATED = ("docs/configuration.md",)
 BLOCK = re.compile(r"<!-- published: (?P<kind>\w+) (?P<path>\S+) -->\n(?P<body>.*?)"
                    r"<!-- /published -->", re.S)
 # A measured figure: "2.7×", "150 tokens/s", "7.4 GB", "0.62 GiB", "+1.1%", "22 s → 8.5 s",
@@ -41,16 +46,28 @@ def _gib(value: float) -> str:
     return f"{value / 2**30:.2f} GiB"
 
 
+def _machine(result: dict) -> str:
+    """``a 2-core AMD EPYC`` or ``one NVIDIA H200 GPU (16-core ... host)``."""
+    machine = result["machine"]
+    where = f"a {machine['cpu_cores']}-core {machine['cpu']}"
+    return f"one {machine['gpu']} GPU ({where[2:]} host)" if machine.get("gpu") else where
+
+
 def _origin(result: dict) -> str:
     machine = result["machine"]
     load = f"load average {machine['load_average_at_start'][0]}"
     if "load_average_at_end" in machine:
         load += f"→{machine['load_average_at_end'][0]}"
-    where = f"a {machine['cpu_cores']}-core {machine['cpu']}"
-    if machine.get("gpu"):
-        where = f"one {machine['gpu']} GPU ({where[2:]} host)"
     return (f"`{result['command']}` at commit `{result['git_commit'][:10]}` on "
-            f"{where} (torch {machine['torch']}), {load}")
+            f"{_machine(result)} (torch {machine['torch']}), {load}")
+
+
+def _short_origin(result: dict) -> str:
+    """Where and at which commit, for a one-line headline (the full line is on the doc page)."""
+    machine = result["machine"]
+    where = (f"one {machine['gpu']} GPU" if machine.get("gpu")
+             else f"{machine['cpu_cores']} CPU cores")
+    return f"Measured on {where} at commit `{result['git_commit'][:10]}`."
 
 
 def render_assess(result: dict) -> str:
@@ -767,6 +784,145 @@ def _divergence(row: dict) -> str | None:
             f"{'–' if cpp is None else f'{cpp:.3g}'}")
 
 
+# --- headlines: one line per area for the README; the full block is on the doc page ----------
+
+
+def headline_baselines(result: dict) -> str:
+    """tunelab against the padding-free and the padding Trainer, per length distribution."""
+    parts = []
+    for name, summary in result["summary"].items():
+        flat, padded = summary["tunelab_vs"]["hf_flattened"], summary["tunelab_vs"]["hf_padded"]
+        parts.append(f"{name} lengths **{flat['tokens_per_second']:.2f}×** the tokens/s in "
+                     f"**{flat['peak_memory']:.2f}×** the peak memory (against the padding "
+                     f"collator {padded['tokens_per_second']:.2f}× / "
+                     f"{padded['peak_memory']:.2f}×)")
+    return (f"{result['model']['parameters'] / 1e6:.0f}M-parameter Llama, LoRA "
+            f"r={result['lora']['r']}, against `Trainer` + peft with "
+            f"`DataCollatorWithFlattening`: " + "; ".join(parts)
+            + f". {_short_origin(result)}\n")
+
+
+def headline_example(result: dict) -> str:
+    """An example's training and its base-vs-tuned difference on the primary metric."""
+    manifest, evaluation = result["manifest"], result["eval"]
+    primary = evaluation["primary_metric"]
+    entry = evaluation["comparison"][primary]
+    metrics = {which: evaluation["models"][which]["metrics"][primary] for which in
+               ("base", "tuned")}
+    return (f"`{result['example']}`: validation loss {manifest['val_loss_before']:.2f} → "
+            f"{manifest['val_loss_after']:.2f} in {manifest['steps']} steps "
+            f"({_minutes(result['wall_s']['train'])} of `tunelab train`); test {primary} "
+            f"(n = {evaluation['n']}) {_interval(metrics['base'])} → "
+            f"{_interval(metrics['tuned'])}, **{entry['delta']:+.3f}** [{entry['ci'][0]:+.3f}, "
+            f"{entry['ci'][1]:+.3f}], {entry['test']} p = {entry['p_value']:.2g}. "
+            f"{_short_origin(result)}\n")
+
+
+def headline_assess(result: dict) -> str:
+    """The assessment's verdict and the two intervals it rests on."""
+    assess = json.loads((ROOT / result["assess"]).read_text())
+    scale = assess["metric_scale"]
+    signed = (lambda v: f"{v:+.1f}") if scale > 1 else (lambda v: f"{v:+.3f}")
+
+    def cell(point: dict) -> str:
+        return f"{signed(point['value'])} [{signed(point['ci'][0])}, {signed(point['ci'][1])}]"
+
+    took = (f"; the whole command took {_minutes(result['wall_s'])}"
+            if result.get("measured_alone") else "")
+    return (f"`tunelab assess` on `{assess['name']}`: **{assess['verdict']['kind']}** — "
+            f"{assess['primary_metric']} tuned − best prompting "
+            f"{cell(assess['tuned_vs_best_prompting'])} on {assess['n_test']} test examples, "
+            f"gain per doubling of the data {cell(assess['fit']['gain_per_doubling'])}{took}. "
+            f"{_short_origin(result)}\n")
+
+
+def headline_llama_cpp(result: dict) -> str:
+    """llama.cpp on tunelab's GGUFs: tokenization and greedy agreement per quantisation."""
+    models = [model["model"].removeprefix("embedded:") for model in result["models"]]
+    prompts: dict[str, list[dict]] = {}
+    for model in result["models"]:
+        for quant, run in model["quants"].items():
+            prompts.setdefault(quant.upper(), []).extend(run["prompts"])
+    every = [row for rows in prompts.values() for row in rows]
+
+    def agreeing(rows: list[dict], key: str) -> str:
+        return f"{sum(row[key]['agree'] == row[key]['of'] for row in rows)}/{len(rows)}"
+
+    cells = "; ".join(f"{quant} {agreeing(rows, 'vs_merged_fp32')} (against the same rounded "
+                      f"weights {agreeing(rows, 'vs_rounded_weights_fp32')})"
+                      for quant, rows in prompts.items())
+    return (f"`llama-server` on tunelab's GGUF exports of {' and '.join(models)} LoRA runs: "
+            f"tokenization identical on {sum(r['tokenization_identical'] for r in every)}/"
+            f"{len(every)} prompts; all {result['new_tokens']} greedy tokens equal to "
+            f"transformers' on the merged weights: {cells}. {_short_origin(result)}\n")
+
+
+def headline_sweep(result: dict) -> str:
+    """What pruning saved, and whether the best trial beat the base config on test."""
+    entries = list(result["sweeps"].values())
+    pruned = next(entry for entry in entries if entry["spec"]["pruner"] != "none")
+    unpruned = next((entry for entry in entries if entry["spec"]["pruner"] == "none"), None)
+    stopped = sum(trial["state"] == "pruned" for trial in pruned["trials"])
+    text = (f"`{pruned['sweep_file']}`, {len(pruned['trials'])} trials on "
+            f"{pruned['workers']} workers: {pruned['spec']['pruner']} pruning stopped {stopped}")
+    if unpruned:
+        walls = [entry["wall_s"]["trials"] for entry in (pruned, unpruned)]
+        text += (f" and cut the trials' time by **{1 - walls[0] / walls[1]:.0%}** "
+                 f"({_minutes(walls[0])} against {_minutes(walls[1])} unpruned)")
+    test = pruned["final"].get("test")
+    if test:
+        delta = test["best_minus_base_config"]
+        text += (f"; on test the best trial scored {test['metric']} {_interval(test['best'])}, "
+                 f"the base config {_interval(test['base_config'])} (best − base "
+                 f"{delta['delta']:+.3f} [{delta['ci'][0]:+.3f}, {delta['ci'][1]:+.3f}])")
+    return text + f". {_short_origin(pruned)}\n"
+
+
+def headline_distributed(result: dict) -> str:
+    """2 ranks against 1 process at LoRA dropout 0: the loss differences and the tolerance."""
+    zero = result["comparison"]["dropout_0"]
+    return (f"`torchrun` with 2 ranks (gloo) against 1 process on the sentiment example at "
+            f"LoRA dropout 0: validation loss after training differs by "
+            f"{zero['val_loss_after_relative_difference']:.1e} (relative), per-step losses by "
+            f"at most {zero['max_step_loss_relative_difference']:.1e}, tolerance "
+            f"{zero['tolerance_relative']:.0e}: **{_within(zero)}**. {_short_origin(result)}\n")
+
+
+def headline_architectures(result: dict) -> str:
+    """The families, the columns every family passes, the GGUF refusals, the checks passed."""
+    families, cells = result["families"], result["cells"]
+    checks = [check for family in cells.values() for column in family.values()
+              for check in column]
+    refused = [families[name] for name, family in cells.items()
+               if any((c.get("note") or "").startswith("refused") for c in family.get("gguf", []))]
+    passing = [column for column in _MATRIX_COLUMNS if column != "gguf" and all(
+        cells.get(name, {}).get(column) and all(c["outcome"] == "passed"
+                                                for c in cells[name][column])
+        for name in families)]
+    return (f"{len(families)} families: {', '.join(families.values())}. Every one passes the "
+            f"{', '.join(passing[:-1])} and {passing[-1]} checks; GGUF export writes "
+            f"{len(families) - len(refused)} and refuses {' and '.join(refused)} before loading "
+            "a weight; "
+            f"{sum(c['outcome'] == 'passed' for c in checks)} of {len(checks)} checks passed. "
+            f"{_short_origin(result)}\n")
+
+
+def headline_crash_drills(result: dict) -> str:
+    """Killed, out-of-disk and damaged runs resumed: passed out of run, per drill."""
+    passed = lambda rows: sum(bool(row.get("passed")) for row in rows)  # noqa: E731
+    parts = []
+    if "sigkill" in result:
+        kills = result["sigkill"]["summary"]
+        parts.append(f"Killed with SIGKILL at random moments, "
+                     f"**{kills['resumed_bit_identical']}/{kills['killed']}** resumed "
+                     "bit-identical")
+    for key, label in (("disk_full", "full disks"), ("damaged_checkpoint",
+                                                      "damaged checkpoints")):
+        if key in result:
+            parts.append(f"{label} **{passed(result[key])}/{len(result[key])}**")
+    return "; ".join(parts) + f". {_short_origin(result)}\n"
+
+
 RENDERERS: dict[str, Callable[[dict], str]] = {
     "throughput": render_throughput,
     "baselines": render_baselines,
@@ -786,6 +942,14 @@ RENDERERS: dict[str, Callable[[dict], str]] = {
     "distributed": render_distributed,
     "architectures": render_architectures,
     "llama_cpp": render_llama_cpp,
+    "baselines_headline": headline_baselines,
+    "example_headline": headline_example,
+    "assess_headline": headline_assess,
+    "llama_cpp_headline": headline_llama_cpp,
+    "sweep_headline": headline_sweep,
+    "distributed_headline": headline_distributed,
+    "architectures_headline": headline_architectures,
+    "crash_drills_headline": headline_crash_drills,
 }
 
 
@@ -794,6 +958,21 @@ RENDERERS: dict[str, Callable[[dict], str]] = {
 
 def documents() -> list[Path]:
     return sorted({path for pattern in DOCUMENTS for path in ROOT.glob(pattern)})
+
+
+LINK = re.compile(r"(\]\()([^)\s]+)(\))")
+
+
+def _links_from(document: Path, body: str) -> str:
+    """Renderers name files from the repository root; a link in a block is made relative to
+    the document that holds it (``docs/evaluation.md`` links ``../examples/...``)."""
+    def relative(match: re.Match) -> str:
+        target = match[2]
+        if re.match(r"[a-z]+:|#|/", target) or not (ROOT / target).exists():
+            return match[0]
+        return match[1] + os.path.relpath(ROOT / target, document.parent) + match[3]
+
+    return LINK.sub(relative, body)
 
 
 def problems_in(document: Path, *, write: bool = False) -> list[str]:
@@ -818,7 +997,7 @@ def problems_in(document: Path, *, write: bool = False) -> list[str]:
             found.append(f"{name}: {path} lacks its provenance ({', '.join(missing)}): re-run "
                          "the script that writes it")
             return match[0]
-        body = RENDERERS[kind](result)
+        body = _links_from(document, RENDERERS[kind](result))
         if body != match["body"] and not write:
             found.append(f"{name}: the {kind} block differs from {path}; run "
                          "`python scripts/published.py --write`")
@@ -826,7 +1005,7 @@ def problems_in(document: Path, *, write: bool = False) -> list[str]:
 
     updated = BLOCK.sub(rendered, text)
     outside = BLOCK.sub("", updated)
-    for line in outside.splitlines():
+    for line in [] if name.as_posix() in GENERATED else outside.splitlines():
         if FIGURE.search(line) and not line.lstrip().startswith(("python ", "$ ", "#")):
             found.append(f"{name}: a performance figure outside a published block: "
                          f"{line.strip()[:100]!r}")

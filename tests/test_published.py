@@ -10,12 +10,29 @@ ROOT = Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("published", ROOT / "scripts" / "published.py")
 published = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(published)
+_spec = importlib.util.spec_from_file_location("config_reference",
+                                               ROOT / "scripts" / "config_reference.py")
+config_reference = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(config_reference)
 
 
 def test_every_published_block_matches_its_committed_result_file():
     problems = [problem for document in published.documents()
                 for problem in published.problems_in(document)]
     assert problems == []
+
+
+def test_every_docs_page_is_checked():
+    checked = {path.relative_to(ROOT).as_posix() for path in published.documents()}
+    pages = {path.relative_to(ROOT).as_posix() for path in (ROOT / "docs").glob("*.md")}
+    assert pages <= checked and "README.md" in checked
+
+
+def test_the_configuration_reference_is_generated_from_the_current_schema():
+    """docs/configuration.md is what `tunelab config --explain` says now; when a field or its
+    description changes, `python scripts/config_reference.py` rewrites it."""
+    assert (ROOT / "docs" / "configuration.md").read_text() == config_reference.render()
+    assert config_reference.main(["--check"]) == 0
 
 
 GENERATION = {"command": "python benchmarks/generation.py", "git_commit": "0123456789abcdef",
@@ -53,3 +70,18 @@ def test_a_figure_outside_a_block_and_a_result_without_provenance_are_refused(
     problems = published.problems_in(_document(tmp_path, monkeypatch, text, result))
     assert any("lacks its provenance (git_commit)" in problem for problem in problems)
     assert any("outside a published block: 'We are 3.9×" in problem for problem in problems)
+
+
+def test_a_link_in_a_block_is_made_relative_to_the_document_that_holds_it(tmp_path, monkeypatch):
+    document = _document(tmp_path, monkeypatch, "", GENERATION)
+    (tmp_path / "docs").mkdir()
+    page = tmp_path / "docs" / "page.md"
+    block = "<!-- published: linked results/generation.json -->\n"
+    page.write_text(block + "<!-- /published -->\n")
+    document.write_text(block + "<!-- /published -->\n")
+    monkeypatch.setitem(published.RENDERERS, "linked",
+                        lambda result: "![curve](results/generation.json)\n")
+    for path in (page, document):
+        assert published.problems_in(path, write=True) == []
+    assert "![curve](../results/generation.json)" in page.read_text()
+    assert "![curve](results/generation.json)" in document.read_text()
