@@ -163,11 +163,11 @@ def build_model(folder: Path, dims: dict, seed: int, tokenizer_path: str = TOKEN
 
     from tunelab.model.load import load_tokenizer
 
-    folder = Path(tokenizer_path)
-    if folder.is_dir() and not (folder / "config.json").exists():  # save_pretrained's files only
+    source = Path(tokenizer_path)
+    if source.is_dir() and not (source / "config.json").exists():  # save_pretrained's files only
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        tokenizer = AutoTokenizer.from_pretrained(source)
     else:
         tokenizer = load_tokenizer(tokenizer_path)
     config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=4096,

@@ -8,6 +8,7 @@ as a failed lever row after twenty minutes of measuring).
 from __future__ import annotations
 
 import importlib.util
+import shutil
 import sys
 from pathlib import Path
 
@@ -83,3 +84,22 @@ def test_tunelab_side_gets_the_malloc_the_cli_gives_it_and_the_trainer_sides_do_
     glibc = {**spec, "lever": bench.LEVERS["glibc's malloc instead of jemalloc "
                                             "(train.allocator: system)"]}
     assert "LD_PRELOAD" not in bench.worker_environment("tunelab", glibc)
+
+
+@pytest.mark.parametrize("source", ["a model folder", "tokenizer files only"])
+def test_the_random_model_goes_to_its_folder_and_the_tokenizer_source_is_left_as_it_was(
+        source, tiny_model_dir, tmp_path):
+    from transformers import AutoConfig, AutoTokenizer
+
+    tokenizer = tmp_path / "tokenizer"
+    if source == "a model folder":
+        shutil.copytree(tiny_model_dir, tokenizer)
+    else:  # what tokenizer.save_pretrained writes
+        AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(tokenizer)
+    before = {path.name: path.stat().st_mtime_ns for path in tokenizer.iterdir()}
+    dims = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+            "num_attention_heads": 4, "num_key_value_heads": 2}
+    bench.build_model(tmp_path / "model", dims, seed=0, tokenizer_path=str(tokenizer))
+    assert AutoConfig.from_pretrained(tmp_path / "model").num_hidden_layers == 1
+    assert (tmp_path / "model" / "tokenizer_config.json").is_file()
+    assert {path.name: path.stat().st_mtime_ns for path in tokenizer.iterdir()} == before
