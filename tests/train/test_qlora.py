@@ -64,10 +64,10 @@ def test_the_planner_counts_the_4bit_base_as_loaded(tmp_path, qlora_model_dir):
     scales, float32 embeddings and norms) equal what bitsandbytes holds after loading."""
     from bitsandbytes.nn import Linear4bit
 
-    from tunelab.model.plan import plan
+    from tunelab.planner.predict import plan
 
     method = {"kind": "qlora", "r": 4, "alpha": 8, "dropout": 0.0}
-    predicted = plan(make_config(tmp_path, qlora_model_dir, method=method))["memory"]
+    predicted = plan(make_config(tmp_path, qlora_model_dir, method=method)).memory
     nf4_bytes = predicted["weights_by_dtype"]["nf4 (4-bit base)"]
     assert predicted["breakdown_bytes"]["weights"] == nf4_bytes
     model = load_model(qlora_model_dir, device="cpu", load_in_4bit=True)

@@ -1,4 +1,4 @@
-"""The data as a run sees it: read, split off validation, tokenize; the run's micro-batch order.
+"""The data as a run sees it: read, split off validation, tokenize.
 
 ``prepare_data`` is the one place where a config's data becomes token ids. Training, the
 planner and the planner's calibration run all call it, so the counts a plan predicts from are
@@ -17,8 +17,7 @@ from itertools import chain, zip_longest
 
 from tunelab.config import DataConfig
 from tunelab.data.formats import Example, load_examples
-from tunelab.data.mixture import schedule_mixture, task_data
-from tunelab.data.packing import plan_batches
+from tunelab.data.mixture import task_data
 from tunelab.data.tokenize import TokenizedExample, tokenize_examples
 from tunelab.errors import DataError
 
@@ -125,30 +124,3 @@ def _prepare_tasks(data: DataConfig, tokenizer, *, max_seq_len: int, seed: int) 
                          samples, joined(lambda part: part.skipped), report,
                          train_tasks=tags(lambda part: part.train),
                          validation_tasks=tags(lambda part: part.validation))
-
-
-def schedule_micro_batches(lengths: list[int], *, batch_tokens: int, packing: bool, seed: int,
-                           epochs: float, max_steps: int | None,
-                           grad_accum: int, tasks: list[str] | None = None,
-                           rates: dict[str, float] | None = None) -> list[list[int]]:
-    """Every micro-batch of a run in order: seeded epoch plans, concatenated and cut to length.
-
-    A run of ``max_steps`` steps, else of ``epochs`` passes rounded to whole optimizer steps.
-    Multitask (``rates``: each task's token share; ``tasks``: each example's task): the same
-    number of micro-batches, drawn by ``mixture.schedule_mixture``.
-    """
-    plan = lambda epoch: plan_batches(lengths, batch_tokens=batch_tokens,  # noqa: E731
-                                      packing=packing, seed=seed + epoch)
-    first = plan(0)
-    if max_steps:
-        wanted = max_steps * grad_accum
-    else:
-        wanted = max(1, round(epochs * len(first) / grad_accum)) * grad_accum
-    if rates:  # multitask: as many micro-batches, drawn by the mixture
-        return schedule_mixture(lengths, tasks or [], rates, batch_tokens=batch_tokens,
-                                packing=packing, seed=seed, n_micro_batches=wanted)
-    batches, epoch = list(first), 1
-    while len(batches) < wanted:
-        batches += plan(epoch)
-        epoch += 1
-    return batches[:wanted]

@@ -1,7 +1,8 @@
 """Calibration for the planner: a few real training steps of a config, measured in a subprocess.
 
-``tunelab plan --calibrate`` hands what they measured to ``model/plan.py``'s ``plan``, which
-scales its prediction by it. A fresh process, so the peak memory is this config's alone.
+``tunelab plan --calibrate`` hands what they measured to the planner's ``plan``
+(``planner/predict.py``), which scales its prediction by it. A fresh process, so the peak
+memory is this config's alone.
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ import torch
 from rich.console import Console
 
 from tunelab.config import Config, config_from_dict
-from tunelab.data.packing import collate
-from tunelab.model.plan import measured_peak_bytes
-from tunelab.train.loop import autocast, prepare, run_micro_batches
-from tunelab.train.loss import batch_loss_sum
-from tunelab.train.optim import build_optimizer, clip_gradients
+from tunelab.data.schedule import run_schedule
+from tunelab.peak_memory import measured_peak_bytes
+from tunelab.train import distributed
+from tunelab.train.loop import prepare
+from tunelab.train.optim import build_optimization
+from tunelab.train.step import forward_backward, update
 
 
 def calibrate_run(config: Config, *, steps: int = 4) -> dict:
@@ -38,39 +40,41 @@ def calibrate_run(config: Config, *, steps: int = 4) -> dict:
 
 
 def measure_steps(config: Config, steps: int) -> dict:
-    """The steps themselves, in this process: tokens/s after the first, peak memory."""
+    """The steps themselves, in this process: tokens/s after the first, peak memory.
+
+    The run's own schedule (``data/schedule.py``, the multitask mixture included) and the loop's
+    own step (``train/step.py``), so the time measured is the time of the run's steps.
+    """
     torch.manual_seed(config.train.seed)
     prepared = prepare(config, Console(quiet=True))
-    model, device, accum = prepared.model, prepared.device, config.train.grad_accum
+    device, cluster = prepared.device, distributed.Cluster()
     lengths = [len(ex.input_ids) for ex in prepared.train]
-    micro = run_micro_batches(lengths, config)
-    groups = [micro[i:i + accum] for i in range(0, len(micro), accum)]
+    schedule = run_schedule(config, lengths, prepared.train_tasks)
+    groups = schedule.steps()
     heaviest = max(range(len(groups)), key=lambda g: max(
         sum(lengths[i] for i in batch) for batch in groups[g]))
     chosen = [groups[heaviest]] + [g for i, g in enumerate(groups) if i != heaviest]
     chosen = chosen[:max(2, steps)]
-    optimizer = build_optimizer(model, lr=config.train.lr, weight_decay=config.train.weight_decay)
+    step_model = distributed.wrap(prepared.model, cluster,
+                                  chunk_tokens=config.train.loss_chunk_tokens)
+    optimization = build_optimization(prepared.model, config.train,
+                                      total_steps=schedule.total_steps)
     pad_id = prepared.tokenizer.pad_token_id or 0
-    model.train()
+    step_model.train()
     timed_s, timed_tokens = 0.0, 0
     for number, group in enumerate(chosen):
         started = time.perf_counter()
-        batches = [collate([prepared.train[i] for i in indices], packing=config.train.packing,
-                           pad_id=pad_id) for indices in group]
-        n_target = sum(batch.n_target_tokens for batch in batches)
-        for batch in batches:
-            with autocast(device):
-                loss = batch_loss_sum(model, batch.to(device),
-                                      chunk_tokens=config.train.loss_chunk_tokens)
-            (loss / n_target).backward()
-        clip_gradients(model, config.train.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        batches = distributed.collate_share(prepared.train, group,
+                                            packing=config.train.packing, pad_id=pad_id)
+        losses = forward_backward(step_model, batches, device=device, cluster=cluster,
+                                  max_grad_norm=config.train.max_grad_norm, step=number + 1,
+                                  sources=lambda: [])
+        update(optimization)
         if device.type == "cuda":
             torch.cuda.synchronize()
         if number > 0:
             timed_s += time.perf_counter() - started
-            timed_tokens += sum(batch.n_tokens for batch in batches)
+            timed_tokens += losses.tokens
     return {"steps": len(chosen), "timed_tokens": timed_tokens, "timed_s": timed_s,
             "tokens_per_second": timed_tokens / max(timed_s, 1e-9),
             "measured_peak_bytes": measured_peak_bytes(device.type),

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from tunelab.config import TrainConfig
 
 
 def build_optimizer(model: nn.Module, *, lr: float, weight_decay: float) -> torch.optim.AdamW:
@@ -51,3 +54,25 @@ def clip_gradients(model: nn.Module, max_norm: float | None) -> float:
         return 0.0
     norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm if max_norm else float("inf"))
     return float(norm)
+
+
+@dataclass
+class Optimization:
+    """The optimizer and learning-rate schedule of a run, as ``config.train`` asks for them."""
+
+    optimizer: torch.optim.AdamW
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    warmup_steps: int
+
+
+def build_optimization(model: nn.Module, train: TrainConfig, *, total_steps: int) -> Optimization:
+    """AdamW and its schedule over ``total_steps``: what the loop and the calibration both use.
+
+    Under FSDP build it after wrapping the model: its parameters are then the shards.
+    """
+    warmup = (train.warmup_steps if train.warmup_steps is not None
+              else math.ceil(train.warmup_ratio * total_steps))
+    optimizer = build_optimizer(model, lr=train.lr, weight_decay=train.weight_decay)
+    return Optimization(optimizer, build_scheduler(optimizer, total_steps=total_steps,
+                                                   warmup_steps=warmup,
+                                                   schedule=train.schedule), warmup)

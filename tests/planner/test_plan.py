@@ -24,18 +24,17 @@ from tunelab.model import varlen
 from tunelab.model.adapters import apply_method
 from tunelab.model.dropout import share_lora_dropout
 from tunelab.model.load import load_model
-from tunelab.model.plan import (
-    JEMALLOC_PADDED_RETENTION,
-    ModelShape,
-    activation_bytes,
-    adapter_params,
-    layer_activation_bytes,
-    peak_rss_bytes,
-    plan,
-    render_plan,
-    training_flops,
-)
 from tunelab.model.swiglu import fuse_gated_activations
+from tunelab.peak_memory import peak_rss_bytes
+from tunelab.planner.memory import (
+    JEMALLOC_PADDED_RETENTION,
+    activation_bytes,
+    layer_activation_bytes,
+)
+from tunelab.planner.predict import plan
+from tunelab.planner.render import render_plan
+from tunelab.planner.shape import ModelShape, adapter_params
+from tunelab.planner.speed import training_flops
 from tunelab.train.loss import hidden_states
 
 WORDS = ["good", "great", "fine", "lovely", "fun", "bad", "awful", "boring", "dull", "poor",
@@ -69,18 +68,18 @@ def make_config(tmp_path: Path, model_dir: str, method: dict | None = None, **tr
 
 def test_breakdown_adds_up_and_matches_the_real_parameter_counts(tmp_path, tiny_model_dir):
     result = plan(make_config(tmp_path, tiny_model_dir))
-    memory = result["memory"]
+    memory = result.memory
     assert sum(memory["breakdown_bytes"].values()) == memory["predicted_peak_bytes"]
     assert all(value >= 0 for value in memory["breakdown_bytes"].values())
     model = load_model(tiny_model_dir, device="cpu")
-    assert result["model"]["params"] == sum(p.numel() for p in model.parameters())
-    assert memory["breakdown_bytes"]["weights"] == result["model"]["params"] * 4
+    assert result.model["params"] == sum(p.numel() for p in model.parameters())
+    assert memory["breakdown_bytes"]["weights"] == result.model["params"] * 4
     peft_model = apply_method(model, kind="lora", r=4, alpha=8, dropout=0.05,
                               targets="all-linear", rslora=False)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    assert result["model"]["trainable_params"] == trainable
+    assert result.model["trainable_params"] == trainable
     assert memory["breakdown_bytes"]["optimizer"] == 2 * 4 * trainable  # AdamW: 2 fp32 states
-    assert result["data"]["steps"] == 4 and result["time"]["predicted_wall_s"] > 0
+    assert result.data["steps"] == 4 and result.time["predicted_wall_s"] > 0
 
 
 def test_full_fine_tuning_needs_more_memory_and_flops_than_lora(tmp_path, tiny_model_dir,
@@ -92,26 +91,26 @@ def test_full_fine_tuning_needs_more_memory_and_flops_than_lora(tmp_path, tiny_m
                             method={"kind": "lora", "r": 4, "alpha": 8, "dropout": 0.0}))
     full = plan(make_config(tmp_path, tiny_model_dir, method={"kind": "full"}))
     for part in ("gradients", "optimizer"):
-        assert full["memory"]["breakdown_bytes"][part] > 5 * lora["memory"]["breakdown_bytes"][
+        assert full.memory["breakdown_bytes"][part] > 5 * lora.memory["breakdown_bytes"][
             part]
-    assert full["memory"]["predicted_peak_bytes"] > lora["memory"]["predicted_peak_bytes"]
-    assert full["time"]["run_flops"] > lora["time"]["run_flops"]
+    assert full.memory["predicted_peak_bytes"] > lora.memory["predicted_peak_bytes"]
+    assert full.time["run_flops"] > lora.time["run_flops"]
 
 
 def test_checkpointing_lowers_activations_and_costs_a_forward(tmp_path, tiny_model_dir):
     plain = plan(make_config(tmp_path, tiny_model_dir))
     checkpointed = plan(make_config(tmp_path, tiny_model_dir, gradient_checkpointing=True))
-    assert (checkpointed["memory"]["breakdown_bytes"]["activations"]
-            < plain["memory"]["breakdown_bytes"]["activations"])
-    assert checkpointed["time"]["run_flops"] > plain["time"]["run_flops"]
+    assert (checkpointed.memory["breakdown_bytes"]["activations"]
+            < plain.memory["breakdown_bytes"]["activations"])
+    assert checkpointed.time["run_flops"] > plain.time["run_flops"]
 
 
 def test_more_batch_tokens_raise_activations(tmp_path, tiny_model_dir):
     small = plan(make_config(tmp_path, tiny_model_dir, batch_tokens=128))
     large = plan(make_config(tmp_path, tiny_model_dir, batch_tokens=1024))
-    assert large["memory"]["peak_batch"]["positions"] > small["memory"]["peak_batch"]["positions"]
-    assert (large["memory"]["breakdown_bytes"]["activations"]
-            > 2 * small["memory"]["breakdown_bytes"]["activations"])
+    assert large.memory["peak_batch"]["positions"] > small.memory["peak_batch"]["positions"]
+    assert (large.memory["breakdown_bytes"]["activations"]
+            > 2 * small.memory["breakdown_bytes"]["activations"])
 
 
 def test_shared_dropout_and_the_tuned_allocator_lower_the_prediction(tmp_path, tiny_model_dir,
@@ -119,9 +118,9 @@ def test_shared_dropout_and_the_tuned_allocator_lower_the_prediction(tmp_path, t
     monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
     lora = {"kind": "lora", "r": 4, "alpha": 8, "dropout": 0.05}
     before = plan(make_config(tmp_path, tiny_model_dir, allocator="system",
-                              method={**lora, "shared_dropout": False}))["memory"]
+                              method={**lora, "shared_dropout": False})).memory
     after = plan(make_config(tmp_path, tiny_model_dir, allocator="tuned",
-                             method=lora))["memory"]
+                             method=lora)).memory
     assert before["breakdown_bytes"]["allocator"] > 0 == after["breakdown_bytes"]["allocator"]
     assert (after["breakdown_bytes"]["activations"]
             < 0.8 * before["breakdown_bytes"]["activations"])
@@ -130,12 +129,12 @@ def test_shared_dropout_and_the_tuned_allocator_lower_the_prediction(tmp_path, t
 def test_the_plan_says_which_memory_setting_fits_a_budget(tmp_path, tiny_model_dir, monkeypatch,
                                                           capsys):
     config = make_config(tmp_path, tiny_model_dir, batch_tokens=1024)
-    peaks = plan(config)["memory_settings"]["predicted_peak_bytes"]
+    peaks = plan(config).memory_settings["predicted_peak_bytes"]
     assert peaks["low"] < peaks["default"]
     middle = (peaks["low"] + peaks["default"]) // 2
     for budget, recommended in ((peaks["default"], "default"), (middle, "low"),
                                 (peaks["low"] - 1, None)):
-        assert plan(config, memory_budget_bytes=budget)["memory_settings"]["recommended"] == \
+        assert plan(config, memory_budget_bytes=budget).memory_settings["recommended"] == \
             recommended
     path = tmp_path / "plan.yaml"
     path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
@@ -150,11 +149,11 @@ def test_the_plan_says_which_memory_setting_fits_a_budget(tmp_path, tiny_model_d
 def test_advice_when_the_budget_is_too_small(tmp_path, tiny_model_dir):
     config = make_config(tmp_path, tiny_model_dir, method={"kind": "full"}, batch_tokens=1024)
     roomy = plan(config, memory_budget_bytes=64 * 2**30)
-    assert roomy["fits"] and not any("exceeds" in line for line in roomy["advice"])
-    tight = roomy["memory"]["predicted_peak_bytes"] - 1
+    assert roomy.fits and not any("exceeds" in line for line in roomy.advice)
+    tight = roomy.memory["predicted_peak_bytes"] - 1
     result = plan(config, memory_budget_bytes=tight)
-    assert not result["fits"]
-    advice = "\n".join(result["advice"])
+    assert not result.fits
+    advice = "\n".join(result.advice)
     assert "exceeds the memory budget" in advice
     assert "method.kind: lora" in advice and "train.memory: low" in advice
     assert "train.batch_tokens" in advice
@@ -165,16 +164,16 @@ def test_advice_when_the_budget_is_too_small(tmp_path, tiny_model_dir):
 
 def test_padding_is_reported_as_waste(tmp_path, tiny_model_dir):
     result = plan(make_config(tmp_path, tiny_model_dir, packing=False))
-    assert result["data"]["processed_tokens"] > result["data"]["run_tokens"]
-    assert any("packing: true" in line for line in result["advice"])
+    assert result.data["processed_tokens"] > result.data["run_tokens"]
+    assert any("packing: true" in line for line in result.advice)
 
 
 def test_jemalloc_retention_is_counted_for_padded_batches_only(tmp_path, tiny_model_dir):
     padded = plan(make_config(tmp_path, tiny_model_dir, packing=False), allocator="jemalloc")
     packed = plan(make_config(tmp_path, tiny_model_dir, packing=True), allocator="jemalloc")
-    memory = padded["memory"]["breakdown_bytes"]
+    memory = padded.memory["breakdown_bytes"]
     assert memory["allocator"] == int(JEMALLOC_PADDED_RETENTION * memory["activations"]) > 0
-    assert packed["memory"]["breakdown_bytes"]["allocator"] == 0
+    assert packed.memory["breakdown_bytes"]["allocator"] == 0
 
 
 def saved_bytes(model, batch) -> int:
@@ -299,7 +298,7 @@ MEASURE = """
 import json, sys
 from rich.console import Console
 from tunelab.config import config_from_dict
-from tunelab.model.plan import peak_rss_bytes
+from tunelab.peak_memory import peak_rss_bytes
 from tunelab.train.loop import train
 train(config_from_dict(json.loads(sys.argv[1])), console=Console(quiet=True))
 print(peak_rss_bytes())
@@ -313,7 +312,7 @@ def test_predicted_peak_matches_a_real_training_run(tmp_path, tiny_model_dir):
     1.2 GB for a 0.45 GB run. Four runs, one from a 1.2 GB parent: prediction +1% to +7%;
     ±20% leaves room for the runtime's drift across library versions."""
     config = make_config(tmp_path, tiny_model_dir, batch_tokens=512)
-    predicted = plan(config, allocator="system")["memory"]["predicted_peak_bytes"]
+    predicted = plan(config, allocator="system").memory["predicted_peak_bytes"]
     completed = subprocess.run([sys.executable, "-c", MEASURE,
                                 json.dumps(config.model_dump(mode="json"))],
                                capture_output=True, text=True, timeout=300,
@@ -348,7 +347,7 @@ def test_predicted_peak_matches_a_lora_run_of_the_packaged_model(tmp_path, embed
                  "prompt": "Review: {text}\nSentiment:", "completion": " {label}"},
         "train": {"max_steps": 3, "batch_tokens": 2048, "max_seq_len": 256, "samples": 0,
                   "seed": 0, "lr": 1e-4}})
-    predicted = plan(config, allocator=malloc)["memory"]["predicted_peak_bytes"]
+    predicted = plan(config, allocator=malloc).memory["predicted_peak_bytes"]
     completed = subprocess.run([sys.executable, "-c", MEASURE,
                                 json.dumps(config.model_dump(mode="json"))],
                                capture_output=True, text=True, timeout=900,
@@ -362,7 +361,7 @@ def test_predicted_peak_matches_a_lora_run_of_the_packaged_model(tmp_path, embed
 def test_peak_rss_is_this_process_not_its_parent():
     """A small child of a large parent must not report the parent's RSS."""
     ballast = torch.ones(300 * 2**20 // 4)  # 300 MB resident in this (parent) process
-    code = "from tunelab.model.plan import peak_rss_bytes; print(peak_rss_bytes())"
+    code = "from tunelab.peak_memory import peak_rss_bytes; print(peak_rss_bytes())"
     child = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                                check=True).stdout)
     assert child < 300 * 2**20 < peak_rss_bytes()
