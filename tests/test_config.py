@@ -4,6 +4,8 @@ method.kind and eval.task are the registries' kinds."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from typing import get_args
 
 import pytest
@@ -120,3 +122,13 @@ def test_config_explain_from_the_cli(monkeypatch, capsys):
     assert "method.targets" in out and "[q_proj," in out  # brackets are text, not markup
     code, _, err = run_cli(monkeypatch, capsys, "config", "--explain", "train.lrr")
     assert code == 2 and "unknown key 'train.lrr'" in err and "did you mean 'lr'?" in err
+
+
+def test_reading_a_config_loads_no_model_or_metric_library():
+    """``import tunelab.config`` (every command and the Python API start with it) stays light:
+    the registries it reads its choices from import torch, peft and sacrebleu only when used."""
+    code = ("import sys, tunelab.config; print(sorted(m for m in ('torch', 'transformers', "
+            "'peft', 'sacrebleu', 'datasets') if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True).stdout.strip()
+    assert loaded == "[]"

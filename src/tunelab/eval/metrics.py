@@ -13,11 +13,14 @@ import re
 import string
 from collections import Counter
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import numpy as np
-from sacrebleu.metrics import BLEU, CHRF
 
 from tunelab.eval.stats import Statistic, ratio_statistic
+
+if TYPE_CHECKING:
+    from sacrebleu.metrics import BLEU, CHRF
 
 UNPARSED = "(unparsed)"
 
@@ -347,18 +350,18 @@ def _entities_from_lines(body: str) -> tuple[list[tuple[str, str]], bool]:
 def bleu(hypotheses: list[str], references: list[str], *, tokenize: str = "13a") -> float:
     """Corpus BLEU (sacrebleu, 0–100) against one reference per hypothesis."""
     _check_pairs(hypotheses, references)
-    return float(BLEU(tokenize=tokenize).corpus_score(hypotheses, [references]).score)
+    return float(_sacrebleu("BLEU", tokenize=tokenize).corpus_score(hypotheses, [references]).score)
 
 
 def chrf(hypotheses: list[str], references: list[str]) -> float:
     """Corpus chrF (sacrebleu defaults: character 6-grams, β=2; 0–100)."""
     _check_pairs(hypotheses, references)
-    return float(CHRF().corpus_score(hypotheses, [references]).score)
+    return float(_sacrebleu("CHRF").corpus_score(hypotheses, [references]).score)
 
 
 def sentence_chrf(hypothesis: str, reference: str) -> float:
     """chrF of one hypothesis against its reference (0–100), a per-example score."""
-    return float(CHRF().sentence_score(hypothesis, [reference]).score)
+    return float(_sacrebleu("CHRF").sentence_score(hypothesis, [reference]).score)
 
 
 def bleu_statistic(hypotheses: list[str], references: list[str], *,
@@ -369,13 +372,21 @@ def bleu_statistic(hypotheses: list[str], references: list[str], *,
     as sacrebleu's own paired bootstrap does; equal to ``bleu`` on the resampled lists.
     """
     _check_pairs(hypotheses, references)
-    return _sacrebleu_statistic(BLEU(tokenize=tokenize), hypotheses, references)
+    return _sacrebleu_statistic(_sacrebleu("BLEU", tokenize=tokenize), hypotheses, references)
 
 
 def chrf_statistic(hypotheses: list[str], references: list[str]) -> Statistic:
     """Corpus chrF as a function of resampled example indices (statistics extracted once)."""
     _check_pairs(hypotheses, references)
-    return _sacrebleu_statistic(CHRF(), hypotheses, references)
+    return _sacrebleu_statistic(_sacrebleu("CHRF"), hypotheses, references)
+
+
+def _sacrebleu(name: str, **options) -> BLEU | CHRF:
+    """A sacrebleu metric, imported when first used: reading a config (whose ``eval.task``
+    choices come from ``eval/tasks.py``, which imports this module) does not load sacrebleu."""
+    from sacrebleu import metrics
+
+    return getattr(metrics, name)(**options)
 
 
 def _sacrebleu_statistic(metric: BLEU | CHRF, hypotheses: list[str],
