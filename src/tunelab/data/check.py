@@ -7,7 +7,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from tunelab.config import DataConfig
+from tunelab.config import Config, DataConfig
 from tunelab.data.formats import Example
 from tunelab.data.mixture import data_rates, task_data, task_token_counts
 from tunelab.data.prepare import Splits, prepare_data, read_splits, tokenize_as_trained
@@ -16,13 +16,13 @@ from tunelab.data.tokenize import truncation_effects
 from tunelab.errors import ModelError
 
 
-def check_data(source: str | Path, *, max_seq_len: int | None = None, model: str | None = None,
-               console: Console | None = None) -> dict:
+def check_data(source: str | Path | Config, *, max_seq_len: int | None = None,
+               model: str | None = None, console: Console | None = None) -> dict:
     """Read and normalise every record (errors name file:line), then build the quality report.
 
-    ``source`` is a YAML config (its train, validation and test data, template and tokenizer;
-    leakage is checked between every pair of splits) or a data
-    file (format auto-detected; token lengths with ``model``'s tokenizer when given).
+    ``source`` is a config or its YAML file (its train, validation and test data, template and
+    tokenizer; leakage is checked between every pair of splits) or a data file (format
+    auto-detected; token lengths with ``model``'s tokenizer when given).
     A config's splits are the run's (``prepare.read_splits``: validation split off train with
     the run's seed when there is no validation file) and are tokenized as the run tokenizes
     them (``prepare.tokenize_as_trained``), untruncated, to show what ``max_seq_len`` cuts.
@@ -33,9 +33,9 @@ def check_data(source: str | Path, *, max_seq_len: int | None = None, model: str
     from tunelab.config import load_config
 
     console = console or Console()
-    source = Path(source)
-    if source.suffix in (".yaml", ".yml"):
-        config = load_config(source)
+    is_config = isinstance(source, Config) or Path(source).suffix in (".yaml", ".yml")
+    if is_config:
+        config = source if isinstance(source, Config) else load_config(source)
         data, seed = config.data, config.train.seed
         model = model or config.model.path
         max_seq_len = max_seq_len or config.train.max_seq_len
@@ -45,7 +45,7 @@ def check_data(source: str | Path, *, max_seq_len: int | None = None, model: str
     if data.tasks:
         return _check_tasks(data, seed=seed, tokenizer=tokenizer, max_seq_len=max_seq_len,
                             console=console)
-    splits = read_splits(data, seed=seed, test=source.suffix in (".yaml", ".yml"))
+    splits = read_splits(data, seed=seed, test=is_config)
     return _check_splits(splits, data, tokenizer=tokenizer, max_seq_len=max_seq_len,
                          console=console)
 
