@@ -125,7 +125,7 @@ def test_one_process_is_not_distributed():
 
 
 def test_planner_divides_sharded_state_under_fsdp_and_adds_buckets_under_ddp():
-    from tunelab.model.plan import per_rank_memory
+    from tunelab.planner.memory import per_rank_memory
 
     one = {"framework": 100, "weights": 800, "adapter": 0, "gradients": 800, "optimizer": 1600,
            "activations": 50}
@@ -289,13 +289,19 @@ def test_the_launcher_puts_back_the_signal_handlers_torchrun_replaced(tmp_path,
                                                                       tiny_model_dir):
     """After ``tunelab train --nproc`` returns in-process, Ctrl-C interrupts as before."""
     config = write_config(tmp_path, tiny_model_dir, max_steps=1, samples=0)
-    before = {number: signal.getsignal(number) for number in distributed.TORCHRUN_SIGNALS}
-    distributed.launch(1, [str(config)], run_dir=tmp_path / "runs" / "reviews")
-    assert (tmp_path / "runs" / "reviews" / "adapter").is_dir()
-    assert {number: signal.getsignal(number) for number in before} == before
-    with pytest.raises(KeyboardInterrupt):
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(5)  # the handler raises at the next bytecode, long before this ends
+    # Python's own Ctrl-C handler, whatever this suite was started with: a background job or
+    # nohup starts it with SIGINT ignored, and then no Ctrl-C could raise
+    started_with = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        before = {number: signal.getsignal(number) for number in distributed.TORCHRUN_SIGNALS}
+        distributed.launch(1, [str(config)], run_dir=tmp_path / "runs" / "reviews")
+        assert (tmp_path / "runs" / "reviews" / "adapter").is_dir()
+        assert {number: signal.getsignal(number) for number in before} == before
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)  # the handler raises at the next bytecode, long before this ends
+    finally:
+        signal.signal(signal.SIGINT, started_with)
 
 
 def rank_pid(launcher_pid: int, *, rank: int) -> int:
