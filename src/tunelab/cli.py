@@ -61,7 +61,7 @@ def train(
     """Fine-tune a model: data files → LoRA or full fine-tuning → a run directory."""
     from tunelab.config import load_config
     from tunelab.model.adapters import without_bitsandbytes
-    from tunelab.runs import open_run
+    from tunelab.run import open_run
     from tunelab.train.loop import train as run_training
 
     if resume is not None:
@@ -124,7 +124,7 @@ def generate(
     """Load base + adapter of a run and complete a prompt."""
     from tunelab.data.render import user_prompt
     from tunelab.eval.generate import generate_texts
-    from tunelab.runs import load_run_model
+    from tunelab.run import load_run_model
 
     model, tokenizer, cfg = load_run_model(run, base=base)
     if chat is None:
@@ -150,17 +150,16 @@ def eval_(
     from tunelab.config import load_config
     from tunelab.eval.evaluate import evaluate as evaluate_one
     from tunelab.eval.multitask import evaluate_tasks
-    from tunelab.runs import create_run
+    from tunelab.run import RunDir, create_run
 
     cfg = load_config(config, _overrides(set_))
     evaluate = evaluate_tasks if cfg.data.tasks else evaluate_one
-    if run is None and not base_only and (cfg.run_dir / "config.yaml").is_file():
+    if run is None and not base_only and RunDir(cfg.run_dir).is_run():
         run = cfg.run_dir
     if run is None:
         # Base-only results still get a run directory of their own, like every result.
         cfg.name = f"{cfg.name}-base"
-        run = cfg.run_dir if (cfg.run_dir / "config.yaml").is_file() else create_run(
-            cfg, overwrite=False)
+        run = cfg.run_dir if RunDir(cfg.run_dir).is_run() else create_run(cfg, overwrite=False)
         evaluate(cfg, run_dir=run, base=True, tuned=False, console=console)
         return
     evaluate(cfg, run_dir=run, base=base or base_only, tuned=not base_only, console=console)
@@ -180,8 +179,8 @@ def plan(
 ) -> None:
     """Predict peak memory, tokens/s and wall time of a run before starting it."""
     from tunelab.config import load_config
-    from tunelab.model.plan import plan as make_plan
-    from tunelab.model.plan import render_plan
+    from tunelab.planner.predict import plan as make_plan
+    from tunelab.planner.render import render_plan
     from tunelab.train.calibrate import calibrate_run
     from tunelab.train.distributed import strategy_for
 
@@ -192,7 +191,7 @@ def plan(
                        memory_budget_bytes=budget)
     render_plan(result, console)
     if json_out:
-        json_out.write_text(json.dumps(result, indent=2, default=str))
+        json_out.write_text(json.dumps(result.to_dict(), indent=2, default=str))
 
 
 @app.command()
@@ -230,10 +229,8 @@ def report(
 ) -> None:
     """Write one self-contained HTML report: loss curves, metrics, sensitivity, examples."""
     from tunelab.report.html import write_report
-    from tunelab.runs import open_run
 
-    open_run(run)
-    path = write_report(run, output=output)
+    path = write_report(run, output=output)  # a RunError when RUN is not a run directory
     console.print(f"Report written to {path}")
 
 
@@ -370,9 +367,10 @@ def compare(
 
 
 def _trained_on_chat(run: Path) -> bool:
-    from tunelab.runs import read_manifest
+    from tunelab.run import RunDir
 
-    return read_manifest(run).get("data_report", {}).get("format") == "chat"
+    manifest = RunDir(run).read_manifest()
+    return manifest is not None and manifest.data_report.get("format") == "chat"
 
 
 def entry() -> None:

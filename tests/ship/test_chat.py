@@ -11,7 +11,7 @@ from export_runs import GREETINGS, copied_run, make_run
 
 from tunelab.data.render import chat_prompt
 from tunelab.eval.generate import generate_texts
-from tunelab.runs import load_run_model
+from tunelab.run import load_run_model
 from tunelab.ship.chat import chat
 
 MAX_TOKENS = 12

@@ -14,8 +14,9 @@ from rich.console import Console
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tunelab import cli
-from tunelab.model.adapters import load_tuned
 from tunelab.model.load import load_model
+from tunelab.run import RunDir, load_run_model, open_run
+from tunelab.run.load import attach_adapter
 from tunelab.ship.export import logit_gap
 from tunelab.train.loop import train
 
@@ -37,6 +38,11 @@ def qlora_run(tmp_path_factory, qlora_model_dir) -> Path:
                          samples=0, method={"kind": "qlora", "r": 4, "alpha": 8,
                                             "dropout": 0.0})
     return train(config, console=Console(quiet=True)).run_dir
+
+
+def load_tuned(base, run: Path):
+    """``base`` with the run's adapter, whatever base it is (the tests' float and NF4 bases)."""
+    return attach_adapter(base, RunDir(run), open_run(run, need_data=False)[1])
 
 
 def logits_for(model, tokenizer) -> list[torch.Tensor]:
@@ -73,9 +79,7 @@ def test_cli_merges_a_qlora_adapter_into_the_dequantised_base(qlora_run, qlora_m
 
 def test_the_merged_weights_are_the_dequantised_weights_plus_the_adapter(qlora_run,
                                                                           qlora_model_dir):
-    from tunelab.ship.dequantize import load_run_for_merge
-
-    model, _, _ = load_run_for_merge(qlora_run)
+    model, _, _ = load_run_model(qlora_run, dequantize=True)
     layer = model.get_base_model().model.layers[0].self_attn.q_proj
     assert type(layer.base_layer) is torch.nn.Linear  # no Linear4bit left to merge into
     update = layer.get_delta_weight("default")
@@ -96,7 +100,6 @@ def test_generate_chat_serve_and_eval_load_a_qlora_run_on_its_4bit_base(qlora_ru
     from bitsandbytes.nn import Linear4bit
 
     from tunelab.eval.evaluate import _load_models
-    from tunelab.runs import load_run_model, open_run
     from tunelab.ship.serve import load_served_models
 
     trained = load_tuned(load_model(qlora_model_dir, device="cpu", load_in_4bit=True), qlora_run)

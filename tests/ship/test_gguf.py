@@ -406,9 +406,9 @@ def test_export_refuses_before_loading_or_merging(tiny_run, tmp_path, monkeypatc
     architectures.config("phi3").save_pretrained(tmp_path / "phi3")
     monkeypatch.setattr(export, "merge_source", lambda run_dir: str(tmp_path / "phi3"))
 
-    def no_loading(run_dir):
+    def no_loading(*args, **kwargs):
         raise AssertionError("the weights were loaded before the check")
-    monkeypatch.setattr("tunelab.ship.dequantize.load_run_for_merge", no_loading)
+    monkeypatch.setattr(export, "load_run_model", no_loading)
     with pytest.raises(ModelError, match="phi3"):
         export_run(tiny_run, "gguf", out=tmp_path / "out" / "gguf")
     assert list((tmp_path / "out").iterdir()) == []

@@ -29,7 +29,7 @@ from export_runs import GREETINGS, copied_run, make_run
 from tunelab.data.render import chat_prompt
 from tunelab.errors import RunError
 from tunelab.eval.generate import generate_texts
-from tunelab.runs import load_run_model
+from tunelab.run import load_run_model
 from tunelab.ship.serve import bind_socket, create_app, load_served_models
 
 KEY = "sk-test-key"

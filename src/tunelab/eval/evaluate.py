@@ -41,15 +41,16 @@ from tunelab.eval.generate import generate_texts, score_continuations
 from tunelab.eval.result import SCHEMA_VERSION, EvalResult, ModelOutcome
 from tunelab.eval.stats import mcnemar, paired_bootstrap, spread
 from tunelab.eval.tasks import TASKS, Task
+from tunelab.run.directory import RunDir, eval_name
 
 
-def evaluate(config: Config, *, run_dir: str | Path | None = None, base: bool = True,
+def evaluate(config: Config, *, run_dir: str | Path | RunDir | None = None, base: bool = True,
              tuned: bool = True, console: Console | None = None,
-             name: str | None = None) -> EvalResult:
+             task_name: str | None = None) -> EvalResult:
     """Evaluate the base model and/or a run's tuned model on the config's test split.
 
-    ``name`` names the result and its file (default: the split); a multitask run's tasks each
-    write their own (``eval/multitask.py``). Returns what ``run_dir/eval/<name>.json`` holds.
+    ``task_name``: the result is one task's of a multitask run (``eval/multitask.py``), named
+    and filed as that task's. Returns what the run's eval file (``RunDir.eval_file``) holds.
     """
     console = console or Console()
     if config.eval is None:
@@ -78,9 +79,9 @@ def evaluate(config: Config, *, run_dir: str | Path | None = None, base: bool = 
     leakage = _split_leakage(config, eval_cfg.split, as_trained)
     models = _load_models(config, run_dir, want_base=base, want_tuned=tuned)
     started = time.perf_counter()
-    result = {"name": name or eval_cfg.split, "task": task.kind, "split": eval_cfg.split,
-              "n": len(records), "primary_metric": task.primary, "shots": eval_cfg.shots,
-              "ci_level": 0.95, "n_resamples": eval_cfg.bootstrap,
+    result = {"name": eval_name(eval_cfg.split, task_name), "task": task.kind,
+              "split": eval_cfg.split, "n": len(records), "primary_metric": task.primary,
+              "shots": eval_cfg.shots, "ci_level": 0.95, "n_resamples": eval_cfg.bootstrap,
               "predict": eval_cfg.predict if task.scores_labels else "generate",
               "leakage": {key: value for key, value in leakage.items() if key != "indices"},
               "models": {}}
@@ -98,7 +99,10 @@ def evaluate(config: Config, *, run_dir: str | Path | None = None, base: bool = 
     # Validated as plain JSON data, so the caller holds exactly what the file holds (sets and
     # tensors as lists); a change of shape fails here, not in a report.
     typed = EvalResult.model_validate(EvalResult.jsonable(result))
-    path = typed.write(Path(run_dir) / "eval") if run_dir is not None else None
+    path = None
+    if run_dir is not None:
+        path = RunDir(run_dir).eval_file(eval_cfg.split, task_name)
+        typed.write(path)
     render_eval(typed, console, path=path)
     return typed
 
@@ -251,35 +255,32 @@ def _load_models(config: Config, run_dir, *, want_base: bool, want_tuned: bool) 
     from contextlib import nullcontext
 
     from tunelab.model import varlen
-    from tunelab.model.adapters import METHODS, load_tuned, tuned_weights_path
-    from tunelab.model.load import load_model, load_tokenizer
-    from tunelab.runs import load_run_base
+    from tunelab.model.adapters import METHODS
+    from tunelab.run.load import attach_adapter, load_base, load_run_base
 
     if want_tuned and run_dir is None:
         raise RunError("a tuned model needs a run directory", where="--run",
                        fix="pass --run runs/<name>, or --base alone to measure the base model")
-    load = lambda path, gguf: load_model(  # noqa: E731
-        path, dtype=config.model.dtype, device=config.model.device, gguf_file=gguf,
-        attn_implementation=config.model.attn_implementation)
+    run = RunDir(run_dir) if run_dir is not None else None
+    method = METHODS[config.method.kind]
     models = {}
-    if want_tuned and METHODS[config.method.kind].adapter:
+    if want_tuned and method.adapter:
         # the base as the adapter trained on it (4 bits again for QLoRA; the base row then
         # measures the NF4 base), else the tuned row is another model
-        base_model, tokenizer = load_run_base(Path(run_dir), config,
+        base_model, tokenizer = load_run_base(run, config,
                                               base=(config.model.path, config.model.gguf_file))
     else:
-        tokenizer = load_tokenizer(config.model.path, config.model.gguf_file)
-        base_model = load(config.model.path, config.model.gguf_file)
+        base_model, tokenizer = load_base(config)
     varlen.enable(base_model)
-    weights = tuned_weights_path(config.method.kind, Path(run_dir)) if want_tuned else None
-    if weights is not None:  # full fine-tuning: a whole second model
-        tuned = load(str(weights), None)
+    if want_tuned and not method.adapter:  # full fine-tuning: a whole second model
+        weights = run.final_weights(config.method.kind)
+        tuned, _ = load_base(config, reference=(str(weights), None))
         varlen.enable(tuned)
         if want_base:
             models["base"] = (base_model, tokenizer, nullcontext)
         models["tuned"] = (tuned, tokenizer, nullcontext)
     elif want_tuned:
-        tuned = load_tuned(base_model, Path(run_dir))
+        tuned = attach_adapter(base_model, run, config)
         if want_base:
             models["base"] = (tuned, tokenizer, tuned.disable_adapter)
         models["tuned"] = (tuned, tokenizer, nullcontext)

@@ -44,8 +44,7 @@ def evaluate_tasks(config: Config, *, run_dir: str | Path | None = None, base: b
     for task in evaluated:
         console.rule(f"task {task.name}")
         results[task.name] = evaluate(task_config(config, task), run_dir=run_dir, base=base,
-                                      tuned=tuned, console=console,
-                                      name=f"{task.eval.split}-{task.name}")
+                                      tuned=tuned, console=console, task_name=task.name)
     skipped = [task.name for task in config.data.tasks if task.eval is None]
     if skipped:
         console.print(f"[yellow]Not evaluated (no eval section): {', '.join(skipped)}")

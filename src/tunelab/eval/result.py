@@ -159,11 +159,11 @@ class EvalResult(_Fixed):
         """Plain JSON data, task-specific details included."""
         return self.jsonable(self.model_dump())
 
-    def write(self, folder: Path) -> Path:
-        """``folder/<name>.json``, atomically (a crash never leaves half a file)."""
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{self.name}.json"
-        temporary = folder / f".{self.name}.json.tmp"
+    def write(self, path: Path) -> Path:
+        """The result as ``path`` (a run's ``RunDir.eval_file``), atomically: a crash never
+        leaves half a file."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.tmp")
         temporary.write_text(json.dumps(self.model_dump(), indent=1, default=_jsonable))
         temporary.replace(path)
         return path

@@ -47,6 +47,8 @@ from rich.console import Console
 
 from tunelab.config import Config
 from tunelab.errors import ConfigError, RunError
+from tunelab.run.directory import RunDir, create_run
+from tunelab.run.manifest import Manifest, Prediction
 
 DEFAULT_FRACTIONS = (0.125, 0.25, 0.5, 1.0)
 DEFAULT_SHOTS = (0, 4)
@@ -529,11 +531,9 @@ def run_baselines(config: Config, folder: Path, shots: list[int], progress: Prog
 
 
 def _baseline_run(config: Config) -> Path:
-    from tunelab.runs import create_run
-
-    if (config.run_dir / "config.yaml").is_file():
+    if RunDir(config.run_dir).is_run():
         return config.run_dir
-    return create_run(config, overwrite=True)
+    return create_run(config, overwrite=True).path
 
 
 def evaluated(config: Config, run_dir: Path, prompts: list[str | None], *, base: bool,
@@ -542,14 +542,14 @@ def evaluated(config: Config, run_dir: Path, prompts: list[str | None], *, base:
     call wrote it for the same prompts and shots, else evaluated now."""
     from tunelab.eval.evaluate import evaluate
 
-    path = run_dir / "eval" / f"{config.eval.split}.json"
-    which = "base" if base else "tuned"
-    if path.is_file():
-        saved = json.loads(path.read_text())
-        outcome = saved.get("models", {}).get(which, {})
-        if saved.get("shots") == config.eval.shots and \
-                [v.get("prompt") for v in outcome.get("variants", [])] == prompts:
-            return saved
+    try:
+        saved = RunDir(run_dir).read_eval(config.eval.split)
+    except RunError:  # not a result this tunelab reads (another schema): measured again
+        saved = None
+    outcome = saved.models.get("base" if base else "tuned") if saved else None
+    if outcome and saved.shots == config.eval.shots and \
+            [variant.prompt for variant in outcome.variants] == prompts:
+        return saved.to_dict()
     progress.before_load(config)
     with progress.timed(phase):
         result = evaluate(config, run_dir=run_dir, base=base, tuned=not base, console=console)
@@ -579,8 +579,7 @@ def _scores(outcome: dict) -> list[float] | None:
 def run_fraction(config: Config, folder: Path, fraction: float, records: list,
                  progress: Progress, console: Console) -> dict:
     """Train (or resume, or reuse) the run on ``records`` and evaluate it on test."""
-    from tunelab.model.plan import peak_rss_bytes
-    from tunelab.runs import read_manifest
+    from tunelab.peak_memory import peak_rss_bytes
     from tunelab.train.checkpoint import list_checkpoints
     from tunelab.train.loop import train
 
@@ -594,9 +593,10 @@ def run_fraction(config: Config, folder: Path, fraction: float, records: list,
     run_config.train.eval_every, run_config.train.samples = 0, 0
     run_config.data.validation, run_config.data.validation_split = [], 0.0
     run_config.eval.shots, run_config.eval.split, run_config.eval.prompt_variants = 0, "test", []
-    run_dir = run_config.run_dir
-    if read_manifest(run_dir).get("status") != "finished":
-        resume = run_dir if list_checkpoints(run_dir / "checkpoints") else None
+    run = RunDir(run_config.run_dir)
+    run_dir = run.path
+    if not run.finished():
+        resume = run_dir if list_checkpoints(run.checkpoints) else None
         progress.before_load(run_config)
         _reset_peak_rss()
         with progress.timed(f"train n={n}"):
@@ -610,7 +610,7 @@ def run_fraction(config: Config, folder: Path, fraction: float, records: list,
             "primary_metric": primary, "value": outcome["metrics"][primary]["value"],
             "ci": outcome["metrics"][primary]["ci"], "n_test": evaluation["n"],
             "scores": _scores(outcome), "eval_wall_s": evaluation["wall_s"],
-            "manifest": read_manifest(run_dir),
+            "manifest": run.read_manifest(),
             "measured_peak_rss_bytes": progress.peak_rss_bytes.get(run_config.name),
             "config": run_config}
 
@@ -701,34 +701,34 @@ def _interval_method(measured: list[dict], scale: float) -> str:
 
 def run_cost(run: dict) -> dict:
     """The planner's prediction against what the run measured."""
-    manifest = run["manifest"]
-    predicted = manifest.get("plan") or {}
-    tokens_per_second = manifest.get("tokens_per_second")
-    train_s = manifest.get("train_s")
+    manifest: Manifest = run["manifest"]
+    predicted = manifest.plan or Prediction()
+    tokens_per_second, train_s = manifest.tokens_per_second, manifest.train_s
     return {
-        "n_examples": run["n_examples"], "steps": manifest.get("steps"),
-        "predicted_wall_s": predicted.get("predicted_wall_s"),
-        "predicted_peak_bytes": predicted.get("predicted_peak_bytes"),
-        "predicted_tokens_per_second": predicted.get("predicted_tokens_per_second"),
-        "measured_wall_s": manifest.get("wall_s"), "train_s": train_s,
+        "n_examples": run["n_examples"], "steps": manifest.steps,
+        "predicted_wall_s": predicted.predicted_wall_s,
+        "predicted_peak_bytes": predicted.predicted_peak_bytes,
+        "predicted_tokens_per_second": predicted.predicted_tokens_per_second,
+        "measured_wall_s": manifest.wall_s, "train_s": train_s,
         # the count itself: a rate times a rounded duration is far off for short runs
-        "tokens": manifest.get("train_tokens") or (
+        "tokens": manifest.train_tokens or (
             round(tokens_per_second * train_s) if tokens_per_second and train_s else None),
         "tokens_per_second": tokens_per_second,
         "measured_peak_bytes": run["measured_peak_rss_bytes"]
-        or manifest.get("measured_peak_rss_bytes"),
+        or manifest.measured_peak_rss_bytes,
         "eval_wall_s": run["eval_wall_s"],
     }
 
 
-def projections(run_config: Config, manifest: dict) -> list[dict]:
+def projections(run_config: Config, manifest: Manifest) -> list[dict]:
     """The planner's cost of the largest run with twice the epochs and of twice its data,
     also scaled by how far the full run's prediction was off (measured / predicted)."""
     from tunelab.model.load import load_tokenizer
-    from tunelab.model.plan import TokenCounts, count_tokens, plan_counts
+    from tunelab.planner.predict import plan_counts
+    from tunelab.planner.workload import TokenCounts, count_tokens
 
-    predicted_s = (manifest.get("plan") or {}).get("predicted_wall_s")
-    ratio = manifest["wall_s"] / predicted_s if predicted_s and manifest.get("wall_s") else None
+    predicted_s = manifest.plan.predicted_wall_s if manifest.plan else None
+    ratio = manifest.wall_s / predicted_s if predicted_s and manifest.wall_s else None
     more_epochs = run_config.model_copy(deep=True)
     more_epochs.train.epochs = run_config.train.epochs * 2
     if run_config.train.max_steps:
@@ -743,10 +743,10 @@ def projections(run_config: Config, manifest: dict) -> list[dict]:
         projected = []
         for what, config, data in cases:
             plan = plan_counts(config, data)
-            wall_s = plan["time"]["predicted_wall_s"]
+            wall_s = plan.predicted_wall_s
             projected.append({"what": what, "examples": len(data.lengths),
                               "epochs": config.train.epochs, "predicted_wall_s": wall_s,
-                              "predicted_peak_bytes": plan["memory"]["predicted_peak_bytes"],
+                              "predicted_peak_bytes": plan.predicted_peak_bytes,
                               "scaled_wall_s": wall_s * ratio if ratio else None})
         return projected
     except Exception as error:  # the planner describes; it must not sink the assessment
@@ -761,7 +761,7 @@ def cost_at_use(config: Config, tokenizer, best: dict, full: dict) -> dict:
     tuned_tokens = mean_prompt_tokens(config, tokenizer, prompt=config.data.prompt, shots=0)
     n = full["n_test"]
     prompting_s, tuned_s = best["eval_wall_s"] / n, full["eval_wall_s"] / n
-    training_s = full["manifest"].get("wall_s") or 0.0
+    training_s = full["manifest"].wall_s or 0.0
     saved_tokens = prompting_tokens - tuned_tokens
     training_tokens = run_cost(full)["tokens"] or 0
     return {
@@ -817,7 +817,7 @@ def complexity(config: Config, baselines: dict, full: dict, fit: dict) -> dict:
         n_labels = len(eval_cfg.entity_types) or len(set(labels))
     else:
         labels, n_labels = [], None
-    report = full["manifest"].get("data_report", {})
+    report = full["manifest"].data_report
     return {
         "base_zero_shot": zero["test"]["value"] if zero else None,
         "best_prompting": baselines["best"]["test"]["value"],

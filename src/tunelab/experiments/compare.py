@@ -23,7 +23,8 @@ from rich.table import Table
 
 from tunelab.errors import RunError
 from tunelab.experiments.sweep import RECORD_FILE, describe, load_study, open_sweep
-from tunelab.runs import read_manifest, read_metrics
+from tunelab.run.directory import RunDir
+from tunelab.run.metrics import read_metrics
 
 COSTS = (("wall_s", "wall time (s)"), ("tokens", "tokens trained"),
          ("peak_memory_bytes", "peak memory (GB)"))
@@ -38,8 +39,8 @@ def compare_runs(paths: list[Path]) -> dict[str, Any]:
             sweep, trial_runs = _sweep_runs(path)
             sweeps.append(sweep)
             runs += trial_runs
-        elif (path / "config.yaml").is_file():
-            runs.append(_run(path, metric=None, source="run"))
+        elif RunDir(path).is_run():
+            runs.append(_run(RunDir(path), metric=None, source="run"))
         else:
             raise RunError(f"{path} is neither a run nor a sweep directory", where=str(path),
                            fix="pass folders made by tunelab train or tunelab sweep")
@@ -69,8 +70,8 @@ def _sweep_runs(directory: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     summary = describe(study, opened)
     runs = []
     for trial in summary["trials"]:
-        run_dir = trial["run_dir"] and Path(trial["run_dir"])
-        if trial["state"] == "complete" and run_dir and run_dir.is_dir():
+        run_dir = trial["run_dir"] and RunDir(trial["run_dir"])
+        if trial["state"] == "complete" and run_dir and run_dir.is_run():
             run = _run(run_dir, metric=opened.sweep.metric, source=directory.name)
             run.update(value=trial["value"], ci=trial["ci"], params=trial["params"])
             runs.append(run)
@@ -83,29 +84,28 @@ def _sweep_runs(directory: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     return summary, runs
 
 
-def _run(run_dir: Path, *, metric: str | None, source: str) -> dict[str, Any]:
+def _run(run: RunDir, *, metric: str | None, source: str) -> dict[str, Any]:
     """One run: its objective (validation evaluation, else loss), cost and config."""
-    import yaml
-
-    manifest = read_manifest(run_dir)
-    config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    manifest = run.read_manifest()
+    config = run.read_config(need_data=False).model_dump(mode="json")
     value, ci, found = None, None, metric
     for split in ("validation", "test"):
-        path = run_dir / "eval" / f"{split}.json"
-        if path.is_file() and metric != "val_loss":
-            result = json.loads(path.read_text())
-            found = metric or result.get("primary_metric")
-            entry = result.get("models", {}).get("tuned", {}).get("metrics", {}).get(found)
+        result = run.read_eval(split) if metric != "val_loss" else None
+        if result is not None:
+            found = metric or result.primary_metric
+            tuned = result.models.get("tuned")
+            entry = tuned.metrics.get(found) if tuned else None
             if entry:
-                value, ci = entry.get("value"), entry.get("ci")
+                value, ci = entry.value, entry.ci
                 break
     if value is None and (found in (None, "val_loss")):
-        found, value = "val_loss", manifest.get("val_loss_after")
-    tokens = sum(record.get("tokens", 0) for record in read_metrics(run_dir))
-    return {"name": run_dir.name, "source": source, "run_dir": str(run_dir), "metric": found,
+        found, value = "val_loss", manifest.val_loss_after if manifest else None
+    tokens = sum(record.get("tokens", 0) for record in read_metrics(run))
+    return {"name": run.name, "source": source, "run_dir": str(run), "metric": found,
             "value": value, "ci": ci, "params": {}, "config": config,
-            "cost": {"wall_s": manifest.get("wall_s"), "tokens": tokens or None,
-                     "peak_memory_bytes": manifest.get("measured_peak_rss_bytes")}}
+            "cost": {"wall_s": manifest.wall_s if manifest else None, "tokens": tokens or None,
+                     "peak_memory_bytes": manifest.measured_peak_rss_bytes if manifest
+                     else None}}
 
 
 def _importance(study) -> dict[str, Any]:

@@ -9,7 +9,6 @@ best configuration with other seeds, so the noise between seeds is measured, not
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ from tunelab.errors import RunError
 from tunelab.eval.stats import mcnemar, paired_bootstrap, spread
 from tunelab.experiments.space import trial_config
 from tunelab.experiments.sweep import OpenSweep, evaluate_run, objective_value
+from tunelab.run.directory import RunDir, write_json
 
 FINAL_FILE = "final.json"
 
@@ -59,9 +59,7 @@ def final_word(study, opened: OpenSweep, *, repeat_best: int = 0,
     if repeat_best:
         final["seed_repeats"] = repeat_best_trial(best, opened, repeat_best, quiet)
     path = opened.directory / FINAL_FILE
-    temporary = path.with_suffix(".json.tmp")
-    temporary.write_text(json.dumps(final, indent=1))
-    temporary.replace(path)
+    write_json(path, final)
     final["path"] = str(path)
     render_final(final, console)
     return final
@@ -69,10 +67,9 @@ def final_word(study, opened: OpenSweep, *, repeat_best: int = 0,
 
 def _trained(config, console: Console) -> Path:
     """The run directory of ``config``, trained now unless a finished run is already there."""
-    from tunelab.runs import read_manifest
     from tunelab.train.loop import train
 
-    if read_manifest(config.run_dir).get("status") == "finished":
+    if RunDir(config.run_dir).finished():
         return config.run_dir
     return train(config, overwrite=True, console=console).run_dir
 

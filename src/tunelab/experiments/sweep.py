@@ -211,7 +211,7 @@ class _Objective:
         self.number: int | None = None
 
     def __call__(self, trial) -> float:
-        from tunelab.runs import stream_metrics_to
+        from tunelab.run.metrics import stream_metrics_to
         from tunelab.train.loop import train
 
         sweep = self.opened.sweep

@@ -1,11 +1,11 @@
 """Tuning methods, registered in ``METHODS``: LoRA / DoRA adapters through peft, or all weights.
 
-A method is one small class: how it changes the model before training, where its result is saved,
-how a run's tuned model is loaded again, and what the memory planner needs to know of it (adapter
-or all weights, a 4-bit base, DoRA's magnitude vector). Everything else (the loop, evaluation,
-the report, the planner, the config's list of choices) asks ``METHODS[kind]`` instead of
-comparing strings, so adding a method is one class here. peft and torch are imported only when
-a model is touched, so the config can read the registry cheaply.
+A method is one small class: how it changes the model before training, where its result is saved
+(``run/load.py`` loads a run's tuned model again), and what the memory planner needs to know of
+it (adapter or all weights, a 4-bit base, DoRA's magnitude vector). Everything else (the loop,
+evaluation, the report, the planner, the config's list of choices) asks ``METHODS[kind]``
+instead of comparing strings, so adding a method is one class here. peft and torch are imported
+only when a model is touched, so the config can read the registry cheaply.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
-from tunelab.errors import ConfigError, RunError
+from tunelab.errors import ConfigError
 
 if TYPE_CHECKING:
     from torch import nn
@@ -137,31 +137,6 @@ def apply_method(model: nn.Module, *, kind: str, r: int, alpha: float, dropout: 
     """Prepare ``model`` for training with the registered method ``kind``."""
     return METHODS[kind].apply(model, r=r, alpha=alpha, dropout=dropout, targets=targets,
                                rslora=rslora)
-
-
-def load_tuned(base: nn.Module, run_dir: Path) -> nn.Module:
-    """Attach a run's final adapter to ``base`` (adapter methods; see ``tuned_weights_path``)."""
-    from peft import PeftModel
-
-    folder = Path(run_dir) / "adapter"
-    if not (folder / "adapter_config.json").is_file():
-        raise RunError(f"{run_dir} has no final adapter (adapter/adapter_config.json)",
-                       where=str(run_dir),
-                       fix=f"finish training first: tunelab train --resume {run_dir}")
-    return PeftModel.from_pretrained(base, folder)
-
-
-def tuned_weights_path(kind: str, run_dir: Path) -> Path | None:
-    """Where a run keeps whole tuned weights (full fine-tuning), or None for adapter methods."""
-    method = METHODS[kind]
-    if method.adapter:
-        return None
-    folder = Path(run_dir) / method.final_folder
-    if not (folder / "config.json").is_file():
-        raise RunError(f"{run_dir} has no final weights ({method.final_folder}/config.json)",
-                       where=str(run_dir),
-                       fix=f"finish training first: tunelab train --resume {run_dir}")
-    return folder
 
 
 def trainable_state(model: nn.Module) -> dict:

@@ -24,9 +24,10 @@ from matplotlib import rc_context
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
-from tunelab.errors import RunError
-from tunelab.eval.result import EvalResult, check_schema_version
 from tunelab.model.adapters import METHODS
+from tunelab.run.directory import RunDir, write_text
+from tunelab.run.manifest import Manifest
+from tunelab.run.metrics import read_metrics
 
 TUNED_COLOUR = "#2563eb"
 BASE_COLOUR = "#9ca3af"
@@ -52,101 +53,47 @@ PLOT_STYLE = {
 }
 
 
-def write_report(run_dir: str | Path, *, output: Path | None = None) -> Path:
+def write_report(run_dir: str | Path | RunDir, *, output: Path | None = None) -> Path:
     """Write one self-contained ``report.html`` for a run directory and return its path.
 
-    ``output`` defaults to ``run_dir/report.html``. Missing inputs leave sections out.
+    ``output`` defaults to the run's ``report.html``. Missing inputs leave sections out.
     """
-    run_dir = Path(run_dir)
-    if not ((run_dir / "config.yaml").is_file() or (run_dir / "manifest.json").is_file()):
-        raise RunError(f"{run_dir} is not a tunelab run directory (no config.yaml or "
-                       "manifest.json)", where=str(run_dir),
-                       fix="pass a folder made by `tunelab train`, e.g. runs/<name>")
+    run_dir = RunDir(run_dir).require()
     run = load_run(run_dir)
     with rc_context(PLOT_STYLE):
         page = render_report(run)
-    output = Path(output) if output is not None else run_dir / "report.html"
-    output.parent.mkdir(parents=True, exist_ok=True)
-    temporary = output.with_name(output.name + ".tmp")
-    temporary.write_text(page, encoding="utf-8")
-    temporary.replace(output)
+    output = Path(output) if output is not None else run_dir.report_path
+    write_text(output, page)
     return output
 
 
 # --- reading the run directory ---------------------------------------------------------------
 
 
-def load_run(run_dir: Path) -> dict[str, Any]:
-    """Manifest, config, metrics and eval results; files that cannot be read become notes."""
+def load_run(run_dir: str | Path | RunDir) -> dict[str, Any]:
+    """Manifest, config, metrics and eval results; files that cannot be read become notes.
+
+    Another schema version of the manifest or of an eval file is refused (its fields may mean
+    something else). The config is shown as the file has it, parsed only as YAML: the report
+    must render a run whose config this tunelab no longer validates.
+    """
+    run = RunDir(run_dir)
     notes: list[str] = []
-    manifest = _read_json(run_dir / "manifest.json", notes)
-    config_path = run_dir / "config.yaml"
-    config_text = config_path.read_text(encoding="utf-8", errors="replace") \
-        if config_path.is_file() else ""
+    manifest = run.read_manifest(notes=notes)
+    config_text = run.config_path.read_text(encoding="utf-8", errors="replace") \
+        if run.config_path.is_file() else ""
     try:
         config = yaml.safe_load(config_text) if config_text else {}
     except yaml.YAMLError as error:
-        notes.append(f"config.yaml is not valid YAML ({error}); shown as text.")
+        notes.append(f"{run.config_path.name} is not valid YAML ({error}); shown as text.")
         config = {}
-    evals = []
-    for path in sorted((run_dir / "eval").glob("*.json")):
-        result = _read_eval(path, notes)
-        if result:
-            evals.append({**result, "file": f"eval/{path.name}"})
+    evals = [{**result.to_dict(), "file": path.relative_to(run.path).as_posix()}
+             for path, result in run.read_evals(notes=notes).items()]
     return {
-        "dir": run_dir, "manifest": manifest, "config": config if isinstance(config, dict) else {},
-        "config_text": config_text, "metrics": _read_metrics(run_dir / "metrics.jsonl", notes),
-        "evals": evals, "notes": notes,
+        "dir": run.path, "manifest": manifest,
+        "config": config if isinstance(config, dict) else {}, "config_text": config_text,
+        "metrics": read_metrics(run, notes=notes), "evals": evals, "notes": notes,
     }
-
-
-def _read_eval(path: Path, notes: list[str]) -> dict[str, Any]:
-    """An eval file read through ``EvalResult``. Another schema version is refused (its fields
-    may mean something else); a file that is not a result is left out with a note."""
-    raw = _read_json(path, notes)
-    if not raw:
-        return {}
-    where = f"{path.parent.name}/{path.name}"
-    check_schema_version(raw, where)
-    try:
-        return EvalResult.from_dict(raw, where).to_dict()
-    except RunError as error:
-        notes.append(f"{error.render()} Left out.")
-        return {}
-
-
-def _read_json(path: Path, notes: list[str]) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        notes.append(f"{path.name} could not be read ({error}); left out.")
-        return {}
-    if not isinstance(data, dict):
-        notes.append(f"{path.name} holds a {type(data).__name__}, not a JSON object; left out.")
-        return {}
-    return data
-
-
-def _read_metrics(path: Path, notes: list[str]) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    records, bad_lines = [], []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            bad_lines.append(number)
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    if bad_lines:
-        notes.append(f"metrics.jsonl: {len(bad_lines)} malformed line(s) skipped "
-                     f"(first at line {bad_lines[0]}).")
-    return records
 
 
 def _get(data: Any, *keys: str) -> Any:
@@ -317,7 +264,8 @@ def _section(title: str, anchor: str, body: str) -> str:
 
 
 def _run_name(run: dict[str, Any]) -> str:
-    name = _get(run, "manifest", "name") or _get(run, "config", "name") or run["dir"].name
+    manifest = run["manifest"]
+    name = (manifest.name if manifest else None) or _get(run, "config", "name") or run["dir"].name
     return str(name)
 
 
@@ -332,22 +280,21 @@ def _eval_title(result: dict[str, Any]) -> str:
 
 def _header(run: dict[str, Any]) -> str:
     manifest, config = run["manifest"], run["config"]
-    status = manifest.get("status")
-    badges = _badge(str(status), "good" if status == "finished" else "neutral") if status else ""
+    badges = _badge(manifest.status, "good" if manifest.finished else "neutral") \
+        if manifest else ""
     facts = [("Model", _model_text(manifest, config)), ("Method", _method_text(config)),
              ("Data", _data_text(manifest, config))]
     facts_html = "".join(f"<div><dt>{label}</dt><dd>{text}</dd></div>"
                          for label, text in facts if text)
-    meta = " · ".join(f"{label} {escape(str(manifest[key]))}" for key, label in
-                      (("device", "device"), ("seed", "seed")) if manifest.get(key) is not None)
+    meta = f"device {escape(manifest.device)} · seed {manifest.seed}" if manifest else ""
     notes = "".join(f'<p class="warning">{escape(note)}</p>' for note in run["notes"])
     return (f'<header><div class="title"><h1>{escape(_run_name(run))}</h1>{badges}</div>'
             f'<p class="muted">{meta}</p><dl class="facts">{facts_html}</dl>{notes}'
             f"{_cards(run)}</header>")
 
 
-def _model_text(manifest: dict[str, Any], config: dict[str, Any]) -> str:
-    model = manifest.get("model") if isinstance(manifest.get("model"), dict) else {}
+def _model_text(manifest: Manifest | None, config: dict[str, Any]) -> str:
+    model = manifest.model if manifest else {}
     path = _get(config, "model", "path")
     parts = [f"<code>{escape(str(path))}</code>"] if path else []
     details = [str(model["architecture"])] if model.get("architecture") else []
@@ -382,12 +329,12 @@ def _method_text(config: dict[str, Any]) -> str:
     return escape(" · ".join(parts))
 
 
-def _data_text(manifest: dict[str, Any], config: dict[str, Any]) -> str:
+def _data_text(manifest: Manifest | None, config: dict[str, Any]) -> str:
     train = _get(config, "data", "train")
     paths = train if isinstance(train, list) else [train] if train else []
-    if not paths and isinstance(manifest.get("data"), dict):
-        paths = list(manifest["data"])
-    report = manifest.get("data_report") if isinstance(manifest.get("data_report"), dict) else {}
+    if not paths and manifest:
+        paths = list(manifest.data)
+    report = manifest.data_report if manifest else {}
     counts = [f"{_number(report[key])} {label}" for key, label in
               (("train_examples", "train"), ("validation_examples", "validation"))
               if _is_number(report.get(key))]
@@ -410,18 +357,18 @@ def _cards(run: dict[str, Any]) -> str:
                              f"before → after training{change}"))
     quality += [card for card in map(_eval_card, run["evals"]) if card]
     training = [m for m in metrics if _is_number(m.get("loss"))]
-    speed = manifest.get("tokens_per_second")
+    speed = manifest.tokens_per_second if manifest else None
     if not _is_number(speed) and training:
         speed = training[-1].get("tokens_per_second")
     if _is_number(speed):
         cost.append(_card("Throughput", f"{speed:,.0f}", "tokens per second"))
-    if _is_number(manifest.get("wall_s")):
-        cost.append(_card("Wall time", _duration(manifest["wall_s"]), "whole run"))
+    if manifest and _is_number(manifest.wall_s):
+        cost.append(_card("Wall time", _duration(manifest.wall_s), "whole run"))
     elif (wall_s := _logged_seconds(metrics)) is not None:
         cost.append(_card("Wall time", _duration(wall_s), "first to last metrics.jsonl record"))
-    steps = manifest.get("steps") if _is_number(manifest.get("steps")) else \
+    steps = manifest.steps if manifest and manifest.steps is not None else \
         max((m["step"] for m in training if _is_number(m.get("step"))), default=None)
-    total = manifest.get("total_steps")
+    total = manifest.total_steps if manifest else None
     if steps is not None or _is_number(total):
         sub = f"of {_number(total)} planned" if _is_number(total) and total != steps else \
             "optimizer steps"
@@ -435,10 +382,11 @@ def _card(label: str, value: str, sub: str = "", extra: str = "") -> str:
             f'<div class="value">{value}</div><div class="sub">{escape(sub)}{extra}</div></div>')
 
 
-def _validation_losses(manifest: dict[str, Any],
+def _validation_losses(manifest: Manifest | None,
                        metrics: list[dict[str, Any]]) -> tuple[float | None, float | None]:
     validation = [m for m in metrics if _is_number(m.get("val_loss"))]
-    before, after = manifest.get("val_loss_before"), manifest.get("val_loss_after")
+    before, after = (manifest.val_loss_before, manifest.val_loss_after) if manifest else \
+        (None, None)
     if not _is_number(before) and validation and validation[0].get("step") == 0:
         before = validation[0]["val_loss"]
     if not _is_number(after) and validation and validation[-1].get("step") != 0:
@@ -957,28 +905,32 @@ def _details_section(run: dict[str, Any]) -> str:
         config_text = run["config_text"]
     parts.append("<h3>Config</h3>" + (f"<pre class=\"config\">{escape(config_text)}</pre>"
                                       if config_text.strip() else _note("No config.yaml.")))
-    tables = []
-    for key, title in (("model", "Model"), ("data_report", "Data report"),
-                       ("versions", "Versions")):
-        values = manifest.get(key)
-        if isinstance(values, dict) and values:
-            rows = [[escape(str(name)), _number(value) if _is_number(value) else
-                     _clip(value, 200)] for name, value in values.items()]
-            tables.append(f"<div><h3>{title}</h3>{_table(['', ''], rows, 'kv')}</div>")
-    run_facts = [[escape(key), _number(manifest[key]) if _is_number(manifest[key]) else
-                  _clip(manifest[key], 200)] for key in
-                 ("status", "device", "seed", "total_steps", "warmup_steps", "final_train_loss")
-                 if manifest.get(key) is not None]
-    if run_facts:
-        tables.insert(0, f"<div><h3>Run</h3>{_table(['', ''], run_facts, 'kv')}</div>")
-    parts.append(f'<div class="grid">{"".join(tables)}</div>' if tables else
-                 _note("No manifest.json: model, versions and data hashes are unknown."))
-    hashes = manifest.get("data")
-    if isinstance(hashes, dict) and hashes:
+    if manifest is None:
+        parts.append(_note("No manifest.json: model, versions and data hashes are unknown."))
+        return "".join(parts)
+    parts.append(f'<div class="grid">{"".join(_manifest_tables(manifest))}</div>')
+    if manifest.data:
         rows = [[f"<code>{escape(str(path))}</code>", f"<code>{escape(str(digest))}</code>"]
-                for path, digest in hashes.items()]
+                for path, digest in manifest.data.items()]
         parts.append("<h3>Data files (sha256)</h3>" + _table(["file", "sha256"], rows, "hashes"))
     return "".join(parts)
+
+
+def _manifest_tables(manifest: Manifest) -> list[str]:
+    """The run's facts, then the model, data report and versions, each as a two-column table."""
+    run_facts = {"status": manifest.status, "device": manifest.device, "seed": manifest.seed,
+                 "total_steps": manifest.total_steps, "warmup_steps": manifest.warmup_steps,
+                 "final_train_loss": manifest.final_train_loss}
+    tables = []
+    for title, values in (("Run", {key: value for key, value in run_facts.items()
+                                   if value is not None}),
+                          ("Model", manifest.model), ("Data report", manifest.data_report),
+                          ("Versions", manifest.versions)):
+        rows = [[escape(str(name)), _number(value) if _is_number(value) else _clip(value, 200)]
+                for name, value in values.items()]
+        if rows:
+            tables.append(f"<div><h3>{title}</h3>{_table(['', ''], rows, 'kv')}</div>")
+    return tables
 
 
 CSS = """

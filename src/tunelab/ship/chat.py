@@ -39,7 +39,7 @@ def chat(run_dir: str | Path, *, input_stream: TextIO = sys.stdin,
          temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
          base: bool = False) -> None:
     """Talk with the run's model (``base``: without its adapter) until /exit or end of input."""
-    from tunelab.runs import load_run_model
+    from tunelab.run.load import load_run_model
 
     model, tokenizer, config = load_run_model(run_dir, base=base)
     # a peft model runs its adapter only when named; a plain model (base, full fine-tune) has none

@@ -21,7 +21,10 @@ from typing import Any
 
 import torch
 
+from tunelab.config import Config
 from tunelab.errors import ConfigError, ModelError, RunError
+from tunelab.run.directory import RunDir, open_run
+from tunelab.run.load import load_run_model, run_base
 
 KINDS = ("merged", "gguf", "adapter")
 
@@ -77,7 +80,7 @@ def export_run(run_dir: str | Path, to: str, *, out: str | Path | None = None,
     ``out`` defaults to ``RUN/export/<kind>`` and must not exist yet. ``quant`` is the GGUF's
     tensor type; ``max_lora_rank`` the vLLM setting the adapter is checked against.
     """
-    from tunelab.runs import open_run
+    from tunelab.model.adapters import METHODS
     from tunelab.ship.gguf import QUANTS
 
     if to not in KINDS:
@@ -86,15 +89,20 @@ def export_run(run_dir: str | Path, to: str, *, out: str | Path | None = None,
     if quant not in QUANTS:
         raise ConfigError(f"unknown GGUF quantisation {quant!r}", where="--quant",
                           fix=f"use one of: {', '.join(QUANTS)}")
-    run_dir, config = open_run(run_dir, need_data=False)
+    run, config = open_run(run_dir, need_data=False)
+    if to == "adapter" and not METHODS[config.method.kind].adapter:
+        raise RunError(f"{run} is a {METHODS[config.method.kind].title}: it has no adapter to "
+                       "export", where=str(run),
+                       fix="export its weights with --to merged or --to gguf")
     default_name = f"gguf-{quant}" if to == "gguf" else to
-    target = Path(out) if out is not None else run_dir / "export" / default_name
+    target = Path(out) if out is not None else run.export_folder(default_name)
     if target.exists():
         raise RunError(f"{target} already exists; an export never overwrites", where="--out",
                        fix="pass another --out, or delete that folder first")
+    run_dir = run.path
     with _staging(target) as scratch:
         if to == "adapter":
-            result = export_adapter(run_dir, config.name, scratch, max_lora_rank)
+            result = export_adapter(run, config.name, scratch, max_lora_rank)
         else:
             result = _export_weights(run_dir, to, scratch, quant=quant, check=check)
         result.path = target
@@ -133,7 +141,6 @@ def _export_weights(run_dir: Path, to: str, folder: Path, *, quant: str,
                     check: bool) -> ExportResult:
     """Merge the adapter into the base; save it as a HF folder, or write GGUF + Modelfile."""
     from tunelab.data.render import chat_template_of
-    from tunelab.ship.dequantize import load_run_for_merge
 
     notes = []
     if to == "gguf":  # refuse a model the writer cannot write before loading and merging it
@@ -141,7 +148,7 @@ def _export_weights(run_dir: Path, to: str, folder: Path, *, quant: str,
 
         notes = check_gguf_support(merge_source(run_dir)).notes
     # QLoRA: the adapter goes into the de-quantised 4-bit base it was trained on.
-    model, tokenizer, config = load_run_for_merge(run_dir)
+    model, tokenizer, config = load_run_model(run_dir, dequantize=True)
     template = chat_template_of(tokenizer, config.data.chat_template)
     probes = probe_prompts(tokenizer, template)
     tuned_logits = logits_of(model, probes)
@@ -177,14 +184,13 @@ def _export_weights(run_dir: Path, to: str, folder: Path, *, quant: str,
 def merge_source(run_dir: Path) -> str:
     """The folder (or cached hub id) whose config.json and tokenizer the merged model has: the
     base an adapter trained on, or a full fine-tune's own weights folder."""
-    from tunelab.model.adapters import METHODS, tuned_weights_path
+    from tunelab.model.adapters import METHODS
     from tunelab.model.load import resolve_model_path
-    from tunelab.runs import open_run, run_base
 
-    run_dir, config = open_run(run_dir, need_data=False)
+    run, config = open_run(run_dir, need_data=False)
     if METHODS[config.method.kind].adapter:
-        return resolve_model_path(*run_base(run_dir, config))
-    return str(tuned_weights_path(config.method.kind, run_dir))
+        return resolve_model_path(*run_base(run, config))
+    return str(run.final_weights(config.method.kind))
 
 
 def merge(model: Any) -> Any:
@@ -409,20 +415,15 @@ def chatml_form(tokenizer: Any, chat_template: str) -> tuple[str | None, list[st
 # --- adapter --------------------------------------------------------------------------------
 
 
-def export_adapter(run_dir: Path, name: str, folder: Path,
+def export_adapter(run: RunDir, name: str, folder: Path,
                    max_lora_rank: int = VLLM_DEFAULT_MAX_LORA_RANK) -> ExportResult:
     """Copy the run's PEFT adapter with its base named portably; check it against vLLM."""
     from tunelab.model.load import BASE_SIDECAR
 
-    adapter = run_dir / "adapter"
-    if not (adapter / "adapter_config.json").is_file():
-        raise RunError(f"{run_dir} has no adapter (adapter/adapter_config.json): it is a full "
-                       "fine-tune or did not finish", where=str(run_dir),
-                       fix=f"export a full fine-tune with --to merged or --to gguf; finish "
-                       f"training with tunelab train --resume {run_dir}")
-    shutil.copytree(adapter, folder, dirs_exist_ok=True)
+    config = run.read_config(need_data=False)
+    shutil.copytree(run.final_weights(config.method.kind), folder, dirs_exist_ok=True)
     if not (folder / BASE_SIDECAR).is_file():
-        _name_base_of_old_adapter(run_dir, folder)
+        _name_base_of_old_adapter(config, folder)
     adapter_config = json.loads((folder / "adapter_config.json").read_text())
     base = json.loads((folder / BASE_SIDECAR).read_text())
     result = ExportResult("adapter", folder)
@@ -440,12 +441,10 @@ def export_adapter(run_dir: Path, name: str, folder: Path,
     return result
 
 
-def _name_base_of_old_adapter(run_dir: Path, folder: Path) -> None:
+def _name_base_of_old_adapter(config: Config, folder: Path) -> None:
     """Adapters saved before bases were named portably: name the base from the run's config."""
     from tunelab.model.load import BASE_SIDECAR, describe_base, resolve_model_path
-    from tunelab.runs import open_run
 
-    _, config = open_run(run_dir, need_data=False)
     base = describe_base(resolve_model_path(config.model.path, config.model.gguf_file))
     (folder / BASE_SIDECAR).write_text(json.dumps(base, indent=2) + "\n")
     config_path = folder / "adapter_config.json"

@@ -31,7 +31,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 
-from tunelab.errors import ConfigError, DataError, ModelError, RunError
+from tunelab.errors import ConfigError, DataError, RunError
+from tunelab.run.directory import RunDir, open_run
+from tunelab.run.load import attach_adapter, load_run_base, run_base
 from tunelab.ship.engine import Engine, Event, Request, Sampling, context_length
 
 logger = logging.getLogger(__name__)
@@ -70,17 +72,13 @@ def load_served_models(runs: list[str], *, base: str | None = None):
 
     Runs need only their config, adapter and base here, not their data files; a QLoRA run's
     base is loaded in 4 bits, as it was trained."""
-    from peft import PeftModel
-
-    from tunelab.runs import load_run_base, open_run
-
     opened = []
     for argument in runs:
         name, path = _named_run(argument)
-        run_dir, config = open_run(path, need_data=False)
-        opened.append((name or config.name, run_dir, config))
-    for _, run_dir, config in opened:
-        _check_servable(run_dir, config)
+        run, config = open_run(path, need_data=False)
+        opened.append((name or config.name, run, config))
+    for _, run, config in opened:
+        _check_servable(run, config)
     names = [name for name, _, _ in opened]
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
@@ -89,18 +87,9 @@ def load_served_models(runs: list[str], *, base: str | None = None):
     base_path, gguf_file = _common_base(opened, base)
     model, tokenizer = load_run_base(opened[0][1], opened[0][2], base=(base_path, gguf_file))
     served = [ServedModel(base_path if gguf_file is None else f"{base_path}/{gguf_file}", None)]
-    for number, (name, run_dir, config) in enumerate(opened):
+    for number, (name, run, config) in enumerate(opened):
         adapter = f"adapter{number}"  # peft keys modules by adapter name: no dots allowed
-        try:
-            if number == 0:
-                model = PeftModel.from_pretrained(model, run_dir / "adapter", adapter_name=adapter)
-            else:
-                model.load_adapter(run_dir / "adapter", adapter_name=adapter)
-        except (RuntimeError, ValueError, KeyError) as error:
-            raise ModelError(f"the adapter of {run_dir} does not fit the base {base_path}: "
-                             f"{str(error).splitlines()[0]}", where=str(run_dir / "adapter"),
-                             fix=f"serve it on the base it was trained on ({config.model.path})"
-                             ) from None
+        model = attach_adapter(model, run, config, name=adapter)
         served.append(ServedModel(name, adapter, config.data.chat_template,
                                   config.data.chat_template_kwargs))
     model.eval()
@@ -114,32 +103,28 @@ def _named_run(argument: str) -> tuple[str | None, Path]:
     return None, Path(argument)
 
 
-def _check_servable(run_dir: Path, config) -> None:
+def _check_servable(run: RunDir, config) -> None:
     from tunelab.model.adapters import METHODS
 
     if not METHODS[config.method.kind].adapter:
-        raise RunError(f"{run_dir} is a {config.method.kind} fine-tune, not an adapter; tunelab "
-                       "serve serves adapters on a shared base", where=str(run_dir),
+        raise RunError(f"{run} is a {config.method.kind} fine-tune, not an adapter; tunelab "
+                       "serve serves adapters on a shared base", where=str(run),
                        fix=f"serve its weights as the base: tunelab serve OTHER_RUN --base "
-                       f"{run_dir / 'model'}, or train with method.kind lora")
-    if not (run_dir / "adapter" / "adapter_config.json").is_file():
-        raise RunError(f"{run_dir} has no final adapter (adapter/adapter_config.json)",
-                       where=str(run_dir),
-                       fix=f"finish training first: tunelab train --resume {run_dir}")
+                       f"{run.final_folder(config.method.kind)}, or train with method.kind lora")
+    run.final_weights(config.method.kind)  # a RunError when the run has no final adapter
 
 
 def _common_base(opened: list, base: str | None) -> tuple[str, str | None]:
-    """The one base every run was trained on (each found as :func:`runs.run_base` finds it),
-    or ``base``; QLoRA runs (a 4-bit base) and others never share one."""
+    """The one base every run was trained on (each found as :func:`run.load.run_base` finds
+    it), or ``base``; QLoRA runs (a 4-bit base) and others never share one."""
     from tunelab.model.adapters import METHODS
-    from tunelab.runs import run_base
 
     in_4bit = {METHODS[config.method.kind].load_in_4bit for _, _, config in opened}
-    bases = {run_base(run_dir, config) for _, run_dir, config in opened}
+    bases = {run_base(run, config) for _, run, config in opened}
     if len(in_4bit) > 1 or (base is None and len(bases) > 1):
-        listing = "; ".join(f"{run_dir}: {config.model.path}"
+        listing = "; ".join(f"{run}: {config.model.path}"
                             + (" in 4 bits (QLoRA)" if METHODS[config.method.kind].load_in_4bit
-                               else "") for _, run_dir, config in opened)
+                               else "") for _, run, config in opened)
         raise RunError(f"these runs were trained on different base models ({listing})",
                        where="tunelab serve",
                        fix="serve runs of one base together (one server per base), or pass "

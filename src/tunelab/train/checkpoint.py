@@ -31,6 +31,7 @@ import torch.distributed as dist
 from torch import nn
 
 from tunelab.errors import RunError, TrainingError
+from tunelab.run.directory import RunDir
 
 #: The checksum list of a checkpoint, in ``sha256sum`` format, written last before the rename.
 CHECKSUMS = "files.sha256"
@@ -95,7 +96,7 @@ def write_failed(error: OSError, *, run_dir: Path, writing: Path | None = None) 
     """A write into the run directory failed: one paragraph naming the path, the cause, the
     checkpoint the run can resume from, and the fix (free space on a full disk)."""
     path = writing or (Path(error.filename) if error.filename else run_dir)
-    checkpoints = list_checkpoints(run_dir / "checkpoints")
+    checkpoints = list_checkpoints(RunDir(run_dir).checkpoints)
     left = (f"the last complete checkpoint is {checkpoints[-1]}" if checkpoints
             else "no checkpoint was written yet")
     again = (f"tunelab train --resume {run_dir}" if run_dir.is_dir()

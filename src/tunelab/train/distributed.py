@@ -34,6 +34,7 @@ from tunelab.data.packing import Batch, collate, plan_batches
 from tunelab.data.tokenize import TokenizedExample
 from tunelab.errors import ConfigError, TrainingError
 from tunelab.model.adapters import METHODS
+from tunelab.run.directory import RunDir
 from tunelab.train.loss import batch_loss_sum
 
 
@@ -183,7 +184,7 @@ def _resume_hint(run_dir: Path, nproc: int) -> str:
 def _restart(run_dir: Path, nproc: int) -> str:
     from tunelab.train.checkpoint import list_checkpoints
 
-    if list_checkpoints(run_dir / "checkpoints"):
+    if list_checkpoints(RunDir(run_dir).checkpoints):
         return f"tunelab train --resume {run_dir} --nproc {nproc}"
     return "start the run again with --overwrite"
 
@@ -258,7 +259,7 @@ def _hang_fix(stalled: list[int] | None, run_dir: Path, nproc: int) -> str:
 def _last_checkpoint(run_dir: Path) -> str:
     from tunelab.train.checkpoint import list_checkpoints
 
-    checkpoints = list_checkpoints(run_dir / "checkpoints")
+    checkpoints = list_checkpoints(RunDir(run_dir).checkpoints)
     return f"the last checkpoint is {checkpoints[-1]}" if checkpoints else \
         "no checkpoint was written"
 

@@ -7,7 +7,6 @@ before its first checkpoint is removed again.
 
 from __future__ import annotations
 
-import math
 import random
 import shutil
 import signal
@@ -26,18 +25,21 @@ from rich.table import Table
 from tunelab import allocator as malloc
 from tunelab.config import Config
 from tunelab.data.formats import Example
-from tunelab.data.mixture import data_rates, task_token_counts
-from tunelab.data.packing import Batch, plan_batches
-from tunelab.data.prepare import prepare_data, schedule_micro_batches
+from tunelab.data.mixture import task_token_counts
+from tunelab.data.packing import plan_batches
+from tunelab.data.prepare import prepare_data
+from tunelab.data.schedule import run_schedule
 from tunelab.data.tokenize import EvalPrompt, TokenizedExample, eval_prompts
-from tunelab.errors import RunError, TrainingError
+from tunelab.errors import RunError
 from tunelab.eval.generate import generate_texts
 from tunelab.model import varlen
 from tunelab.model.adapters import METHODS, apply_method, save_final
 from tunelab.model.dropout import share_lora_dropout
 from tunelab.model.load import describe_model, load_model, load_tokenizer, resolve_device
 from tunelab.model.swiglu import fuse_gated_activations
-from tunelab.runs import MetricsLog, create_run, hash_file, versions, write_manifest
+from tunelab.run.directory import RunDir, create_run
+from tunelab.run.manifest import Manifest
+from tunelab.run.metrics import MetricsLog
 from tunelab.train import distributed
 from tunelab.train.checkpoint import (
     disk_full,
@@ -47,8 +49,9 @@ from tunelab.train.checkpoint import (
     save_checkpoint,
     write_failed,
 )
-from tunelab.train.optim import build_optimizer, build_scheduler, clip_gradients
+from tunelab.train.optim import Optimization, build_optimization
 from tunelab.train.state import TrainResult, TrainState
+from tunelab.train.step import autocast, forward_backward, update
 
 
 @dataclass
@@ -98,18 +101,6 @@ def prepare(config: Config, console: Console) -> Prepared:
             model.enable_input_require_grads()
     return Prepared(data.train, data.validation, data.validation_examples, tokenizer, model,
                     device, data.report, data.train_tasks, data.validation_tasks)
-
-
-def run_micro_batches(lengths: list[int], config: Config,
-                      tasks: list[str] | None = None) -> list[list[int]]:
-    """Every micro-batch of the run in order, as ``config.train`` schedules them (multitask:
-    drawn by the mixture ``config.data`` asks for, given each example's task)."""
-    train_cfg = config.train
-    return schedule_micro_batches(
-        lengths, batch_tokens=train_cfg.batch_tokens, packing=train_cfg.packing,
-        seed=train_cfg.seed, epochs=train_cfg.epochs, max_steps=train_cfg.max_steps,
-        grad_accum=train_cfg.grad_accum, tasks=tasks,
-        rates=data_rates(config.data, lengths, tasks) if tasks else None)
 
 
 @torch.no_grad()
@@ -206,17 +197,15 @@ def _train(config: Config, cluster: distributed.Cluster, *, resume: str | Path |
     # Before the optimizer is built: FSDP replaces the weights by their shards.
     step_model = distributed.wrap(model, cluster, chunk_tokens=train_cfg.loss_chunk_tokens)
     lengths = [len(ex.input_ids) for ex in prepared.train]
-    micro_batches = run_micro_batches(lengths, config, prepared.train_tasks)
-    total_steps = len(micro_batches) // train_cfg.grad_accum
+    schedule = run_schedule(config, lengths, prepared.train_tasks)
+    total_steps = schedule.total_steps
     # Each optimizer step's micro-batches; under torchrun, this rank's share of each step.
-    steps = distributed.rank_steps(micro_batches, lengths, cluster,
+    steps = distributed.rank_steps(schedule.micro_batches, lengths, cluster,
                                    grad_accum=train_cfg.grad_accum,
                                    batch_tokens=train_cfg.batch_tokens, packing=train_cfg.packing)
-    warmup = (train_cfg.warmup_steps if train_cfg.warmup_steps is not None
-              else math.ceil(train_cfg.warmup_ratio * total_steps))
-    optimizer = build_optimizer(model, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
-    scheduler = build_scheduler(optimizer, total_steps=total_steps, warmup_steps=warmup,
-                                schedule=train_cfg.schedule)
+    optimization = build_optimization(model, train_cfg, total_steps=total_steps)
+    optimizer, scheduler = optimization.optimizer, optimization.scheduler
+    warmup = optimization.warmup_steps
     pad_id = tokenizer.pad_token_id or 0
     # The validation loss, and (multitask) each task's to log next to it.
     evaluate = lambda: validation_losses(  # noqa: E731
@@ -226,35 +215,27 @@ def _train(config: Config, cluster: distributed.Cluster, *, resume: str | Path |
 
     starting = True  # no checkpoint loaded: measure the model before training first
     if resume:
-        run_dir = Path(resume)
-        resumed = _resume(run_dir, model, optimizer, scheduler, total_steps, console)
+        run = RunDir(resume)
+        resumed = _resume(run, model, optimizer, scheduler, total_steps, console)
         starting, state = resumed is None, resumed or TrainState()
-        metrics = MetricsLog(run_dir / "metrics.jsonl") if cluster.is_main \
-            else distributed.Unlogged()
+        metrics = MetricsLog(run) if cluster.is_main else distributed.Unlogged()
         metrics.truncate_after(state.step if resumed else -1)
     else:
-        run_dir = cluster.run_on_main(lambda: create_run(config, overwrite=overwrite))
-        metrics = MetricsLog(run_dir / "metrics.jsonl") if cluster.is_main \
-            else distributed.Unlogged()
+        run = cluster.run_on_main(lambda: create_run(config, overwrite=overwrite))
+        metrics = MetricsLog(run) if cluster.is_main else distributed.Unlogged()
         state = TrainState()
-    manifest = {
-        "name": config.name, "seed": train_cfg.seed, "device": str(device),
-        "versions": versions(), "model": describe_model(model),
-        "data": {path: hash_file(path) for data in [config.data, *config.data.tasks]
-                 for path in data.train + data.validation},
-        "data_report": prepared.data_report, "total_steps": total_steps,
-        "warmup_steps": warmup, "status": "running",
-        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "plan": state.plan or _predicted(config, prepared, console, allocator["name"]),
-    }
-    if prepared.train_tasks:  # the configured token shares, to check metrics' task_tokens by
-        manifest["mixture"] = {"mixing": config.data.mixing, "rates": data_rates(
-            config.data, lengths, prepared.train_tasks)}
-    state.plan = manifest["plan"]
-    manifest["allocator"] = allocator
+    run_dir = run.path
+    state.plan = state.plan or _predicted(config, prepared, console, allocator["name"])
+    manifest = Manifest.start(
+        config, device=str(device), model=describe_model(model),
+        data_report=prepared.data_report, total_steps=total_steps, warmup_steps=warmup,
+        plan=state.plan, allocator=allocator,
+        # the configured token shares, to check metrics' task_tokens by
+        mixture={"mixing": config.data.mixing, "rates": schedule.rates}
+        if schedule.rates else None)
     try:
         if cluster.is_main:
-            write_manifest(run_dir, manifest)
+            run.write_manifest(manifest)
         if starting:
             samples = _sample_prompts(prepared, config, cluster)
             state.samples_before = _generate(model, tokenizer, samples, config)
@@ -264,7 +245,7 @@ def _train(config: Config, cluster: distributed.Cluster, *, resume: str | Path |
         state = _run_steps(step_model, prepared, steps, optimizer, scheduler, state, metrics,
                            run_dir, config, console, evaluate, stop_after_steps, cluster)
     except BaseException as error:
-        if not resume and not list_checkpoints(run_dir / "checkpoints"):
+        if not resume and not list_checkpoints(run.checkpoints):
             shutil.rmtree(run_dir, ignore_errors=True)  # nothing to resume: leave no husk
         if disk_full(error):  # metrics, manifest
             raise write_failed(disk_full(error), run_dir=run_dir) from None
@@ -278,50 +259,46 @@ def _train(config: Config, cluster: distributed.Cluster, *, resume: str | Path |
     metrics.write(step=state.step, val_loss=val_after, **per_task)
     weights = distributed.full_state(model, cluster)  # FSDP: gathered on rank 0, every rank helps
     if cluster.is_main:
-        save_final(model, tokenizer, run_dir / METHODS[config.method.kind].final_folder,
-                   state_dict=weights)
+        save_final(model, tokenizer, run.final_folder(config.method.kind), state_dict=weights)
     prompts = _sample_prompts(prepared, config, cluster)
     after = _generate(model, tokenizer, prompts, config)
     samples = [{"prompt": p.text, "target": p.target, "before": b, "after": a} for p, b, a in
                zip(prompts, state.samples_before, after, strict=True)]
     result = _result(run_dir, state, val_after, time.perf_counter() - started, samples)
-    manifest.update(status="finished", val_loss_before=result.val_loss_before,
-                    val_loss_after=val_after, tokens_per_second=result.tokens_per_second,
-                    final_train_loss=result.final_train_loss, steps=state.step,
-                    wall_s=round(result.wall_s, 1), train_s=round(state.train_s, 1),
-                    train_tokens=state.train_tokens,
-                    measured_peak_rss_bytes=_peak_rss_bytes())
+    manifest = manifest.finish(
+        val_loss_before=result.val_loss_before, val_loss_after=val_after,
+        tokens_per_second=result.tokens_per_second, final_train_loss=result.final_train_loss,
+        steps=state.step, wall_s=result.wall_s, train_s=state.train_s,
+        train_tokens=state.train_tokens, measured_peak_rss_bytes=_peak_rss_bytes())
     if cluster.is_main:
-        write_manifest(run_dir, manifest)
+        run.write_manifest(manifest)
     cluster.barrier()  # the run directory is complete before any rank returns
     _print_summary(result, console)
     return result
 
 
-def _resume(run_dir: Path, model, optimizer, scheduler, total_steps: int,
+def _resume(run: RunDir, model, optimizer, scheduler, total_steps: int,
             console: Console) -> TrainState | None:
     """Load the run's newest intact checkpoint, saying which newer ones are damaged; None when
     the run stopped before its first checkpoint (it then starts again from step 0)."""
     from rich.markup import escape
 
-    from tunelab.runs import read_manifest
-
-    resumed = resume_latest(run_dir / "checkpoints", model=model, optimizer=optimizer,
+    resumed = resume_latest(run.checkpoints, model=model, optimizer=optimizer,
                             scheduler=scheduler)
     for folder, problem in resumed.damaged:
         console.print(f"[yellow]warning:[/] checkpoint {escape(str(folder))} is damaged "
                       f"({escape(problem)}); renamed damaged-{folder.name}, resuming from the "
                       "checkpoint before it.")
     if resumed.folder is not None:
-        console.print(f"Resuming {run_dir} from {resumed.folder.name} "
+        console.print(f"Resuming {run} from {resumed.folder.name} "
                       f"(step {resumed.state['step']} of {total_steps}).")
         return TrainState.from_dict(resumed.state, where=str(resumed.folder))
-    if resumed.damaged or read_manifest(run_dir).get("status") == "finished":
+    if resumed.damaged or run.finished():
         problem = "every checkpoint is damaged" if resumed.damaged else "the run has finished"
-        raise RunError(f"{run_dir} has no complete checkpoint to resume from: {problem}",
-                       where=str(run_dir), fix="start the run again with tunelab train "
+        raise RunError(f"{run} has no complete checkpoint to resume from: {problem}",
+                       where=str(run), fix="start the run again with tunelab train "
                        "CONFIG --overwrite")
-    console.print(f"{run_dir} stopped before its first checkpoint: starting it again from "
+    console.print(f"{run} stopped before its first checkpoint: starting it again from "
                   "step 0.")
     return None
 
@@ -338,8 +315,8 @@ def _run_steps(step_model, prepared: Prepared, steps: list[list[list[int]]], opt
     total_steps = len(steps)
     pad_id = prepared.tokenizer.pad_token_id or 0
     save = lambda rng=None: save_checkpoint(  # noqa: E731
-        run_dir / "checkpoints", model=prepared.model, optimizer=optimizer, scheduler=scheduler,
-        state=state.to_dict(), keep=train_cfg.keep_checkpoints, rng=rng)
+        RunDir(run_dir).checkpoints, model=prepared.model, optimizer=optimizer,
+        scheduler=scheduler, state=state.to_dict(), keep=train_cfg.keep_checkpoints, rng=rng)
     steps_this_call, saved_step, rng_at_step_start = 0, state.step, rng_states()
     stepping = False
     step_model.train()
@@ -359,19 +336,20 @@ def _run_steps(step_model, prepared: Prepared, steps: list[list[list[int]]], opt
                 group = steps[state.step]
                 batches = distributed.collate_share(prepared.train, group,
                                                     packing=train_cfg.packing, pad_id=pad_id)
-                loss, grad_norm = _forward_backward(step_model, batches, prepared, group,
-                                                    state.step + 1, config, cluster)
+                losses = forward_backward(
+                    step_model, batches, device=prepared.device, cluster=cluster,
+                    max_grad_norm=train_cfg.max_grad_norm, step=state.step + 1,
+                    sources=lambda: [f"{prepared.train[i].source}:{prepared.train[i].line}"
+                                     for indices in group for i in indices])  # noqa: B023
+                loss, grad_norm, tokens = losses.loss, losses.grad_norm, losses.tokens
                 lr = scheduler.get_last_lr()[0]
                 # A Ctrl-C during the update is held back until the step is recorded, so the
                 # checkpoint the interruption writes is never of half-updated weights.
                 with _sigint_deferred():
                     stepping = True
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
+                    update(Optimization(optimizer, scheduler, 0))
                     stepping = False
                     step_s = time.perf_counter() - started
-                    tokens = int(cluster.total(sum(batch.n_tokens for batch in batches)))
                     state.step += 1
                     state.micro_batch += train_cfg.grad_accum
                     state.train_tokens += tokens
@@ -382,8 +360,7 @@ def _run_steps(step_model, prepared: Prepared, steps: list[list[list[int]]], opt
                 if state.step % train_cfg.log_every == 0 or state.step == total_steps:
                     metrics.write(step=state.step, loss=loss, lr=lr, grad_norm=grad_norm,
                                   tokens=tokens,
-                                  target_tokens=int(cluster.total(
-                                      sum(b.n_target_tokens for b in batches))),
+                                  target_tokens=losses.target_tokens,
                                   tokens_per_second=round(tokens_per_second, 1),
                                   step_s=round(step_s, 4),
                                   **_task_tokens(group, prepared, cluster))
@@ -424,46 +401,6 @@ def _task_tokens(group: list[list[int]], prepared: Prepared,
     return {"task_tokens": {name: int(cluster.total(count)) for name, count in counts.items()}}
 
 
-def _forward_backward(step_model, batches: list[Batch], prepared: Prepared,
-                      group: list[list[int]], step: int, config: Config,
-                      cluster: distributed.Cluster) -> tuple[float, float]:
-    """Accumulate the gradients of one optimizer step and clip them; returns (loss, grad norm).
-
-    The loss is the mean over the step's target tokens (of all ranks), whatever the
-    micro-batch sizes.
-    """
-    n_target = cluster.total(sum(batch.n_target_tokens for batch in batches))
-    loss_sum = 0.0
-    for index, batch in enumerate(batches):
-        batch = batch.to(prepared.device)
-        # Gradients are reduced across ranks once per step, with the last micro-batch.
-        with distributed.gradient_sync(step_model, sync=index == len(batches) - 1):
-            with autocast(prepared.device):
-                loss = step_model(batch)
-            if not torch.isfinite(loss):
-                raise _non_finite(loss, step, group, prepared)
-            # DDP and FSDP average gradients over the ranks: × world_size makes it the sum.
-            (loss / n_target * cluster.world_size).backward()
-        loss_sum += float(loss.detach())
-    grad_norm = clip_gradients(step_model, config.train.max_grad_norm)
-    if not math.isfinite(grad_norm):
-        raise _non_finite(torch.tensor(grad_norm), step, group, prepared, what="gradient norm")
-    return cluster.total(loss_sum) / n_target, grad_norm
-
-
-def _non_finite(value: torch.Tensor, step: int, group: list[list[int]], prepared: Prepared,
-                what: str = "loss") -> TrainingError:
-    places = [f"{prepared.train[i].source}:{prepared.train[i].line}"
-              for indices in group for i in indices][:5]
-    return TrainingError(
-        f"the {what} became {float(value)} at step {step}; the batch held {', '.join(places)}"
-        f"{' ...' if len(places) == 5 else ''}",
-        where="train",
-        fix="lower train.lr, keep train.max_grad_norm set, or use model.dtype float32; "
-        "resume from the last checkpoint with tunelab train --resume",
-    )
-
-
 def _sample_prompts(prepared: Prepared, config: Config,
                     cluster: distributed.Cluster) -> list[EvalPrompt]:
     """Validation prompts as evaluation renders them (the renderer training used)."""
@@ -490,18 +427,20 @@ def _predicted(config: Config, prepared: Prepared, console: Console, allocator: 
     The planner gets the run's own token counts (the data is read and tokenized once) and the
     allocator the run got.
     """
-    from tunelab.model.plan import TokenCounts, plan_counts
+    from tunelab.planner.predict import plan_counts
+    from tunelab.planner.workload import TokenCounts
 
-    counts = TokenCounts.from_tokenized(prepared.train, prepared.validation)
+    counts = TokenCounts.from_tokenized(prepared.train, prepared.validation,
+                                        prepared.train_tasks)
     try:
         with torch.random.fork_rng(devices=[]):  # its matmul benchmark must not move the seed
             predicted = plan_counts(config, counts, allocator=allocator)
     except Exception as error:  # the planner must never stop a run it only describes
         console.print(f"[yellow]warning:[/] no cost prediction for the manifest: {error}")
         return {"error": str(error)}
-    return {"predicted_peak_bytes": predicted["memory"]["predicted_peak_bytes"],
-            "predicted_tokens_per_second": predicted["time"]["predicted_tokens_per_second"],
-            "predicted_wall_s": predicted["time"]["predicted_wall_s"]}
+    return {"predicted_peak_bytes": predicted.predicted_peak_bytes,
+            "predicted_tokens_per_second": predicted.predicted_tokens_per_second,
+            "predicted_wall_s": predicted.predicted_wall_s}
 
 
 @contextmanager
@@ -521,15 +460,9 @@ def _sigint_deferred():
 def _peak_rss_bytes() -> int:
     """Peak resident memory of this process image so far, as the planner measures it (VmHWM:
     ru_maxrss starts at the parent's RSS after fork+exec)."""
-    from tunelab.model.plan import peak_rss_bytes
+    from tunelab.peak_memory import peak_rss_bytes
 
     return peak_rss_bytes()
-
-
-def autocast(device: torch.device):
-    """bf16 autocast on GPUs that support it; plain fp32 elsewhere."""
-    enabled = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
 def _seed_everything(seed: int) -> None:
