@@ -11,9 +11,10 @@ from tunelab.data.formats import (
     example_prompt,
     example_target,
     example_text,
-    load_examples,
     to_example,
+    to_examples,
 )
+from tunelab.data.readers import read_records
 from tunelab.errors import ConfigError, DataError
 
 ALPACA_WITH_INPUT = (
@@ -219,7 +220,7 @@ def test_missing_field_for_a_forced_format():
     assert "missing field 'completion'" in message
 
 
-def test_load_examples_auto_detects_each_file(tmp_path):
+def test_auto_mode_detects_each_file(tmp_path):
     chat = write_jsonl(
         tmp_path / "chat.jsonl",
         [
@@ -227,7 +228,7 @@ def test_load_examples_auto_detects_each_file(tmp_path):
         ],
     )
     plain = write_jsonl(tmp_path / "plain.jsonl", [{"text": "one"}, {"text": "two"}])
-    examples = load_examples([chat, plain])
+    examples = to_examples(read_records(chat) + read_records(plain))
     assert [(e.format, e.where) for e in examples] == [
         ("chat", f"{chat}:1"),
         ("text", f"{plain}:1"),
@@ -245,7 +246,7 @@ def test_a_file_mixing_formats_names_the_first_different_record(tmp_path):
         ],
     )
     with pytest.raises(DataError) as error:
-        load_examples([path])
+        to_examples(read_records(path))
     assert f"{path}:3" in str(error.value) and "line 1" in str(error.value)
 
 
@@ -253,15 +254,15 @@ def test_forced_format_rejects_a_record_of_another_shape(tmp_path):
     rows = [{"text": "a"}, {"prompt": "p", "completion": "c"}]
     path = write_jsonl(tmp_path / "train.jsonl", rows)
     with pytest.raises(DataError) as error:
-        load_examples([path], fmt="text")
+        to_examples(read_records(path), fmt="text")
     assert f"{path}:2" in str(error.value) and "missing field 'text'" in str(error.value)
 
 
 def test_template_mode_over_a_csv(tmp_path):
     path = tmp_path / "train.csv"
     path.write_text("text,label\nGreat film,positive\nDull,negative\n", encoding="utf-8")
-    examples = load_examples(
-        [str(path)], prompt="Review: {text}\nSentiment:", completion=" {label}"
+    examples = to_examples(
+        read_records(path), prompt="Review: {text}\nSentiment:", completion=" {label}"
     )
     assert [(e.format, e.label, e.line) for e in examples] == [
         ("template", "positive", 2),
@@ -273,9 +274,9 @@ def test_template_mode_over_a_csv(tmp_path):
 def test_template_mode_needs_both_format_strings(tmp_path):
     path = write_jsonl(tmp_path / "train.jsonl", [{"text": "a"}])
     with pytest.raises(ConfigError, match="data.completion"):
-        load_examples([path], prompt="{text}")
+        to_examples(read_records(path), prompt="{text}")
     with pytest.raises(ConfigError, match="data.format"):
-        load_examples([path], fmt="chat", prompt="{text}", completion="{text}")
+        to_examples(read_records(path), fmt="chat", prompt="{text}", completion="{text}")
 
 
 def test_content_parts_are_joined():

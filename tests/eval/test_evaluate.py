@@ -13,9 +13,9 @@ from rich.console import Console
 from sacrebleu.metrics import BLEU, CHRF
 
 from tunelab.config import config_from_dict
-from tunelab.data.formats import Record
+from tunelab.data.formats import Record, to_example
 from tunelab.eval import evaluate as evaluate_module
-from tunelab.eval.evaluate import build_prompts, evaluate
+from tunelab.eval.evaluate import choose_demos, evaluate
 from tunelab.eval.generate import generate_texts, score_continuations
 from tunelab.eval.metrics import parse_label
 from tunelab.eval.result import EvalResult, read_eval
@@ -106,15 +106,14 @@ def test_generation_mode_parses_and_counts_failures(trained):
     assert tuned.metrics["accuracy"].value >= 0.8
 
 
-def test_few_shot_prompts_exclude_the_example_itself():
-    pool = [Record({"text": f"text {i}", "label": "a"}, "train.jsonl", i + 1) for i in range(6)]
-    prompts = build_prompts(pool[:3], "Q: {text}\nA:", " {label}", shots=2, pool=pool, seed=0)
-    assert prompts == build_prompts(pool[:3], "Q: {text}\nA:", " {label}", shots=2, pool=pool,
-                                    seed=0)
-    for index, prompt in enumerate(prompts):
-        blocks = prompt.split("\n\n")
-        assert len(blocks) == 3 and blocks[-1] == f"Q: text {index}\nA:"
-        assert f"Q: text {index}\nA: a" not in blocks[:-1]
+def test_few_shot_demonstrations_exclude_the_example_itself():
+    pool = [to_example(Record({"text": f"text {i}", "label": "a"}, "train.jsonl", i + 1),
+                       "template", prompt="Q: {text}\nA:", completion=" {label}")
+            for i in range(6)]
+    demos = choose_demos(pool[:3], pool, shots=2, seed=0)
+    assert demos == choose_demos(pool[:3], pool, shots=2, seed=0)
+    for example, shown in zip(pool[:3], demos, strict=True):
+        assert len(shown) == 2 and example not in shown
 
 
 # Each task kind on four records, with the model's raw output for each fixed: right, partly

@@ -10,7 +10,8 @@ import pytest
 from rich.console import Console
 
 from tunelab.config import config_from_dict
-from tunelab.data.formats import load_examples
+from tunelab.data.formats import to_examples
+from tunelab.data.readers import read_records
 from tunelab.data.tokenize import tokenize_examples
 from tunelab.errors import ConfigError
 from tunelab.eval.evaluate import evaluate
@@ -71,7 +72,7 @@ def test_chat_classification_scores_labels_after_the_training_prompt(tmp_path, t
     # The same choice as scoring each label after the training ids before the reply.
     model, tokenizer = load_model(tiny_model_dir).eval(), load_tokenizer(tiny_model_dir)
     prompts = [ex.input_ids[:ex.n_prompt_tokens] for ex in tokenize_examples(
-        load_examples([test]), tokenizer, max_seq_len=64)]
+        to_examples(read_records(test)), tokenizer, max_seq_len=64)]
     scores = score_continuations(model, tokenizer, prompts, ["negative", "positive"])
     expected = [["negative", "positive"][i] for i in scores.argmax(1).tolist()]
     assert [p.prediction for p in base.predictions] == expected

@@ -35,12 +35,12 @@ from __future__ import annotations
 
 import difflib
 import json
-import os
 import string
 from dataclasses import dataclass, field
+from itertools import groupby
+from operator import attrgetter
 from typing import Any
 
-from tunelab.data.readers import read_records
 from tunelab.data.records import Record
 from tunelab.errors import ConfigError, DataError
 
@@ -472,48 +472,49 @@ def _template_value(record: Record, name: str, config_key: str) -> Any:
     )
 
 
-# --- whole files ----------------------------------------------------------------------------
+# --- records of whole files -----------------------------------------------------------------
 
 
-def load_examples(
-    paths: list[str],
+def to_examples(
+    records: list[Record],
     fmt: str = "auto",
     *,
     prompt: str | None = None,
     completion: str | None = None,
 ) -> list[Example]:
-    """Read and normalise every file; ``fmt`` is auto, template or a format to force.
+    """Normalise records, index for index; ``fmt`` is auto, template or a format to force.
 
     With ``prompt``/``completion`` format strings the format is template. In auto mode each
-    record is detected, and one file may not mix formats.
+    record is detected, and the records of one file (consecutive records of one ``source``)
+    may not mix formats.
     """
-    if isinstance(paths, (str, os.PathLike)):
-        paths = [paths]
+    fmt = _checked_format(fmt, prompt, completion)
+    if fmt != "auto":
+        return [to_example(record, fmt, prompt=prompt, completion=completion)
+                for record in records]
+    return [example for _, same_file in groupby(records, key=attrgetter("source"))
+            for example in _auto_examples(list(same_file))]
+
+
+def _checked_format(fmt: str, prompt: str | None, completion: str | None) -> str:
+    """The format records are normalised in: template when ``prompt``/``completion`` are
+    given, else ``fmt``; ConfigError for a format that does not exist or lacks its templates."""
     if prompt is not None or completion is not None:
-        fmt = _template_mode(fmt, prompt, completion)
-    elif fmt == "template":
+        return _template_mode(fmt, prompt, completion)
+    if fmt == "template":
         raise ConfigError(
             "data.format is template but data.prompt and data.completion are not set",
             where="data.format",
             fix='set data.prompt and data.completion, e.g. "Review: {text}\\nSentiment:" and '
             '" {label}"',
         )
-    elif fmt != "auto" and fmt not in FORMATS:
+    if fmt != "auto" and fmt not in FORMATS:
         raise ConfigError(
             f"unknown data format '{fmt}'",
             where="data.format",
             fix=f"use auto or one of {', '.join(FORMATS)}",
         )
-    examples = []
-    for path in paths:
-        records = read_records(path)
-        if fmt == "auto":
-            examples.extend(_auto_examples(records))
-        else:
-            examples.extend(
-                to_example(record, fmt, prompt=prompt, completion=completion) for record in records
-            )
-    return examples
+    return fmt
 
 
 def _template_mode(fmt: str, prompt: str | None, completion: str | None) -> str:

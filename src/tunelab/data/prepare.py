@@ -4,22 +4,28 @@
 planner and the planner's calibration run all call it, so the counts a plan predicts from are
 the ones the run trains on. Its two steps are public for the commands that need the same
 examples without a run: ``read_splits`` (the examples of each split, validation split off as the
-run does; ``tunelab data check`` and evaluation's leakage check) and ``tokenize_as_trained``
-(the data section's template, truncation and loss mask; ``tunelab data check`` measures
-untruncated lengths with it).
+run does; ``tunelab data check``) and ``tokenize_as_trained`` (the data section's template,
+truncation and loss mask; ``tunelab data check`` measures untruncated lengths with it).
+
+Evaluation reads through ``read_eval_splits``: the same splits, each file read once, with the
+raw records beside their examples (index for index), so that a prompt variant re-templates the
+records already read (``with_prompt``) and no split is recovered by matching file:line.
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from itertools import chain, zip_longest
 
 from tunelab.config import DataConfig
-from tunelab.data.formats import Example, load_examples
+from tunelab.data.formats import Example, to_examples
 from tunelab.data.mixture import task_data
+from tunelab.data.readers import read_records
+from tunelab.data.records import Record
 from tunelab.data.tokenize import TokenizedExample, tokenize_examples
-from tunelab.errors import DataError
+from tunelab.errors import ConfigError, DataError
 
 
 @dataclass
@@ -36,14 +42,56 @@ class TokenizedData:
     validation_tasks: list[str] = field(default_factory=list)
 
 
-def split_validation(examples: list[Example], *, fraction: float,
-                     seed: int) -> tuple[list[Example], list[Example]]:
-    """(train, validation): a seeded ``fraction`` of the examples held out, in file order."""
-    order = list(range(len(examples)))
+def split_validation(n_examples: int, *, fraction: float,
+                     seed: int) -> tuple[list[int], list[int]]:
+    """(train, validation) indices of ``n_examples``: a seeded ``fraction`` held out, each in
+    file order."""
+    order = list(range(n_examples))
     random.Random(seed).shuffle(order)
     held_out = set(order[:max(1, round(len(order) * fraction))])
-    return ([ex for i, ex in enumerate(examples) if i not in held_out],
-            [examples[i] for i in sorted(held_out)])
+    return [i for i in range(n_examples) if i not in held_out], sorted(held_out)
+
+
+def as_examples(records: list[Record], data: DataConfig, *,
+                prompt: str | None = None) -> list[Example]:
+    """``records`` normalised as the run reads them (the data section's format and templates),
+    index for index; ``prompt`` in place of ``data.prompt`` (an evaluation prompt variant)."""
+    return to_examples(records, data.format, prompt=data.prompt if prompt is None else prompt,
+                       completion=data.completion)
+
+
+@dataclass
+class Split:
+    """One split's raw records and the examples they normalise to, index for index."""
+
+    records: list[Record]
+    examples: list[Example]
+
+    def pick(self, indices: Iterable[int]) -> Split:
+        """The records and examples at ``indices``, in that order."""
+        chosen = list(indices)
+        return Split([self.records[i] for i in chosen], [self.examples[i] for i in chosen])
+
+
+def _read(paths: list[str], data: DataConfig) -> Split:
+    """The files' records and examples (errors name file:line), one file after another."""
+    split = Split([], [])
+    for path in paths:
+        records = read_records(path)
+        split.records.extend(records)
+        split.examples.extend(as_examples(records, data))
+    return split
+
+
+def _run_splits(data: DataConfig, *, seed: int) -> tuple[Split, Split]:
+    """The run's train and validation: the validation files, or, when there are none,
+    ``data.validation_split`` of train held out with the run's seed."""
+    train, validation = _read(data.train, data), _read(data.validation, data)
+    if not validation.records and data.validation_split > 0:
+        kept, held_out = split_validation(len(train.records), fraction=data.validation_split,
+                                          seed=seed)
+        train, validation = train.pick(kept), train.pick(held_out)
+    return train, validation
 
 
 @dataclass
@@ -58,12 +106,45 @@ class Splits:
 def read_splits(data: DataConfig, *, seed: int, test: bool = False) -> Splits:
     """Read and normalise the data files (errors name file:line); split off validation data
     when there is no validation file, with the run's seed, exactly as training does."""
-    read = lambda paths: load_examples(paths, data.format, prompt=data.prompt,  # noqa: E731
-                                       completion=data.completion) if paths else []
-    train, validation = read(data.train), read(data.validation)
-    if not validation and data.validation_split > 0:
-        train, validation = split_validation(train, fraction=data.validation_split, seed=seed)
-    return Splits(train, validation, read(data.test) if test else [])
+    train, validation = _run_splits(data, seed=seed)
+    return Splits(train.examples, validation.examples,
+                  _read(data.test, data).examples if test else [])
+
+
+@dataclass
+class EvalSplits:
+    """A config's data as evaluation reads it, each file read once."""
+
+    evaluated: Split  # the split evaluated (test or validation), its first max_examples
+    train: Split  # the run's train split: the few-shot demonstrations, never a held-out record
+    validation: Split  # the run's validation split (whole, unlike ``evaluated``)
+
+
+def read_eval_splits(data: DataConfig, *, split: str, seed: int,
+                     max_examples: int | None = None) -> EvalSplits:
+    """The run's train and validation splits (as ``read_splits``) and the ``split`` evaluated:
+    the test files, or the run's own validation (the files, or the records held out of train).
+
+    Raises ConfigError when the config has no such split.
+    """
+    if (split == "test" and not data.test) or (
+            split == "validation" and not data.validation and data.validation_split <= 0):
+        raise ConfigError(f"eval.split is {split!r} but data.{split} is empty",
+                          where=f"data.{split}",
+                          fix=f"add data.{split}: <file>, or set eval.split")
+    train, validation = _run_splits(data, seed=seed)
+    evaluated = _read(data.test, data) if split == "test" else validation
+    if max_examples:
+        evaluated = Split(evaluated.records[:max_examples], evaluated.examples[:max_examples])
+    return EvalSplits(evaluated, train, validation)
+
+
+def with_prompt(split: Split, data: DataConfig, prompt: str | None) -> list[Example]:
+    """The split's examples under ``prompt`` (an evaluation prompt variant): its records
+    templated again, or the examples already read when ``prompt`` is the data section's own."""
+    if prompt == data.prompt:
+        return split.examples
+    return as_examples(split.records, data, prompt=prompt)
 
 
 def tokenize_as_trained(examples: list[Example], tokenizer, data: DataConfig, *,

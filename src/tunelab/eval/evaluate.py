@@ -6,10 +6,13 @@ a paired comparison of tuned against base on the same examples (McNemar for accu
 outputs themselves, so the worst cases can be read. The result is an ``EvalResult``
 (``eval/result.py``), written to ``<run>/eval/<split>.json`` and returned exactly as written.
 
-Every data format is evaluated as it was trained: prompts come from ``data/render.py`` through
-``data/tokenize.eval_prompts`` (the ids training put before the reference). Template data
-renders each prompt variant; chat, instruction and completion data are evaluated on the
-reference (the last trained assistant turn, or the output / completion) after their prompt.
+Every data format is evaluated as it was trained: the evaluated split, the few-shot pool (the
+run's train split) and the splits checked for leakage are read once by
+``data/prepare.read_eval_splits``, records beside their examples, and prompts come from
+``data/render.py`` through ``data/tokenize.eval_prompts`` (the ids training put before the
+reference). Template data renders each prompt variant from the records already read; chat,
+instruction and completion data are evaluated on the reference (the last trained assistant
+turn, or the output / completion) after their prompt.
 
 A thinking model (Qwen3) writes ``<think>...</think>`` before its answer; with
 ``eval.strip_thinking`` (the default) the block is removed before the answer is parsed and
@@ -29,18 +32,17 @@ from rich.console import Console
 from rich.table import Table
 
 from tunelab.config import Config, EvalConfig
-from tunelab.data.formats import Example, detect_format, example_prompt, to_example
-from tunelab.data.prepare import read_splits
+from tunelab.data.formats import Example, example_prompt
+from tunelab.data.prepare import EvalSplits, read_eval_splits, with_prompt
 from tunelab.data.quality import leaked_examples
-from tunelab.data.readers import read_records
 from tunelab.data.records import Record
-from tunelab.data.render import prompt_segments, reference_text
+from tunelab.data.render import reference_text
 from tunelab.data.tokenize import EvalPrompt, eval_prompts
 from tunelab.errors import ConfigError, RunError
 from tunelab.eval.generate import generate_texts, score_continuations
 from tunelab.eval.result import SCHEMA_VERSION, EvalResult, ModelOutcome
 from tunelab.eval.stats import mcnemar, paired_bootstrap, spread
-from tunelab.eval.tasks import TASKS, Task
+from tunelab.eval.tasks import Task
 from tunelab.run.directory import RunDir, eval_name
 
 
@@ -57,26 +59,26 @@ def evaluate(config: Config, *, run_dir: str | Path | RunDir | None = None, base
         raise ConfigError("the config has no eval section", where="eval",
                           fix="add e.g. eval: {task: classification, labels: [negative, "
                           "positive]}")
-    eval_cfg = config.eval
-    fmt, prompt, completion = _templates(config)
-    records = _records(config, eval_cfg)
-    pool = _shot_pool(config, eval_cfg)
-    task = TASKS[eval_cfg.task](labels=eval_cfg.labels, entity_types=eval_cfg.entity_types,
-                                n_resamples=eval_cfg.bootstrap, seed=eval_cfg.seed)
+    eval_cfg, data = config.eval, config.data
+    prompt, completion = _templates(config)
+    splits = read_eval_splits(data, split=eval_cfg.split, seed=config.train.seed,
+                              max_examples=eval_cfg.max_examples)
+    records = splits.evaluated.records
+    task = Task.from_config(eval_cfg)
     variants = eval_cfg.prompt_variants or [prompt]
-    as_trained = [_example(record, fmt, prompt, completion) for record in records]
-    golds = [task.gold(reference_text(example)) for example in as_trained]
+    golds = [task.gold(reference_text(example)) for example in splits.evaluated.examples]
 
     def prompts_for(variant: str | None, tokenizer) -> list[EvalPrompt]:
         """Each record's prompt under one variant, few-shot demonstrations included."""
-        examples = [_example(record, fmt, variant, completion) for record in records]
-        demos = choose_demos(examples, [_example(r, fmt, variant, completion) for r in pool],
-                             shots=eval_cfg.shots, seed=eval_cfg.seed) if pool else None
-        return eval_prompts(examples, tokenizer, chat_template=config.data.chat_template,
-                            chat_template_kwargs=config.data.chat_template_kwargs, demos=demos,
+        examples, demos = with_prompt(splits.evaluated, data, variant), None
+        if eval_cfg.shots and splits.train.records:
+            demos = choose_demos(examples, with_prompt(splits.train, data, variant),
+                                 shots=eval_cfg.shots, seed=eval_cfg.seed)
+        return eval_prompts(examples, tokenizer, chat_template=data.chat_template,
+                            chat_template_kwargs=data.chat_template_kwargs, demos=demos,
                             max_seq_len=config.train.max_seq_len)
     contexts = [_context(r, eval_cfg.context) for r in records]
-    leakage = _split_leakage(config, eval_cfg.split, as_trained)
+    leakage = _split_leakage(splits, eval_cfg.split)
     models = _load_models(config, run_dir, want_base=base, want_tuned=tuned)
     started = time.perf_counter()
     result = {"name": eval_name(eval_cfg.split, task_name), "task": task.kind,
@@ -143,20 +145,6 @@ def _evaluate_model(model, tokenizer, task: Task, eval_cfg: EvalConfig, records:
         name: spread([v["metrics"][name]["value"] for v in outcome["variants"]])
         for name in outcome["metrics"]}
     return outcome
-
-
-def build_prompts(records: list[Record], template: str, completion: str, *, shots: int = 0,
-                  pool: list[Record] | None = None, seed: int = 0) -> list[str]:
-    """Render each record's prompt; with ``shots`` k, prepend k solved training examples.
-
-    Demonstrations are drawn per example with a fixed seed, never the example itself (nor any
-    training record with the same prompt), and use the same template as the query.
-    """
-    examples = [_example(record, "template", template, completion) for record in records]
-    pool_examples = [_example(record, "template", template, completion) for record in pool or []]
-    demos = choose_demos(examples, pool_examples, shots=shots, seed=seed)
-    return ["".join(s.text for s in prompt_segments(example, None, demos=shown)[0])
-            for example, shown in zip(examples, demos, strict=True)]
 
 
 def choose_demos(examples: list[Example], pool: list[Example], *, shots: int, seed: int
@@ -291,18 +279,18 @@ def _load_models(config: Config, run_dir, *, want_base: bool, want_tuned: bool) 
     return models
 
 
-def _split_leakage(config: Config, split: str, evaluated: list[Example]) -> dict:
+def _split_leakage(splits: EvalSplits, split: str) -> dict:
     """Evaluation examples that also appear in the training data (or, for the test split, in
     validation): the same text, a near-duplicate, or the same prompt. Their scores say what the
     model memorised, not how it generalises, so the metric is also reported without them.
 
-    The earlier splits are the run's own examples (``prepare.read_splits``: the same format,
-    templates and validation split as training), so chat and instruction data are compared as
-    they were trained."""
-    splits = read_splits(config.data, seed=config.train.seed)
-    sources = {"train": splits.train}
+    The earlier splits are the run's own examples (``prepare.read_eval_splits``: the same
+    format, templates and validation split as training), so chat and instruction data are
+    compared as they were trained."""
+    evaluated = splits.evaluated.examples
+    sources = {"train": splits.train.examples}
     if split == "test":
-        sources["validation"] = splits.validation
+        sources["validation"] = splits.validation.examples
     leaked: dict[int, dict] = {}
     for split_name, earlier in sources.items():
         for index, how in leaked_examples(earlier, evaluated).items():
@@ -312,11 +300,12 @@ def _split_leakage(config: Config, split: str, evaluated: list[Example]) -> dict
     return {"count": len(places), "examples": places[:20], "indices": set(leaked)}
 
 
-def _templates(config: Config) -> tuple[str, str | None, str | None]:
-    """(format, prompt template, completion template) the evaluated records are read with."""
+def _templates(config: Config) -> tuple[str | None, str | None]:
+    """(prompt template, completion template) the evaluated records are read with; None for
+    data in a format of its own (chat, instruction, completion)."""
     data, eval_cfg = config.data, config.eval
     if data.prompt is not None:
-        return "template", data.prompt, data.completion
+        return data.prompt, data.completion
     if data.format == "text":
         raise ConfigError("plain text data (data.format text) has no prompt and reference to "
                           "evaluate", where="data.format",
@@ -327,46 +316,7 @@ def _templates(config: Config) -> tuple[str, str | None, str | None]:
                           where="eval.prompt_variants",
                           fix="remove eval.prompt_variants, or use template data (data.prompt "
                           "and data.completion)")
-    return data.format, None, None
-
-
-def _records(config: Config, eval_cfg: EvalConfig) -> list[Record]:
-    """The evaluated split's records: the test files, or the run's own validation split (the
-    validation files, or the examples ``data.validation_split`` holds out of train)."""
-    data = config.data
-    if eval_cfg.split == "validation" and not data.validation and data.validation_split > 0:
-        records = _run_split_records(config, "validation")
-    else:
-        paths = data.test if eval_cfg.split == "test" else data.validation
-        if not paths:
-            raise ConfigError(f"eval.split is {eval_cfg.split!r} but data.{eval_cfg.split} is "
-                              "empty", where=f"data.{eval_cfg.split}",
-                              fix=f"add data.{eval_cfg.split}: <file>, or set eval.split")
-        records = [record for path in paths for record in read_records(path)]
-    return records[:eval_cfg.max_examples] if eval_cfg.max_examples else records
-
-
-def _shot_pool(config: Config, eval_cfg: EvalConfig) -> list[Record]:
-    """The records of the run's own training split: with a validation split off the train
-    file, its held-out records are never demonstrations."""
-    return _run_split_records(config, "train") if eval_cfg.shots else []
-
-
-def _run_split_records(config: Config, split: str) -> list[Record]:
-    """The train files' records that ``prepare.read_splits`` puts in the run's ``split``
-    (train, or validation split off it), in file order, as raw records so that each prompt
-    variant can render them."""
-    splits = read_splits(config.data, seed=config.train.seed)
-    kept = {example.where for example in getattr(splits, split)}
-    return [record for path in config.data.train for record in read_records(path)
-            if record.where in kept]
-
-
-def _example(record: Record, fmt: str, prompt: str | None, completion: str | None) -> Example:
-    """A record as training reads it: through the templates, or in its (detected) format."""
-    if fmt == "template":
-        return to_example(record, "template", prompt=prompt, completion=completion)
-    return to_example(record, detect_format(record) if fmt == "auto" else fmt)
+    return None, None
 
 
 def _label_completion(completion: str, label: str) -> str:

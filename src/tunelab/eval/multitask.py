@@ -21,7 +21,7 @@ from tunelab.errors import ConfigError, RunError
 from tunelab.eval.evaluate import evaluate
 from tunelab.eval.result import EvalResult
 from tunelab.eval.stats import paired_bootstrap
-from tunelab.eval.tasks import TASKS
+from tunelab.eval.tasks import Task
 
 
 def task_config(config: Config, task: TaskConfig) -> Config:
@@ -73,8 +73,6 @@ def paired_difference(first: EvalResult, second: EvalResult, eval_cfg: EvalConfi
     Both results' outputs are scored again with the task, so corpus metrics (entity F1, chrF)
     are resampled as corpus metrics; a result whose examples differ is refused.
     """
-    task = TASKS[first.task](labels=eval_cfg.labels, entity_types=eval_cfg.entity_types,
-                             n_resamples=eval_cfg.bootstrap, seed=eval_cfg.seed)
     outcomes = [result.models.get(model) for result in (first, second)]
     if outcomes[0] is None or outcomes[1] is None:
         raise RunError(f"both evaluations need the {model!r} model", where="paired_difference",
@@ -84,6 +82,11 @@ def paired_difference(first: EvalResult, second: EvalResult, eval_cfg: EvalConfi
         raise RunError("the two evaluations are not of the same examples (task, count or "
                        "references differ), so they cannot be paired", where="paired_difference",
                        fix="evaluate both runs on the same split of the same test file")
+    if eval_cfg.task != first.task:
+        raise RunError(f"the evaluations are of task {first.task!r} but the eval section given "
+                       f"is of {eval_cfg.task!r}", where="paired_difference",
+                       fix="pass the eval section the two evaluations were run with")
+    task = Task.from_config(eval_cfg)
     golds = [task.gold(text) for text in golds_shown[0]]
     paired = []
     for result, outcome in zip((first, second), outcomes, strict=True):

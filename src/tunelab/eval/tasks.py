@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 from tunelab.eval import metrics as M
 from tunelab.eval.grounding import hallucination_report
@@ -40,11 +40,23 @@ class Scored:
     paired_others: dict[str, Sequence[float] | Statistic] = field(default_factory=dict)
 
 
+class EvalSettings(Protocol):
+    """The eval section's fields a task is built from: ``config.EvalConfig``, which takes its
+    ``task`` choices from ``TASKS`` and so cannot be imported here."""
+
+    task: str
+    labels: list[str]
+    entity_types: list[str]
+    bootstrap: int
+    seed: int
+
+
 class Task:
     """One task kind. Subclasses set ``primary`` and implement ``score`` (and ``parse``).
 
     ``TASKS`` below is the one registry: the config's choices for ``eval.task`` come from it,
     and the pipeline asks the class (never the kind's name) what the kind needs and allows.
+    ``Task.from_config`` is the one place a task is built from an eval section.
     """
 
     kind: ClassVar[str]
@@ -62,6 +74,13 @@ class Task:
         self.entity_types = entity_types or []
         self.n_resamples = n_resamples
         self.seed = seed
+
+    @staticmethod
+    def from_config(eval_cfg: EvalSettings) -> Task:
+        """The registered kind ``eval_cfg.task`` with the section's labels, entity types and
+        bootstrap settings (resamples, seed)."""
+        return TASKS[eval_cfg.task](labels=eval_cfg.labels, entity_types=eval_cfg.entity_types,
+                                    n_resamples=eval_cfg.bootstrap, seed=eval_cfg.seed)
 
     def parse(self, output: str) -> tuple[Any, bool]:
         """(prediction, failed) for one raw model output; an empty output is a failure."""

@@ -781,16 +781,14 @@ def cost_at_use(config: Config, tokenizer, best: dict, full: dict) -> dict:
 def mean_prompt_tokens(config: Config, tokenizer, *, prompt: str | None, shots: int) -> float:
     """Mean prompt length in tokens over the evaluated test examples, rendered as evaluation
     renders them (same demonstrations, same template)."""
-    from tunelab.data.formats import load_examples
+    from tunelab.data.prepare import read_eval_splits, with_prompt
     from tunelab.data.tokenize import eval_prompts
     from tunelab.eval.evaluate import choose_demos
 
-    def read(paths: list[str]) -> list:
-        return load_examples(paths, config.data.format, prompt=prompt,
-                             completion=config.data.completion if prompt else None)
-
-    examples = read(config.data.test)[:config.eval.max_examples or None]
-    demos = choose_demos(examples, read(config.data.train), shots=shots,
+    splits = read_eval_splits(config.data, split="test", seed=config.train.seed,
+                              max_examples=config.eval.max_examples)
+    examples = with_prompt(splits.evaluated, config.data, prompt)
+    demos = choose_demos(examples, with_prompt(splits.train, config.data, prompt), shots=shots,
                          seed=config.eval.seed) if shots else None
     prompts = eval_prompts(examples, tokenizer, chat_template=config.data.chat_template,
                            chat_template_kwargs=config.data.chat_template_kwargs,
@@ -800,15 +798,14 @@ def mean_prompt_tokens(config: Config, tokenizer, *, prompt: str | None, shots: 
 
 def complexity(config: Config, baselines: dict, full: dict, fit: dict) -> dict:
     """What makes the task easy or hard, next to the verdict."""
-    from tunelab.data.formats import load_examples
+    from tunelab.data.prepare import read_splits
     from tunelab.data.render import reference_text
-    from tunelab.eval.tasks import TASKS
+    from tunelab.eval.tasks import Task
 
     eval_cfg = config.eval
     zero = next((b for b in baselines["by_shots"] if b["shots"] == 0), None)
-    task = TASKS[eval_cfg.task](labels=eval_cfg.labels, entity_types=eval_cfg.entity_types)
-    examples = load_examples(config.data.train, config.data.format, prompt=config.data.prompt,
-                             completion=config.data.completion)
+    task = Task.from_config(eval_cfg)
+    examples = read_splits(config.data, seed=config.train.seed).train
     golds = [task.gold(reference_text(example)) for example in examples]
     if eval_cfg.task == "classification":
         labels, n_labels = golds, len(eval_cfg.labels)
