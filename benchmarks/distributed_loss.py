@@ -13,6 +13,13 @@ training losses:
 
 Figures are losses, not timings: run at normal priority, without the measurement lock.
 Writes ``examples/sentiment/results/distributed.json`` with provenance.
+
+    python benchmarks/distributed_loss.py --smoke   # tiny model: 1 process vs 2 ranks, dropout 0
+
+``--smoke`` runs the dropout-0 pair only, on the config shrunk by ``benchmarks/smoke.py`` (the
+test suite's tiny model, a few examples, two steps): the 1-process run in this process, the
+2-rank run through torchrun as ever (two fresh ranks: tens of seconds on two cores); runs and
+result in a temporary folder.
 """
 
 from __future__ import annotations
@@ -22,10 +29,12 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import smoke  # noqa: E402
 from provenance import ROOT, provenance  # noqa: E402
 
 CONFIG = ROOT / "examples/sentiment/config.yaml"
@@ -45,33 +54,40 @@ RUNS = [
 ]
 
 
-def train_command(ranks: int, overrides: list[str]) -> list[str]:
+def train_command(ranks: int, overrides: list[str], config: Path = CONFIG) -> list[str]:
     """The command a user types: torchrun for several ranks, tunelab for one."""
     sets = [arg for override in overrides for arg in ("--set", override)]
     if ranks == 1:
-        return ["tunelab", "train", str(CONFIG), "--overwrite", *sets]
+        return ["tunelab", "train", str(config), "--overwrite", *sets]
     return ["torchrun", "--standalone", "--nproc-per-node", str(ranks), "-m", "tunelab",
-            "train", str(CONFIG), "--overwrite", *sets]
+            "train", str(config), "--overwrite", *sets]
 
 
 def run_one(label: str, ranks: int, dropout: float, seed: int, output_dir: Path,
-            log_dir: Path) -> dict:
-    """Train one configuration and read its losses back from the run directory."""
+            log_dir: Path, config: Path = CONFIG, in_process: bool = False) -> dict:
+    """Train one configuration and read its losses back from the run directory
+    (``in_process``, for --smoke: a 1-process run in this process)."""
     name = f"dist-r{ranks}-d{dropout:g}-s{seed}"
     overrides = [f"name={name}", f"output_dir={output_dir}", f"method.dropout={dropout}",
                  f"train.seed={seed}"]
     env = dict(os.environ)
     if ranks > 1:
         env["OMP_NUM_THREADS"] = "1"
-    command = train_command(ranks, overrides)
+    command = train_command(ranks, overrides, config)
     run_dir = output_dir / name
     note_file = run_dir / "distributed_loss.json"  # this script's note: which commit ran it
     if not note_file.is_file():  # a finished run is kept, so a stopped comparison can go on
         note = {"git_commit": provenance()["git_commit"], "started_utc": time.strftime(
             "%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         started = time.perf_counter()
-        with open(log_dir / f"{name}.log", "w") as log:
-            subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
+        log_path = log_dir / f"{name}.log"
+        if in_process and ranks == 1:
+            if smoke.tunelab(command[1:], log_path) != 0:
+                raise SystemExit(f"{log_path.read_text()[-3000:]}\n{label} failed")
+        else:
+            with open(log_path, "w") as log:
+                subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT,
+                               check=True)
         note["wall_s"] = round(time.perf_counter() - started, 1)
         note_file.write_text(json.dumps(note))
     note = json.loads(note_file.read_text())
@@ -122,24 +138,42 @@ def compare_dropout_0_05(by_label: dict) -> dict:
             "tolerance": spread, "within_tolerance": abs(difference) <= spread}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output-dir", type=Path, default=Path("/tmp/tunelab-distributed-runs"),
                         help="Where the five run directories go (not runs/: others use it).")
-    parser.add_argument("--out", type=Path, default=RESULT)
-    args = parser.parse_args()
-    args.output_dir.mkdir(parents=True, exist_ok=True)
+    parser.add_argument("--out", type=Path, help=f"result file (default {RESULT})")
+    parser.add_argument("--smoke", action="store_true",
+                        help="the dropout-0 pair on the tiny model, the result in a temporary "
+                             "folder")
+    args = parser.parse_args(argv)
+    if not args.smoke:
+        args.output_dir.mkdir(parents=True, exist_ok=True)
+        return compare_runs(RUNS, args.output_dir, CONFIG, args.out or RESULT, in_process=False)
+    with tempfile.TemporaryDirectory(prefix="tunelab-distributed-smoke-") as scratch:
+        work = Path(scratch)
+        config = smoke.smoke_config(CONFIG, work / "config", smoke.tiny_model(work / "model"))
+        compare_runs(RUNS[:2], work, config, smoke.result_path(args.out, RESULT.name),
+                     in_process=True)
+
+
+def compare_runs(planned: list[tuple], output_dir: Path, config: Path, out: Path, *,
+                 in_process: bool) -> None:
+    """Train the ``planned`` runs of ``config`` in turn; their losses and the comparison to
+    ``out``, rewritten after every run."""
     result = provenance()
     runs = []
-    for label, ranks, dropout, seed in RUNS:
+    for label, ranks, dropout, seed in planned:
         print(f"{label} ...", flush=True)
-        runs.append(run_one(label, ranks, dropout, seed, args.output_dir, args.output_dir))
+        runs.append(run_one(label, ranks, dropout, seed, output_dir, output_dir, config,
+                            in_process))
         print(f"  val loss {runs[-1]['val_loss_before']:.4f} -> "
               f"{runs[-1]['val_loss_after']:.6f}", flush=True)
         # Written after every run: a comparison cut short still keeps what it measured.
         result["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
-        result.update(complete=len(runs) == len(RUNS), runs=runs, comparison=compare(runs))
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        result.update(complete=len(runs) == len(planned), runs=runs, comparison=compare(runs))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result["comparison"], indent=2))
 
 

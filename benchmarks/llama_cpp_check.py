@@ -17,6 +17,15 @@ Nothing here is a test; the numbers go to ``results/llama-cpp-cpu.json``.
     python benchmarks/llama_cpp_check.py --run runs/sentiment-lora   # an existing run
     python benchmarks/llama_cpp_check.py --build-only
     python benchmarks/llama_cpp_check.py --work /tmp/check   # keep runs and exports for a rerun
+    python benchmarks/llama_cpp_check.py --smoke   # seconds: the tiny model, F16, 4 tokens
+
+``--smoke`` takes the whole path in seconds, for the test suite: the test suite's tiny model
+(random weights) trained 2 steps (``tunelab train`` in this process), exported, one test row
+(two prompts), 4 greedy tokens, F16 only, the result in a temporary folder. It never builds
+llama.cpp (a quarter of an hour): it uses a build cached in ``~/.cache/tunelab/llama.cpp-*``
+and, where there is none, does everything up to starting ``llama-server`` (training, export,
+export checks, prompts, transformers' greedy tokens on the merged and the rounded weights) and
+records llama.cpp's side as skipped.
 """
 
 from __future__ import annotations
@@ -32,6 +41,11 @@ import tarfile
 import tempfile
 import time
 from pathlib import Path
+
+import smoke  # benchmarks/smoke.py, beside this script
+from provenance import provenance  # benchmarks/provenance.py, beside this script
+
+from tunelab.run import load_run_model, open_run
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results"
@@ -87,6 +101,14 @@ def llama_cpp_build(version: str | None = None) -> dict:
     info_path.write_text(json.dumps(info, indent=2) + "\n")
     shutil.rmtree(work, ignore_errors=True)  # the binaries are static; the objects are not needed
     return {**info, "cached": False}
+
+
+def cached_build() -> dict | None:
+    """The newest llama.cpp build in the cache, without building one; None if there is none."""
+    for info_path in sorted(CACHE.glob("llama.cpp-*/build_info.json"), reverse=True):
+        if all((info_path.parent / "bin" / t).exists() for t in TARGETS):
+            return {**json.loads(info_path.read_text()), "cached": True}
+    return None
 
 
 def _download_sdist(folder: Path, version: str | None) -> Path:
@@ -158,9 +180,10 @@ train: {{max_steps: {steps}, lr: 1.0e-3, batch_tokens: {batch_tokens}, max_seq_l
 """
 
 
-def trained_run(model: str, steps: int, batch_tokens: int, folder: Path) -> Path:
-    """A short LoRA on the sentiment example, trained by ``tunelab train`` (the CLI); no
-    validation data, so that nothing but the steps costs time."""
+def trained_run(model: str, steps: int, batch_tokens: int, folder: Path,
+                in_process: bool = False) -> Path:
+    """A short LoRA on the sentiment example, trained by ``tunelab train`` (the CLI; for
+    --smoke in this process); no validation data, so that nothing but the steps costs time."""
     name = "llama-cpp-check-" + model.split(":")[-1].replace("/", "-")
     config = folder / f"{name}.yaml"
     text = RUN_CONFIG.format(name=name, output_dir=folder / "runs", model=model, data=SENTIMENT,
@@ -171,8 +194,11 @@ def trained_run(model: str, steps: int, batch_tokens: int, folder: Path) -> Path
             and json.loads(manifest.read_text()).get("status") == "finished":
         return run  # --work kept it from an earlier invocation with the same settings
     config.write_text(text)
-    subprocess.run([sys.executable, "-m", "tunelab", "train", str(config), "--overwrite"],
-                   check=True, cwd=ROOT)
+    if not in_process:
+        subprocess.run([sys.executable, "-m", "tunelab", "train", str(config), "--overwrite"],
+                       check=True, cwd=ROOT)
+    elif smoke.tunelab(["train", str(config), "--overwrite"], folder / "train.log") != 0:
+        raise SystemExit(f"{(folder / 'train.log').read_text()[-3000:]}\ntraining failed")
     return run
 
 
@@ -207,7 +233,6 @@ def test_prompts(run: Path, tokenizer, count: int) -> list[dict]:
     from tunelab.data.prepare import read_splits
     from tunelab.data.render import bos_to_add
     from tunelab.data.tokenize import eval_prompts
-    from tunelab.runs import open_run
 
     _, config = open_run(run, need_data=True)
     test = read_splits(config.data, seed=config.train.seed, test=True).test[:count]
@@ -401,9 +426,10 @@ def agreement(reference: dict, candidate: dict) -> dict:
     return compared
 
 
-def compare_model(label: str, run: Path, folder: Path, build: dict, *, quants: list[str],
-                  prompts_n: int, new_tokens: int, threads: int) -> dict:
-    """One run: export, then per GGUF the tokenization and greedy agreement per prompt."""
+def compare_model(label: str, run: Path, folder: Path, build: dict | None, *,
+                  quants: list[str], prompts_n: int, new_tokens: int, threads: int) -> dict:
+    """One run: export, then per GGUF the tokenization and greedy agreement per prompt
+    (``build`` None, --smoke without a cached llama.cpp: transformers' side only)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -423,27 +449,14 @@ def compare_model(label: str, run: Path, folder: Path, build: dict, *, quants: l
         rounded_reference = [hf_greedy(rounded, p["ids"], new_tokens, suppress)
                              for p in prompts]
         del rounded
-        rows = []
-        modelfile = (gguf.parent / "Modelfile").read_text()
-        with LlamaServer(Path(build["bin"]) / "llama-server", gguf, threads) as server:
-            templates = template_check(server, tokenizer, modelfile)
-            for prompt, ref, rounded_ref in zip(prompts, reference, rounded_reference,
-                                                strict=True):
-                hf_ids = tokenizer(prompt["text"]).input_ids
-                cpp_ids = server.tokenize(prompt["text"])
-                got = server.greedy(prompt["ids"], new_tokens, suppress)
-                rows.append({
-                    "kind": prompt["kind"], "prompt": prompt["text"],
-                    "prompt_tokens": len(prompt["ids"]),
-                    "tokenization_identical": hf_ids == cpp_ids,
-                    "tokenization_first_difference": _first_difference(hf_ids, cpp_ids),
-                    "prompt_ids_equal_hf_tokenizer": hf_ids == prompt["ids"],
-                    "vs_merged_fp32": agreement(ref, got),
-                    "vs_rounded_weights_fp32": agreement(rounded_ref, got),
-                    "rounded_vs_merged_fp32": agreement(ref, rounded_ref),
-                    "transformers_text": tokenizer.decode(ref["tokens"]),
-                    "llama_cpp_text": tokenizer.decode(got["tokens"]),
-                    "llama_cpp_stop_type": got["stop_type"]})
+        if build is None:
+            per_quant[quant] = {"gguf": gguf.name, "gguf_bytes": gguf.stat().st_size,
+                                "llama_cpp": "skipped: no cached build (--smoke builds none)"}
+            continue
+        rows, templates = llama_cpp_side(Path(build["bin"]) / "llama-server", gguf, tokenizer,
+                                         prompts, reference, rounded_reference,
+                                         new_tokens=new_tokens, suppress=suppress,
+                                         threads=threads)
         per_quant[quant] = {"gguf": gguf.name, "gguf_bytes": gguf.stat().st_size,
                             "prompts": rows, "summary": _summary(rows, new_tokens),
                             "chat_template": templates}
@@ -453,12 +466,39 @@ def compare_model(label: str, run: Path, folder: Path, build: dict, *, quants: l
             "export_checks": export_checks, "quants": per_quant}
 
 
+def llama_cpp_side(server_binary: Path, gguf: Path, tokenizer, prompts: list[dict],
+                   reference: list[dict], rounded_reference: list[dict], *, new_tokens: int,
+                   suppress: list[int], threads: int) -> tuple[list[dict], list[dict]]:
+    """``llama-server`` on ``gguf``: per prompt its tokenization and greedy tokens against
+    transformers' (on the merged and on the rounded weights); the chat template renderings."""
+    rows = []
+    modelfile = (gguf.parent / "Modelfile").read_text()
+    with LlamaServer(server_binary, gguf, threads) as server:
+        templates = template_check(server, tokenizer, modelfile)
+        for prompt, ref, rounded_ref in zip(prompts, reference, rounded_reference,
+                                            strict=True):
+            hf_ids = tokenizer(prompt["text"]).input_ids
+            cpp_ids = server.tokenize(prompt["text"])
+            got = server.greedy(prompt["ids"], new_tokens, suppress)
+            rows.append({
+                "kind": prompt["kind"], "prompt": prompt["text"],
+                "prompt_tokens": len(prompt["ids"]),
+                "tokenization_identical": hf_ids == cpp_ids,
+                "tokenization_first_difference": _first_difference(hf_ids, cpp_ids),
+                "prompt_ids_equal_hf_tokenizer": hf_ids == prompt["ids"],
+                "vs_merged_fp32": agreement(ref, got),
+                "vs_rounded_weights_fp32": agreement(rounded_ref, got),
+                "rounded_vs_merged_fp32": agreement(ref, rounded_ref),
+                "transformers_text": tokenizer.decode(ref["tokens"]),
+                "llama_cpp_text": tokenizer.decode(got["tokens"]),
+                "llama_cpp_stop_type": got["stop_type"]})
+    return rows, templates
+
+
 def _adapter_effect(run: Path, prompts: list, reference: list[dict], new_tokens: int,
                     suppress: list[int]) -> str:
     """How many prompts' greedy tokens the adapter changed (base vs merged): the check has
     to compare a model the training moved, not the base in disguise."""
-    from tunelab.runs import load_run_model
-
     base, _, _ = load_run_model(run, base=True)
     base = base.float().eval()
     changed = sum(hf_greedy(base, p["ids"], new_tokens, suppress)["tokens"] != r["tokens"]
@@ -492,7 +532,7 @@ def _summary(rows: list[dict], new_tokens: int) -> dict:
                 [r["vs_rounded_weights_fp32"]["agree"] for r in rows]}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", action="append", default=None,
                         help=f"base model of the run to train (repeatable); default "
@@ -505,26 +545,33 @@ def main() -> None:
     parser.add_argument("--quant", action="append", default=None, help="f16, q8_0 (default both)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", help="folder for runs and exports (default: a temporary one)")
-    parser.add_argument("--out", default=str(RESULTS / "llama-cpp-cpu.json"))
+    parser.add_argument("--out", help="result file (default results/llama-cpp-cpu.json)")
     parser.add_argument("--build-only", action="store_true")
-    args = parser.parse_args()
-    from provenance import provenance  # benchmarks/provenance.py, beside this script
-
+    parser.add_argument("--smoke", action="store_true",
+                        help="seconds, for the test suite: the tiny model, no llama.cpp build "
+                             "(a cached one or none), the result in a temporary folder")
+    args = parser.parse_args(argv)
     origin = provenance()
-    build = llama_cpp_build()
+    build = cached_build() if args.smoke else llama_cpp_build()
     print(json.dumps(build, indent=2), flush=True)
     if args.build_only:
         return
-    quants = args.quant or ["f16", "q8_0"]
     work = Path(args.work or tempfile.mkdtemp(prefix="llama-cpp-check-"))
+    if args.smoke:
+        args.model = [str(smoke.tiny_model(work / "tiny-model"))]
+        args.steps, args.prompts, args.new_tokens = 2, 1, 4
+        args.quant = args.quant or ["f16"]
+        args.out = smoke.result_path(args.out and Path(args.out), "llama-cpp-cpu.json")
+    args.out = args.out or RESULTS / "llama-cpp-cpu.json"
+    quants = args.quant or ["f16", "q8_0"]
     models = []
     for model in ([None] if args.run else args.model or list(MODELS)):
         started = time.perf_counter()
         folder = work / (model or "run").split(":")[-1].replace("/", "-")
         folder.mkdir(parents=True, exist_ok=True)
         kept = sorted(p.name for p in folder.glob("*/*") if p.is_dir())  # from an earlier --work
-        run = (Path(args.run) if args.run
-               else trained_run(model, args.steps, args.batch_tokens, folder))
+        run = (Path(args.run) if args.run else
+               trained_run(model, args.steps, args.batch_tokens, folder, in_process=args.smoke))
         compared = compare_model(model or str(run), run, folder / "export", build,
                                  quants=quants, prompts_n=args.prompts,
                                  new_tokens=args.new_tokens, threads=args.threads)
@@ -536,11 +583,12 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _write(args: argparse.Namespace, origin: dict, build: dict, models: list[dict]) -> None:
+def _write(args: argparse.Namespace, origin: dict, build: dict | None,
+           models: list[dict]) -> None:
     origin["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    result = {**origin, "llama_cpp": {**{k: v for k, v in build.items()
-                                         if k not in ("bin", "llama_cpp_tree")},
-                                      "note": BUILD_NOTE},
+    result = {**origin, "llama_cpp": None if build is None else {
+                  **{k: v for k, v in build.items() if k not in ("bin", "llama_cpp_tree")},
+                  "note": BUILD_NOTE},
               "steps": args.steps, "batch_tokens": args.batch_tokens,
               "new_tokens": args.new_tokens, "models": models}
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

@@ -6,70 +6,92 @@ configuration (``train_throughput.py --plan-check``: 113M Llama, LoRA, 4,096-tok
 10 steps in one process under the malloc the CLI gives it, reads the kernel's VmHWM after each
 step, and records the planner's prediction without and with ``JEMALLOC_PADDED_RETENTION``:
 
-    python benchmarks/padded_growth.py      # writes results/padded-growth-cpu.json
+    python benchmarks/padded_growth.py          # writes results/padded-growth-cpu.json
+    python benchmarks/padded_growth.py --smoke  # seconds: the tiny model, 2 steps, in-process
+
+``--smoke`` trains the padded configuration on a model as small as the test suite's for two
+steps in this process (under this process's malloc, so its peaks mean nothing) and writes the
+result to a temporary folder.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
+import smoke
 from provenance import provenance
 from train_throughput import cli_environment, plan_check_configs
 
+from tunelab.peak_memory import peak_rss_bytes
+from tunelab.planner.memory import JEMALLOC_PADDED_RETENTION
+from tunelab.planner.predict import plan
+
 RESULTS = Path(__file__).resolve().parent / "results"
-STEPS = 10
+STEPS, SMOKE_STEPS = 10, 2
 CONFIG = "bench 113M · LoRA · padded"
 
-# The child trains; a thread notes VmHWM each time metrics.jsonl gains a step.
-CHILD = r'''
-import json, sys, threading, time
-from pathlib import Path
-from rich.console import Console
-from tunelab.config import config_from_dict
-from tunelab.train.loop import train
-raw = json.loads(sys.argv[1])
-metrics = Path(raw["output_dir"]) / raw["name"] / "metrics.jsonl"
-per_step = []
-def peak():
-    with open("/proc/self/status") as status:
-        return int(status.read().split("VmHWM:")[1].split()[0]) * 1024
-def watch():
-    while True:
-        try:
-            steps = [json.loads(l) for l in metrics.read_text().splitlines() if '"loss"' in l]
-        except OSError:
-            steps = []
-        if len(steps) > len(per_step):
-            per_step.append({"step": len(steps), "peak_rss_bytes": peak(),
-                             "tokens": steps[-1]["tokens"]})
-        time.sleep(0.05)
-threading.Thread(target=watch, daemon=True).start()
-train(config_from_dict(raw), console=Console(quiet=True))
-time.sleep(0.3)
-print(json.dumps({"per_step": per_step, "final_peak_rss_bytes": peak()}))
-'''
 
+def peaks_per_step(raw: dict) -> dict:
+    """Train ``raw`` (a config dict) in this process, noting VmHWM each time metrics.jsonl
+    gains a step (a thread polls it), and the peak at the end."""
+    from rich.console import Console
 
-def main() -> None:
     from tunelab.config import config_from_dict
-    from tunelab.model import plan as planner
+    from tunelab.train.loop import train
+
+    metrics = Path(raw["output_dir"]) / raw["name"] / "metrics.jsonl"
+    per_step, done = [], threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            try:
+                steps = [json.loads(line) for line in metrics.read_text().splitlines()
+                         if '"loss"' in line]
+            except OSError:
+                steps = []
+            if len(steps) > len(per_step):
+                per_step.append({"step": len(steps), "peak_rss_bytes": peak_rss_bytes(),
+                                 "tokens": steps[-1]["tokens"]})
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    train(config_from_dict(raw), console=Console(quiet=True))
+    time.sleep(0.3)  # the watcher's last look at the metrics
+    done.set()
+    watcher.join()
+    return {"per_step": per_step, "final_peak_rss_bytes": peak_rss_bytes()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true",
+                        help="seconds, for the test suite: tiny model, 2 steps, in this process, "
+                             "the result in a temporary folder")
+    parser.add_argument("--out", type=Path, help="result file (default "
+                        "results/padded-growth-cpu.json)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # a config dict to train, as JSON
+    args = parser.parse_args(argv)
+    if args.child:
+        return print(json.dumps(peaks_per_step(json.loads(args.child))))
+    from tunelab.config import config_from_dict
 
     origin = provenance()
+    steps = SMOKE_STEPS if args.smoke else STEPS
     with tempfile.TemporaryDirectory(prefix="tunelab-padded-growth-") as tmp:
         workdir = Path(tmp)
-        raw = plan_check_configs(workdir, 0)[CONFIG]
-        raw["train"]["max_steps"] = STEPS
+        raw = plan_check_configs(workdir, 0, tiny_only=args.smoke)[CONFIG]
+        raw["train"]["max_steps"] = steps
         raw = {"name": "growth", "output_dir": str(workdir / "runs"), **raw}
-        memory = planner.plan(config_from_dict(raw), allocator="jemalloc")["memory"]
-        done = subprocess.run([sys.executable, "-c", CHILD, json.dumps(raw)],
-                              capture_output=True, text=True, env=cli_environment(raw))
-        if done.returncode != 0:
-            raise SystemExit(done.stderr[-4000:])
-        measured = json.loads(done.stdout.strip().splitlines()[-1])
+        memory = plan(config_from_dict(raw), allocator="jemalloc").memory
+        measured = peaks_per_step(raw) if args.smoke else in_subprocess(raw)
     retained = memory["breakdown_bytes"]["allocator"]
     live = memory["predicted_peak_bytes"] - retained
     for row in measured["per_step"]:
@@ -77,14 +99,25 @@ def main() -> None:
               f"({row['peak_rss_bytes'] - live:+,} bytes beyond the planner's live tensors)")
     print(f"planner: live {live / 2**30:.2f} GiB, with retention "
           f"{memory['predicted_peak_bytes'] / 2**30:.2f} GiB "
-          f"(JEMALLOC_PADDED_RETENTION {planner.JEMALLOC_PADDED_RETENTION})")
-    out = RESULTS / "padded-growth-cpu.json"
+          f"(JEMALLOC_PADDED_RETENTION {JEMALLOC_PADDED_RETENTION})")
+    name = "padded-growth-cpu.json"
+    out = smoke.result_path(args.out, name) if args.smoke else args.out or RESULTS / name
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
-        "benchmark": "padded_growth", **origin, "configuration": CONFIG, "steps": STEPS,
+        "benchmark": "padded_growth", **origin, "configuration": CONFIG, "steps": steps,
         "predicted_live_bytes": live, "predicted_peak_bytes": memory["predicted_peak_bytes"],
         "predicted_activation_bytes": memory["breakdown_bytes"]["activations"],
-        "retention_fraction": planner.JEMALLOC_PADDED_RETENTION, **measured}, indent=1) + "\n")
+        "retention_fraction": JEMALLOC_PADDED_RETENTION, **measured}, indent=1) + "\n")
     print(f"wrote {out}")
+
+
+def in_subprocess(raw: dict) -> dict:
+    """``peaks_per_step(raw)`` in a fresh process under the malloc the CLI gives the config."""
+    done = subprocess.run([sys.executable, __file__, "--child", json.dumps(raw)],
+                          capture_output=True, text=True, env=cli_environment(raw))
+    if done.returncode != 0:
+        raise SystemExit(done.stderr[-4000:])
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 if __name__ == "__main__":

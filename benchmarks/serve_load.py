@@ -10,8 +10,14 @@ tokens/s one at a time is the batching gain. Reports requests/s, latency and tim
 percentiles (streamed requests), errors (must be 0), and writes a result file with provenance.
 
     python benchmarks/serve_load.py runs/sentiment-lora runs/ner-lora
-    python benchmarks/serve_load.py RUN RUN --clients 8 --duration-s 20 --sequential-s 10  # smoke
+    python benchmarks/serve_load.py RUN RUN --clients 8 --duration-s 20 --sequential-s 10  # lighter
     python benchmarks/serve_load.py RUN RUN --profile /tmp/serve.prof   # cProfile the HTTP side
+    python benchmarks/serve_load.py --smoke   # seconds: two tiny runs, 2 clients for 2 s
+
+``--smoke`` takes the whole path in seconds, for the test suite: it trains two runs of the
+sentiment example on the test suite's tiny model (``benchmarks/smoke.py``, in this process),
+serves them (the one subprocess), drives 2 clients for 2 s and one for 1 s with 4 new tokens,
+and writes the result to a temporary folder.
 """
 
 from __future__ import annotations
@@ -26,11 +32,13 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import openai
+import smoke  # benchmarks/smoke.py, beside this script
 from provenance import provenance  # benchmarks/provenance.py, beside this script
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -206,10 +214,15 @@ async def measure(args, names: list[str], port: int, server: subprocess.Popen) -
     }
 
 
-def main() -> None:
+# --smoke: what the load is cut to
+SMOKE_LOAD = {"clients": 2, "duration_s": 2.0, "sequential_s": 1.0, "max_tokens": 4,
+              "max_requests": 16, "startup_timeout_s": 300.0}
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", nargs=2, help="two run directories trained on one base "
-                        "(NAME=RUN serves a run under another name)")
+    parser.add_argument("runs", nargs="*", help="two run directories trained on one base "
+                        "(NAME=RUN serves a run under another name); none with --smoke")
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--duration-s", type=float, default=120.0)
     parser.add_argument("--max-requests", type=int, default=20_000)
@@ -218,8 +231,26 @@ def main() -> None:
     parser.add_argument("--startup-timeout-s", type=float, default=600.0)
     parser.add_argument("--profile", help="run the server under cProfile, writing this file")
     parser.add_argument("--out", type=Path, help="result file (default results/serve-load.json)")
-    args = parser.parse_args()
+    parser.add_argument("--smoke", action="store_true",
+                        help="seconds, for the test suite: two tiny runs trained here, a short "
+                             "light load, the result in a temporary folder")
+    args = parser.parse_args(argv)
+    if args.smoke == bool(args.runs):
+        parser.error("give two runs, or --smoke (which trains its own)")
+    if args.smoke:
+        with tempfile.TemporaryDirectory(prefix="tunelab-serve-smoke-") as scratch:
+            model = smoke.tiny_model(Path(scratch) / "tiny-model")
+            args.runs = [str(smoke.tiny_run(Path(scratch) / "runs", name, model))
+                         for name in ("smoke-a", "smoke-b")]
+            vars(args).update(SMOKE_LOAD, out=smoke.result_path(args.out, "serve-load.json"))
+            return serve_and_measure(args)
+    if len(args.runs) != 2:
+        parser.error(f"give two runs, not {len(args.runs)}")
+    serve_and_measure(args)
 
+
+def serve_and_measure(args: argparse.Namespace) -> None:
+    """Serve ``args.runs``, measure, write the result file; exit non-zero on any error."""
     import yaml
 
     names = [run.partition("=")[0] if "=" in run else

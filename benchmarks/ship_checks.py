@@ -8,6 +8,12 @@ base).
 The checks' numbers and the answers go to a result file with provenance. Nothing here is timed.
 
     python benchmarks/ship_checks.py runs/sentiment-lora runs/ner-lora
+    python benchmarks/ship_checks.py --smoke   # seconds: a tiny run trained here
+
+``--smoke`` takes the whole path in seconds, for the test suite: it trains a run of the
+sentiment example on the test suite's tiny model (``benchmarks/smoke.py``, in this process),
+exports and serves it (the server is the one subprocess), and writes the result to a temporary
+folder.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import time
 from pathlib import Path
 
 import openai
+import smoke  # benchmarks/smoke.py, beside this script
 from provenance import provenance  # benchmarks/provenance.py, beside this script
 from serve_load import split_file
 
@@ -94,29 +101,47 @@ def first_test_row(run: Path, max_tokens: int) -> dict:
             "expected": data["completion"].format(**row), "max_tokens": max_tokens}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("sentiment", type=Path, help="the run to export and serve")
+    parser.add_argument("sentiment", type=Path, nargs="?",
+                        help="the run to export and serve (none with --smoke)")
     parser.add_argument("others", type=Path, nargs="*", help="more runs to serve beside it")
-    parser.add_argument("--out", type=Path, default=RESULTS / "serve-ship-checks.json")
-    args = parser.parse_args()
+    parser.add_argument("--out", type=Path,
+                        help="result file (default results/serve-ship-checks.json)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="seconds, for the test suite: a tiny run trained here, the result "
+                             "in a temporary folder")
+    args = parser.parse_args(argv)
+    if args.smoke == (args.sentiment is not None):
+        parser.error("give the sentiment run, or --smoke (which trains its own)")
+    if not args.smoke:
+        return check(args.sentiment, args.others, args.out or RESULTS / "serve-ship-checks.json")
+    with tempfile.TemporaryDirectory(prefix="tunelab-ship-smoke-") as scratch:
+        model = smoke.tiny_model(Path(scratch) / "tiny-model")
+        run = smoke.tiny_run(Path(scratch) / "runs", "smoke-sentiment", model)
+        check(run, [], smoke.result_path(args.out, "serve-ship-checks.json"))
 
+
+def check(sentiment: Path, others: list[Path], out: Path) -> None:
+    """Export ``sentiment`` every way, serve it beside ``others``; checks and answers to
+    ``out``, exiting non-zero when a check with a bound failed."""
     origin = provenance()
-    with tempfile.TemporaryDirectory(dir=args.sentiment) as folder:
-        exported = exports(args.sentiment, Path(folder))
-    served = [args.sentiment, *args.others]
+    with tempfile.TemporaryDirectory(dir=sentiment) as folder:
+        exported = exports(sentiment, Path(folder))
+    served = [sentiment, *others]
     rows = {json.loads((run / "manifest.json").read_text())["name"]:
-            first_test_row(run, 2 if run == args.sentiment else 48) for run in served}
+            first_test_row(run, 2 if run == sentiment else 48) for run in served}
     answers = served_answers(served, rows)
     origin["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    result = {**origin, "run": str(args.sentiment), "exports": exported, "serve": answers}
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    result = {**origin, "run": str(sentiment), "exports": exported, "serve": answers}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
     failed = [c["name"] for e in exported for c in e["checks"]
               if not c["passed"] and c["tolerance"] is not None]
     print(json.dumps({e["export"]: [(c["name"], c["value"], c["passed"]) for c in e["checks"]]
                       for e in exported}, indent=1))
     print(json.dumps(answers, indent=1))
-    print(f"written to {args.out}")
+    print(f"written to {out}")
     if failed:
         raise SystemExit(f"checks failed: {failed}")
 

@@ -27,10 +27,17 @@ padding costs most) and ``uniform`` (lengths spread evenly over a narrow range, 
 of the mean: where it costs least).
 
     python benchmarks/train_throughput.py            # 3 sides × 2 distributions, ~25 min here
-    python benchmarks/train_throughput.py --quick    # smoke run, small model
+    python benchmarks/train_throughput.py --quick    # a short run on a 2-layer model
+    python benchmarks/train_throughput.py --smoke    # seconds: tiny model, workers in-process
     python benchmarks/train_throughput.py --levers   # tunelab.train with each lever switched
     python benchmarks/train_throughput.py --plan-check  # tunelab plan vs measured peak RSS
     python benchmarks/train_throughput.py --gpu      # ~1B model, bf16, MFU (needs a CUDA GPU)
+
+``--smoke`` (with ``--levers`` or ``--plan-check`` too) takes the whole code path in seconds,
+for the test suite: the test suite's tiny model and tokenizer, one distribution of 8 examples,
+two levers, the plan check's configurations that need no downloaded model; every worker runs
+in this process (``main`` with the worker's own arguments) instead of a fresh one, so its
+figures, peak memory above all, mean nothing. The result goes to a temporary folder.
 """
 
 from __future__ import annotations
@@ -48,7 +55,13 @@ import time
 from datetime import date
 from pathlib import Path
 
+import smoke  # benchmarks/smoke.py, beside this script
 from provenance import provenance  # benchmarks/provenance.py, beside this script
+
+from tunelab.peak_memory import peak_rss_bytes
+from tunelab.planner.predict import plan
+from tunelab.planner.shape import ModelShape
+from tunelab.planner.speed import training_flops
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parent.parent
@@ -63,6 +76,8 @@ SIDE_TITLES = {"hf_padded": "Trainer + peft, padding collator",
 CPU_MODEL = {"hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 12,
              "num_attention_heads": 12, "num_key_value_heads": 4}
 QUICK_MODEL = {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2,
+               "num_attention_heads": 4, "num_key_value_heads": 2}
+SMOKE_MODEL = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
                "num_attention_heads": 4, "num_key_value_heads": 2}
 GPU_MODEL = {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 18,
              "num_attention_heads": 32, "num_key_value_heads": 8}
@@ -81,8 +96,13 @@ WORKLOADS = {
               "repeats": 1, "distributions": ["uniform", "skewed"], "model": "quick"},
     "gpu": {"examples": 1280, "per_step": 32, "max_seq_len": 2048, "batch_tokens": None,
             "repeats": 2, "distributions": ["uniform", "skewed"], "model": "gpu"},
+    "smoke": {"examples": 8, "per_step": 4, "max_seq_len": 512, "batch_tokens": None,
+              "repeats": 1, "distributions": ["skewed"], "model": "smoke"},
 }
-MODELS = {"cpu": CPU_MODEL, "quick": QUICK_MODEL, "gpu": GPU_MODEL}
+MODELS = {"cpu": CPU_MODEL, "quick": QUICK_MODEL, "gpu": GPU_MODEL, "smoke": SMOKE_MODEL}
+# --smoke --levers: the default and one lever switched through the config (a lever that
+# switches threads or varlen would change this process for good: its workers run in-process)
+SMOKE_LEVERS = ("all levers (default)", "packing off (train.packing: false)")
 
 # --levers: name -> what switches that one lever away from tunelab's default. "config": fields
 # merged into the run's config; "threads": torch threads of the process; "varlen": False runs
@@ -396,8 +416,6 @@ def worker_main(side: str, spec_path: str, result_path: str) -> None:
     """Entry point of a measuring subprocess: one run, result written as JSON."""
     import torch
 
-    from tunelab.model.plan import peak_rss_bytes
-
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     import_training_stack()
@@ -430,18 +448,24 @@ def wait_for_quiet(max_wait_s: float, threshold: float = 1.5) -> tuple[float, fl
     return os.getloadavg()[0], time.perf_counter() - started
 
 
-def run_worker(side: str, spec: dict, workdir: Path, label: str, max_wait_s: float) -> dict:
-    """Run one measured training in a fresh subprocess and return its result row."""
+def run_worker(side: str, spec: dict, workdir: Path, label: str, max_wait_s: float,
+               in_process: bool = False) -> dict:
+    """Run one measured training in a fresh subprocess (``in_process``, for --smoke: in this
+    one, through the same arguments) and return its result row."""
     slug = "".join(c if c.isalnum() else "-" for c in label)
     spec_path, result_path = workdir / f"spec-{slug}.json", workdir / f"result-{slug}.json"
     spec_path.write_text(json.dumps({**spec, "scratch": str(workdir / f"scratch-{slug}")}))
     load_before, waited_s = wait_for_quiet(max_wait_s)
     started = time.perf_counter()
-    completed = subprocess.run([sys.executable, __file__, "--worker", side, "--spec",
-                                str(spec_path), "--result", str(result_path)],
-                               capture_output=True, text=True, env=worker_environment(side, spec))
-    if completed.returncode != 0:
-        raise SystemExit(f"{label} failed:\n{completed.stdout[-3000:]}\n{completed.stderr[-5000:]}")
+    worker = ["--worker", side, "--spec", str(spec_path), "--result", str(result_path)]
+    if in_process:
+        main(worker)
+    else:
+        completed = subprocess.run([sys.executable, __file__, *worker], capture_output=True,
+                                   text=True, env=worker_environment(side, spec))
+        if completed.returncode != 0:
+            raise SystemExit(f"{label} failed:\n{completed.stdout[-3000:]}\n"
+                             f"{completed.stderr[-5000:]}")
     row = json.loads(result_path.read_text())
     subprocess.run(["rm", "-rf", str(workdir / f"scratch-{slug}")], check=True)
     row.update(side=side, label=label, process_wall_s=round(time.perf_counter() - started, 1),
@@ -582,8 +606,6 @@ def model_flops_utilisation(specs: dict, rows: list[dict], peak_flops: float) ->
     gradient only), over the non-padding tokens every side trains on."""
     from transformers import AutoConfig
 
-    from tunelab.model.plan import ModelShape, training_flops
-
     mfu = {}
     for name, spec in specs.items():
         shape = ModelShape.from_config(AutoConfig.from_pretrained(spec["model_dir"]))
@@ -596,35 +618,40 @@ def model_flops_utilisation(specs: dict, rows: list[dict], peak_flops: float) ->
     return mfu
 
 
-def run_comparison(specs: dict, workload: dict, workdir: Path, max_wait_s: float) -> list[dict]:
+def run_comparison(specs: dict, workload: dict, workdir: Path, max_wait_s: float,
+                   in_process: bool = False) -> list[dict]:
     """Every side on every distribution, alternating, ``repeats`` rounds."""
     rows = []
     for repeat in range(workload["repeats"]):
         for name, spec in specs.items():
             for side in SIDES:
                 row = run_worker(side, spec, workdir, f"{name} · {side} #{repeat + 1}",
-                                 max_wait_s)
+                                 max_wait_s, in_process)
                 rows.append({**row, "distribution": name, "repeat": repeat + 1})
     return rows
 
 
 def run_levers(spec: dict, workload: dict, workdir: Path, max_wait_s: float,
-               only: list[str]) -> list[dict]:
+               only: list[str], in_process: bool = False) -> list[dict]:
     """tunelab.train with each lever switched alone; the median repeat of each."""
     chosen = {name: lever for name, lever in LEVERS.items()
-              if not lever or not only or any(word in name for word in only)}
+              if (not lever or not only or any(word in name for word in only))
+              and (not in_process or name in SMOKE_LEVERS)}
     rows = []
     for repeat in range(workload["repeats"]):
         for name, lever in chosen.items():
             row = run_worker("tunelab", {**spec, "lever": lever}, workdir,
-                             f"{name} #{repeat + 1}", max_wait_s)
+                             f"{name} #{repeat + 1}", max_wait_s, in_process)
             rows.append({**row, "lever": name, "switch": lever, "repeat": repeat + 1})
     return median_per_lever(rows, list(chosen))
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="smoke run on a small model")
+    parser.add_argument("--quick", action="store_true", help="a short run on a 2-layer model")
+    parser.add_argument("--smoke", action="store_true",
+                        help="seconds, for the test suite: the tiny model, workers in this "
+                             "process, the result in a temporary folder")
     parser.add_argument("--levers", action="store_true", help="ablate tunelab's levers")
     parser.add_argument("--only", nargs="+", default=[],
                         help="with --levers: only the levers whose names contain these words")
@@ -646,24 +673,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
+    parser.add_argument("--measure-train", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         return worker_main(args.worker, args.spec, args.result)
+    if args.measure_train:
+        return print(json.dumps(measure_training(json.loads(args.measure_train))))
     if args.plan_check:
         return plan_check(args)
     if args.gpu and not _cuda_available():
         parser.error("--gpu measures a ~1B Llama in bf16 on a CUDA GPU, and torch sees none "
                      "here (torch.cuda.is_available() is False); run it on a GPU machine, or "
                      "leave out --gpu for the CPU benchmark")
-    mode = ("gpu" if args.gpu else "quick" if args.quick else "levers" if args.levers
-            else "full")
+    mode = ("smoke" if args.smoke else "gpu" if args.gpu else "quick" if args.quick
+            else "levers" if args.levers else "full")
     workload = dict(WORKLOADS[mode])
     if args.quick and args.levers:
         workload.update(batch_tokens=1024, distributions=["skewed"])
     workload.update({key: value for key, value in (("examples", args.examples),
                                                    ("repeats", args.repeats)) if value})
     report = measure(args, workload)
-    out = args.out or default_out(args)
+    out = smoke.result_path(args.out, default_out(args).name) if args.smoke else (
+        args.out or default_out(args))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {out}")
@@ -676,7 +707,8 @@ def measure(args, workload: dict) -> dict:
     dims = MODELS[workload["model"]]
     with tempfile.TemporaryDirectory(prefix="tunelab-bench-") as tmp:
         workdir = Path(tmp)
-        n_params = build_model(workdir / "model", dims, args.seed, args.tokenizer)
+        tokenizer = str(smoke.tiny_model(workdir / "tokenizer")) if args.smoke else args.tokenizer
+        n_params = build_model(workdir / "model", dims, args.seed, tokenizer)
         specs = {name: prepare(workdir, workload, name, model_dir=workdir / "model",
                                gpu=args.gpu, seed=args.seed, lr=args.lr)
                  for name in workload["distributions"]}
@@ -690,10 +722,11 @@ def measure(args, workload: dict) -> dict:
         if args.levers:
             spec = next(iter(specs.values()))
             report["runs"] = run_levers(spec, workload, workdir, args.wait_for_quiet_s,
-                                        args.only)
+                                        args.only, in_process=args.smoke)
             print_levers(report["runs"])
         else:
-            rows = run_comparison(specs, workload, workdir, args.wait_for_quiet_s)
+            rows = run_comparison(specs, workload, workdir, args.wait_for_quiet_s,
+                                  in_process=args.smoke)
             report["runs"] = rows
             report["summary"] = {name: summarise([row for row in rows
                                                   if row["distribution"] == name])
@@ -743,22 +776,30 @@ TINY_MODEL = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 
               "num_attention_heads": 4, "num_key_value_heads": 2}
 
 
-def plan_check_configs(workdir: Path, seed: int) -> dict[str, dict]:
-    """Configurations whose `tunelab train` peak RSS is compared with `tunelab plan`."""
+def plan_check_configs(workdir: Path, seed: int, tiny_only: bool = False) -> dict[str, dict]:
+    """Configurations whose `tunelab train` peak RSS is compared with `tunelab plan`.
+
+    ``tiny_only`` (--smoke): the test suite's tokenizer, the "bench" model as small as the tiny
+    one, a few examples of each data set, and no configuration of the embedded SmolLM2."""
     from tunelab.model.load import EMBEDDED
 
     sentiment = REPO / "examples" / "sentiment"
+    tokenizer = str(smoke.tiny_model(workdir / "tokenizer")) if tiny_only else TOKENIZER
     tiny = workdir / "tiny-model"
-    build_model(tiny, TINY_MODEL, seed)
+    build_model(tiny, TINY_MODEL, seed, tokenizer)
     bench = workdir / "model"
-    build_model(bench, CPU_MODEL, seed)
+    build_model(bench, SMOKE_MODEL if tiny_only else CPU_MODEL, seed, tokenizer)
     alpaca = workdir / "alpaca_like.jsonl"
-    write_dataset(alpaca, 400, seed, "skewed")
+    write_dataset(alpaca, 24 if tiny_only else 400, seed, "skewed")
     review = {"train": str(sentiment / "train.jsonl"), "validation": str(sentiment / "valid.jsonl"),
               "prompt": "Review: {text}\nSentiment:", "completion": " {label}"}
+    if tiny_only:
+        for split in ("train", "validation"):
+            review[split] = str(smoke.first_lines(Path(review[split]),
+                                                  workdir / f"review-{split}.jsonl"))
     lora = {"kind": "lora", **{k: LORA[k] for k in ("r", "alpha", "dropout", "targets")}}
     common = {"max_steps": 3, "samples": 2, "max_new_tokens": 4, "seed": seed, "lr": 1e-4}
-    return {
+    configs = {
         "tiny · LoRA · packed": {"model": {"path": str(tiny)}, "method": lora, "data": review,
                                  "train": {**common, "batch_tokens": 2048}},
         "SmolLM2-135M · LoRA · packed": {
@@ -779,51 +820,60 @@ def plan_check_configs(workdir: Path, seed: int) -> dict[str, dict]:
             "data": {"train": str(alpaca), "validation_split": 0.05},
             "train": {**common, "batch_tokens": 4096, "max_seq_len": 1024, "packing": False}},
     }
+    return {name: raw for name, raw in configs.items()
+            if not tiny_only or raw["model"]["path"] != EMBEDDED}
 
 
-MEASURE_TRAIN = """
-import json, sys
-from rich.console import Console
-from tunelab.config import config_from_dict
-from tunelab.model.plan import peak_rss_bytes
-from tunelab.train.loop import train
-result = train(config_from_dict(json.loads(sys.argv[1])), console=Console(quiet=True))
-print(json.dumps({"peak_rss_bytes": peak_rss_bytes(),
-                  "tokens_per_second": result.tokens_per_second}))
-"""
+def measure_training(raw: dict) -> dict:
+    """Train ``raw`` (a config dict) with ``tunelab.train``: this process's peak RSS and the
+    run's tokens/s. The plan check runs it in a fresh process (``--measure-train``) under the
+    malloc the CLI gives the config, so that the peak is the run's own."""
+    from rich.console import Console
+
+    from tunelab.config import config_from_dict
+    from tunelab.train.loop import train
+
+    result = train(config_from_dict(raw), console=Console(quiet=True))
+    return {"peak_rss_bytes": peak_rss_bytes(),
+            "tokens_per_second": result.tokens_per_second}
+
+
+def measured_in_subprocess(name: str, raw: dict) -> dict:
+    """``measure_training(raw)`` in a fresh process under the malloc the CLI gives it."""
+    completed = subprocess.run(
+        [sys.executable, __file__, "--measure-train", json.dumps(raw)], capture_output=True,
+        text=True, env=cli_environment(raw))
+    if completed.returncode != 0:
+        raise SystemExit(f"{name} failed:\n{completed.stderr[-4000:]}")
+    return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
 def plan_check(args) -> None:
-    """`tunelab plan` against the peak RSS of real `tunelab train` subprocesses."""
+    """`tunelab plan` against the peak RSS of real `tunelab train` subprocesses (--smoke: the
+    tiny configurations, trained in this process)."""
     from rich.console import Console
     from rich.table import Table
 
     from tunelab.config import config_from_dict
-    from tunelab.model.plan import plan
 
     rows, origin = [], provenance()
     with tempfile.TemporaryDirectory(prefix="tunelab-plan-check-") as tmp:
         workdir = Path(tmp)
-        for name, raw in plan_check_configs(workdir, args.seed).items():
+        for name, raw in plan_check_configs(workdir, args.seed, tiny_only=args.smoke).items():
             raw = {"name": "plan-check", "output_dir": str(workdir / "runs"), **raw}
             predicted = plan(config_from_dict(raw))
             load_before = os.getloadavg()[0]
-            completed = subprocess.run(  # under the malloc the CLI gives it, as predicted
-                [sys.executable, "-c", MEASURE_TRAIN, json.dumps(raw)], capture_output=True,
-                text=True, env=cli_environment(raw))
-            if completed.returncode != 0:
-                raise SystemExit(f"{name} failed:\n{completed.stderr[-4000:]}")
-            measured = json.loads(completed.stdout.strip().splitlines()[-1])
+            measured = (measure_training(raw) if args.smoke  # else under the CLI's malloc
+                        else measured_in_subprocess(name, raw))
             subprocess.run(["rm", "-rf", str(workdir / "runs")], check=True)
-            memory = predicted["memory"]
+            memory = predicted.memory
             row = {"configuration": name,
                    "predicted_peak_bytes": memory["predicted_peak_bytes"],
                    "measured_peak_bytes": measured["peak_rss_bytes"],
                    "error": memory["predicted_peak_bytes"] / measured["peak_rss_bytes"] - 1,
                    "breakdown_bytes": memory["breakdown_bytes"],
                    "peak_batch": memory["peak_batch"],
-                   "predicted_tokens_per_second": predicted["time"][
-                       "predicted_tokens_per_second"],
+                   "predicted_tokens_per_second": predicted.predicted_tokens_per_second,
                    "measured_tokens_per_second": measured["tokens_per_second"],
                    "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
             rows.append(row)
@@ -839,7 +889,8 @@ def plan_check(args) -> None:
         table.add_row(row["configuration"], f"{row['predicted_peak_bytes'] / 2**30:.2f} GiB",
                       f"{row['measured_peak_bytes'] / 2**30:.2f} GiB", f"{row['error']:+.1%}")
     Console().print(table)
-    out = args.out or RESULTS / f"plan-cpu-{date.today().isoformat()}.json"
+    name = f"plan-cpu-{date.today().isoformat()}.json"
+    out = smoke.result_path(args.out, name) if args.smoke else args.out or RESULTS / name
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"benchmark": "plan_check", "date": date.today().isoformat(),
                                **origin, "runs": rows},

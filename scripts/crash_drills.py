@@ -4,6 +4,7 @@ adapter of the same run never interrupted.
 
     python scripts/crash_drills.py                       # 20 kills, 2 full disks, 4 damages
     python scripts/crash_drills.py --kills 4 --out /tmp/drills.json   # a quick look
+    python scripts/crash_drills.py --smoke   # 1 damaged checkpoint, 1 kill: 4 runs, ~a minute
 
 Every run is the real CLI (``python -m tunelab train``) on a tiny Llama built from a config (the
 test suite's, ``tests/conftest.py``) with LoRA dropout on, so an exact resume also needs the
@@ -14,6 +15,11 @@ fraction of a second, and afterwards records what the kill left behind. The full
 20 MiB tmpfs (``mount -t tmpfs``, so root) filled to a checkpoint and a half's room, or filled
 by another program later, while the run is at its final adapter. Writes
 ``benchmarks/results/crash-drills-cpu.json`` with its provenance; the README quotes it.
+
+``--smoke`` (for the test suite) runs the reference, one damaged checkpoint and one kill, each
+resumed: four real ``tunelab train`` processes, as a drill has to be (a kill needs a process
+to kill, and a bit-identical resume the same kernels as the reference); no full disk (it needs
+a tmpfs mount). The result goes to a temporary folder.
 """
 
 from __future__ import annotations
@@ -36,8 +42,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-sys.path.insert(0, str(ROOT / "tests"))
-from conftest import _build_tiny_model  # noqa: E402
+import smoke  # noqa: E402
 from provenance import provenance  # noqa: E402
 
 from tunelab.train.checkpoint import damage, list_checkpoints  # noqa: E402
@@ -61,9 +66,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="which drills, in this order (comma-separated)")
     parser.add_argument("--reuse", type=Path, help="the scratch folder of a drill still "
                         "running: its tiny model, data and reference run (saves a run)")
-    parser.add_argument("--out", type=Path,
-                        default=ROOT / "benchmarks" / "results" / "crash-drills-cpu.json")
+    parser.add_argument("--out", type=Path, help="result file (default "
+                        "benchmarks/results/crash-drills-cpu.json)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="one damaged checkpoint and one kill, the result in a temporary "
+                             "folder")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.kills, args.phases = 1, "damage,kill"
+        args.out = smoke.result_path(args.out, "crash-drills-cpu.json")
+    args.out = args.out or ROOT / "benchmarks" / "results" / "crash-drills-cpu.json"
     result = {**provenance(), "workload": {
         "model": "tiny Llama from tests/conftest.py (2 layers, hidden 32), LoRA r 4, dropout 0.1",
         "train": TRAIN}}
@@ -74,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
                                                     "validation": str(work / "validation.jsonl")}
             reference = reused_reference(work / "reference" / "runs" / "reference")
         else:
-            model_dir = _build_tiny_model(work / "tiny-model")
+            model_dir = smoke.tiny_model(work / "tiny-model")
             data = _write_data(work)
             reference = reference_run(work, model_dir, data)
         result["reference"] = reference
@@ -86,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
             if phase == "disk":
                 result["disk_full"] = disk_full_drills(work, model_dir, data, reference)
             elif phase == "damage":
-                result["damaged_checkpoint"] = damage_drills(work, reference)
+                result["damaged_checkpoint"] = damage_drills(work, reference,
+                                                             first_only=args.smoke)
             else:
                 kill_phase(result, args, work, model_dir, data, reference)
             _write(result, args.out)
@@ -395,10 +408,14 @@ DAMAGES = {
 }
 
 
-def damage_drills(work: Path, reference: dict) -> list[dict]:
+def damage_drills(work: Path, reference: dict, first_only: bool = False) -> list[dict]:
     """Damage the newest checkpoint of a copy of the reference run (its adapter removed), or
-    both; ``--resume`` must name it and go on from the one before, or stop with a clear error."""
-    records = [damage_drill(work, reference, kind, [-1]) for kind in DAMAGES]
+    both; ``--resume`` must name it and go on from the one before, or stop with a clear error
+    (``first_only``: the first damage alone)."""
+    kinds = list(DAMAGES)[:1] if first_only else list(DAMAGES)
+    records = [damage_drill(work, reference, kind, [-1]) for kind in kinds]
+    if first_only:
+        return records
     records.append(damage_drill(work, reference, next(iter(DAMAGES)), [-1, -2]))
     return records
 

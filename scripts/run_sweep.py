@@ -11,6 +11,14 @@ provenance, wall time, trials, final word — goes under its name into
 ``EXAMPLE/results/sweep/result.json``, which the README renders (``scripts/published.py``, kind
 ``sweep``). The same sweep without pruning is a second sweep file run the same way
 (``sweep-unpruned.yaml``); the renderer sets the two side by side. Weights are not kept.
+
+    python scripts/run_sweep.py examples/sentiment/sweep.yaml --smoke
+
+``--smoke`` (for the test suite) runs the same commands on the sweep shrunk to 2 trials of 2
+steps over the example's config shrunk by ``benchmarks/smoke.py`` (the test suite's tiny model,
+a few examples), with 1 worker: ``tunelab sweep`` and ``tunelab compare`` run in this process,
+the worker is the one subprocess ``tunelab sweep`` starts. What it keeps goes to a temporary
+folder, not ``EXAMPLE/results/``.
 """
 
 from __future__ import annotations
@@ -27,18 +35,43 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
+import smoke  # noqa: E402
 from provenance import provenance  # noqa: E402
 
+# --smoke: the sweep cut to two short trials (validation loss after each step, for the pruner)
+SMOKE_SWEEP = {"trials": 2, "overrides": {"train.max_steps": 2, "train.batch_tokens": 256,
+                                          "train.eval_every": 1, "train.save_every": 0,
+                                          "train.samples": 0}}
 
-def run(command: list[str], log: Path, cwd: Path) -> float:
-    """Run one CLI command, its output to ``log``; its wall time in seconds."""
+
+def run(command: list[str], log: Path, cwd: Path, in_process: bool = False) -> float:
+    """Run one CLI command from ``cwd`` (``in_process``: in this process, whose folder stays:
+    a smoke sweep's config names its output folder), its output to ``log``; its wall time in
+    seconds."""
     started = time.perf_counter()
-    with open(log, "w") as handle:
-        completed = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, cwd=cwd,
-                                   env={**os.environ, "COLUMNS": "120"})
-    if completed.returncode != 0:
-        sys.exit(f"{' '.join(command)} failed (exit {completed.returncode}); see {log}")
+    if in_process:
+        returncode = smoke.tunelab(command[1:], log)
+    else:
+        with open(log, "w") as handle:
+            returncode = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT,
+                                        cwd=cwd, env={**os.environ, "COLUMNS": "120"}).returncode
+    if returncode != 0:
+        sys.exit(f"{log.read_text()[-3000:]}\n{' '.join(command)} failed (exit {returncode})")
     return time.perf_counter() - started
+
+
+def smoke_sweep(sweep_file: Path, folder: Path, model_dir: Path, output_dir: Path) -> Path:
+    """``sweep_file`` shrunk to ``SMOKE_SWEEP`` over its base config shrunk to a smoke run,
+    the sweep's directory and runs in ``output_dir``."""
+    import yaml
+
+    raw = yaml.safe_load(sweep_file.read_text())
+    base = smoke.smoke_config(sweep_file.parent / raw["base"], folder / "base", model_dir,
+                              output_dir=output_dir)
+    raw.update(SMOKE_SWEEP, base=str(base), output_dir=str(output_dir))
+    path = folder / sweep_file.name
+    path.write_text(yaml.safe_dump(raw, sort_keys=False, allow_unicode=True))
+    return path
 
 
 def trial_rows(sweep_dir: Path) -> list[dict]:
@@ -93,32 +126,42 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--keep", type=Path, help="run in this folder and keep it (default: a "
                         "scratch folder, removed)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="seconds, for the test suite: 2 tiny trials, 1 worker, results to a "
+                             "temporary folder (or --out)")
+    parser.add_argument("--out", type=Path, help="with --smoke: the folder for the results")
     args = parser.parse_args(argv)
-    sweep_file = args.sweep_file.resolve()
+    sweep_file = recorded = args.sweep_file.resolve()
+    results = (smoke.result_path(args.out, "sweep") if args.smoke
+               else sweep_file.parent / "results" / "sweep")
     origin = provenance()
     with tempfile.TemporaryDirectory(prefix="tunelab-sweep-") as scratch:
         work = args.keep.resolve() if args.keep else Path(scratch)
         work.mkdir(parents=True, exist_ok=True)
+        if args.smoke:
+            args.workers = 1
+            sweep_file = smoke_sweep(sweep_file, Path(scratch) / "smoke",
+                                     smoke.tiny_model(Path(scratch) / "tiny-model"),
+                                     output_dir=work / "runs")
         staging = Path(scratch) / "staging"
         staging.mkdir()
         wall_s = run(["tunelab", "sweep", str(sweep_file), "--workers", str(args.workers)],
-                     staging / "sweep.log", cwd=work)
+                     staging / "sweep.log", cwd=work, in_process=args.smoke)
         load_at_end = [round(x, 2) for x in os.getloadavg()]
         sweep_dir = next(path.parent for path in (work / "runs").glob("*/sweep.json"))
         run(["tunelab", "compare", str(sweep_dir), "--output", str(staging / "compare.html")],
-            staging / "compare.log", cwd=work)
+            staging / "compare.log", cwd=work, in_process=args.smoke)
         rows = trial_rows(sweep_dir)
         (staging / "trials.json").write_text(json.dumps(rows, indent=1) + "\n")
         final = json.loads((sweep_dir / "final.json").read_text())
         shutil.copy(sweep_dir / "final.json", staging / "final.json")
         record = json.loads((sweep_dir / "sweep.json").read_text())
         origin["machine"]["load_average_at_end"] = load_at_end
-        entry = {**origin, "sweep_file": os.path.relpath(sweep_file, ROOT),
+        entry = {**origin, "sweep_file": os.path.relpath(recorded, ROOT),
                  "workers": args.workers, "spec": record["spec"], "metric": record["metric"],
                  "direction": record["direction"],
                  "wall_s": {"sweep_command": round(wall_s, 1), "trials": trials_wall_s(rows)},
                  "trials": rows, "final": final}
-        results = sweep_file.parent / "results" / "sweep"
         target = results / sweep_dir.name
         shutil.rmtree(target, ignore_errors=True)
         shutil.copytree(staging, target)

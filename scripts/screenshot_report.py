@@ -1,7 +1,9 @@
 """Screenshot an HTML report in headless Chromium: ``screenshot_report.py IN.html OUT.png``.
 
 Used to check the report's layout by eye and in a slow test. Needs ``/usr/bin/chromium``
-(Debian: ``apt-get update && apt-get install -y chromium``).
+(Debian: ``apt-get update && apt-get install -y chromium``). ``screenshot_report.py --smoke
+[OUT.png]`` (for the test suite) renders a one-table page of its own, by default to a PNG in a
+temporary folder.
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ import tempfile
 from pathlib import Path
 
 INSTALL_HINT = "apt-get update && apt-get install -y chromium"
+SMOKE_PAGE = ("<!doctype html><meta charset=utf-8><title>smoke</title><h1>tunelab</h1>"
+              "<table><tr><th>metric</th><th>base</th><th>tuned</th></tr>"
+              "<tr><td>accuracy</td><td>0.50</td><td>0.90</td></tr></table>")
 
 
 def find_chromium() -> str:
@@ -49,11 +54,21 @@ def screenshot(report: Path, output: Path, *, width: int = 1280, height: int = 4
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("report", type=Path, help="the report.html to render")
-    parser.add_argument("output", type=Path, help="where to write the PNG")
+    parser.add_argument("report", type=Path, nargs="?", help="the report.html to render")
+    parser.add_argument("output", type=Path, nargs="?", help="where to write the PNG")
     parser.add_argument("--width", type=int, default=1280)
     parser.add_argument("--height", type=int, default=4000)
+    parser.add_argument("--smoke", action="store_true",
+                        help="render a page of its own; OUTPUT defaults to a temporary folder")
     args = parser.parse_args(argv)
+    if args.smoke:
+        folder = Path(tempfile.mkdtemp(prefix="tunelab-screenshot-smoke-"))
+        args.output = args.report or folder / "smoke.png"  # the one path given is OUT.png
+        args.report = folder / "smoke.html"
+        args.report.write_text(SMOKE_PAGE)
+        args.height = 600
+    elif args.output is None:
+        parser.error("give the report and the PNG to write (or --smoke)")
     try:
         path = screenshot(args.report, args.output, width=args.width, height=args.height)
     except (FileNotFoundError, RuntimeError, subprocess.TimeoutExpired) as error:
