@@ -27,7 +27,8 @@ SMOKE_EXAMPLES = 8
 def tiny_model(folder: Path) -> Path:
     """The test suite's tiny Llama (2 layers, hidden 32, a 512-token BPE with ChatML), saved in
     ``folder``: one definition for the tests and every smoke run (``tests/conftest.py``)."""
-    sys.path.insert(0, str(ROOT / "tests"))
+    if str(ROOT / "tests") not in sys.path:
+        sys.path.insert(0, str(ROOT / "tests"))
     from conftest import _build_tiny_model
 
     return _build_tiny_model(Path(folder))
