@@ -33,8 +33,8 @@ from tunelab.eval.generate import generate_texts, score_continuations
 from tunelab.model import varlen
 from tunelab.model.adapters import apply_method, model_parts
 from tunelab.model.architecture import layout_of, spec_for
-from tunelab.model.plan import ModelShape, adapter_params
 from tunelab.model.swiglu import fuse_gated_activations
+from tunelab.planner.shape import ModelShape, adapter_params
 from tunelab.ship.engine import Engine, Request, Sampling
 from tunelab.ship.export import export_run
 from tunelab.train.loop import train
