@@ -118,15 +118,18 @@ def check_data(source: Source, *, max_seq_len: int | None = None, model: str | N
     return check(source, max_seq_len=max_seq_len, model=model, console=console)
 
 
-def assess(config: Source, *, shots: Sequence[int] = (0, 4),
-           fractions: Sequence[float] = (0.125, 0.25, 0.5, 1.0), target: float | None = None,
+def assess(config: Source, *, shots: Sequence[int] | None = None,
+           fractions: Sequence[float] | None = None, target: float | None = None,
            overwrite: bool = False, console: Console | None = None) -> dict:
-    """Should we fine-tune? Prompting baselines, a learning curve over growing ``fractions`` of
-    the training data, its extrapolation and cost; resumes an interrupted assessment."""
+    """Should we fine-tune? Prompting baselines with ``shots`` demonstrations (default 0 and
+    4), a learning curve over growing ``fractions`` of the training data (default 1/8, 1/4,
+    1/2, 1), its extrapolation and cost; resumes an interrupted assessment."""
+    from tunelab.experiments.assess import DEFAULT_FRACTIONS, DEFAULT_SHOTS
     from tunelab.experiments.assess import assess as run_assessment
 
-    return run_assessment(_config(config), shots=shots, fractions=fractions, target=target,
-                          overwrite=overwrite, console=console)
+    return run_assessment(_config(config), shots=DEFAULT_SHOTS if shots is None else shots,
+                          fractions=DEFAULT_FRACTIONS if fractions is None else fractions,
+                          target=target, overwrite=overwrite, console=console)
 
 
 def export(run_dir: str | Path, *, to: str, out: str | Path | None = None, quant: str = "f16",

@@ -59,18 +59,20 @@ def train(
                                      "torchrun; DDP or FSDP2 as train.distributed says)."),
 ) -> None:
     """Fine-tune a model: data files → LoRA or full fine-tuning → a run directory."""
+    from tunelab.api import finetune
     from tunelab.config import load_config
     from tunelab.model.adapters import without_bitsandbytes
-    from tunelab.run import open_run
-    from tunelab.train.loop import train as run_training
+    from tunelab.run import RunDir
 
     if resume is not None:
-        _, cfg = open_run(resume)
+        cfg = RunDir(resume).read_config()
     elif config is None:
         raise ConfigError("give a config file, or --resume RUN", where="tunelab train",
                           fix="tunelab train examples/sentiment/config.yaml")
     else:
         cfg = load_config(config, _overrides(set_))
+    # A command trains once per process, so it may keep bitsandbytes out of it for good; the
+    # library cannot (a later QLoRA run in the same Python process would find it gone).
     without_bitsandbytes(cfg.method.kind)
     if nproc is not None:
         from tunelab.train.distributed import launch
@@ -80,18 +82,11 @@ def train(
         launch(nproc, rank_args, run_dir=Path(resume) if resume else cfg.run_dir)
         return
     try:
-        run_training(cfg, resume=resume, overwrite=overwrite, console=console)
+        finetune(cfg, resume=resume, overwrite=overwrite, console=console)
     except KeyboardInterrupt:
         raise Interrupted("training was interrupted", where=str(cfg.run_dir),
                           fix="continue it with tunelab train --resume RUN (the checkpoint "
                           "written at the interruption is used)") from None
-    except Exception as error:  # a full disk while writing the final adapter or the manifest
-        from tunelab.train.checkpoint import disk_full, write_failed
-
-        if disk_full(error) is None:
-            raise
-        raise write_failed(disk_full(error), run_dir=Path(resume) if resume else
-                           cfg.run_dir) from None
 
 
 @data_app.command("check")
@@ -101,7 +96,7 @@ def data_check(
     json_out: Path | None = typer.Option(None, "--json", help="Also write the report here."),
 ) -> None:
     """Validate data files and print a quality report."""
-    from tunelab.data.check import check_data
+    from tunelab.api import check_data
 
     report = check_data(source, max_seq_len=max_seq_len, console=console)
     if json_out:
@@ -147,22 +142,11 @@ def eval_(
 ) -> None:
     """Evaluate base and tuned models: metrics with intervals, prompt sensitivity, comparison
     (a multitask config: every task with its own metric)."""
+    from tunelab.api import evaluate
     from tunelab.config import load_config
-    from tunelab.eval.evaluate import evaluate as evaluate_one
-    from tunelab.eval.multitask import evaluate_tasks
-    from tunelab.run import RunDir, create_run
 
-    cfg = load_config(config, _overrides(set_))
-    evaluate = evaluate_tasks if cfg.data.tasks else evaluate_one
-    if run is None and not base_only and RunDir(cfg.run_dir).is_run():
-        run = cfg.run_dir
-    if run is None:
-        # Base-only results still get a run directory of their own, like every result.
-        cfg.name = f"{cfg.name}-base"
-        run = cfg.run_dir if RunDir(cfg.run_dir).is_run() else create_run(cfg, overwrite=False)
-        evaluate(cfg, run_dir=run, base=True, tuned=False, console=console)
-        return
-    evaluate(cfg, run_dir=run, base=base or base_only, tuned=not base_only, console=console)
+    evaluate(load_config(config, _overrides(set_)), run_dir=run, base=base or base_only,
+             tuned=not base_only, console=console)
 
 
 @app.command()
@@ -178,16 +162,12 @@ def plan(
                                              "device has free; says which train.memory fits."),
 ) -> None:
     """Predict peak memory, tokens/s and wall time of a run before starting it."""
+    from tunelab.api import plan as make_plan
     from tunelab.config import load_config
-    from tunelab.planner.predict import plan as make_plan
     from tunelab.planner.render import render_plan
-    from tunelab.train.calibrate import calibrate_run
-    from tunelab.train.distributed import strategy_for
 
-    cfg = load_config(config, _overrides(set_))
     budget = None if memory_budget is None else _bytes(memory_budget, "--memory-budget")
-    result = make_plan(cfg, calibration=calibrate_run(cfg) if calibrate else None, nproc=nproc,
-                       strategy=strategy_for(cfg.method.kind, cfg.train.distributed),
+    result = make_plan(load_config(config, _overrides(set_)), calibrate=calibrate, nproc=nproc,
                        memory_budget_bytes=budget)
     render_plan(result, console)
     if json_out:
@@ -207,8 +187,8 @@ def assess(
                                    "eval.max_examples=100"),
 ) -> None:
     """Should we fine-tune, and is more data worth it? Baselines, learning curve, cost, verdict."""
+    from tunelab.api import assess as run_assessment
     from tunelab.config import load_config
-    from tunelab.experiments.assess import assess as run_assessment
     from tunelab.experiments.assess import parse_fractions, parse_shots
 
     cfg = load_config(config, _overrides(set_))
@@ -263,9 +243,11 @@ def export(
     check: bool = typer.Option(True, help="Reload the export and compare its logits."),
 ) -> None:
     """Export a run: merged weights, a GGUF file with an Ollama Modelfile, or the adapter."""
-    from tunelab.ship.export import export_run, render_export
+    from tunelab.api import export as export_run
+    from tunelab.ship.export import render_export
 
-    result = export_run(run, to, out=out, quant=quant, check=check, max_lora_rank=max_lora_rank)
+    result = export_run(run, to=to, out=out, quant=quant, check=check,
+                        max_lora_rank=max_lora_rank)
     render_export(result, console)
 
 
@@ -322,15 +304,8 @@ def sweep(
 ) -> None:
     """Sweep hyperparameters and data formats: trials are runs judged on validation data; the
     best and the base config are compared on the test split."""
-    from tunelab.experiments.final import final_word
-    from tunelab.experiments.space import load_sweep
-    from tunelab.experiments.sweep import (
-        create_sweep,
-        load_study,
-        reclaim_dead_trials,
-        run_worker,
-        run_workers,
-    )
+    from tunelab.api import sweep as run_sweep
+    from tunelab.experiments.sweep import run_worker
 
     try:
         if join is not None:
@@ -339,11 +314,8 @@ def sweep(
         if sweep_file is None:
             raise ConfigError("give a sweep file, or --join SWEEP_DIR", where="tunelab sweep",
                               fix="tunelab sweep examples/sentiment/sweep.yaml --workers 2")
-        opened = create_sweep(load_sweep(sweep_file), storage_url=storage)
-        run_workers(opened.directory, workers, console=console)
-        study = load_study(opened)
-        reclaim_dead_trials(study, opened)
-        final_word(study, opened, repeat_best=repeat_best, console=console)
+        run_sweep(sweep_file, workers=workers, storage=storage, repeat_best=repeat_best,
+                  console=console)
     except KeyboardInterrupt:
         raise Interrupted("the sweep was interrupted; the running trials are marked failed and "
                           "queued again", where=str(join or sweep_file),
@@ -402,5 +374,5 @@ def main() -> None:
         sys.exit(error.exit_code)
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # python -m tunelab.cli: the same entry as the tunelab command
+    entry()

@@ -8,6 +8,7 @@ example and step.
 
 from __future__ import annotations
 
+import functools
 import time
 
 from tunelab.config import Config
@@ -61,10 +62,14 @@ def training_flops(shape: ModelShape, lengths: list[int], *, n_target_tokens: in
     return float(linear + attention + head + recompute)
 
 
+@functools.cache
 def measure_matmul_flops(device: str = "cpu", *, dtype: str = "float32",
                          seconds: float = 1.0, size: tuple[int, int, int] = (1024, 1024, 2048),
                          trials: int = 10) -> float:
     """FLOP/s of a dense matmul of a training-like shape on ``device`` (a quick benchmark).
+
+    Measured once per process and setting: a sweep's trials, assess's learning-curve runs and
+    every ``train()`` that records its prediction would otherwise each pay its second.
 
     The best of ``trials`` short timings over ``seconds``, to skip short slow spells. Longer
     ones remain: on the 2-core machine of benchmarks/README.md it still gave 93 to 184 GFLOP/s

@@ -12,6 +12,7 @@ import shutil
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +29,7 @@ from tunelab.data.formats import Example
 from tunelab.data.mixture import task_token_counts
 from tunelab.data.packing import plan_batches
 from tunelab.data.prepare import prepare_data
-from tunelab.data.schedule import run_schedule
+from tunelab.data.schedule import Schedule, run_schedule
 from tunelab.data.tokenize import EvalPrompt, TokenizedExample, eval_prompts
 from tunelab.errors import RunError
 from tunelab.eval.generate import generate_texts
@@ -37,6 +38,7 @@ from tunelab.model.adapters import METHODS, apply_method, save_final
 from tunelab.model.dropout import share_lora_dropout
 from tunelab.model.load import describe_model, load_model, load_tokenizer, resolve_device
 from tunelab.model.swiglu import fuse_gated_activations
+from tunelab.peak_memory import peak_rss_bytes
 from tunelab.run.directory import RunDir, create_run
 from tunelab.run.manifest import Manifest
 from tunelab.run.metrics import MetricsLog
@@ -163,6 +165,59 @@ def _validation_sums(step_model, examples: list[TokenizedExample], *, batch_toke
     return cluster.total(total), cluster.total(count)
 
 
+@dataclass
+class Training:
+    """One rank's training, set up: what every step, validation and checkpoint of it reads."""
+
+    config: Config
+    prepared: Prepared
+    cluster: distributed.Cluster
+    # What a batch's loss is called on: the model, DDP- or FSDP-wrapped under torchrun.
+    step_model: torch.nn.Module
+    optimization: Optimization
+    schedule: Schedule
+    steps: list[list[list[int]]]  # each optimizer step's micro-batches: this rank's share
+    console: Console
+
+    @property
+    def total_steps(self) -> int:
+        return self.schedule.total_steps
+
+    def validate(self) -> tuple[float | None, dict]:
+        """The validation loss, and (multitask) each task's to log next to it."""
+        train_cfg, prepared = self.config.train, self.prepared
+        return validation_losses(
+            self.step_model, prepared.validation, prepared.validation_tasks,
+            batch_tokens=train_cfg.batch_tokens, packing=train_cfg.packing,
+            pad_id=prepared.tokenizer.pad_token_id or 0, device=prepared.device,
+            cluster=self.cluster)
+
+    def save(self, run: RunDir, state: TrainState, rng: dict | None = None) -> None:
+        """A checkpoint of ``state`` (``rng``: the random states to resume with)."""
+        save_checkpoint(run.checkpoints, model=self.prepared.model,
+                        optimizer=self.optimization.optimizer,
+                        scheduler=self.optimization.scheduler, state=state.to_dict(),
+                        keep=self.config.train.keep_checkpoints, rng=rng)
+
+
+def set_up(config: Config, cluster: distributed.Cluster, console: Console) -> Training:
+    """Data, model, schedule and optimizer: everything before the run directory exists."""
+    prepared = prepare(config, console)
+    train_cfg = config.train
+    # Before the optimizer is built: FSDP replaces the weights by their shards.
+    step_model = distributed.wrap(prepared.model, cluster,
+                                  chunk_tokens=train_cfg.loss_chunk_tokens)
+    lengths = [len(ex.input_ids) for ex in prepared.train]
+    schedule = run_schedule(config, lengths, prepared.train_tasks)
+    steps = distributed.rank_steps(schedule.micro_batches, lengths, cluster,
+                                   grad_accum=train_cfg.grad_accum,
+                                   batch_tokens=train_cfg.batch_tokens, packing=train_cfg.packing)
+    optimization = build_optimization(prepared.model, train_cfg,
+                                      total_steps=schedule.total_steps)
+    return Training(config, prepared, cluster, step_model, optimization, schedule, steps,
+                    console)
+
+
 def train(config: Config, *, resume: str | Path | None = None, overwrite: bool = False,
           stop_after_steps: int | None = None, console: Console | None = None) -> TrainResult:
     """Fine-tune as ``config`` says and write the run directory; resume one exactly.
@@ -184,114 +239,121 @@ def _train(config: Config, cluster: distributed.Cluster, *, resume: str | Path |
            overwrite: bool, stop_after_steps: int | None,
            console: Console | None) -> TrainResult:
     """One rank's part of the run, from the data to the final adapter or model."""
-    console = console or Console()
     started = time.perf_counter()
-    train_cfg = config.train
-    console = console if cluster.is_main else Console(quiet=True)
-    _seed_everything(train_cfg.seed)
+    console = (console or Console()) if cluster.is_main else Console(quiet=True)
+    _seed_everything(config.train.seed)
     # Before the model is loaded: under tuned glibc its activations are then mmap-ed.
-    allocator = malloc.for_training(train_cfg.allocator, train_cfg.memory)
-    prepared = prepare(config, console)
-    model, tokenizer, device = prepared.model, prepared.tokenizer, prepared.device
-    # What the loop calls for a batch's loss: the model, DDP- or FSDP-wrapped under torchrun.
-    # Before the optimizer is built: FSDP replaces the weights by their shards.
-    step_model = distributed.wrap(model, cluster, chunk_tokens=train_cfg.loss_chunk_tokens)
-    lengths = [len(ex.input_ids) for ex in prepared.train]
-    schedule = run_schedule(config, lengths, prepared.train_tasks)
-    total_steps = schedule.total_steps
-    # Each optimizer step's micro-batches; under torchrun, this rank's share of each step.
-    steps = distributed.rank_steps(schedule.micro_batches, lengths, cluster,
-                                   grad_accum=train_cfg.grad_accum,
-                                   batch_tokens=train_cfg.batch_tokens, packing=train_cfg.packing)
-    optimization = build_optimization(model, train_cfg, total_steps=total_steps)
-    optimizer, scheduler = optimization.optimizer, optimization.scheduler
-    warmup = optimization.warmup_steps
-    pad_id = tokenizer.pad_token_id or 0
-    # The validation loss, and (multitask) each task's to log next to it.
-    evaluate = lambda: validation_losses(  # noqa: E731
-        step_model, prepared.validation, prepared.validation_tasks,
-        batch_tokens=train_cfg.batch_tokens, packing=train_cfg.packing, pad_id=pad_id,
-        device=device, cluster=cluster)
-
-    starting = True  # no checkpoint loaded: measure the model before training first
-    if resume:
-        run = RunDir(resume)
-        resumed = _resume(run, model, optimizer, scheduler, total_steps, console)
-        starting, state = resumed is None, resumed or TrainState()
-        metrics = MetricsLog(run) if cluster.is_main else distributed.Unlogged()
-        metrics.truncate_after(state.step if resumed else -1)
-    else:
-        run = cluster.run_on_main(lambda: create_run(config, overwrite=overwrite))
-        metrics = MetricsLog(run) if cluster.is_main else distributed.Unlogged()
-        state = TrainState()
-    run_dir = run.path
-    state.plan = state.plan or _predicted(config, prepared, console, allocator["name"])
-    manifest = Manifest.start(
-        config, device=str(device), model=describe_model(model),
-        data_report=prepared.data_report, total_steps=total_steps, warmup_steps=warmup,
-        plan=state.plan, allocator=allocator,
-        # the configured token shares, to check metrics' task_tokens by
-        mixture={"mixing": config.data.mixing, "rates": schedule.rates}
-        if schedule.rates else None)
-    try:
+    allocator = malloc.for_training(config.train.allocator, config.train.memory)
+    training = set_up(config, cluster, console)
+    run, state, starting = _open_run(training, resume=resume, overwrite=overwrite)
+    metrics = MetricsLog(run) if cluster.is_main else distributed.Unlogged()
+    if resume:  # forget what was logged after the checkpoint (all of it: none was loaded)
+        metrics.truncate_after(-1 if starting else state.step)
+    state.plan = state.plan or _predicted(training, allocator["name"])
+    manifest = _start_manifest(training, state, allocator)
+    with _removed_on_failure(run, resumed=bool(resume)):
         if cluster.is_main:
             run.write_manifest(manifest)
         if starting:
-            samples = _sample_prompts(prepared, config, cluster)
-            state.samples_before = _generate(model, tokenizer, samples, config)
-            state.val_loss_before, per_task = evaluate()
-            metrics.write(step=0, val_loss=state.val_loss_before, **per_task)
-            console.print(f"Validation loss before training: {_fmt(state.val_loss_before)}")
-        state = _run_steps(step_model, prepared, steps, optimizer, scheduler, state, metrics,
-                           run_dir, config, console, evaluate, stop_after_steps, cluster)
-    except BaseException as error:
-        if not resume and not list_checkpoints(run.checkpoints):
-            shutil.rmtree(run_dir, ignore_errors=True)  # nothing to resume: leave no husk
-        if disk_full(error):  # metrics, manifest
-            raise write_failed(disk_full(error), run_dir=run_dir) from None
-        raise
-    if state.step < total_steps:
-        console.print(f"Stopped at step {state.step} of {total_steps}; finish with "
-                      f"[bold]tunelab train --resume {run_dir}[/]")
-        return _result(run_dir, state, None, time.perf_counter() - started)
-
-    val_after, per_task = evaluate()
-    metrics.write(step=state.step, val_loss=val_after, **per_task)
-    weights = distributed.full_state(model, cluster)  # FSDP: gathered on rank 0, every rank helps
+            _measure_before(training, state, metrics)
+        state = _run_steps(training, state, metrics, run, stop_after_steps)
+    if state.step < training.total_steps:
+        console.print(f"Stopped at step {state.step} of {training.total_steps}; finish with "
+                      f"[bold]tunelab train --resume {run}[/]")
+        return _result(run.path, state, None, time.perf_counter() - started)
+    result = _finish(training, state, metrics, run, started)
     if cluster.is_main:
-        save_final(model, tokenizer, run.final_folder(config.method.kind), state_dict=weights)
-    prompts = _sample_prompts(prepared, config, cluster)
-    after = _generate(model, tokenizer, prompts, config)
-    samples = [{"prompt": p.text, "target": p.target, "before": b, "after": a} for p, b, a in
-               zip(prompts, state.samples_before, after, strict=True)]
-    result = _result(run_dir, state, val_after, time.perf_counter() - started, samples)
-    manifest = manifest.finish(
-        val_loss_before=result.val_loss_before, val_loss_after=val_after,
-        tokens_per_second=result.tokens_per_second, final_train_loss=result.final_train_loss,
-        steps=state.step, wall_s=result.wall_s, train_s=state.train_s,
-        train_tokens=state.train_tokens, measured_peak_rss_bytes=_peak_rss_bytes())
-    if cluster.is_main:
-        run.write_manifest(manifest)
+        run.write_manifest(manifest.finish(
+            val_loss_before=result.val_loss_before, val_loss_after=result.val_loss_after,
+            tokens_per_second=result.tokens_per_second,
+            final_train_loss=result.final_train_loss, steps=state.step, wall_s=result.wall_s,
+            train_s=state.train_s, train_tokens=state.train_tokens,
+            measured_peak_rss_bytes=peak_rss_bytes()))
     cluster.barrier()  # the run directory is complete before any rank returns
     _print_summary(result, console)
     return result
 
 
-def _resume(run: RunDir, model, optimizer, scheduler, total_steps: int,
-            console: Console) -> TrainState | None:
+def _open_run(training: Training, *, resume: str | Path | None,
+              overwrite: bool) -> tuple[RunDir, TrainState, bool]:
+    """The run directory and the state to start from: a new run, or the resumed run's newest
+    intact checkpoint. True when nothing was loaded: the model is measured before training."""
+    if resume:
+        run = RunDir(resume)
+        resumed = _resume(run, training)
+        return run, resumed or TrainState(), resumed is None
+    config = training.config
+    run = training.cluster.run_on_main(lambda: create_run(config, overwrite=overwrite))
+    return run, TrainState(), True
+
+
+def _start_manifest(training: Training, state: TrainState, allocator: dict) -> Manifest:
+    """The manifest of a started run: versions, seed, data hashes, device, the plan."""
+    config, prepared, schedule = training.config, training.prepared, training.schedule
+    return Manifest.start(
+        config, device=str(prepared.device), model=describe_model(prepared.model),
+        data_report=prepared.data_report, total_steps=training.total_steps,
+        warmup_steps=training.optimization.warmup_steps, plan=state.plan, allocator=allocator,
+        # the configured token shares, to check metrics' task_tokens by
+        mixture={"mixing": config.data.mixing, "rates": schedule.rates}
+        if schedule.rates else None)
+
+
+@contextmanager
+def _removed_on_failure(run: RunDir, *, resumed: bool) -> Iterator[None]:
+    """A new run that fails before its first checkpoint is removed again (nothing to resume);
+    a full disk becomes an error that says what was kept."""
+    try:
+        yield
+    except BaseException as error:
+        if not resumed and not list_checkpoints(run.checkpoints):
+            shutil.rmtree(run.path, ignore_errors=True)  # leave no husk
+        if disk_full(error):  # metrics, manifest, a checkpoint
+            raise write_failed(disk_full(error), run_dir=run.path) from None
+        raise
+
+
+def _measure_before(training: Training, state: TrainState, metrics) -> None:
+    """The validation loss and sample outputs of the model before its first step."""
+    state.samples_before = _generate(training, _sample_prompts(training))
+    state.val_loss_before, per_task = training.validate()
+    metrics.write(step=0, val_loss=state.val_loss_before, **per_task)
+    training.console.print(f"Validation loss before training: {_fmt(state.val_loss_before)}")
+
+
+def _finish(training: Training, state: TrainState, metrics, run: RunDir,
+            started: float) -> TrainResult:
+    """The last validation, the final adapter or model saved, the samples after training."""
+    val_after, per_task = training.validate()
+    metrics.write(step=state.step, val_loss=val_after, **per_task)
+    model, cluster = training.prepared.model, training.cluster
+    weights = distributed.full_state(model, cluster)  # FSDP: gathered on rank 0, every rank helps
+    if cluster.is_main:
+        save_final(model, training.prepared.tokenizer,
+                   run.final_folder(training.config.method.kind), state_dict=weights)
+    prompts = _sample_prompts(training)
+    after = _generate(training, prompts)
+    samples = [{"prompt": p.text, "target": p.target, "before": b, "after": a} for p, b, a in
+               zip(prompts, state.samples_before, after, strict=True)]
+    return _result(run.path, state, val_after, time.perf_counter() - started, samples)
+
+
+def _resume(run: RunDir, training: Training) -> TrainState | None:
     """Load the run's newest intact checkpoint, saying which newer ones are damaged; None when
     the run stopped before its first checkpoint (it then starts again from step 0)."""
     from rich.markup import escape
 
-    resumed = resume_latest(run.checkpoints, model=model, optimizer=optimizer,
-                            scheduler=scheduler)
+    console = training.console
+    resumed = resume_latest(run.checkpoints, model=training.prepared.model,
+                            optimizer=training.optimization.optimizer,
+                            scheduler=training.optimization.scheduler)
     for folder, problem in resumed.damaged:
         console.print(f"[yellow]warning:[/] checkpoint {escape(str(folder))} is damaged "
                       f"({escape(problem)}); renamed damaged-{folder.name}, resuming from the "
                       "checkpoint before it.")
     if resumed.folder is not None:
         console.print(f"Resuming {run} from {resumed.folder.name} "
-                      f"(step {resumed.state['step']} of {total_steps}).")
+                      f"(step {resumed.state['step']} of {training.total_steps}).")
         return TrainState.from_dict(resumed.state, where=str(resumed.folder))
     if resumed.damaged or run.finished():
         problem = "every checkpoint is damaged" if resumed.damaged else "the run has finished"
@@ -303,125 +365,129 @@ def _resume(run: RunDir, model, optimizer, scheduler, total_steps: int,
     return None
 
 
-def _run_steps(step_model, prepared: Prepared, steps: list[list[list[int]]], optimizer,
-               scheduler, state: TrainState, metrics, run_dir: Path, config: Config,
-               console: Console, evaluate, stop_after_steps: int | None,
-               cluster: distributed.Cluster) -> TrainState:
+class _UpdateInterrupted(KeyboardInterrupt):
+    """Ctrl-C inside an optimizer update, where it could not be deferred (no pthread_sigmask):
+    the weights may be half-updated, so no checkpoint is written of them."""
+
+
+def _run_steps(training: Training, state: TrainState, metrics, run: RunDir,
+               stop_after_steps: int | None) -> TrainState:
     """The optimizer steps from ``state.step`` to the end (or to ``stop_after_steps``).
 
     Ctrl-C between steps saves a checkpoint of the last finished step, so no work is lost.
     """
-    train_cfg = config.train
-    total_steps = len(steps)
-    pad_id = prepared.tokenizer.pad_token_id or 0
-    save = lambda rng=None: save_checkpoint(  # noqa: E731
-        RunDir(run_dir).checkpoints, model=prepared.model, optimizer=optimizer,
-        scheduler=scheduler, state=state.to_dict(), keep=train_cfg.keep_checkpoints, rng=rng)
+    train_cfg, total = training.config.train, training.total_steps
     steps_this_call, saved_step, rng_at_step_start = 0, state.step, rng_states()
-    stepping = False
-    step_model.train()
-    progress = Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("step {task.completed}"
-                        "/{task.total}"), TextColumn("{task.fields[status]}"),
-                        TimeRemainingColumn(), console=console, transient=False,
-                        disable=not console.is_terminal)
+    training.step_model.train()
+    progress = _progress_bar(training.console)
     try:
         with progress:
-            task = progress.add_task("train", total=total_steps, completed=state.step,
-                                     status="")
-            while state.step < total_steps:
-                if stop_after_steps is not None and steps_this_call >= stop_after_steps:
-                    break
+            bar = progress.add_task("train", total=total, completed=state.step, status="")
+            while state.step < total and (stop_after_steps is None
+                                          or steps_this_call < stop_after_steps):
                 rng_at_step_start = rng_states()
-                started = time.perf_counter()
-                group = steps[state.step]
-                batches = distributed.collate_share(prepared.train, group,
-                                                    packing=train_cfg.packing, pad_id=pad_id)
-                losses = forward_backward(
-                    step_model, batches, device=prepared.device, cluster=cluster,
-                    max_grad_norm=train_cfg.max_grad_norm, step=state.step + 1,
-                    sources=lambda: [f"{prepared.train[i].source}:{prepared.train[i].line}"
-                                     for indices in group for i in indices])  # noqa: B023
-                loss, grad_norm, tokens = losses.loss, losses.grad_norm, losses.tokens
-                lr = scheduler.get_last_lr()[0]
-                # A Ctrl-C during the update is held back until the step is recorded, so the
-                # checkpoint the interruption writes is never of half-updated weights.
-                with _sigint_deferred():
-                    stepping = True
-                    update(Optimization(optimizer, scheduler, 0))
-                    stepping = False
-                    step_s = time.perf_counter() - started
-                    state.step += 1
-                    state.micro_batch += train_cfg.grad_accum
-                    state.train_tokens += tokens
-                    state.train_s += step_s
-                    state.last_loss = loss
-                    steps_this_call += 1
-                tokens_per_second = state.tokens_per_second
-                if state.step % train_cfg.log_every == 0 or state.step == total_steps:
-                    metrics.write(step=state.step, loss=loss, lr=lr, grad_norm=grad_norm,
-                                  tokens=tokens,
-                                  target_tokens=losses.target_tokens,
-                                  tokens_per_second=round(tokens_per_second, 1),
-                                  step_s=round(step_s, 4),
-                                  **_task_tokens(group, prepared, cluster))
-                status = f"loss {loss:.4f}  {tokens_per_second:,.0f} tok/s"
-                if train_cfg.eval_every and state.step % train_cfg.eval_every == 0 \
-                        and state.step < total_steps:
-                    val, per_task = evaluate()
-                    metrics.write(step=state.step, val_loss=val, **per_task)
-                    status += f"  val {_fmt(val)}"
-                progress.update(task, completed=state.step, status=status)
-                if not console.is_terminal and (state.step % max(1, total_steps // 10) == 0
-                                                or state.step == total_steps):
-                    console.print(f"step {state.step}/{total_steps}  {status}")
+                status = _step(training, state, metrics)
+                steps_this_call += 1
+                progress.update(bar, completed=state.step, status=status)
+                if not training.console.is_terminal and (state.step % max(1, total // 10) == 0
+                                                         or state.step == total):
+                    training.console.print(f"step {state.step}/{total}  {status}")
                 at_save = train_cfg.save_every and state.step % train_cfg.save_every == 0
                 stopping = stop_after_steps is not None and steps_this_call >= stop_after_steps
-                if (at_save or stopping) and state.step < total_steps:
-                    save()
+                if (at_save or stopping) and state.step < total:
+                    training.save(run, state)
                     saved_step = state.step
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interruption:
         # Under torchrun the ranks stop at different points: no common checkpoint to write.
-        if state.step > saved_step and not stepping and cluster.world_size == 1:
-            optimizer.zero_grad(set_to_none=True)
+        if state.step > saved_step and not isinstance(interruption, _UpdateInterrupted) \
+                and training.cluster.world_size == 1:
+            training.optimization.optimizer.zero_grad(set_to_none=True)
             # The interrupted step's dropout draws never happened, as far as resuming goes.
-            save(rng=rng_at_step_start)
-            console.print(f"Interrupted: saved checkpoint step-{state.step}; continue with "
-                          f"[bold]tunelab train --resume {run_dir}[/]")
+            training.save(run, state, rng=rng_at_step_start)
+            training.console.print(f"Interrupted: saved checkpoint step-{state.step}; continue "
+                                   f"with [bold]tunelab train --resume {run}[/]")
         raise
     return state
 
 
-def _task_tokens(group: list[list[int]], prepared: Prepared,
-                 cluster: distributed.Cluster) -> dict:
+def _step(training: Training, state: TrainState, metrics) -> str:
+    """Optimizer step ``state.step + 1``: gradients, update, bookkeeping, its log lines and
+    validation when due; returns the progress bar's status."""
+    train_cfg, prepared = training.config.train, training.prepared
+    started = time.perf_counter()
+    group = training.steps[state.step]
+    batches = distributed.collate_share(prepared.train, group, packing=train_cfg.packing,
+                                        pad_id=prepared.tokenizer.pad_token_id or 0)
+    losses = forward_backward(
+        training.step_model, batches, device=prepared.device, cluster=training.cluster,
+        max_grad_norm=train_cfg.max_grad_norm, step=state.step + 1,
+        sources=lambda: [f"{prepared.train[i].source}:{prepared.train[i].line}"
+                         for indices in group for i in indices])
+    lr = training.optimization.scheduler.get_last_lr()[0]
+    # A Ctrl-C during the update is held back until the step is recorded, so the checkpoint
+    # the interruption writes is never of half-updated weights.
+    with _sigint_deferred():
+        try:
+            update(training.optimization)
+        except KeyboardInterrupt:
+            raise _UpdateInterrupted from None
+        step_s = time.perf_counter() - started
+        state.record_step(tokens=losses.tokens, step_s=step_s, loss=losses.loss,
+                          micro_batches=train_cfg.grad_accum)
+    if state.step % train_cfg.log_every == 0 or state.step == training.total_steps:
+        metrics.write(step=state.step, loss=losses.loss, lr=lr, grad_norm=losses.grad_norm,
+                      tokens=losses.tokens, target_tokens=losses.target_tokens,
+                      tokens_per_second=round(state.tokens_per_second, 1),
+                      step_s=round(step_s, 4), **_task_tokens(group, training))
+    status = f"loss {losses.loss:.4f}  {state.tokens_per_second:,.0f} tok/s"
+    if train_cfg.eval_every and state.step % train_cfg.eval_every == 0 \
+            and state.step < training.total_steps:
+        val, per_task = training.validate()
+        metrics.write(step=state.step, val_loss=val, **per_task)
+        status += f"  val {_fmt(val)}"
+    return status
+
+
+def _progress_bar(console: Console) -> Progress:
+    return Progress(TextColumn("[bold]train"), BarColumn(),
+                    TextColumn("step {task.completed}/{task.total}"),
+                    TextColumn("{task.fields[status]}"), TimeRemainingColumn(),
+                    console=console, transient=False, disable=not console.is_terminal)
+
+
+def _task_tokens(group: list[list[int]], training: Training) -> dict:
     """Multitask: ``{"task_tokens": {task: tokens}}`` drawn in this step (all ranks); else {}."""
+    prepared = training.prepared
     if not prepared.train_tasks:
         return {}
     lengths = [len(ex.input_ids) for ex in prepared.train]
     counts = task_token_counts(group, lengths, prepared.train_tasks)
-    return {"task_tokens": {name: int(cluster.total(count)) for name, count in counts.items()}}
+    return {"task_tokens": {name: int(training.cluster.total(count))
+                            for name, count in counts.items()}}
 
 
-def _sample_prompts(prepared: Prepared, config: Config,
-                    cluster: distributed.Cluster) -> list[EvalPrompt]:
+def _sample_prompts(training: Training) -> list[EvalPrompt]:
     """Validation prompts as evaluation renders them (the renderer training used)."""
-    if cluster.strategy == "fsdp":  # no rank holds whole weights to generate with
+    if training.cluster.strategy == "fsdp":  # no rank holds whole weights to generate with
         return []
+    config, prepared = training.config, training.prepared
     examples = prepared.validation_examples[: config.train.samples]
     return eval_prompts(examples, prepared.tokenizer, chat_template=config.data.chat_template,
                         chat_template_kwargs=config.data.chat_template_kwargs,
                         max_seq_len=config.train.max_seq_len)
 
 
-def _generate(model, tokenizer, prompts: list[EvalPrompt], config: Config) -> list[str]:
+def _generate(training: Training, prompts: list[EvalPrompt]) -> list[str]:
     if not prompts:
         return []
-    texts = generate_texts(model, tokenizer, [prompt.ids for prompt in prompts],
-                           max_new_tokens=config.train.max_new_tokens)
+    texts = generate_texts(training.prepared.model, training.prepared.tokenizer,
+                           [prompt.ids for prompt in prompts],
+                           max_new_tokens=training.config.train.max_new_tokens)
     malloc.release_memory()  # the KV caches and logits of generation
     return texts
 
 
-def _predicted(config: Config, prepared: Prepared, console: Console, allocator: str) -> dict:
+def _predicted(training: Training, allocator: str) -> dict:
     """The planner's prediction for this run, kept in the manifest to track its error.
 
     The planner gets the run's own token counts (the data is read and tokenized once) and the
@@ -430,13 +496,15 @@ def _predicted(config: Config, prepared: Prepared, console: Console, allocator: 
     from tunelab.planner.predict import plan_counts
     from tunelab.planner.workload import TokenCounts
 
+    prepared = training.prepared
     counts = TokenCounts.from_tokenized(prepared.train, prepared.validation,
                                         prepared.train_tasks)
     try:
         with torch.random.fork_rng(devices=[]):  # its matmul benchmark must not move the seed
-            predicted = plan_counts(config, counts, allocator=allocator)
+            predicted = plan_counts(training.config, counts, allocator=allocator)
     except Exception as error:  # the planner must never stop a run it only describes
-        console.print(f"[yellow]warning:[/] no cost prediction for the manifest: {error}")
+        training.console.print(f"[yellow]warning:[/] no cost prediction for the manifest: "
+                               f"{error}")
         return {"error": str(error)}
     return {"predicted_peak_bytes": predicted.predicted_peak_bytes,
             "predicted_tokens_per_second": predicted.predicted_tokens_per_second,
@@ -455,14 +523,6 @@ def _sigint_deferred():
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-
-
-def _peak_rss_bytes() -> int:
-    """Peak resident memory of this process image so far, as the planner measures it (VmHWM:
-    ru_maxrss starts at the parent's RSS after fork+exec)."""
-    from tunelab.peak_memory import peak_rss_bytes
-
-    return peak_rss_bytes()
 
 
 def _seed_everything(seed: int) -> None:

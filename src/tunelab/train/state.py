@@ -35,6 +35,14 @@ class TrainState:
     def tokens_per_second(self) -> float:
         return self.train_tokens / max(self.train_s, 1e-9)
 
+    def record_step(self, *, tokens: int, step_s: float, loss: float, micro_batches: int) -> None:
+        """One more optimizer step done: ``micro_batches`` consumed, ``tokens`` trained on."""
+        self.step += 1
+        self.micro_batch += micro_batches
+        self.train_tokens += tokens
+        self.train_s += step_s
+        self.last_loss = loss
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
