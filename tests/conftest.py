@@ -5,6 +5,9 @@ trained here, both written with ``save_pretrained`` so tests go through the real
 ``from_pretrained`` path. Its special tokens mirror SmolLM2-135M-Instruct, the embedded
 default: ``<|endoftext|>`` (id 0, unk), ``<|im_start|>`` (id 1, bos), ``<|im_end|>`` (id 2, eos
 and pad), and a ChatML chat template.
+
+The plain functions that tests share (review data, configs, the CLI in-process) are in
+helpers.py.
 """
 
 from __future__ import annotations
@@ -133,6 +136,25 @@ def tiny_model_dir_no_template(tiny_model_dir, tmp_path_factory) -> str:
     tokenizer.save_pretrained(folder)
     assert AutoTokenizer.from_pretrained(folder).chat_template is None
     return str(folder)
+
+
+def _build_qlora_model(tiny_model_dir: str, folder: Path) -> str:
+    import torch
+    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
+
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    config.hidden_size, config.intermediate_size, config.head_dim = 64, 128, 16
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def qlora_model_dir(tiny_model_dir, tmp_path_factory) -> str:
+    """The tiny model's tokenizer on a Llama twice as wide: bitsandbytes' CPU kernel packs
+    4-bit weights in blocks of 32 output features (the tiny model's k/v projections have 16)."""
+    return _build_qlora_model(tiny_model_dir, tmp_path_factory.mktemp("qlora-model"))
 
 
 @pytest.fixture(scope="session")

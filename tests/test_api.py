@@ -5,22 +5,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-from rich.console import Console
+from helpers import make_config, quiet, write_project
 
 import tunelab
 from tunelab.errors import ConfigError
-
-sys.path.insert(0, str(Path(__file__).parent / "eval"))
-sys.path.insert(0, str(Path(__file__).parent / "train"))
-from test_loop import make_config  # noqa: E402
-from test_multitask import write_project  # noqa: E402
-
-
-def quiet() -> Console:
-    return Console(quiet=True)
 
 
 def test_import_tunelab_is_cheap_and_lists_the_api():

@@ -9,8 +9,8 @@ import sys
 from typing import get_args
 
 import pytest
+from helpers import run_cli
 from pydantic import BaseModel
-from test_cli import run_cli  # tests/ is on sys.path (rootdir conftest)
 
 from tunelab.config import (
     Config,

@@ -4,12 +4,10 @@ validation loss per task, exact resume, and ``tunelab eval`` with one result per
 from __future__ import annotations
 
 import json
-import random
-import sys
 from pathlib import Path
 
 import pytest
-import yaml
+from helpers import quiet, run_ok, write_project
 
 from tunelab.config import load_config
 from tunelab.data.prepare import prepare_data
@@ -18,61 +16,7 @@ from tunelab.eval.multitask import paired_difference
 from tunelab.eval.result import read_eval
 from tunelab.model.load import load_tokenizer
 from tunelab.train.distributed import Cluster, StepLoss
-from tunelab.train.loop import prepare, validation_loss, validation_losses
-
-sys.path.insert(0, str(Path(__file__).parent.parent / "train"))
-import test_cli  # noqa: E402 -- tests/ is on sys.path (rootdir conftest)
-from test_loop import quiet, write_reviews  # noqa: E402
-
-WORDS = ["good", "bad", "movie", "film", "story", "plot", "cast", "fun", "dull", "great"]
-
-
-def write_echo(path: Path, n: int, seed: int) -> str:
-    """A copying task: the target repeats the text's words (scored like a translation)."""
-    rng = random.Random(seed)
-    with open(path, "w") as handle:
-        for _ in range(n):
-            text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 5)))
-            handle.write(json.dumps({"text": text}) + "\n")
-    return str(path)
-
-
-def write_project(folder: Path, model_dir: str, *, mixing: dict, max_steps: int = 8) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    tasks = [
-        {"name": "sentiment", "train": write_reviews(folder / "reviews.jsonl", 120, 0),
-         "validation": write_reviews(folder / "reviews-valid.jsonl", 16, 1),
-         "test": write_reviews(folder / "reviews-test.jsonl", 24, 2),
-         "prompt": "Review: {text}\nSentiment:", "completion": " {label}",
-         "eval": {"task": "classification", "labels": ["negative", "positive"],
-                  "bootstrap": 200}},
-        {"name": "echo", "train": write_echo(folder / "echo.jsonl", 60, 3),
-         "validation": write_echo(folder / "echo-valid.jsonl", 8, 4),
-         "test": write_echo(folder / "echo-test.jsonl", 10, 5),
-         "prompt": "Repeat: {text}\n", "completion": "{text}",
-         "eval": {"task": "translation", "max_new_tokens": 8, "stop": ["\n"],
-                  "bootstrap": 200}},
-    ]
-    weights = mixing.pop("weights", None)
-    if weights:
-        for task, weight in zip(tasks, weights, strict=True):
-            task["weight"] = weight
-    config = {"name": "multi", "output_dir": str(folder / "runs"), "model": {"path": model_dir},
-              "method": {"kind": "lora", "r": 4, "alpha": 8, "dropout": 0.1},
-              "data": {"tasks": tasks, **mixing},
-              "train": {"max_steps": max_steps, "lr": 1e-2, "batch_tokens": 128,
-                        "max_seq_len": 64, "samples": 2, "max_new_tokens": 3, "seed": 0,
-                        "eval_every": 4, "save_every": 3}}
-    path = folder / "config.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
-
-
-def run_cli(monkeypatch, capsys, *args: str) -> str:
-    """test_cli.run_cli for a command that must succeed: its output."""
-    code, out, err = test_cli.run_cli(monkeypatch, capsys, *args)
-    assert code == 0, err
-    return out
+from tunelab.train.loop import Batching, prepare, validation_loss, validation_losses
 
 
 def read_metrics(run: Path) -> list[dict]:
@@ -84,7 +28,7 @@ def test_multitask_run_logs_its_mixture_and_per_task_losses(tmp_path, tiny_model
     config_path = write_project(tmp_path, tiny_model_dir,
                                 mixing={"mixing": "weights", "weights": [1.0, 3.0]},
                                 max_steps=30)
-    run_cli(monkeypatch, capsys, "train", str(config_path))
+    run_ok(monkeypatch, capsys, "train", str(config_path))
     run = tmp_path / "runs" / "multi"
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["mixture"] == {"mixing": "weights",
@@ -138,23 +82,23 @@ def test_validation_scores_each_example_once_for_the_overall_and_task_losses(tmp
                                        mixing={"mixing": "proportional"}))
     prepared = prepare(config, quiet())
     step_model = CountingStepLoss(prepared.model, config.train.loss_chunk_tokens)
-    options = {"batch_tokens": 128, "packing": True, "pad_id": 0, "device": prepared.device,
-               "cluster": Cluster()}
+    options = Batching(batch_tokens=128, packing=True, pad_id=0, device=prepared.device,
+                       cluster=Cluster())
     overall, logged = validation_losses(step_model, prepared.validation,
-                                        prepared.validation_tasks, **options)
+                                        prepared.validation_tasks, options)
     assert step_model.examples_scored == len(prepared.validation) == 16 + 8  # one pass
     losses, tokens = logged["val_loss_tasks"], validation_target_tokens(config)
     for name in ("sentiment", "echo"):  # each task's loss is its examples' alone
         own = [ex for ex, task in zip(prepared.validation, prepared.validation_tasks,
                                       strict=True) if task == name]
-        assert losses[name] == pytest.approx(validation_loss(step_model, own, **options),
+        assert losses[name] == pytest.approx(validation_loss(step_model, own, options),
                                              rel=1e-6)
     weighted = sum(losses[name] * tokens[name] for name in tokens) / sum(tokens.values())
     assert overall == pytest.approx(weighted, rel=1e-9)
     # and it is the loss over all the examples together (batched across tasks)
-    assert overall == pytest.approx(validation_loss(step_model, prepared.validation, **options),
+    assert overall == pytest.approx(validation_loss(step_model, prepared.validation, options),
                                     rel=1e-5)
-    single, nothing = validation_losses(step_model, prepared.validation, [], **options)
+    single, nothing = validation_losses(step_model, prepared.validation, [], options)
     assert nothing == {} and single == pytest.approx(overall, rel=1e-5)
 
 
@@ -176,10 +120,10 @@ def test_multitask_resume_draws_the_same_examples(tmp_path, tiny_model_dir):
 
 def test_eval_writes_one_result_per_task_with_its_own_metric(tmp_path, tiny_model_dir,
                                                             monkeypatch, capsys):
-    config_path = write_project(tmp_path, tiny_model_dir, mixing={"mixing": "temperature",
-                                                                  "temperature": 2.0})
-    run_cli(monkeypatch, capsys, "train", str(config_path))
-    out = run_cli(monkeypatch, capsys, "eval", str(config_path))
+    config_path = write_project(tmp_path, tiny_model_dir,
+                                mixing={"mixing": "temperature", "temperature": 2.0})
+    run_ok(monkeypatch, capsys, "train", str(config_path))
+    out = run_ok(monkeypatch, capsys, "eval", str(config_path))
     assert "task sentiment" in out and "task echo" in out
     run = tmp_path / "runs" / "multi"
     sentiment = read_eval(run / "eval" / "test-sentiment.json")
@@ -193,7 +137,7 @@ def test_eval_writes_one_result_per_task_with_its_own_metric(tmp_path, tiny_mode
         metric = result.models["tuned"].metrics[result.primary_metric]
         assert metric.ci[0] <= metric.value <= metric.ci[1]
     # The report reads both files.
-    run_cli(monkeypatch, capsys, "report", str(run))
+    run_ok(monkeypatch, capsys, "report", str(run))
     page = (run / "report.html").read_text()
     assert "test-sentiment.json" in page and "test-echo.json" in page
 

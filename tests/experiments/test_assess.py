@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import make_config
 from rich.console import Console
 
-from tunelab.config import config_from_dict
 from tunelab.errors import ConfigError, RunError
 from tunelab.experiments.assess import (
     VERDICTS,
@@ -193,35 +193,15 @@ def test_label_entropy():
 
 # --- a real assessment on the tiny model, and its resume -------------------------------------
 
-GOOD = ["good", "great", "fine", "lovely", "fun"]
-BAD = ["bad", "awful", "boring", "dull", "poor"]
-
-
-def write_reviews(path: Path, n: int, seed: int) -> str:
-    rng = random.Random(seed)
-    with open(path, "w") as handle:
-        for _ in range(n):
-            positive = rng.random() < 0.5
-            word = rng.choice(GOOD if positive else BAD)
-            handle.write(json.dumps({"text": f"the {rng.choice(['film', 'movie'])} was {word}",
-                                     "label": "positive" if positive else "negative"}) + "\n")
-    return str(path)
-
-
-def make_config(tmp: Path, model_dir: str):
-    return config_from_dict({
-        "name": "reviews", "output_dir": str(tmp / "runs"), "model": {"path": model_dir},
-        "method": {"kind": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
-        "data": {"train": write_reviews(tmp / "train.jsonl", 48, 0),
-                 "validation": write_reviews(tmp / "valid.jsonl", 16, 1),
-                 "test": write_reviews(tmp / "test.jsonl", 24, 2),
-                 "prompt": "Review: {text}\nSentiment:", "completion": " {label}"},
-        "train": {"epochs": 2, "lr": 1e-2, "batch_tokens": 128, "max_seq_len": 64,
-                  "save_every": 2},
-        "eval": {"task": "classification", "labels": ["negative", "positive"],
-                 "prompt_variants": ["Review: {text}\nSentiment:", "{text}\nThe review is"],
-                 "bootstrap": 200},
-    })
+def assess_config(tmp: Path, model_dir: str):
+    """Two epochs on 48 reviews, saving every 2 steps (the resume test stops at step 2)."""
+    return make_config(
+        tmp, model_dir, sizes=(48, 16, 24),
+        method={"kind": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
+        evaluation={"task": "classification", "labels": ["negative", "positive"],
+                    "prompt_variants": ["Review: {text}\nSentiment:", "{text}\nThe review is"],
+                    "bootstrap": 200},
+        save_every=2, samples=3, max_new_tokens=16)  # samples: the config's defaults
 
 
 class Counting:
@@ -238,7 +218,7 @@ class Counting:
 @pytest.fixture(scope="module")
 def assessed(tmp_path_factory, tiny_model_dir):
     tmp = tmp_path_factory.mktemp("assess")
-    config = make_config(tmp, tiny_model_dir)
+    config = assess_config(tmp, tiny_model_dir)
     result = assess(config, shots=[0, 1], fractions=[0.5, 1], target=0.9,
                     console=Console(quiet=True))
     return config, result
@@ -338,7 +318,7 @@ def test_an_assessment_of_another_config_is_refused(assessed):
 
 
 def test_without_validation_data_nothing_is_started(tmp_path, tiny_model_dir):
-    config = make_config(tmp_path, tiny_model_dir)
+    config = assess_config(tmp_path, tiny_model_dir)
     config.data.validation = []
     with pytest.raises(ConfigError, match="data.validation"):
         assess(config, console=Console(quiet=True))
@@ -348,7 +328,7 @@ def test_without_validation_data_nothing_is_started(tmp_path, tiny_model_dir):
 def test_interrupted_training_resumes_from_its_checkpoint(tmp_path, tiny_model_dir, monkeypatch):
     import tunelab.train.loop
 
-    config = make_config(tmp_path, tiny_model_dir)
+    config = assess_config(tmp_path, tiny_model_dir)
     real = tunelab.train.loop.train
     calls = []
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from test_cli import run_cli  # tests/ is on sys.path (rootdir conftest)
+from helpers import run_cli  # tests/ is on sys.path (rootdir conftest)
 
 MULTITASK = Path(__file__).resolve().parents[2] / "examples" / "multitask" / "config.yaml"
 

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from rich.console import Console
+from helpers import quiet
 from sweeps import write_sweep
 
 from tunelab.errors import ConfigError
@@ -28,10 +28,6 @@ from tunelab.experiments.sweep import (
 optuna = pytest.importorskip("optuna")
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "sentiment"
 TrialState = optuna.trial.TrialState
-
-
-def quiet() -> Console:
-    return Console(quiet=True)
 
 
 def states(study) -> list[str]:

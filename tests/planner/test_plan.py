@@ -14,10 +14,11 @@ import architectures  # tests/ is on sys.path (rootdir conftest)
 import pytest
 import torch
 import yaml
+from helpers import run_ok
 from rich.console import Console
 from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM
 
-from tunelab import allocator, cli
+from tunelab import allocator
 from tunelab.config import config_from_dict
 from tunelab.data.packing import Batch
 from tunelab.model import varlen
@@ -41,7 +42,9 @@ WORDS = ["good", "great", "fine", "lovely", "fun", "bad", "awful", "boring", "du
          "movie", "film", "story", "plot", "cast", "music", "ending", "show"]
 
 
-def write_reviews(path: Path, n: int, seed: int) -> str:
+def write_uneven_reviews(path: Path, n: int, seed: int) -> str:
+    """Reviews of 3 to 40 random words: examples of many lengths (helpers.write_reviews' are
+    all about one length), for predictions checked against real runs."""
     rng = random.Random(seed)
     with open(path, "w") as handle:
         for _ in range(n):
@@ -51,7 +54,8 @@ def write_reviews(path: Path, n: int, seed: int) -> str:
     return str(path)
 
 
-def make_config(tmp_path: Path, model_dir: str, method: dict | None = None, **train):
+def plan_config(tmp_path: Path, model_dir: str, method: dict | None = None, **train):
+    """The planner tests' config: a short LoRA run on uneven reviews."""
     settings = {"max_steps": 4, "batch_tokens": 256, "max_seq_len": 64, "samples": 0,
                 "seed": 0, "lr": 1e-3}
     settings.update(train)
@@ -59,15 +63,15 @@ def make_config(tmp_path: Path, model_dir: str, method: dict | None = None, **tr
         "name": "plan-test", "output_dir": str(tmp_path / "runs"),
         "model": {"path": model_dir},
         "method": method or {"kind": "lora", "r": 4, "alpha": 8, "dropout": 0.05},
-        "data": {"train": write_reviews(tmp_path / "train.jsonl", 200, 0),
-                 "validation": write_reviews(tmp_path / "valid.jsonl", 20, 1),
+        "data": {"train": write_uneven_reviews(tmp_path / "train.jsonl", 200, 0),
+                 "validation": write_uneven_reviews(tmp_path / "valid.jsonl", 20, 1),
                  "prompt": "Review: {text}\nSentiment:", "completion": " {label}"},
         "train": settings,
     })
 
 
 def test_breakdown_adds_up_and_matches_the_real_parameter_counts(tmp_path, tiny_model_dir):
-    result = plan(make_config(tmp_path, tiny_model_dir))
+    result = plan(plan_config(tmp_path, tiny_model_dir))
     memory = result.memory
     assert sum(memory["breakdown_bytes"].values()) == memory["predicted_peak_bytes"]
     assert all(value >= 0 for value in memory["breakdown_bytes"].values())
@@ -87,9 +91,9 @@ def test_full_fine_tuning_needs_more_memory_and_flops_than_lora(tmp_path, tiny_m
     # Tensors only (no glibc fragmentation estimate), and LoRA without dropout: on a model this
     # small, dropout's copy of every projection input outweighs full fine-tuning's AdamW state.
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
-    lora = plan(make_config(tmp_path, tiny_model_dir,
+    lora = plan(plan_config(tmp_path, tiny_model_dir,
                             method={"kind": "lora", "r": 4, "alpha": 8, "dropout": 0.0}))
-    full = plan(make_config(tmp_path, tiny_model_dir, method={"kind": "full"}))
+    full = plan(plan_config(tmp_path, tiny_model_dir, method={"kind": "full"}))
     for part in ("gradients", "optimizer"):
         assert full.memory["breakdown_bytes"][part] > 5 * lora.memory["breakdown_bytes"][
             part]
@@ -98,16 +102,16 @@ def test_full_fine_tuning_needs_more_memory_and_flops_than_lora(tmp_path, tiny_m
 
 
 def test_checkpointing_lowers_activations_and_costs_a_forward(tmp_path, tiny_model_dir):
-    plain = plan(make_config(tmp_path, tiny_model_dir))
-    checkpointed = plan(make_config(tmp_path, tiny_model_dir, gradient_checkpointing=True))
+    plain = plan(plan_config(tmp_path, tiny_model_dir))
+    checkpointed = plan(plan_config(tmp_path, tiny_model_dir, gradient_checkpointing=True))
     assert (checkpointed.memory["breakdown_bytes"]["activations"]
             < plain.memory["breakdown_bytes"]["activations"])
     assert checkpointed.time["run_flops"] > plain.time["run_flops"]
 
 
 def test_more_batch_tokens_raise_activations(tmp_path, tiny_model_dir):
-    small = plan(make_config(tmp_path, tiny_model_dir, batch_tokens=128))
-    large = plan(make_config(tmp_path, tiny_model_dir, batch_tokens=1024))
+    small = plan(plan_config(tmp_path, tiny_model_dir, batch_tokens=128))
+    large = plan(plan_config(tmp_path, tiny_model_dir, batch_tokens=1024))
     assert large.memory["peak_batch"]["positions"] > small.memory["peak_batch"]["positions"]
     assert (large.memory["breakdown_bytes"]["activations"]
             > 2 * small.memory["breakdown_bytes"]["activations"])
@@ -117,9 +121,9 @@ def test_shared_dropout_and_the_tuned_allocator_lower_the_prediction(tmp_path, t
                                                                       monkeypatch):
     monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
     lora = {"kind": "lora", "r": 4, "alpha": 8, "dropout": 0.05}
-    before = plan(make_config(tmp_path, tiny_model_dir, allocator="system",
+    before = plan(plan_config(tmp_path, tiny_model_dir, allocator="system",
                               method={**lora, "shared_dropout": False})).memory
-    after = plan(make_config(tmp_path, tiny_model_dir, allocator="tuned",
+    after = plan(plan_config(tmp_path, tiny_model_dir, allocator="tuned",
                              method=lora)).memory
     assert before["breakdown_bytes"]["allocator"] > 0 == after["breakdown_bytes"]["allocator"]
     assert (after["breakdown_bytes"]["activations"]
@@ -128,7 +132,7 @@ def test_shared_dropout_and_the_tuned_allocator_lower_the_prediction(tmp_path, t
 
 def test_the_plan_says_which_memory_setting_fits_a_budget(tmp_path, tiny_model_dir, monkeypatch,
                                                           capsys):
-    config = make_config(tmp_path, tiny_model_dir, batch_tokens=1024)
+    config = plan_config(tmp_path, tiny_model_dir, batch_tokens=1024)
     peaks = plan(config).memory_settings["predicted_peak_bytes"]
     assert peaks["low"] < peaks["default"]
     middle = (peaks["low"] + peaks["default"]) // 2
@@ -138,16 +142,12 @@ def test_the_plan_says_which_memory_setting_fits_a_budget(tmp_path, tiny_model_d
             recommended
     path = tmp_path / "plan.yaml"
     path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
-    monkeypatch.setattr(sys, "argv", ["tunelab", "plan", str(path), "--memory-budget",
-                                      f"{middle}B"])
-    with pytest.raises(SystemExit) as stop:
-        cli.main()
-    assert stop.value.code == 0
-    assert "use train.memory: low" in " ".join(capsys.readouterr().out.split())
+    out = run_ok(monkeypatch, capsys, "plan", str(path), "--memory-budget", f"{middle}B")
+    assert "use train.memory: low" in " ".join(out.split())
 
 
 def test_advice_when_the_budget_is_too_small(tmp_path, tiny_model_dir):
-    config = make_config(tmp_path, tiny_model_dir, method={"kind": "full"}, batch_tokens=1024)
+    config = plan_config(tmp_path, tiny_model_dir, method={"kind": "full"}, batch_tokens=1024)
     roomy = plan(config, memory_budget_bytes=64 * 2**30)
     assert roomy.fits and not any("exceeds" in line for line in roomy.advice)
     tight = roomy.memory["predicted_peak_bytes"] - 1
@@ -163,14 +163,14 @@ def test_advice_when_the_budget_is_too_small(tmp_path, tiny_model_dir):
 
 
 def test_padding_is_reported_as_waste(tmp_path, tiny_model_dir):
-    result = plan(make_config(tmp_path, tiny_model_dir, packing=False))
+    result = plan(plan_config(tmp_path, tiny_model_dir, packing=False))
     assert result.data["processed_tokens"] > result.data["run_tokens"]
     assert any("packing: true" in line for line in result.advice)
 
 
 def test_jemalloc_retention_is_counted_for_padded_batches_only(tmp_path, tiny_model_dir):
-    padded = plan(make_config(tmp_path, tiny_model_dir, packing=False), allocator="jemalloc")
-    packed = plan(make_config(tmp_path, tiny_model_dir, packing=True), allocator="jemalloc")
+    padded = plan(plan_config(tmp_path, tiny_model_dir, packing=False), allocator="jemalloc")
+    packed = plan(plan_config(tmp_path, tiny_model_dir, packing=True), allocator="jemalloc")
     memory = padded.memory["breakdown_bytes"]
     assert memory["allocator"] == int(JEMALLOC_PADDED_RETENTION * memory["activations"]) > 0
     assert packed.memory["breakdown_bytes"]["allocator"] == 0
@@ -311,7 +311,7 @@ def test_predicted_peak_matches_a_real_training_run(tmp_path, tiny_model_dir):
     VmHWM: ``ru_maxrss`` starts at the parent's RSS after fork+exec, so under pytest it read
     1.2 GB for a 0.45 GB run. Four runs, one from a 1.2 GB parent: prediction +1% to +7%;
     ±20% leaves room for the runtime's drift across library versions."""
-    config = make_config(tmp_path, tiny_model_dir, batch_tokens=512)
+    config = plan_config(tmp_path, tiny_model_dir, batch_tokens=512)
     predicted = plan(config, allocator="system").memory["predicted_peak_bytes"]
     completed = subprocess.run([sys.executable, "-c", MEASURE,
                                 json.dumps(config.model_dump(mode="json"))],

@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
+
+from helpers import run_ok, write_project
 
 from tunelab.config import load_config
 from tunelab.data.schedule import run_schedule
 from tunelab.model.load import load_tokenizer
 from tunelab.planner.predict import plan
 from tunelab.planner.workload import count_tokens, micro_batches
-
-sys.path.insert(0, str(Path(__file__).parent.parent / "eval"))
-from test_multitask import run_cli, write_project  # noqa: E402
 
 
 def test_the_plan_lays_out_the_schedule_a_multitask_run_trains_on(tmp_path, tiny_model_dir,
@@ -25,8 +22,8 @@ def test_the_plan_lays_out_the_schedule_a_multitask_run_trains_on(tmp_path, tiny
     batches = micro_batches(counts, config)
     planned_steps = [sum(sum(batch["lengths"]) for batch in batches[start:start + 2])
                      for start in range(0, len(batches), 2)]
-    run_cli(monkeypatch, capsys, "train", str(config_path), "--set", "train.log_every=1",
-            "--set", "train.grad_accum=2")
+    run_ok(monkeypatch, capsys, "train", str(config_path), "--set", "train.log_every=1",
+           "--set", "train.grad_accum=2")
     lines = (tmp_path / "runs" / "multi" / "metrics.jsonl").read_text().splitlines()
     trained_steps = [record["tokens"] for record in map(json.loads, lines) if "loss" in record]
     assert trained_steps == planned_steps and len(trained_steps) == 6

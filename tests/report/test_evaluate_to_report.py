@@ -4,50 +4,27 @@ showing as an empty cell in a report."""
 
 from __future__ import annotations
 
-import json
-import random
-from pathlib import Path
-
 import pytest
-from rich.console import Console
+from helpers import make_config, quiet
 
-from tunelab.config import config_from_dict
 from tunelab.eval.evaluate import evaluate
 from tunelab.eval.result import SCHEMA_VERSION, read_eval
 from tunelab.report.html import load_run, render_report
 from tunelab.train.loop import train
 
-WORDS = {"positive": ["good", "great", "lovely", "fun"], "negative": ["bad", "awful", "dull"]}
-
-
-def write_reviews(path: Path, n: int, seed: int) -> str:
-    rng = random.Random(seed)
-    with open(path, "w") as handle:
-        for _ in range(n):
-            label = rng.choice(sorted(WORDS))
-            handle.write(json.dumps({"text": f"the movie was {rng.choice(WORDS[label])}",
-                                     "label": label}) + "\n")
-    return str(path)
-
 
 @pytest.fixture(scope="module")
 def evaluated_run(tmp_path_factory, tiny_model_dir):
     tmp = tmp_path_factory.mktemp("eval-report")
-    config = config_from_dict({
-        "name": "typed", "output_dir": str(tmp / "runs"), "model": {"path": tiny_model_dir},
-        "method": {"kind": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
-        "data": {"train": write_reviews(tmp / "train.jsonl", 40, 0),
-                 "validation": write_reviews(tmp / "valid.jsonl", 8, 1),
-                 "test": write_reviews(tmp / "test.jsonl", 24, 2),
-                 "prompt": "Review: {text}\nSentiment:", "completion": " {label}"},
-        "train": {"max_steps": 4, "lr": 1e-2, "batch_tokens": 256, "max_seq_len": 64,
-                  "samples": 0},
-        "eval": {"task": "classification", "labels": ["negative", "positive"],
-                 "prompt_variants": ["Review: {text}\nSentiment:", "{text}\nSentiment:"],
-                 "bootstrap": 200},
-    })
-    run_dir = train(config, console=Console(quiet=True)).run_dir
-    returned = evaluate(config, run_dir=run_dir, console=Console(quiet=True))
+    config = make_config(
+        tmp, tiny_model_dir, name="typed", sizes=(40, 8, 24),
+        method={"kind": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
+        evaluation={"task": "classification", "labels": ["negative", "positive"],
+                    "prompt_variants": ["Review: {text}\nSentiment:", "{text}\nSentiment:"],
+                    "bootstrap": 200},
+        max_steps=4, batch_tokens=256, samples=0)
+    run_dir = train(config, console=quiet()).run_dir
+    returned = evaluate(config, run_dir=run_dir, console=quiet())
     return run_dir, returned
 
 

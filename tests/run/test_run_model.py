@@ -5,19 +5,16 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from export_runs import copied_run, liven_adapter, train_tiny_run
+from helpers import run_cli
 
-from tunelab import cli
 from tunelab.errors import ConfigError, ModelError
 from tunelab.model.load import BASE_SIDECAR, describe_base, resolve_model_path
 from tunelab.run import load_run_model, open_run
-
-sys.path.insert(0, str(Path(__file__).parent.parent / "ship"))
-from export_runs import copied_run, liven_adapter, train_tiny_run  # noqa: E402
 
 PROMPT = "Review: the movie was good\nSentiment:"
 
@@ -45,10 +42,8 @@ def test_a_run_whose_data_is_gone_loads_its_model_but_eval_and_resume_say_so(
     gone = "data.train: data file '/elsewhere/tiny-run/train.jsonl' does not exist"
     with pytest.raises(ConfigError, match=gone):
         open_run(copy)  # training (resume) and evaluation need the data
-    monkeypatch.setattr(sys, "argv", ["tunelab", "eval", str(copy / "config.yaml")])
-    with pytest.raises(SystemExit) as stop:
-        cli.main()
-    assert stop.value.code == 2 and "/elsewhere/tiny-run/train.jsonl" in capsys.readouterr().err
+    code, _, err = run_cli(monkeypatch, capsys, "eval", str(copy / "config.yaml"))
+    assert code == 2 and "/elsewhere/tiny-run/train.jsonl" in err
 
 
 def test_a_copied_run_whose_base_path_is_gone_loads_on_the_base_its_adapter_names(

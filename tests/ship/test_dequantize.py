@@ -10,26 +10,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import make_config, run_cli, run_ok
 from rich.console import Console
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tunelab import cli
 from tunelab.model.load import load_model
 from tunelab.run import RunDir, load_run_model, open_run
 from tunelab.run.load import attach_adapter
 from tunelab.ship.export import logit_gap
 from tunelab.train.loop import train
 
-sys.path.insert(0, str(Path(__file__).parent.parent / "train"))
-from test_loop import make_config  # noqa: E402
-from test_qlora import make_qlora_model  # noqa: E402
-
 PROMPTS = ["Review: the movie was good\nSentiment:", "The capital of France is Paris."]
-
-
-@pytest.fixture(scope="module")
-def qlora_model_dir(tiny_model_dir, tmp_path_factory) -> str:
-    return make_qlora_model(tiny_model_dir, tmp_path_factory.mktemp("qlora-model"))
 
 
 @pytest.fixture(scope="module")
@@ -53,11 +44,8 @@ def logits_for(model, tokenizer) -> list[torch.Tensor]:
 
 def test_cli_merges_a_qlora_adapter_into_the_dequantised_base(qlora_run, qlora_model_dir,
                                                              monkeypatch, capsys):
-    monkeypatch.setattr(sys, "argv", ["tunelab", "export", str(qlora_run), "--to", "merged"])
-    with pytest.raises(SystemExit) as stop:
-        cli.main()
-    assert stop.value.code in (0, None)
-    out = " ".join(capsys.readouterr().out.split())
+    out = " ".join(run_ok(monkeypatch, capsys, "export", str(qlora_run), "--to",
+                          "merged").split())
     assert "merged folder (transformers) vs base + adapter" in out and "FAIL" not in out, out
     folder = qlora_run / "export" / "merged"
     assert "quantization_config" not in json.loads((folder / "config.json").read_text())
@@ -132,10 +120,7 @@ def test_a_qlora_run_and_a_lora_run_on_the_same_path_are_not_served_together(
 def test_without_bitsandbytes_a_qlora_run_is_a_clear_error_not_a_float_base(
         qlora_run, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as on a machine without it
-    monkeypatch.setattr(sys, "argv", ["tunelab", "generate", str(qlora_run), "--prompt", "Hi"])
-    with pytest.raises(SystemExit) as stop:
-        cli.main()
-    assert stop.value.code == 2
-    message = " ".join(capsys.readouterr().err.split())
+    code, _, message = run_cli(monkeypatch, capsys, "generate", str(qlora_run), "--prompt", "Hi")
+    assert code == 2
     assert "trained with QLoRA on a 4-bit (NF4) base" in message
     assert 'pip install "tunelab[qlora]"' in message and "--to merged" in message

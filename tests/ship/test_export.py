@@ -11,9 +11,9 @@ from pathlib import Path
 
 import architectures  # tests/ is on sys.path (rootdir conftest)
 import pytest
-import test_cli  # tests/ is on sys.path (rootdir conftest)
 import torch
 from export_runs import liven_adapter, train_tiny_run
+from helpers import run_cli
 from peft import PeftModel
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -152,12 +152,6 @@ def test_vllm_rules_pass_a_plain_lora_and_catch_embedding_lora_by_its_weights(tm
     assert [c.name for c in checks if not c.passed] == ["vLLM: no lm_head or embedding LoRA"]
 
 
-def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    """test_cli.run_cli with the output's whitespace folded too (rich wraps long lines)."""
-    code, out, err = test_cli.run_cli(monkeypatch, capsys, *args)
-    return code, " ".join(out.split()), err
-
-
 def test_cli_exports_an_adapter_that_vllm_would_reject_with_the_rules_and_fixes(
         tiny_model_dir, tmp_path, monkeypatch, capsys):
     run = train_tiny_run(tmp_path, tiny_model_dir, name="wide",
@@ -165,6 +159,7 @@ def test_cli_exports_an_adapter_that_vllm_would_reject_with_the_rules_and_fixes(
                                  "targets": ["q_proj", "v_proj", "lm_head"]})
     code, out, err = run_cli(monkeypatch, capsys, "export", str(run), "--to", "adapter")
     assert code == 0, err
+    out = " ".join(out.split())  # rich wraps long lines
     assert "FAIL" not in out  # advisory: the adapter is still a valid PEFT adapter
     assert "no lm_head or embedding LoRA" in out and "method.targets: all-linear" in out
     assert "rank 32 > --max-lora-rank 16" in out

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import make_config, quiet
 from rich.console import Console
 from safetensors.torch import load_file
 
@@ -25,16 +26,9 @@ from tunelab.errors import RunError
 from tunelab.train.checkpoint import CHECKSUMS, damage, list_checkpoints
 from tunelab.train.loop import train
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_loop import make_config  # noqa: E402
-
 ADAPTER = Path("adapter") / "adapter_model.safetensors"
 # Dropout on: an exact resume needs the random generators' states as well as the weights.
 SHORT = {"max_steps": 6, "save_every": 2, "keep_checkpoints": 2, "samples": 1}
-
-
-def quiet() -> Console:
-    return Console(quiet=True)
 
 
 def recording() -> tuple[Console, io.StringIO]:

@@ -19,16 +19,13 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
+from helpers import make_config, write_config
 from rich.console import Console
 from safetensors.torch import load_file
 
 from tunelab.config import load_config
 from tunelab.train import distributed
 from tunelab.train.loop import train
-
-sys.path.insert(0, str(Path(__file__).parent))
-from test_loop import make_config  # noqa: E402
 
 LOSS_RTOL = 1e-5
 WEIGHT_TOL = 1e-4  # of the largest absolute value of the tensor
@@ -42,13 +39,6 @@ from tunelab.train.loop import train
 config, resume, stop = sys.argv[1], sys.argv[2], int(sys.argv[3])
 train(load_config(config), resume=resume or None, stop_after_steps=stop or None)
 """
-
-
-def write_config(folder: Path, model_dir: str, **train_overrides) -> Path:
-    config = make_config(folder, model_dir, **train_overrides)
-    path = folder / "config.yaml"
-    path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
-    return path
 
 
 def torchrun(args: list[str], *, nproc: int = 2, timeout_s: float = 300) -> str:
@@ -221,7 +211,7 @@ def test_fsdp_checkpoint_resumes_on_one_and_on_two_ranks(tmp_path, tiny_model_di
     on_two = tmp_path / "two"
     shutil.copytree(tmp_path / "stopped", on_two)
     on_two_run = on_two / "runs" / "reviews"
-    run_driver(tmp_path, on_two / "config.yaml", resume=on_two_run)
+    run_driver(tmp_path, on_two / config.name, resume=on_two_run)
     train(load_config(config), resume=stopped, console=Console(quiet=True))  # on one rank
     for resumed in (stopped, on_two_run):
         assert sorted(losses(resumed)) == [1, 2, 3, 4]

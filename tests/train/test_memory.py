@@ -11,13 +11,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import write_config
 from safetensors.torch import load_file
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_loop import write_reviews  # noqa: E402
-
-from tunelab import allocator  # noqa: E402
-from tunelab.errors import ConfigError  # noqa: E402
+from tunelab import allocator
+from tunelab.errors import ConfigError
 
 # glibc's default raises its mmap threshold to the size of a freed mmap-ed block (up to 32 MB)
 # and its trim threshold to twice that: a later, smaller block comes from the heap and stays
@@ -54,20 +52,11 @@ def test_tuned_allocator_returns_a_freed_block_that_glibc_keeps():
     assert stranded_bytes("tuned") < 4 * 2**20
 
 
-def write_config(tmp_path, model_dir: str, name: str, **train) -> str:
-    config = {"name": name, "output_dir": str(tmp_path / "runs"), "model": {"path": model_dir},
-              "method": {"kind": "lora", "r": 4, "alpha": 8, "dropout": 0.1},
-              "data": {"train": write_reviews(tmp_path / "train.jsonl", 60, 0),
-                       "validation": write_reviews(tmp_path / "valid.jsonl", 10, 1),
-                       "prompt": "Review: {text}\nSentiment:", "completion": " {label}"},
-              "train": {"max_steps": 3, "lr": 1e-2, "batch_tokens": 128, "max_seq_len": 64,
-                        "samples": 1, "max_new_tokens": 2, "seed": 0, **train}}
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return str(path)
+# Three steps on 60 reviews, one sample: enough to compare two runs' adapters.
+SHORT = {"sizes": (60, 10), "max_steps": 3, "samples": 1, "max_new_tokens": 2}
 
 
-def cli_train(config: str, *overrides: str) -> None:
+def cli_train(config: Path, *overrides: str) -> None:
     completed = subprocess.run(
         [sys.executable, "-m", "tunelab", "train", config,
          *[arg for pair in overrides for arg in ("--set", pair)]],
@@ -78,8 +67,8 @@ def cli_train(config: str, *overrides: str) -> None:
 def test_low_memory_trains_the_same_adapter_from_the_cli(tmp_path, tiny_model_dir):
     """Activation checkpointing recomputes the forward pass, shared dropout masks included: the
     adapter equals the default run's."""
-    default = write_config(tmp_path, tiny_model_dir, "default")
-    low = write_config(tmp_path, tiny_model_dir, "low", memory="low")
+    default = write_config(tmp_path, tiny_model_dir, name="default", **SHORT)
+    low = write_config(tmp_path, tiny_model_dir, name="low", memory="low", **SHORT)
     cli_train(default)
     cli_train(low)
     runs = tmp_path / "runs"
@@ -169,7 +158,7 @@ def test_jemalloc_asked_for_without_it_loaded_is_a_config_error(monkeypatch):
 def test_the_tunelab_command_trains_under_jemalloc(tmp_path, tiny_model_dir):
     """The real re-execution: the manifest says jemalloc, and the trained adapter is the one
     glibc's run trains."""
-    config = write_config(tmp_path, tiny_model_dir, "jemalloc")
+    config = write_config(tmp_path, tiny_model_dir, name="jemalloc", **SHORT)
     cli_train(config)
     cli_train(config, "name=glibc", "train.allocator=system")
     runs = tmp_path / "runs"

@@ -3,37 +3,14 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
+from helpers import make_config
 from rich.console import Console
 
 from tunelab.model.adapters import apply_method
 from tunelab.model.load import load_model
 from tunelab.train.loop import train
-
-sys.path.insert(0, str(Path(__file__).parent))
-from test_loop import make_config  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def qlora_model_dir(tiny_model_dir, tmp_path_factory) -> str:
-    return make_qlora_model(tiny_model_dir, tmp_path_factory.mktemp("qlora-model"))
-
-
-def make_qlora_model(tiny_model_dir: str, folder: Path) -> str:
-    """The tiny model's tokenizer on a Llama twice as wide: bitsandbytes' CPU kernel packs
-    4-bit weights in blocks of 32 output features (the tiny model's k/v projections have 16)."""
-    import torch
-    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
-
-    config = AutoConfig.from_pretrained(tiny_model_dir)
-    config.hidden_size, config.intermediate_size, config.head_dim = 64, 128, 16
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(folder)
-    return str(folder)
 
 
 def test_the_base_loads_as_nf4_with_double_quantisation(qlora_model_dir):

@@ -5,18 +5,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
-from pathlib import Path
 
 import pytest
+from helpers import make_config, quiet
 
 from tunelab.errors import RunError
 from tunelab.train.checkpoint import list_checkpoints
 from tunelab.train.loop import train
 from tunelab.train.state import SCHEMA_VERSION, TrainState
-
-sys.path.insert(0, str(Path(__file__).parent))
-from test_loop import make_config, quiet  # noqa: E402
 
 
 def test_state_round_trips_and_reads_unversioned_states():

@@ -105,39 +105,43 @@ def prepare(config: Config, console: Console) -> Prepared:
                     device, data.report, data.train_tasks, data.validation_tasks)
 
 
+@dataclass(frozen=True)
+class Batching:
+    """How validation batches are formed and where they are scored."""
+
+    batch_tokens: int
+    packing: bool
+    pad_id: int
+    device: torch.device
+    cluster: distributed.Cluster
+
+
 @torch.no_grad()
-def validation_loss(step_model, examples: list[TokenizedExample], *, batch_tokens: int,
-                    packing: bool, pad_id: int, device: torch.device,
-                    cluster: distributed.Cluster) -> float | None:
+def validation_loss(step_model, examples: list[TokenizedExample],
+                    batching: Batching) -> float | None:
     """Mean loss per target token over the validation examples (dropout off).
 
     Under torchrun each rank scores its share of the batches; the sums are added up.
     """
     if not examples:
         return None
-    total, count = _validation_sums(step_model, examples, batch_tokens=batch_tokens,
-                                    packing=packing, pad_id=pad_id, device=device,
-                                    cluster=cluster)
+    total, count = _validation_sums(step_model, examples, batching)
     return total / max(1, count)
 
 
-def validation_losses(step_model, examples: list[TokenizedExample], tasks: list[str], *,
-                      batch_tokens: int, packing: bool, pad_id: int, device: torch.device,
-                      cluster: distributed.Cluster) -> tuple[float | None, dict]:
+def validation_losses(step_model, examples: list[TokenizedExample], tasks: list[str],
+                      batching: Batching) -> tuple[float | None, dict]:
     """(the validation loss, ``{"val_loss_tasks": {task: loss}}`` for a multitask run, else {}).
 
     One pass either way: each task's examples are scored once, and the overall loss is the
     tasks' summed losses over their summed target tokens (the token-weighted mean of theirs).
     """
     if not tasks:
-        return validation_loss(step_model, examples, batch_tokens=batch_tokens, packing=packing,
-                               pad_id=pad_id, device=device, cluster=cluster), {}
+        return validation_loss(step_model, examples, batching), {}
     sums = {}  # task → (summed loss, target tokens)
     for name in dict.fromkeys(tasks):
         own = [example for example, task in zip(examples, tasks, strict=True) if task == name]
-        sums[name] = _validation_sums(step_model, own, batch_tokens=batch_tokens,
-                                      packing=packing, pad_id=pad_id, device=device,
-                                      cluster=cluster)
+        sums[name] = _validation_sums(step_model, own, batching)
     loss_sum = sum(loss for loss, _ in sums.values())
     target_tokens = sum(tokens for _, tokens in sums.values())
     per_task = {name: loss / max(1, tokens) for name, (loss, tokens) in sums.items()}
@@ -145,19 +149,20 @@ def validation_losses(step_model, examples: list[TokenizedExample], tasks: list[
 
 
 @torch.no_grad()
-def _validation_sums(step_model, examples: list[TokenizedExample], *, batch_tokens: int,
-                     packing: bool, pad_id: int, device: torch.device,
-                     cluster: distributed.Cluster) -> tuple[float, float]:
+def _validation_sums(step_model, examples: list[TokenizedExample],
+                     batching: Batching) -> tuple[float, float]:
     """(summed loss, target tokens) over ``examples``, all ranks added up (dropout off)."""
     was_training = step_model.training
     step_model.eval()
     total, count = 0.0, 0
+    cluster, packing = batching.cluster, batching.packing
     share = distributed.rank_batches(plan_batches([len(ex.input_ids) for ex in examples],
-                                                  batch_tokens=batch_tokens, packing=packing),
-                                     cluster)
-    for batch in distributed.collate_share(examples, share, packing=packing, pad_id=pad_id):
-        batch = batch.to(device)
-        with autocast(device):
+                                                  batch_tokens=batching.batch_tokens,
+                                                  packing=packing), cluster)
+    for batch in distributed.collate_share(examples, share, packing=packing,
+                                           pad_id=batching.pad_id):
+        batch = batch.to(batching.device)
+        with autocast(batching.device):
             total += float(step_model(batch))
         count += batch.n_target_tokens
     step_model.train(was_training)
@@ -186,11 +191,10 @@ class Training:
     def validate(self) -> tuple[float | None, dict]:
         """The validation loss, and (multitask) each task's to log next to it."""
         train_cfg, prepared = self.config.train, self.prepared
-        return validation_losses(
-            self.step_model, prepared.validation, prepared.validation_tasks,
-            batch_tokens=train_cfg.batch_tokens, packing=train_cfg.packing,
-            pad_id=prepared.tokenizer.pad_token_id or 0, device=prepared.device,
-            cluster=self.cluster)
+        batching = Batching(train_cfg.batch_tokens, train_cfg.packing,
+                            prepared.tokenizer.pad_token_id or 0, prepared.device, self.cluster)
+        return validation_losses(self.step_model, prepared.validation, prepared.validation_tasks,
+                                 batching)
 
     def save(self, run: RunDir, state: TrainState, rng: dict | None = None) -> None:
         """A checkpoint of ``state`` (``rng``: the random states to resume with)."""

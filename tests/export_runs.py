@@ -1,4 +1,5 @@
-"""Tiny trained runs for the ship tests: trained by the real loop, with adapters that matter.
+"""Tiny trained runs for the ship and run tests: trained by the real loop, with adapters that
+matter.
 
 Three optimizer steps barely move a LoRA adapter (B starts at zero), so a merged model would
 equal the base and a check comparing them could not fail. ``liven_adapter`` gives the trained
