@@ -3,8 +3,7 @@ process, and the plan scaled by what they measured."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+from helpers import write_project
 
 from tunelab.config import load_config
 from tunelab.data.schedule import run_schedule
@@ -12,9 +11,6 @@ from tunelab.model.load import load_tokenizer
 from tunelab.planner.predict import plan
 from tunelab.planner.workload import count_tokens
 from tunelab.train.calibrate import calibrate_run, measure_steps
-
-sys.path.insert(0, str(Path(__file__).parent.parent / "eval"))
-from test_multitask import write_project  # noqa: E402
 
 
 def timed_tokens(config, *, mixed: bool, steps: int) -> int:

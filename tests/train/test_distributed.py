@@ -221,12 +221,14 @@ def test_fsdp_checkpoint_resumes_on_one_and_on_two_ranks(tmp_path, tiny_model_di
 
 
 def launch_until_first_checkpoint(config: Path, run: Path) -> subprocess.Popen:
-    """`tunelab train CONFIG --nproc 2` started, returned once its step-2 checkpoint exists."""
+    """`tunelab train CONFIG --nproc 2` started, returned once it has written a checkpoint
+    (any step: with keep_checkpoints the first one may be gone again between two looks)."""
     launcher = subprocess.Popen([sys.executable, "-m", "tunelab", "train", str(config),
                                  "--nproc", "2"], stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 600
-    while time.time() < deadline and not (run / "checkpoints" / "step-2").is_dir():
+    while time.time() < deadline and launcher.poll() is None \
+            and not any((run / "checkpoints").glob("step-*")):
         time.sleep(0.2)
     return launcher
 
