@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import write_reviews  # noqa: E402
 from rich.console import Console
 from sacrebleu.metrics import BLEU, CHRF
 
@@ -21,9 +21,6 @@ from tunelab.eval.metrics import parse_label
 from tunelab.eval.result import EvalResult, read_eval
 from tunelab.model.load import load_model, load_tokenizer
 from tunelab.train.loop import train
-
-sys.path.insert(0, str(Path(__file__).parent.parent / "train"))
-from test_loop import write_reviews  # noqa: E402
 
 
 def reference_score(model, tokenizer, prompt: str, option: str) -> float:

@@ -3,54 +3,16 @@
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import make_config, quiet
 from peft import PeftModel
-from rich.console import Console
 from safetensors.torch import load_file
 
-from tunelab.config import config_from_dict
 from tunelab.model.load import load_model
 from tunelab.train.loop import train
-
-GOOD = ["good", "great", "fine", "lovely", "fun"]
-BAD = ["bad", "awful", "boring", "dull", "poor"]
-
-
-def write_reviews(path: Path, n: int, seed: int) -> str:
-    rng = random.Random(seed)
-    with open(path, "w") as handle:
-        for _ in range(n):
-            positive = rng.random() < 0.5
-            word = rng.choice(GOOD if positive else BAD)
-            handle.write(json.dumps({"text": f"the movie was {word}",
-                                     "label": "positive" if positive else "negative"}) + "\n")
-    return str(path)
-
-
-def make_config(tmp_path: Path, model_dir: str, **train_overrides):
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    train_cfg = {"epochs": 2, "lr": 1e-2, "batch_tokens": 128, "max_seq_len": 64, "samples": 2,
-                 "max_new_tokens": 3, "seed": 0}
-    train_cfg.update(train_overrides)
-    method = train_cfg.pop("method", {"kind": "lora", "r": 4, "alpha": 8, "dropout": 0.1})
-    return config_from_dict({
-        "name": train_cfg.pop("name", "reviews"),
-        "output_dir": str(tmp_path / "runs"),
-        "model": {"path": model_dir},
-        "method": method,
-        "data": {"train": write_reviews(tmp_path / "train.jsonl", 120, 0),
-                 "validation": write_reviews(tmp_path / "valid.jsonl", 30, 1),
-                 "prompt": "Review: {text}\nSentiment:", "completion": " {label}"},
-        "train": train_cfg,
-    })
-
-
-def quiet() -> Console:
-    return Console(quiet=True)
 
 
 def test_lora_run_learns_and_writes_a_complete_run_directory(tmp_path, tiny_model_dir):
