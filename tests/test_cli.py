@@ -4,27 +4,14 @@ leaves no run directory behind; good input trains, checks data and generates."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
-
-from tunelab import cli
+from helpers import run_cli
 
 REVIEWS = [{"text": "the movie was good", "label": "positive"},
            {"text": "the movie was bad", "label": "negative"}] * 20
-
-
-def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["tunelab", *args])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as stop:
-        code = stop.code
-    captured = capsys.readouterr()
-    return code, captured.out, " ".join(captured.err.split())
 
 
 def project(tmp_path: Path, model_dir: str, lines: list[str] | None = None,
