@@ -6,6 +6,9 @@ import numpy as np
 import pytest
 
 from tunelab.eval.stats import (
+    p_text,
+    paired_comparison,
+    resampled_curve,
     bootstrap_ci,
     mcnemar,
     metric_with_ci,
@@ -107,8 +110,11 @@ def test_paired_bootstrap_over_corpus_statistics_matches_per_example_path():
 def test_paired_bootstrap_rejects_unpaired_input():
     with pytest.raises(ValueError, match="same examples"):
         paired_bootstrap([1.0, 0.0], [1.0])
-    with pytest.raises(TypeError, match="both"):
-        paired_bootstrap([1.0], lambda idx: 1.0, n=1)
+    # scores and a statistic of the same examples pair: the statistic is the scores' mean
+    scores = np.array([1.0, 0.0, 1.0, 1.0])
+    mixed = paired_bootstrap([0.0, 0.0, 1.0, 0.0], lambda idx: float(scores[idx].mean()), n=4)
+    plain = paired_bootstrap([0.0, 0.0, 1.0, 0.0], scores)
+    assert mixed["ci"] == pytest.approx(plain["ci"]) and mixed["delta"] == plain["delta"]
 
 
 def _outcomes(b: int, c: int, both_right: int = 5, both_wrong: int = 3):
@@ -154,3 +160,41 @@ def test_ratio_statistic_sums_before_dividing():
     statistic = ratio_statistic([1, 0, 2], [2, 0, 2])
     assert statistic(np.array([0, 2])) == pytest.approx(3 / 4)
     assert statistic(np.array([1, 1])) == 0.0
+
+
+def test_seed_noise_widens_the_interval_and_one_seed_is_the_paired_bootstrap():
+    rng = np.random.default_rng(3)
+    base = (rng.random(300) < 0.6).astype(float)
+    # three training seeds of the tuned model that disagree by about 0.1 in accuracy
+    seeds = [(rng.random(300) < p).astype(float) for p in (0.65, 0.75, 0.85)]
+    single = paired_comparison([base], [seeds[1]], n_resamples=500)
+    assert single["ci"] == pytest.approx(paired_bootstrap(base, seeds[1], n_resamples=500)["ci"])
+    assert single["test"] == "paired bootstrap" and single["seeds"] == {"base": 1, "tuned": 1}
+    pooled = np.concatenate(seeds)  # the seeds' examples as if one run: test noise only
+    hierarchical = paired_comparison([base], seeds, n_resamples=500)
+    assert hierarchical["tuned"] == pytest.approx(float(np.mean(pooled)))
+    assert "training seeds" in hierarchical["test"]
+    width = lambda r: r["ci"][1] - r["ci"][0]  # noqa: E731
+    assert width(hierarchical) > 1.3 * width(paired_comparison([base], [seeds[1]] * 3,
+                                                                 n_resamples=500))
+
+
+def test_p_value_at_the_resampling_floor_says_so():
+    base, tuned = [0.0] * 200, [1.0] * 200
+    result = paired_comparison([base], [tuned], n_resamples=999)
+    assert result["p_value"] == pytest.approx(2 / 1000) == result["p_floor"]
+    assert result["p_text"] == "p < 0.002"
+    assert p_text(0.0312, 0.002) == "p = 0.031"
+    exact = paired_comparison([base], [tuned], exact_test=True)
+    assert exact["test"] == "mcnemar" and exact["p_value"] < 1e-50
+    assert exact["p_text"].startswith("p = ")
+
+
+def test_resampled_curve_shares_rows_across_fractions():
+    scores = np.random.default_rng(0).random((2, 50))
+    curve = resampled_curve([[scores[0]], [scores[0]], [scores[1]]], n_resamples=200)
+    assert curve.shape == (200, 3)
+    assert np.array_equal(curve[:, 0], curve[:, 1])  # same rows, same measure: same values
+    delta = paired_comparison([scores[0]], [scores[1]], n_resamples=200)
+    assert delta["ci"] == pytest.approx(list(np.quantile(curve[:, 2] - curve[:, 0],
+                                                         [0.025, 0.975])))

@@ -41,7 +41,7 @@ from tunelab.data.tokenize import EvalPrompt, eval_prompts
 from tunelab.errors import ConfigError, RunError
 from tunelab.eval.generate import generate_texts, score_continuations
 from tunelab.eval.result import SCHEMA_VERSION, EvalResult, ModelOutcome
-from tunelab.eval.stats import mcnemar, paired_bootstrap, spread
+from tunelab.eval.stats import paired_comparison, spread
 from tunelab.eval.tasks import Task
 from tunelab.run.directory import RunDir, eval_name
 
@@ -225,15 +225,14 @@ def _compare(models: dict, task: Task) -> dict:
         entry = {"base": base["metrics"][name]["value"], "tuned": tuned_metric["value"],
                  "delta": tuned_metric["value"] - base["metrics"][name]["value"]}
         if name in series:
-            paired = paired_bootstrap(*series[name], n=tuned_metric["n"],
-                                      n_resamples=task.n_resamples, seed=task.seed)
-            entry.update(ci=paired["ci"], p_value=paired["p_value"],
-                         significant=paired["significant"], test="paired bootstrap")
-        if name == task.primary and task.exact_test:
-            exact = mcnemar([s > 0.5 for s in base["paired"]],
-                            [s > 0.5 for s in tuned["paired"]])
-            entry.update(p_value=exact["p_value"], significant=exact["significant"],
-                         test="mcnemar", discordant=[exact["b"], exact["c"]])
+            paired = paired_comparison([series[name][0]], [series[name][1]],
+                                       n=tuned_metric["n"],
+                                       exact_test=name == task.primary and task.exact_test,
+                                       n_resamples=task.n_resamples, seed=task.seed)
+            entry.update({key: paired[key] for key in ("ci", "p_value", "p_floor", "p_text",
+                                                       "significant", "test")})
+            if "discordant" in paired:
+                entry["discordant"] = paired["discordant"]
         comparison[name] = entry
     return comparison
 
@@ -358,7 +357,7 @@ def render_eval(result: EvalResult, console: Console, *, path: Path | None = Non
             if entry.ci is not None:
                 mark = "significant" if entry.significant else "not significant"
                 text += (f" [{entry.ci[0]:+.3f}, {entry.ci[1]:+.3f}] "
-                         f"p={entry.p_value:.3g} ({entry.test}, {mark})")
+                         f"{entry.p_text or f'p = {entry.p_value:.2g}'} ({entry.test}, {mark})")
             row.append(text)
         table.add_row(*row)
     console.print(table)

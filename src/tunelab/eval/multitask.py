@@ -20,7 +20,7 @@ from tunelab.data.mixture import task_data
 from tunelab.errors import ConfigError, RunError
 from tunelab.eval.evaluate import evaluate
 from tunelab.eval.result import EvalResult
-from tunelab.eval.stats import paired_bootstrap
+from tunelab.eval.stats import paired_comparison
 from tunelab.eval.tasks import Task
 
 
@@ -97,6 +97,7 @@ def paired_difference(first: EvalResult, second: EvalResult, eval_cfg: EvalConfi
             raise RunError(f"scoring its outputs again does not give its {task.primary}",
                            where=result.name, fix="run tunelab eval again to rewrite it")
         paired.append(scored.paired)
-    comparison = paired_bootstrap(*paired, n=len(golds), n_resamples=eval_cfg.bootstrap,
-                                  seed=eval_cfg.seed)
+    comparison = paired_comparison([paired[0]], [paired[1]], n=len(golds),
+                                   exact_test=task.exact_test, n_resamples=eval_cfg.bootstrap,
+                                   seed=eval_cfg.seed)
     return {"metric": task.primary, **comparison}

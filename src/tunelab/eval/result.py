@@ -108,6 +108,8 @@ class Comparison(_Open):
     delta: float | None
     ci: list[float | None] | None = None
     p_value: float | None = None
+    p_floor: float | None = None  # the least p the test can give (2 / (resamples + 1))
+    p_text: str | None = None  # "p = 0.03" or "p < 0.002" at the floor
     significant: bool | None = None
     test: str | None = None
 

@@ -28,6 +28,8 @@ SIGNIFICANCE_LEVEL = 0.05
 MCNEMAR_EXACT_MAX = 1000  # exact binomial up to this many discordant pairs, chi-square above
 
 Statistic = Callable[[np.ndarray], float]
+# one system's metric on one training seed: per-example scores or a statistic over indices
+Measure = Sequence[float] | Statistic
 
 
 def bootstrap_ci(
@@ -71,39 +73,58 @@ def metric_with_ci(
 
 
 def paired_bootstrap(
-    base: Sequence[float] | Statistic,
-    tuned: Sequence[float] | Statistic,
+    base: Measure,
+    tuned: Measure,
     *,
     n: int | None = None,
     n_resamples: int = 1000,
     confidence: float = 0.95,
     seed: int = 0,
 ) -> dict:
-    """Paired bootstrap of the difference tuned − base on the same examples.
+    """Paired bootstrap of tuned − base on the same examples: ``paired_comparison`` of one
+    training seed each (see there for the fields)."""
+    return paired_comparison([base], [tuned], n=n, n_resamples=n_resamples,
+                             confidence=confidence, seed=seed)
 
-    ``base`` and ``tuned`` are both per-example scores (aligned, same length) or both statistics
-    over indices (then pass ``n``); each resample evaluates both systems on the same indices.
-    ``p_value`` is two-sided: twice the share of resampled deltas on the other side of 0 from
-    the observed delta (ties count against), with the usual +1 correction so it is never 0;
-    ``significant`` means the interval excludes 0.
+
+def paired_comparison(
+    base: Sequence[Measure],
+    tuned: Sequence[Measure],
+    *,
+    n: int | None = None,
+    exact_test: bool = False,
+    n_resamples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> dict:
+    """tuned − base on the same test examples, each system given as one measure per training
+    seed (a single-element list for a single run): the one "A against B with an interval" of
+    the project (evaluation, multitask, sweeps and assessments all call it).
+
+    Each measure is per-example scores or a statistic over indices (then pass ``n``). The
+    interval is a hierarchical bootstrap: each resample draws the test examples (the same rows
+    for both systems) and, for a system with several seeds, that many seeds with replacement;
+    its metric is the mean over the drawn seeds. With one seed each this is the ordinary
+    paired bootstrap. ``p_value`` is two-sided (twice the share of resampled deltas on the
+    other side of 0, ties against, +1 corrected), so it cannot go below ``p_floor`` =
+    2 / (n_resamples + 1): ``p_text`` says "< floor" there. With ``exact_test`` (a right/wrong
+    primary metric, as the task says) and one seed each, McNemar's exact test gives the
+    p-value instead and ``test`` says so.
     """
-    if callable(base) != callable(tuned):
-        raise TypeError("base and tuned must both be per-example scores or both be statistics")
-    if callable(base):
-        base_metric = _as_metric(None, base, n)
-        tuned_metric = _as_metric(None, tuned, n)
-        size = base_metric[2]
-        base_value, tuned_value = _point_value(base_metric), _point_value(tuned_metric)
-        deltas = np.array([tuned(row) - base(row) for row in _all_rows(size, n_resamples, seed)],
-                          dtype=float)
-    else:
-        base_values, tuned_values = _finite_array(base), _finite_array(tuned)
-        if len(base_values) != len(tuned_values):
-            raise ValueError(f"paired scores differ in length: base has {len(base_values)}, "
-                             f"tuned has {len(tuned_values)}; they must be the same examples")
-        size = len(base_values)
-        base_value, tuned_value = float(base_values.mean()), float(tuned_values.mean())
-        deltas = _resampled((tuned_values - base_values, None, size), n_resamples, seed)
+    if not base or not tuned:
+        raise ValueError("each system needs at least one measure (one per training seed)")
+    base_metrics = [_measure(m, n) for m in base]
+    tuned_metrics = [_measure(m, n) for m in tuned]
+    size = base_metrics[0][2]
+    if any(metric[2] != size for metric in base_metrics + tuned_metrics):
+        raise ValueError("paired measures differ in their number of examples; they must be "
+                         "the same examples")
+    base_value = float(np.mean([_point_value(m) for m in base_metrics]))
+    tuned_value = float(np.mean([_point_value(m) for m in tuned_metrics]))
+    rows = _row_matrix(size, n_resamples, seed)
+    draws = np.random.default_rng([seed, 1])
+    deltas = (_seed_resampled(tuned_metrics, rows, draws)
+              - _seed_resampled(base_metrics, rows, draws))
     delta = tuned_value - base_value
     low, high = _percentile_interval(deltas, confidence)
     if delta > 0:
@@ -113,12 +134,68 @@ def paired_bootstrap(
     else:
         other_side = n_resamples
     p_value = min(1.0, 2 * (other_side + 1) / (n_resamples + 1))
-    return {
-        "delta": delta, "ci": [low, high], "p_value": p_value,
+    p_floor = min(1.0, 2 / (n_resamples + 1))
+    result = {
+        "delta": delta, "ci": [low, high], "p_value": p_value, "p_floor": p_floor,
         "significant": bool(low > 0 or high < 0), "test": "paired bootstrap", "n": size,
         "base": base_value, "tuned": tuned_value,
+        "seeds": {"base": len(base), "tuned": len(tuned)},
         "confidence": confidence, "n_resamples": n_resamples, "seed": seed,
     }
+    if len(base) > 1 or len(tuned) > 1:
+        result["test"] = "hierarchical bootstrap (test examples and training seeds)"
+    elif exact_test and base_metrics[0][0] is not None and tuned_metrics[0][0] is not None:
+        exact = mcnemar(base_metrics[0][0] > 0.5, tuned_metrics[0][0] > 0.5)
+        result.update(p_value=exact["p_value"], p_floor=0.0, test="mcnemar",
+                      significant=exact["significant"], discordant=[exact["b"], exact["c"]])
+    result["p_text"] = p_text(result["p_value"], result["p_floor"])
+    return result
+
+
+def p_text(p_value: float, p_floor: float = 0.0) -> str:
+    """"p = 0.03", or "p < 0.002" at a resampling test's floor (it cannot go lower)."""
+    if p_floor and p_value <= p_floor * (1 + 1e-9):
+        return f"p < {p_floor:.2g}"
+    return f"p = {p_value:.2g}"
+
+
+def resampled_curve(fractions: Sequence[Sequence[Measure]], *, n: int | None = None,
+                    n_resamples: int = 1000, seed: int = 0) -> np.ndarray:
+    """``[n_resamples, len(fractions)]``: the metric of each fraction (one measure per training
+    seed) on each hierarchical bootstrap resample, the test rows shared across fractions and
+    seeds, the seeds drawn with replacement within each fraction; the same rows as
+    ``paired_comparison`` with this seed."""
+    metrics = [[_measure(m, n) for m in seeds] for seeds in fractions]
+    size = metrics[0][0][2]
+    rows = _row_matrix(size, n_resamples, seed)
+    draws = np.random.default_rng([seed, 1])
+    return np.stack([_seed_resampled(seeds, rows, draws) for seeds in metrics], axis=1)
+
+
+def _measure(measure: Measure, n: int | None) -> tuple[np.ndarray | None, Statistic | None, int]:
+    return _as_metric(None, measure, n) if callable(measure) else _as_metric(measure, None, n)
+
+
+def _row_matrix(n: int, n_resamples: int, seed: int) -> np.ndarray:
+    return np.concatenate(list(_index_chunks(n, n_resamples, seed)))
+
+
+def _seed_resampled(metrics: list, rows: np.ndarray, draws: np.random.Generator) -> np.ndarray:
+    """The mean over drawn seeds (with replacement; all of them when there is one) of each
+    seed's metric on each row of ``rows``."""
+    per_seed = np.stack([_on_rows(metric, rows) for metric in metrics])  # [seeds, resamples]
+    if len(metrics) == 1:
+        return per_seed[0]
+    chosen = draws.integers(0, len(metrics), size=(rows.shape[0], len(metrics)))
+    return per_seed[chosen, np.arange(rows.shape[0])[:, None]].mean(axis=1)
+
+
+def _on_rows(metric: tuple[np.ndarray | None, Statistic | None, int],
+             rows: np.ndarray) -> np.ndarray:
+    values, statistic, _ = metric
+    if values is not None:
+        return values[rows].mean(axis=1)
+    return np.array([statistic(row) for row in rows], dtype=float)
 
 
 def mcnemar(base_correct: Sequence[bool], tuned_correct: Sequence[bool]) -> dict:

@@ -15,7 +15,8 @@ from typing import Any
 from rich.console import Console
 
 from tunelab.errors import RunError
-from tunelab.eval.stats import mcnemar, paired_bootstrap, spread
+from tunelab.eval.stats import paired_comparison, spread
+from tunelab.eval.tasks import Task
 from tunelab.experiments.space import trial_config
 from tunelab.experiments.sweep import OpenSweep, evaluate_run, objective_value
 from tunelab.run.directory import RunDir, write_json
@@ -83,8 +84,9 @@ def _test_comparison(best_config, base_config, console: Console) -> dict[str, An
     primary = best["primary_metric"]
     best_scores = [p["score"] for p in best["models"]["tuned"]["predictions"]]
     base_scores = [p["score"] for p in base["models"]["tuned"]["predictions"]]
-    paired = paired_bootstrap(base_scores, best_scores, n_resamples=eval_cfg.bootstrap,
-                              seed=eval_cfg.seed)
+    paired = paired_comparison([base_scores], [best_scores],
+                               exact_test=Task.from_config(eval_cfg).exact_test,
+                               n_resamples=eval_cfg.bootstrap, seed=eval_cfg.seed)
     result = {
         "metric": primary, "n": best["n"],
         "best": best["models"]["tuned"]["metrics"][primary],
@@ -92,12 +94,10 @@ def _test_comparison(best_config, base_config, console: Console) -> dict[str, An
         "untuned_model": best["models"]["base"]["metrics"][primary],
         # The per-example scores' mean: the metric itself for accuracy and exact match.
         "best_minus_base_config": {key: paired[key] for key in
-                                   ("delta", "ci", "p_value", "significant", "test", "n")},
+                                   ("delta", "ci", "p_value", "p_text", "significant", "test",
+                                    "n")},
         "best_minus_untuned": best["comparison"].get(primary),
     }
-    if all(score in (0.0, 1.0) for score in best_scores + base_scores):
-        exact = mcnemar([s > 0.5 for s in base_scores], [s > 0.5 for s in best_scores])
-        result["best_minus_base_config"]["mcnemar_p_value"] = exact["p_value"]
     return result
 
 
@@ -134,7 +134,7 @@ def render_final(final: dict[str, Any], console: Console) -> None:
             f"On the test split (n={test['n']}): best {_metric(test['best'])}, base config "
             f"{_metric(test['base_config'])}, untuned model {_metric(test['untuned_model'])}; "
             f"best − base config {delta['delta']:+.3f} [{delta['ci'][0]:+.3f}, "
-            f"{delta['ci'][1]:+.3f}] p={delta['p_value']:.3g} ({mark})")
+            f"{delta['ci'][1]:+.3f}] {delta.get('p_text') or delta['p_value']} ({mark})")
     elif final.get("note"):
         console.print(f"[yellow]{final['note']}")
     repeats = final.get("seed_repeats")

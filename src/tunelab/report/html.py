@@ -564,7 +564,9 @@ def _comparison_cells(comparison: Any, models: dict[str, Any], name: str) -> lis
     delta = (f"{_number(comparison.get('delta'), signed=True)} <span class=\"ci\">"
              f"{_format_interval(comparison.get('ci'), signed=True)}</span>")
     test = escape(str(comparison.get("test") or ""))
-    test = f"{_p_value(comparison.get('p_value'))} <span class=\"muted\">{test}</span>"
+    p = (escape(comparison["p_text"]) if comparison.get("p_text")
+         else _p_value(comparison.get("p_value")))
+    test = f"{p} <span class=\"muted\">{test}</span>"
     return [delta, test, _significance_badge(comparison)]
 
 
