@@ -29,8 +29,9 @@ from export_runs import GREETINGS, copied_run, make_run
 from tunelab.data.render import chat_prompt
 from tunelab.errors import RunError
 from tunelab.eval.generate import generate_texts
+from tunelab.model.load import load_model, load_tokenizer
 from tunelab.run import load_run_model
-from tunelab.ship.serve import bind_socket, create_app, load_served_models
+from tunelab.ship.serve import ServedModel, bind_socket, create_app, load_served_models
 
 KEY = "sk-test-key"
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hi to Eve"}]
@@ -341,6 +342,24 @@ def test_runs_on_different_bases_are_refused(runs, tiny_model_dir_no_template, t
         load_served_models([str(runs["reviews"]), f"reviews={runs['greeter']}"])
     with pytest.raises(RunError, match="no config.yaml"):
         load_served_models([str(tmp_path)])
+
+
+def test_a_base_model_is_served_alone_when_no_run_is_named(tiny_model_dir):
+    model, tokenizer, served = load_served_models([], base=tiny_model_dir)
+    assert served == [ServedModel(tiny_model_dir, None)]
+    running = Server(create_app(model, tokenizer, served))
+    try:
+        client = openai.OpenAI(base_url=f"{running.url}/v1", api_key="unused", max_retries=0,
+                               timeout=120)
+        assert [m.id for m in client.models.list()] == [tiny_model_dir]
+        answer = client.completions.create(model=tiny_model_dir, prompt=REVIEW, max_tokens=6,
+                                           temperature=0).choices[0].text
+        offline = load_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
+        assert answer == generate_texts(*offline, [REVIEW], max_new_tokens=6)[0]
+    finally:
+        running.close()
+    with pytest.raises(RunError, match="nothing to serve.*tunelab serve --base MODEL"):
+        load_served_models([])
 
 
 def test_runs_copied_from_another_machine_are_served_on_the_base_their_adapters_name(

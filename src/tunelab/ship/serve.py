@@ -1,11 +1,13 @@
 """OpenAI-compatible HTTP API: several runs' adapters on one base model, picked per request.
 
 ``GET /v1/models``, ``POST /v1/chat/completions`` and ``POST /v1/completions``, streaming as
-server-sent events; ``model`` names a run (its adapter) or the base. Chat messages are rendered
-by ``data/render.py``, the renderer training uses, so a tuned model reads its prompts exactly
-as it was trained on them. Generation runs in ``ship/engine.py`` (continuous batching on one
-thread). A request is checked completely before it reaches the model: problems come back as
-4xx with OpenAI's error body ``{"error": {"message", "type", "param", "code"}}``, never a 500.
+server-sent events; ``model`` names a run (its adapter) or the base. With no runs, ``--base
+MODEL`` serves a bare base model (the endpoint of a prompting baseline, ``eval/endpoint.py``).
+Chat messages are rendered by ``data/render.py``, the renderer training uses, so a tuned model
+reads its prompts exactly as it was trained on them. Generation runs in ``ship/engine.py``
+(continuous batching on one thread). A request is checked completely before it reaches the
+model: problems come back as 4xx with OpenAI's error body ``{"error": {"message", "type",
+"param", "code"}}``, never a 500.
 """
 
 from __future__ import annotations
@@ -68,10 +70,13 @@ class ServedModel:
 
 def load_served_models(runs: list[str], *, base: str | None = None):
     """The base model with every run's adapter loaded under its own name, the tokenizer and
-    the served model ids (the base first). ``NAME=RUN`` serves a run under another name.
+    the served model ids (the base first). ``NAME=RUN`` serves a run under another name; no
+    runs and ``base`` serve that base model alone (a prompting baseline's endpoint).
 
     Runs need only their config, adapter and base here, not their data files; a QLoRA run's
     base is loaded in 4 bits, as it was trained."""
+    if not runs:
+        return _load_bare_base(base)
     opened = []
     for argument in runs:
         name, path = _named_run(argument)
@@ -94,6 +99,22 @@ def load_served_models(runs: list[str], *, base: str | None = None):
                                   config.data.chat_template_kwargs))
     model.eval()
     return model, tokenizer, served
+
+
+def _load_bare_base(base: str | None):
+    """A base model served alone, under the reference it was given by (a local folder or
+    GGUF file, a hub id, ``embedded:NAME``)."""
+    from tunelab.model.load import load_model, load_tokenizer
+
+    if base is None:
+        raise RunError("there is nothing to serve: no run directory and no --base",
+                       where="tunelab serve",
+                       fix="name runs (tunelab serve RUN_DIR ...) or a base model "
+                       "(tunelab serve --base MODEL)")
+    tokenizer = load_tokenizer(base)
+    model = load_model(base)
+    model.eval()
+    return model, tokenizer, [ServedModel(base, None)]
 
 
 def _named_run(argument: str) -> tuple[str | None, Path]:
@@ -507,7 +528,8 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 def serve(runs: list[str], *, base: str | None = None, api_key: str | None = None,
           host: str = "127.0.0.1", port: int = 8000, console=None) -> None:
-    """Load the runs' adapters on their base and answer OpenAI API requests until Ctrl-C."""
+    """Load the runs' adapters on their base (or, with no runs, the ``base`` model alone) and
+    answer OpenAI API requests until Ctrl-C."""
     import uvicorn
 
     listener = bind_socket(host, port)  # before the slow model load: a busy port fails fast
