@@ -253,23 +253,26 @@ def export(
 
 @app.command()
 def serve(
-    runs: list[str] = typer.Argument(..., help="Run directories whose adapters to serve; "
-                                     "NAME=RUN serves a run under another model name."),
+    runs: list[str] | None = typer.Argument(None, help="Run directories whose adapters to "
+                                            "serve; NAME=RUN serves a run under another model "
+                                            "name. With none, --base alone is served."),
     base: str | None = typer.Option(None, help="Base model (default: the one the runs were "
-                                    "trained on)."),
+                                    "trained on); with no runs, the model served: a folder, "
+                                    "GGUF file, hub id or embedded:NAME."),
     api_key: str | None = typer.Option(None, envvar="TUNELAB_API_KEY",
                                        help="Require 'Authorization: Bearer KEY'."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on."),
     port: int = typer.Option(8000, help="Port to listen on."),
 ) -> None:
-    """Serve runs through an OpenAI-compatible API: one base, each run's adapter by name."""
+    """Serve runs through an OpenAI-compatible API: one base, each run's adapter by name (or,
+    with --base and no runs, a bare base model)."""
     try:
         from tunelab.ship.serve import serve as run_server
     except ModuleNotFoundError as error:
         raise ConfigError(f"tunelab serve needs the package {error.name}, which is not "
                           "installed", where="tunelab serve",
                           fix='pip install -e ".[serve]" (FastAPI and uvicorn)') from None
-    run_server(runs, base=base, api_key=api_key, host=host, port=port, console=console)
+    run_server(runs or [], base=base, api_key=api_key, host=host, port=port, console=console)
 
 
 @app.command("chat")
