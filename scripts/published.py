@@ -344,7 +344,7 @@ def render_example_eval(result: dict) -> str:
         delta = f"{entry['delta']:+.3f}" if entry else ""
         if entry.get("ci"):  # a metric without a paired test (macro-F1) has none
             delta += (f" [{entry['ci'][0]:+.3f}, {entry['ci'][1]:+.3f}], "
-                      f"{entry['test']} p = {entry['p_value']:.2g}")
+                      f"{entry['test']} {_p(entry)}")
         lines.append(f"| {name} | {cells[0]} | {cells[1]} | {delta} |")
     spreads = [models[which]["sensitivity"][primary] for which in ("base", "tuned")]
     if spreads[0]["n_variants"] > 1:
@@ -375,7 +375,7 @@ def render_example_forms(result: dict) -> str:
                      f"{_interval(models['base']['metrics'][primary])} | "
                      f"{_interval(tuned[form])} | {entry['delta']:+.3f} "
                      f"[{entry['ci'][0]:+.3f}, {entry['ci'][1]:+.3f}], {entry['test']} "
-                     f"p = {entry['p_value']:.2g} |")
+                     f"{_p(entry)} |")
 
     def inside(value: dict, interval: dict) -> str:
         low, high = interval["ci"]
@@ -477,8 +477,8 @@ def _final_word(final: dict) -> str:
             f"{_interval(test['best'])}, the base config trained the same way "
             f"{_interval(test['base_config'])}, the untuned model "
             f"{_interval(test['untuned_model'])}; best − base config {delta['delta']:+.3f} "
-            f"[{delta['ci'][0]:+.3f}, {delta['ci'][1]:+.3f}], paired bootstrap p = "
-            f"{delta['p_value']:.2g}{exact}.\n")
+            f"[{delta['ci'][0]:+.3f}, {delta['ci'][1]:+.3f}], paired bootstrap "
+            f"{_p(delta)}{exact}.\n")
 
 
 def _pruning_saving(pruned: dict, unpruned: dict) -> str:
@@ -550,7 +550,7 @@ def render_multitask(result: dict) -> str:
             f"| {name}: {task['metric']} (n = {task['n']}) | {_interval(task['base'])} | "
             f"{_interval(task['single_task'])} | {_interval(task['multitask'])} | "
             f"{delta['delta']:+.3f} [{delta['ci'][0]:+.3f}, {delta['ci'][1]:+.3f}], "
-            f"p = {delta['p_value']:.2g} |")
+            f"{_p(delta)} |")
     mixture = result["mixture"]
     shares = ", ".join(f"{name} {mixture['realised'][name]:.1%} (configured "
                        f"{rate:.1%})" for name, rate in mixture["configured"].items())
@@ -814,8 +814,19 @@ def headline_example(result: dict) -> str:
             f"({_minutes(result['wall_s']['train'])} of `tunelab train`); test {primary} "
             f"(n = {evaluation['n']}) {_interval(metrics['base'])} → "
             f"{_interval(metrics['tuned'])}, **{entry['delta']:+.3f}** [{entry['ci'][0]:+.3f}, "
-            f"{entry['ci'][1]:+.3f}], {entry['test']} p = {entry['p_value']:.2g}. "
+            f"{entry['ci'][1]:+.3f}], {entry['test']} {_p(entry)}. "
             f"{_short_origin(result)}\n")
+
+
+def _p(entry: dict) -> str:
+    """"p = 0.03", or "p < 0.002" where a resampling test sits at its floor (2 / (resamples + 1)
+    with 1,000 resamples: it cannot go lower). McNemar's exact p has no floor."""
+    p_value = entry["p_value"]
+    if "mcnemar" not in str(entry.get("test", "")):
+        floor = entry.get("p_floor") or 2 / (entry.get("n_resamples", 1000) + 1)
+        if p_value <= floor * (1 + 1e-9):
+            return f"p < {floor:.2g}"
+    return f"p = {p_value:.2g}"
 
 
 def headline_assess(result: dict) -> str:
