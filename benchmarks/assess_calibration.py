@@ -89,6 +89,11 @@ def main(argv: list[str] | None = None) -> int:
               "goals": goals(part_a, part_b, synthetic),
               "wall_s": round(time.perf_counter() - started, 2)}
     print_report(result)
+    # Cases that can be redrawn (the committed tables, seeded synthetic curves) are kept only
+    # where the interval missed; real assessments' cases are kept whole.
+    result["published"] = kept_cases(part_a, keep_all=False)
+    result["assessments"] = {**kept_cases(part_b, keep_all=not synthetic),
+                             "synthetic": synthetic}
     out = smoke.result_path(args.out, RESULT.name) if args.smoke else args.out or RESULT
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
@@ -155,6 +160,22 @@ def method_entry(value: float, ci: list | None, outcome: float, last: float, *,
             "covered": None if ci is None else bool(ci[0] <= outcome <= ci[1]),
             "relative_width": None if ci is None else float((ci[1] - ci[0]) / abs(outcome))
             if outcome else None}
+
+
+def kept_cases(part: dict, *, keep_all: bool) -> dict:
+    """``part`` for the result file: its cases whole (``keep_all``), else only those whose
+    interval from the new fit missed the outcome, and the forms chosen per summary."""
+    cases = part["cases"]
+    forms = {}
+    for case in cases:
+        key = " ".join(case[k] for k in ("cut", "window") if k in case)
+        forms.setdefault(key, {}).setdefault(case["form"], 0)
+        forms[key][case["form"]] += 1
+    if keep_all:
+        return {**part, "forms": forms}
+    missed = [case for case in cases if case["methods"]["curve"]["covered"] is False]
+    return {**{k: v for k, v in part.items() if k != "cases"}, "forms": forms,
+            "n_cases": len(cases), "missed_cases": missed}
 
 
 def summarise(cases: list[dict], goal: dict | None = None) -> dict:

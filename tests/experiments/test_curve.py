@@ -203,12 +203,14 @@ def test_the_calibration_benchmark_smoke_replays_both_parts(tmp_path):
     result = json.loads(out.read_text())
     assert result["git_commit"] and result["machine"]["cpu_cores"]
     published = result["published"]
-    assert {case["window"] for case in published["cases"]} == {"all", "last 4"}
-    assert published["summary"]["1/4 last 4"]["n_cases"] == 6  # 2 models × 3 datasets
+    assert set(published["forms"]) == {"1/4 all", "1/4 last 4", "1/2 all", "1/2 last 4"}
+    assert published["n_cases"] == 24  # 2 models × 3 datasets × 2 cuts × 2 windows
+    assert published["summary"]["1/4 last 4"]["n_cases"] == 6
     assert published["summary"]["1/4 last 4"]["log-linear (old)"]["coverage"] is None
+    assert all(not case["methods"]["curve"]["covered"] for case in published["missed_cases"])
     part_b = result["assessments"]
-    assert part_b["synthetic"] and {case["seed"] for case in part_b["cases"]} == {0, 1, 2}
-    assert {case["cut"] for case in part_b["cases"]} == {"1/4", "1/2"}
+    assert part_b["synthetic"] and part_b["n_cases"] == 6  # 3 seeds × 2 cuts
+    assert part_b["summary"]["1/4 all"]["curve"]["n_intervals"] == 3
     assert all(row["met"] in (True, False) for row in result["goals"])
 
 
