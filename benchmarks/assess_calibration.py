@@ -221,6 +221,12 @@ def read_curve_scores(folder: Path) -> dict:
         if key not in curve:
             raise SystemExit(f"{path}: the field {key!r} is missing")
     fractions = sorted(curve["fractions"], key=lambda fraction: fraction["n_examples"])
+    for fraction in fractions:
+        for seed in fraction["seeds"]:
+            if seed.get("scores") is None:
+                raise SystemExit(f"{path}: fraction n_examples={fraction['n_examples']}, seed "
+                                 f"{seed.get('seed')} has no per-example scores (the metric "
+                                 "has none); this assessment cannot be resampled")
     lengths = {len(seed["scores"]) for fraction in fractions for seed in fraction["seeds"]}
     if len(fractions) < 3 or len(lengths) != 1 or any(not f["seeds"] for f in fractions):
         raise SystemExit(f"{path}: needs 3 or more fractions, each with seeds scored on the same "
