@@ -119,17 +119,78 @@ def check_data(source: Source, *, max_seq_len: int | None = None, model: str | N
 
 
 def assess(config: Source, *, shots: Sequence[int] | None = None,
-           fractions: Sequence[float] | None = None, target: float | None = None,
-           overwrite: bool = False, console: Console | None = None) -> dict:
-    """Should we fine-tune? Prompting baselines with ``shots`` demonstrations (default 0 and
-    4), a learning curve over growing ``fractions`` of the training data (default 1/8, 1/4,
-    1/2, 1), its extrapolation and cost; resumes an interrupted assessment."""
-    from tunelab.experiments.assess import DEFAULT_FRACTIONS, DEFAULT_SHOTS
+           fractions: Sequence[float] | None = None, seeds: int | Sequence[int] | None = None,
+           target: float | None = None, baselines: Sequence[str] = (),
+           prices: Sequence[str] = (), device_cost_per_hour: float | None = None,
+           bases: Sequence[str] = (), overwrite: bool = False,
+           console: Console | None = None) -> dict:
+    """Should we fine-tune? Prompting arms with ``shots`` demonstrations (default 0 and 4) of
+    the base model and of each endpoint in ``baselines`` ("NAME=URL[#model]", any
+    OpenAI-compatible server; ``prices`` "NAME=IN/OUT" in USD per 1M tokens), a learning curve
+    over growing ``fractions`` of the training data (default 1/8, 1/4, 1/2, 1) trained with
+    ``seeds`` training seeds per fraction (one count, or one per fraction; default two for
+    the fractions up to a quarter, one above), its fit, cost and verdict; resumes an
+    interrupted assessment.
+
+    With ``bases`` (model paths or hub ids), one assessment per base model (``<name>-<base>``)
+    and a page that puts them side by side and names the cheapest base that meets ``target``
+    (or, without one, whose verdict is to fine-tune): ``<output_dir>/<name>-bases/``; returns
+    {"bases": that comparison, "assessments": each assessment}."""
+    from tunelab.eval.endpoint import parse_endpoint
+    from tunelab.experiments.assess import DEFAULT_FRACTIONS, DEFAULT_SHOTS, parse_seeds
     from tunelab.experiments.assess import assess as run_assessment
 
-    return run_assessment(_config(config), shots=DEFAULT_SHOTS if shots is None else shots,
-                          fractions=DEFAULT_FRACTIONS if fractions is None else fractions,
-                          target=target, overwrite=overwrite, console=console)
+    fractions = sorted(DEFAULT_FRACTIONS if fractions is None else fractions)
+    if isinstance(seeds, int):
+        seeds = [seeds] * len(fractions)
+    elif isinstance(seeds, str):
+        seeds = parse_seeds(seeds, fractions)
+    endpoints = [parse_endpoint(text) for text in baselines]
+    names = [endpoint.name for endpoint in endpoints]
+    if len(set(names)) < len(names) or "base" in names:
+        raise ConfigError(f"--baseline names must be distinct and not 'base': {names}",
+                          where="--baseline", fix="name each endpoint once: NAME=URL[#model]")
+    priced = dict(_price(text) for text in prices)
+    unknown = sorted(set(priced) - set(names))
+    if unknown:
+        raise ConfigError(f"--price names {unknown}, which no --baseline has",
+                          where="--price", fix=f"use one of the --baseline names: {names}")
+    settings = dict(shots=DEFAULT_SHOTS if shots is None else shots, fractions=fractions,
+                    seeds=seeds, target=target, endpoints=endpoints, prices=priced,
+                    device_cost_per_hour=device_cost_per_hour, overwrite=overwrite,
+                    console=console)
+    loaded = _config(config)
+    if not bases:
+        return run_assessment(loaded, **settings)
+    from rich.console import Console
+
+    from tunelab.experiments.bases import compare_bases, render_bases, write_bases_report
+
+    results = [run_assessment(_on_base(loaded, base), **settings) for base in bases]
+    summary = compare_bases(results, bases=list(bases), target=target)
+    write_bases_report(summary, Path(loaded.output_dir) / f"{loaded.name}-bases")
+    render_bases(summary, console or Console())
+    return {"bases": summary, "assessments": results}
+
+
+def _on_base(config: Config, base: str) -> Config:
+    """``config`` on another base model, named after it."""
+    copy = config.model_copy(deep=True)
+    path = Path(base)
+    if path.suffix == ".gguf":
+        copy.model.path, copy.model.gguf_file = str(path.parent), path.name
+    else:
+        copy.model.path, copy.model.gguf_file = base, None
+    slug = "".join(c if c.isalnum() or c in "-." else "-" for c in path.stem or base)
+    copy.name = f"{config.name}-{slug.strip('-.') or 'base'}"
+    return copy
+
+
+def _price(text: str):
+    from tunelab.eval.endpoint import parse_price
+
+    price = parse_price(text)
+    return price.name, price
 
 
 def export(run_dir: str | Path, *, to: str, out: str | Path | None = None, quant: str = "f16",

@@ -180,8 +180,22 @@ def assess(
     shots: str = typer.Option("0,4", help="Demonstrations of the prompting baselines."),
     fractions: str = typer.Option("1/8,1/4,1/2,1", help="Fractions of the training data of "
                                   "the learning curve (nested, seeded)."),
+    seeds: str | None = typer.Option(None, help="Training seeds per fraction: one count "
+                                     "(every fraction) or one per fraction, e.g. 3,3,2,1 "
+                                     "(default: 2 up to a quarter of the data, 1 above)."),
     target: float | None = typer.Option(None, help="Metric to reach: how many examples it "
                                         "needs."),
+    baseline: list[str] = typer.Option([], "--baseline", help="Another model to prompt, from "
+                                       "any OpenAI-compatible server: NAME=URL[#model] "
+                                       "(repeatable; key from $OPENAI_API_KEY)."),
+    price: list[str] = typer.Option([], "--price", help="An endpoint's price, USD per 1M "
+                                    "prompt/completion tokens: NAME=IN/OUT, e.g. big=0.15/0.6."),
+    device_cost: float | None = typer.Option(None, "--device-cost", help="What this machine "
+                                             "costs per hour (USD), for the tuned model's cost "
+                                             "per request and the break-even."),
+    base: list[str] = typer.Option([], "--base", help="Assess each of these base models "
+                                   "(repeatable) and name the cheapest that meets --target "
+                                   "(or whose verdict is to fine-tune)."),
     overwrite: bool = typer.Option(False, help="Start again instead of resuming."),
     set_: list[str] = typer.Option([], "--set", help="Override a config key: "
                                    "eval.max_examples=100"),
@@ -189,12 +203,16 @@ def assess(
     """Should we fine-tune, and is more data worth it? Baselines, learning curve, cost, verdict."""
     from tunelab.api import assess as run_assessment
     from tunelab.config import load_config
-    from tunelab.experiments.assess import parse_fractions, parse_shots
+    from tunelab.experiments.assess import parse_fractions, parse_seeds, parse_shots
 
     cfg = load_config(config, _overrides(set_))
+    chosen = parse_fractions(fractions)
     try:
-        run_assessment(cfg, shots=parse_shots(shots), fractions=parse_fractions(fractions),
-                       target=target, overwrite=overwrite, console=console)
+        run_assessment(cfg, shots=parse_shots(shots), fractions=chosen,
+                       seeds=None if seeds is None else parse_seeds(seeds, chosen),
+                       target=target, baselines=baseline, prices=price,
+                       device_cost_per_hour=device_cost, bases=base, overwrite=overwrite,
+                       console=console)
     except KeyboardInterrupt:
         raise Interrupted("the assessment was interrupted", where=f"{cfg.run_dir}-assess",
                           fix="run the same tunelab assess command again: finished runs and "

@@ -6,29 +6,25 @@ from __future__ import annotations
 
 import json
 import math
-import random
 from pathlib import Path
 
-import numpy as np
 import pytest
+import yaml
 from helpers import make_config
 from rich.console import Console
 
 from tunelab.errors import ConfigError, RunError
 from tunelab.experiments.assess import (
-    VERDICTS,
     assess,
+    default_seeds,
     examples_needed,
-    extrapolate,
     fit_log2,
     label_entropy_bits,
     nested_subsets,
-    paired_delta,
     parse_fractions,
-    resample_rows,
-    resampled_values,
-    verdict,
+    parse_seeds,
 )
+from tunelab.experiments.verdict import VERDICTS
 
 # --- nested fractions ------------------------------------------------------------------------
 
@@ -64,124 +60,19 @@ def test_least_squares_line_in_log2_examples():
     assert intercept == pytest.approx(0.65 - 0.096 * 4.5)  # 0.218
 
 
-def test_predictions_at_2x_and_4x_and_examples_for_a_target():
-    fit = extrapolate(N, VALUES, None, target=0.9)
-    assert fit["gain_per_doubling"] == {"value": pytest.approx(0.096), "ci": None}
-    assert fit["predicted"]["2x"]["n"] == 128
-    assert fit["predicted"]["2x"]["value"] == pytest.approx(0.218 + 0.096 * 7)  # 0.890
-    assert fit["predicted"]["4x"]["value"] == pytest.approx(0.218 + 0.096 * 8)  # 0.986
-    assert fit["target"]["reachable"]
-    assert fit["target"]["n"] == round(2 ** ((0.9 - 0.218) / 0.096))  # 2^7.104 = 137.6 → 138
-    assert fit["target"]["n"] == 138
-
-
-def test_predictions_stop_at_the_metric_ceiling_and_flat_curves_never_reach_a_target():
-    fit = extrapolate(N, [0.7, 0.8, 0.9, 0.95], None, target=0.99)
-    assert fit["predicted"]["4x"]["value"] == 1.0  # the line alone would pass 1.1
-    flat = extrapolate(N, [0.7, 0.7, 0.7, 0.7], None, target=0.8)
-    assert not flat["target"]["reachable"] and "not reachable" in flat["target"]["note"]
+def test_examples_for_a_target_on_the_line():
+    assert examples_needed(0.218, 0.096, 0.9) == pytest.approx(2 ** ((0.9 - 0.218) / 0.096))
     assert examples_needed(0.7, 0.0, 0.8) == math.inf
-    above = extrapolate(N, VALUES, None, target=1.2)
-    assert not above["target"]["reachable"] and "best value" in above["target"]["note"]
 
 
-def correct_scores(n: int, correct: int, seed: int) -> list[float]:
-    scores = [1.0] * correct + [0.0] * (n - correct)
-    random.Random(seed).shuffle(scores)
-    return scores
-
-
-def test_resampled_metric_is_the_mean_of_resampled_scores_or_its_shift():
-    scores = correct_scores(40, 25, seed=0)
-    rows = resample_rows(40, 50, seed=1)
-    exact = resampled_values(float(np.mean(scores)), scores, rows)
-    assert np.allclose(exact, [np.mean([scores[i] for i in row]) for row in rows])
-    # a 0..100 corpus metric (chrF) moves with its 0..1 per-example scores, times 100
-    shifted = resampled_values(55.0, scores, rows, scale=100.0)
-    assert np.allclose(shifted, 55.0 + 100 * (exact - np.mean(scores)))
-
-
-def test_gain_per_doubling_interval_refits_each_resample():
-    curve = [correct_scores(200, round(v * 200), seed=i) for i, v in enumerate(VALUES)]
-    fit = extrapolate(N, VALUES, curve, n_resamples=400, seed=0, target=0.9)
-    low, high = fit["gain_per_doubling"]["ci"]
-    assert low < 0.096 < high and high - low < 0.1
-    rows = resample_rows(200, 400, seed=0)
-    slopes = [fit_log2(N, [np.mean(np.asarray(s)[row]) for s in curve])[1] for row in rows]
-    assert [low, high] == pytest.approx(list(np.quantile(slopes, [0.025, 0.975])))
-    for label in ("2x", "4x"):
-        predicted = fit["predicted"][label]
-        assert predicted["ci"][0] < predicted["value"] < predicted["ci"][1]
-    assert fit["target"]["ci"][0] < fit["target"]["n"] < fit["target"]["ci"][1]
-    # fewer test examples, a wider interval
-    small = [s[:40] for s in curve]
-    wide = extrapolate(N, [float(np.mean(s)) for s in small], small, n_resamples=400)
-    assert np.ptp(wide["gain_per_doubling"]["ci"]) > high - low
-
-
-def test_paired_delta_resamples_the_same_examples_for_both():
-    tuned = correct_scores(100, 80, seed=0)
-    same = paired_delta(0.8, tuned, 0.8, tuned, n_resamples=200)
-    assert same == {"value": 0.0, "ci": [0.0, 0.0]}  # paired: identical scores never differ
-    other = correct_scores(100, 60, seed=1)
-    delta = paired_delta(0.8, tuned, 0.6, other, n_resamples=200)
-    assert delta["value"] == pytest.approx(0.2) and 0 < delta["ci"][0] < 0.2 < delta["ci"][1]
-    with pytest.raises(RunError, match="same examples"):
-        paired_delta(0.8, tuned, 0.6, other[:50])
-
-
-# --- the verdict rules, on synthetic curves --------------------------------------------------
-
-
-def synthetic(curve: list[float], prompting: float, n_test: int) -> dict:
-    """verdict() of a learning curve and a prompting baseline given as accuracies."""
-    scores = [correct_scores(n_test, round(v * n_test), seed=i) for i, v in enumerate(curve)]
-    values = [float(np.mean(s)) for s in scores]
-    fit = extrapolate(N, values, scores, n_resamples=500)
-    prompt_scores = correct_scores(n_test, round(prompting * n_test), seed=99)
-    delta = paired_delta(values[-1], scores[-1], float(np.mean(prompt_scores)), prompt_scores,
-                         n_resamples=500)
-    return verdict(delta, fit["gain_per_doubling"], metric="accuracy", n_test=n_test,
-                   predicted_4x=fit["predicted"]["4x"], prompting_value=prompting)
-
-
-@pytest.mark.parametrize("curve, prompting, n_test, expected", [
-    ([0.60, 0.70, 0.80, 0.90], 0.60, 5000, "fine-tune and collect more data"),
-    ([0.88, 0.89, 0.89, 0.90], 0.60, 5000, "fine-tune"),
-    ([0.60, 0.62, 0.63, 0.65], 0.60, 40, "undecided"),
-    ([0.60, 0.60, 0.60, 0.60], 0.70, 5000, "not worth it yet"),
-    ([0.40, 0.50, 0.55, 0.60], 0.70, 5000, "prompting is enough"),
-])
-def test_each_verdict_on_a_synthetic_curve(curve, prompting, n_test, expected):
-    decision = synthetic(curve, prompting, n_test)
-    assert decision["kind"] == expected, decision["text"]
-    numbers = decision["numbers"]
-    assert f"{numbers['delta']:+.3g}" in decision["text"]  # it names its numbers
-    assert f"{numbers['delta_ci'][0]:+.3g}" in decision["text"]
-
-
-def test_verdicts_claim_nothing_their_intervals_do_not_support():
-    gain = {"value": 0.05, "ci": [0.03, 0.07]}
-    # better than prompting, but only just: fine-tune, and by how much
-    assert verdict({"value": 0.01, "ci": [0.001, 0.02]}, gain, metric="accuracy",
-                   n_test=5000)["kind"] == "fine-tune and collect more data"
-    # the interval holds 0 and also a material gain: no claim either way
-    wide = verdict({"value": 0.0, "ci": [-0.1, 0.1]}, gain, metric="accuracy", n_test=100)
-    assert wide["kind"] == "undecided" and "test examples would narrow it" in wide["text"]
-    assert verdict({"value": 0.1, "ci": None}, gain, metric="accuracy",
-                   n_test=100)["kind"] == "undecided"
-    # a gain interval that reaches above the threshold but is not wholly above it: more data
-    # is not shown to pay, so the verdict stays "fine-tune"
-    straddling = {"value": 0.012, "ci": [0.004, 0.02]}
-    better = verdict({"value": 0.1, "ci": [0.05, 0.15]}, straddling, metric="accuracy",
-                     n_test=5000)
-    assert better["kind"] == "fine-tune" and "not shown to pay" in better["text"]
-    # flat only when the whole gain interval is below the threshold
-    rising = {"value": 0.0, "ci": [-0.005, 0.02]}
-    assert verdict({"value": 0.0, "ci": [-0.01, 0.01]}, rising, metric="accuracy",
-                   n_test=5000)["kind"] == "prompting is enough"
-    assert set(VERDICTS) == {"fine-tune and collect more data", "fine-tune", "undecided",
-                             "not worth it yet", "prompting is enough"}
+def test_seeds_parse_as_one_count_or_one_per_fraction():
+    fractions = [0.125, 0.25, 0.5, 1.0]
+    assert default_seeds(fractions) == [2, 2, 1, 1]
+    assert parse_seeds("3", fractions) == [3, 3, 3, 3]
+    assert parse_seeds("3,3,2,1", fractions) == [3, 3, 2, 1]
+    for bad in ("0", "2,2", "two", "1,1,1,0"):
+        with pytest.raises(ConfigError, match="--seeds"):
+            parse_seeds(bad, fractions)
 
 
 def test_label_entropy():
@@ -219,7 +110,7 @@ class Counting:
 def assessed(tmp_path_factory, tiny_model_dir):
     tmp = tmp_path_factory.mktemp("assess")
     config = assess_config(tmp, tiny_model_dir)
-    result = assess(config, shots=[0, 1], fractions=[0.5, 1], target=0.9,
+    result = assess(config, shots=[0, 1], fractions=[0.5, 1], seeds=[2, 1], target=0.9,
                     console=Console(quiet=True))
     return config, result
 
@@ -230,27 +121,47 @@ def test_assessment_writes_every_part_and_chooses_prompts_on_validation(assessed
     saved = json.loads((folder / "assess.json").read_text())
     assert {"baselines", "learning_curve", "fit", "cost", "complexity", "verdict"} <= set(saved)
     assert [p["n_examples"] for p in saved["learning_curve"]] == [24, 48]
+    assert [p["seeds"]["n_seeds"] for p in saved["learning_curve"]] == [2, 1]
+    half = saved["learning_curve"][0]
+    assert half["value"] == pytest.approx(sum(half["seeds"]["values"]) / 2)
+    assert len(half["runs"]) == 2 and half["runs"][1].endswith("reviews-n24-seed1")
     for point in saved["learning_curve"]:  # ordinary, finished, evaluated run directories
-        run = Path(point["run"])
-        assert json.loads((run / "manifest.json").read_text())["status"] == "finished"
-        assert (run / "adapter" / "adapter_model.safetensors").is_file()
-        assert json.loads((run / "eval" / "test.json").read_text())["n"] == 24
+        for run_dir in point["runs"]:
+            run = Path(run_dir)
+            assert json.loads((run / "manifest.json").read_text())["status"] == "finished"
+            assert (run / "adapter" / "adapter_model.safetensors").is_file()
+            assert json.loads((run / "eval" / "test.json").read_text())["n"] == 24
+    assert [yaml.safe_load((Path(r) / "config.yaml").read_text())["train"]["seed"]
+            for r in half["runs"]] == [0, 1]  # the config's seed, then the next
     subset = Path(saved["learning_curve"][0]["run"]).parent / "data" / "train-n24.jsonl"
-    half = {line for line in subset.read_text().splitlines()}
-    assert half <= set(Path(config.data.train[0]).read_text().splitlines())
-    for baseline in saved["baselines"]["by_shots"]:
+    lines = set(subset.read_text().splitlines())
+    assert lines <= set(Path(config.data.train[0]).read_text().splitlines())
+    arms = saved["baselines"]["arms"]
+    assert [a["name"] for a in arms] == ["base 0-shot", "base 1-shot"]
+    for baseline in arms:
         assert len(baseline["validation"]) == 2  # every variant measured on validation...
         chosen = baseline["validation"][baseline["chosen_variant"]]
-        assert chosen["value"] == max(v["value"] for v in baseline["validation"])
+        best = max(v["value"] for v in baseline["validation"])
+        assert chosen["value"] == best or "cannot separate" in baseline["selection"]
         test = json.loads((Path(baseline["run"]) / "eval" / "test.json").read_text())
         assert [v["prompt"] for v in test["models"]["base"]["variants"]] == [chosen["prompt"]]
+    assert saved["baselines"]["chosen"] in {a["name"] for a in arms}
+    assert set(saved["tuned_vs_arms"]) == {a["name"] for a in arms}
     assert saved["verdict"]["kind"] in VERDICTS
-    assert saved["fit"]["gain_per_doubling"]["ci"] is not None
-    assert saved["interval_method"] == "exact"  # accuracy is the mean of per-example scores
+    if saved["fit"] is not None:
+        assert saved["fit"]["gain_per_doubling"]["ci"] is not None
+    else:  # the tiny random model's runs may collapse to one label: then it says so
+        assert saved["verdict"]["kind"] == "undecided"
+    assert "training seeds" in saved["interval_method"]
+    assert saved["seeds"]["per_fraction"][0]["std"] is not None
+    scores = json.loads((folder / "curve-scores.json").read_text())
+    assert [len(f["seeds"]) for f in scores["fractions"]] == [2, 1]
+    assert len(scores["fractions"][0]["seeds"][0]["scores"]) == 24
+    assert all(entry["general_loss"]["delta"] is not None for entry in saved["forgetting"])
     use = saved["cost"]["at_use"]
     assert use["prompting"]["prompt_tokens_per_request"] > 0
-    assert [run["n_examples"] for run in saved["cost"]["runs"]] == [24, 48]
-    assert saved["cost"]["runs"][1]["tokens"] > saved["cost"]["runs"][0]["tokens"]
+    assert [run["n_examples"] for run in saved["cost"]["runs"]] == [24, 24, 48]  # per seed
+    assert saved["cost"]["runs"][2]["tokens"] > saved["cost"]["runs"][0]["tokens"]
     assert saved["complexity"]["n_labels"] == 2
     assert 0.5 < saved["complexity"]["label_entropy_bits"] <= 1.0
     page = (folder / "report.html").read_text()
@@ -299,13 +210,14 @@ def test_a_second_call_reruns_nothing_and_a_lost_evaluation_alone_is_redone(asse
     evaluations = Counting(tunelab.eval.evaluate.evaluate)
     monkeypatch.setattr(tunelab.train.loop, "train", trains)
     monkeypatch.setattr(tunelab.eval.evaluate, "evaluate", evaluations)
-    again = assess(config, shots=[0, 1], fractions=[0.5, 1], target=0.9,
+    again = assess(config, shots=[0, 1], fractions=[0.5, 1], seeds=[2, 1], target=0.9,
                    console=Console(quiet=True))
     assert trains.calls == 0 and evaluations.calls == 0
     assert again["learning_curve"] == first["learning_curve"]
     assert again["verdict"] == first["verdict"]
     Path(first["learning_curve"][1]["run"], "eval", "test.json").unlink()
-    assess(config, shots=[0, 1], fractions=[0.5, 1], console=Console(quiet=True))
+    assess(config, shots=[0, 1], fractions=[0.5, 1], seeds=[2, 1],
+           console=Console(quiet=True))
     assert trains.calls == 0 and evaluations.calls == 1
 
 

@@ -2,30 +2,34 @@
 
 ``assess(config)`` measures what the decision rests on, in one process:
 
-1. prompting baselines of the base model, zero- and k-shot over the configured prompt variants;
-   the best (shots, variant) is chosen on the validation split and reported on test;
+1. prompting arms: the base model (and any OpenAI-compatible endpoint given, e.g. a bigger
+   model) with zero and k demonstrations, every prompt variant measured on validation; per arm
+   the variant best on validation, unless a cheaper one is within validation's noise of it
+   (``verdict.choose_arm``); the chosen variant is measured on test;
 2. a learning curve: the configured LoRA run on nested, seeded fractions of the training data
-   (each subset holds the smaller ones), each an ordinary run directory evaluated on test;
-3. the fit of the metric against log2(training examples), the gain per doubling with a
-   bootstrap interval (test examples resampled, the line refitted per resample), the metric
-   predicted at 2x and 4x the data, and the examples needed to reach a target;
+   (each subset holds the smaller ones), each fraction trained with one or more training seeds
+   (data order and initialisation), each an ordinary run directory evaluated on test, with
+   what it cost outside the task (``forgetting``);
+3. the curve's fit (``curve.fit_curve``: a saturating form chosen on the points), the gain per
+   doubling, the metric at 2x and 4x the data beside "no further gain", and the examples
+   needed to reach a target;
 4. cost: the planner's prediction against the measured time, tokens and peak memory per run,
-   the predicted cost of more epochs and of twice the data, and the cost at use (prompt tokens
-   and time per request of best prompting against the tuned model);
-5. the task's complexity and a verdict from the rules in ``verdict``.
+   the predicted cost of more epochs and of twice the data, and the cost at use of each arm
+   against the tuned model's;
+5. the task's complexity and a verdict (``verdict.verdict``) against the validation-chosen arm
+   and the strongest arm on test, "undecided" where a tuned run cannot be trusted.
 
-Everything lands in ``<output_dir>/<name>-assess/`` (``assess.json``, ``report.html``, the curve
-alone as ``learning-curve.svg``, and one run directory per fraction and per baseline). A second
-call reuses every finished run and evaluation, so an interrupted assessment resumes where it
-stopped.
+Everything lands in ``<output_dir>/<name>-assess/`` (``assess.json``, ``curve-scores.json``
+with every run's per-example test scores, ``report.html``, the curve alone as
+``learning-curve.svg``, and one run directory per fraction, seed and prompting choice). A
+second call reuses every finished run and evaluation, so an interrupted assessment resumes.
 
-Bootstrap intervals resample the per-example scores of the evaluation (its ``predictions``):
-exact for metrics that are the mean of those scores (accuracy, exact match, ROUGE-L); for corpus
-metrics (micro entity F1, corpus chrF/BLEU) the resampled metric is the observed one shifted by
-the resampled change of the per-example scores, a first-order approximation (named in the
-result as ``interval_method``). The intervals cover which test examples were drawn, not the
-run-to-run noise of training (one seeded run per fraction): two runs that answer every test
-example alike give a gain per doubling of exactly [0, 0].
+Intervals are one hierarchical bootstrap (``eval.stats.resampled_curve``): each resample
+draws the test examples (the same rows for every run and arm, so comparisons are paired) and,
+within each fraction, its training seeds with replacement. A fraction trained with one seed
+carries the seed spread measured at the nearest fraction with several (seed noise shrinks, if
+anything, with more data), so no interval leaves training noise out. Metrics are recomputed on
+each resample from the task's own statistic (corpus chrF and entity F1 included).
 """
 
 from __future__ import annotations
@@ -47,21 +51,27 @@ from rich.console import Console
 
 from tunelab.config import Config
 from tunelab.errors import ConfigError, RunError
+from tunelab.experiments.verdict import (
+    MIN_EFFECT,
+    MIN_GAIN_PER_DOUBLING,
+    VERDICTS,
+    choose_arm,
+    degenerate_reasons,
+    verdict,
+)
 from tunelab.run.directory import RunDir, create_run
 from tunelab.run.manifest import Manifest, Prediction
 
 DEFAULT_FRACTIONS = (0.125, 0.25, 0.5, 1.0)
 DEFAULT_SHOTS = (0, 4)
+# Training seeds per fraction when --seeds is not given: the cheap fractions (up to a quarter
+# of the data) get two, so the seed spread is measured, and the whole default assessment of the
+# sentiment example stays within 25 minutes on a 2-core CPU.
+SMALL_FRACTION, SMALL_FRACTION_SEEDS = 0.25, 2
 CONFIDENCE = 0.95
 # Metrics reported on 0..100 whose per-example scores are on 0..1 (sentence chrF / 100).
 METRIC_SCALE = {"chrf": 100.0, "bleu": 100.0}
-# Verdict thresholds, in units of a 0..1 metric (times METRIC_SCALE for 0..100 metrics): a gain
-# over prompting below MIN_EFFECT is not worth a fine-tuning run; a curve whose gain per doubling
-# of data stays below MIN_GAIN_PER_DOUBLING is flat.
-MIN_EFFECT = 0.02
-MIN_GAIN_PER_DOUBLING = 0.01
-VERDICTS = ("fine-tune and collect more data", "fine-tune", "undecided", "not worth it yet",
-            "prompting is enough")
+__all__ = ["VERDICTS", "assess", "default_seeds", "parse_seeds"]
 
 
 # --- nested fractions ------------------------------------------------------------------------
@@ -110,7 +120,35 @@ def parse_shots(text: str) -> list[int]:
     return shots
 
 
-# --- fit and extrapolation -------------------------------------------------------------------
+def default_seeds(fractions: Sequence[float]) -> list[int]:
+    """Training seeds per fraction: two for the cheap fractions (up to a quarter of the data),
+    one above; those borrow the seed spread of the nearest fraction with two."""
+    return [SMALL_FRACTION_SEEDS if fraction <= SMALL_FRACTION else 1 for fraction in fractions]
+
+
+def parse_seeds(text: str, fractions: Sequence[float]) -> list[int]:
+    """``"3"`` (every fraction) or ``"3,3,2,1"`` (one count per fraction, smallest first) →
+    training seeds per fraction."""
+    try:
+        counts = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        counts = []
+    if len(counts) == 1:
+        counts = counts * len(fractions)
+    if len(counts) != len(fractions) or min(counts, default=0) < 1:
+        raise ConfigError(f"--seeds {text!r} is not one whole number ≥ 1, or one per fraction "
+                          f"({len(fractions)} fractions)", where="--seeds",
+                          fix="write e.g. --seeds 2 (every fraction) or --seeds "
+                          + ",".join(map(str, default_seeds(fractions))))
+    return counts
+
+
+def training_seeds(config: Config, count: int) -> list[int]:
+    """The config's seed and the ``count - 1`` after it."""
+    return [config.train.seed + offset for offset in range(count)]
+
+
+# --- the old straight-line fit (kept as the calibration benchmark's reference) --------------
 
 
 def fit_log2(n_examples: Sequence[float], values: Sequence[float]) -> tuple[float, float]:
@@ -130,182 +168,6 @@ def examples_needed(intercept: float, slope: float, target: float) -> float:
     if slope <= 0:
         return math.inf
     return float(2.0 ** ((target - intercept) / slope))
-
-
-def resampled_values(value: float, scores: Sequence[float], rows: np.ndarray,
-                     scale: float = 1.0) -> np.ndarray:
-    """The metric on each resample of the test examples (``rows``: index matrix).
-
-    ``value`` shifted by the resampled change of the per-example scores' mean (times ``scale``
-    when the metric is on 0..100 and the scores on 0..1); exactly the resampled metric when the
-    metric is the mean of those scores.
-    """
-    per_example = np.asarray(scores, dtype=float)
-    return value + scale * (per_example[rows].mean(axis=1) - per_example.mean())
-
-
-def resample_rows(n: int, n_resamples: int, seed: int) -> np.ndarray:
-    """``n_resamples`` bootstrap index rows over ``n`` test examples (seeded)."""
-    return np.random.default_rng(seed).integers(0, n, size=(n_resamples, n))
-
-
-def extrapolate(n_examples: Sequence[int], values: Sequence[float],
-                scores: Sequence[Sequence[float]] | None, *, scale: float = 1.0,
-                target: float | None = None, n_resamples: int = 1000, seed: int = 0,
-                ceiling: float | None = 1.0) -> dict:
-    """The learning curve's fit, gain per doubling, predictions at 2x and 4x the data and the
-    examples needed for ``target``, each with a bootstrap interval when ``scores`` (per fraction,
-    the per-example scores on the same test examples) are given.
-
-    Predictions are clipped to ``ceiling`` (the metric's best value), which a line ignores.
-    """
-    intercept, slope = fit_log2(n_examples, values)
-    largest = max(n_examples)
-    x = np.log2(np.asarray(n_examples, dtype=float))
-    resampled = None
-    if scores is not None:
-        rows = resample_rows(len(scores[0]), n_resamples, seed)
-        curves = np.stack([resampled_values(v, s, rows, scale) for v, s in
-                           zip(values, scores, strict=True)], axis=1)  # [resamples, fractions]
-        centred = x - x.mean()
-        slopes = (curves - curves.mean(axis=1, keepdims=True)) @ centred / (centred @ centred)
-        resampled = (curves.mean(axis=1) - slopes * x.mean(), slopes)
-    clip = (lambda v: np.minimum(v, ceiling)) if ceiling is not None else (lambda v: v)
-
-    def at(n: float) -> dict:
-        point = float(clip(intercept + slope * math.log2(n)))
-        ci = None if resampled is None else _interval(clip(resampled[0] + resampled[1]
-                                                           * math.log2(n)))
-        return {"n": int(round(n)), "value": point, "ci": ci}
-
-    fit = {"intercept": intercept, "gain_per_doubling": {
-        "value": slope, "ci": None if resampled is None else _interval(resampled[1])},
-        "predicted": {"2x": at(2 * largest), "4x": at(4 * largest)},
-        "band": [at(n) for n in np.geomspace(min(n_examples), 4 * largest, 24)],
-        "residual_rmse": float(np.sqrt(np.mean((intercept + slope * x
-                                                - np.asarray(values)) ** 2))),
-        "n_resamples": n_resamples if resampled is not None else 0, "confidence": CONFIDENCE}
-    if target is not None:
-        fit["target"] = _target(target, intercept, slope, resampled, ceiling)
-    return fit
-
-
-def _target(target: float, intercept: float, slope: float, resampled, ceiling) -> dict:
-    """Examples needed to reach ``target``, with an interval; "not reachable" where the line
-    never gets there (flat or falling, or a target above the metric's best value)."""
-    if ceiling is not None and target > ceiling:
-        return {"target": target, "reachable": False, "n": None, "ci": None,
-                "note": f"the target is above the metric's best value {ceiling:g}"}
-    needed = examples_needed(intercept, slope, target)
-    ci = None
-    if resampled is not None:
-        with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
-            per_resample = np.where(resampled[1] > 0, 2.0 ** ((target - resampled[0])
-                                                              / resampled[1]), np.inf)
-        # no interpolation between resamples: two unreachable (infinite) ones make no NaN
-        low, high = np.quantile(per_resample, [(1 - CONFIDENCE) / 2, (1 + CONFIDENCE) / 2],
-                                method="inverted_cdf")
-        ci = [_finite(low), _finite(high)]  # None: not reachable at that end of the interval
-    if math.isinf(needed):
-        return {"target": target, "reachable": False, "n": None, "ci": ci,
-                "note": "not reachable on this curve: it does not rise"}
-    return {"target": target, "reachable": True, "n": round(needed), "ci": ci,
-            "note": None if ci is None or ci[1] is not None else
-            "the interval's upper end is not reachable on this curve"}
-
-
-def paired_delta(tuned_value: float, tuned_scores: Sequence[float] | None, other_value: float,
-                 other_scores: Sequence[float] | None, *, scale: float = 1.0,
-                 n_resamples: int = 1000, seed: int = 0) -> dict:
-    """tuned − other on the same test examples, with a paired bootstrap interval."""
-    delta = tuned_value - other_value
-    if tuned_scores is None or other_scores is None:
-        return {"value": delta, "ci": None}
-    if len(tuned_scores) != len(other_scores):
-        raise RunError(f"the tuned model was scored on {len(tuned_scores)} test examples and "
-                       f"best prompting on {len(other_scores)}; a paired comparison needs the "
-                       "same examples", where="assess",
-                       fix="run tunelab assess again with --overwrite")
-    rows = resample_rows(len(tuned_scores), n_resamples, seed)
-    deltas = (resampled_values(tuned_value, tuned_scores, rows, scale)
-              - resampled_values(other_value, other_scores, rows, scale))
-    return {"value": delta, "ci": _interval(deltas)}
-
-
-def _interval(samples: np.ndarray) -> list[float]:
-    low, high = np.quantile(samples, [(1 - CONFIDENCE) / 2, (1 + CONFIDENCE) / 2])
-    return [float(low), float(high)]
-
-
-def _finite(value: float) -> float | None:
-    return float(value) if math.isfinite(value) else None
-
-
-# --- the verdict -----------------------------------------------------------------------------
-
-
-def verdict(delta: dict, gain: dict | None, *, metric: str, n_test: int,
-            min_effect: float = MIN_EFFECT, min_gain: float = MIN_GAIN_PER_DOUBLING,
-            predicted_4x: dict | None = None, prompting_value: float | None = None) -> dict:
-    """The decision, from the paired interval of tuned (full data) − best prompting (``delta``)
-    and of the gain per doubling (``gain``), checked in this order:
-
-    1. fine-tune and collect more data: tuned is better (delta's interval above 0) and the
-       gain per doubling's interval is above ``min_gain``;
-    2. fine-tune: tuned is better (delta's interval above 0);
-    3. undecided, evaluate on more test examples: delta's interval includes 0 but also gains of
-       ``min_effect`` or more (no interval: undecided too);
-    4. not worth it yet: no gain over prompting (delta's upper end below ``min_effect``) and a
-       flat curve (the gain per doubling's upper end below ``min_gain``);
-    5. prompting is enough: no gain over prompting (delta's upper end below ``min_effect``).
-    """
-    low, high = delta["ci"] if delta.get("ci") else (None, None)
-    gain_ci = gain["ci"] if gain and gain.get("ci") else None
-    numbers = {"metric": metric, "delta": delta["value"], "delta_ci": delta.get("ci"),
-               "gain_per_doubling": gain["value"] if gain else None,
-               "gain_per_doubling_ci": gain_ci, "min_effect": min_effect, "min_gain": min_gain,
-               "n_test": n_test}
-    d = f"tuned − best prompting = {delta['value']:+.3g}" + (
-        f" [{low:+.3g}, {high:+.3g}]" if low is not None else " (no interval)")
-    g = "" if not gain else f"gain per doubling {gain['value']:+.3g}" + (
-        f" [{gain_ci[0]:+.3g}, {gain_ci[1]:+.3g}]" if gain_ci else " (no interval)")
-    if low is not None and low > 0 and gain_ci and gain_ci[0] > min_gain:
-        kind = VERDICTS[0]
-        text = (f"Fine-tune, and more data pays: {metric} {d} on {n_test} test examples; "
-                f"{g} (above {min_gain:g}).")
-    elif low is not None and low > 0:
-        kind = VERDICTS[1]
-        text = (f"Fine-tune: it beats the best prompting; {metric} {d} on {n_test} test "
-                f"examples." + (f" More data is not shown to pay: {g}." if g else ""))
-    elif low is None or high >= min_effect:
-        kind = VERDICTS[2]
-        text = (f"Undecided, evaluate on more test examples: {metric} {d} on {n_test} test "
-                f"examples" + (_more_examples(low, high, n_test, min_effect)
-                               if low is not None else "") + ".")
-    elif gain_ci and gain_ci[1] < min_gain:
-        kind = VERDICTS[3]
-        text = (f"Not worth it yet: no gain over prompting ({metric} {d}, below "
-                f"{min_effect:g}) and a flat curve ({g}, below {min_gain:g}).")
-    else:
-        kind = VERDICTS[4]
-        text = (f"Prompting is enough: {metric} {d} on {n_test} test examples (no gain of "
-                f"{min_effect:g} or more)." + (f" The curve is not shown to be flat: {g}"
-                                                if g else ""))
-        if predicted_4x and prompting_value is not None and g:
-            text += (f"; at 4x the data ({predicted_4x['n']} examples) it is predicted at "
-                     f"{predicted_4x['value']:.3g} against prompting's {prompting_value:.3g}.")
-        elif g:
-            text += "."
-    return {"kind": kind, "text": text, "numbers": numbers}
-
-
-def _more_examples(low: float, high: float, n_test: int, min_effect: float) -> str:
-    """How many test examples would narrow the interval to ±min_effect/2 (intervals shrink as
-    1/sqrt(n))."""
-    half_width = (high - low) / 2
-    wanted = math.ceil(n_test * (half_width / (min_effect / 2)) ** 2)
-    return (f"; the interval includes 0 and gains up to {high:+.3g}: about {wanted} test examples "
-            f"would narrow it to ±{min_effect / 2:g}")
 
 
 # --- complexity and cost ---------------------------------------------------------------------
@@ -332,27 +194,45 @@ def break_even_requests(training_s: float, prompting_s_per_request: float,
 
 
 def assess(config: Config, *, shots: Sequence[int] = DEFAULT_SHOTS,
-           fractions: Sequence[float] = DEFAULT_FRACTIONS, target: float | None = None,
+           fractions: Sequence[float] = DEFAULT_FRACTIONS, seeds: Sequence[int] | None = None,
+           target: float | None = None, endpoints: Sequence[Any] = (),
+           prices: dict[str, Any] | None = None, device_cost_per_hour: float | None = None,
            overwrite: bool = False, console: Console | None = None) -> dict:
     """Run (or resume) the whole assessment of ``config`` and write ``assess.json`` and
-    ``report.html`` under ``<output_dir>/<name>-assess/``; returns what ``assess.json`` holds."""
+    ``report.html`` under ``<output_dir>/<name>-assess/``; returns what ``assess.json`` holds.
+
+    ``seeds``: training seeds per fraction (default ``default_seeds``); ``endpoints``:
+    ``eval.endpoint.Endpoint`` arms measured beside the base model; ``prices``: endpoint name →
+    ``eval.endpoint.Price``; ``device_cost_per_hour``: what this machine costs, for the tuned
+    model's cost per request and the break-even against a priced endpoint.
+    """
     console = console or Console()
     _check_config(config)
+    fractions = sorted(fractions)
+    seeds = default_seeds(fractions) if seeds is None else list(seeds)
+    if len(seeds) != len(fractions):
+        raise ConfigError(f"{len(seeds)} seed counts for {len(fractions)} fractions",
+                          where="--seeds", fix="give one count, or one per fraction")
     folder = (Path(config.output_dir) / f"{config.name}-assess").resolve()
     _open_folder(folder, config, overwrite)
     progress = Progress(folder / "progress.json")
     started = time.perf_counter()
     records = _train_records(config)
     subsets = nested_subsets(len(records), fractions, seed=config.train.seed)
-    baselines = run_baselines(config, folder, list(shots), progress, console)
+    arms = run_baselines(config, folder, list(shots), progress, console, endpoints=endpoints)
+    forgetting_cache: dict = {}
     runs = [run_fraction(config, folder, fraction, [records[i] for i in indices], progress,
-                         console) for fraction, indices in subsets.items()]
+                         console, seed=seed, forgetting_cache=forgetting_cache)
+            for (fraction, indices), count in zip(subsets.items(), seeds, strict=True)
+            for seed in training_seeds(config, count)]
     with progress.timed("fit, cost, complexity"):
-        result = summarise(config, baselines, runs, target=target)
+        result = summarise(config, arms, runs, target=target, prices=prices or {},
+                           device_cost_per_hour=device_cost_per_hour)
     wall_s = time.perf_counter() - started
     result["time"] = {"this_call_s": round(wall_s, 1), "phases_s": progress.phases,
                       "redone_this_call": progress.done_now,
                       "model_loads": progress.load_share(wall_s)}
+    _write_json(folder / "curve-scores.json", curve_scores(result, runs))
     _write_json(folder / "assess.json", result)
     from tunelab.experiments.assess_report import write_assess_report, write_curve_svg
 
@@ -490,44 +370,125 @@ def _evaluation_config(config: Config, *, shots: int, split: str,
 
 
 def run_baselines(config: Config, folder: Path, shots: list[int], progress: Progress,
-                  console: Console) -> dict:
-    """The base model with k demonstrations for each k in ``shots``: every prompt variant on
-    validation, then the variant best on validation on test; the best (k, variant) on
-    validation is "best prompting"."""
+                  console: Console, *, endpoints: Sequence[Any] = ()) -> list[dict]:
+    """Every prompting arm: for the base model and each endpoint, and each number of shots,
+    every prompt variant on validation, then the one ``choose_arm`` takes on test."""
+    from tunelab.eval.tasks import Task
+    from tunelab.model.load import load_tokenizer
+
+    task = Task.from_config(config.eval)
+    tokenizer = load_tokenizer(config.model.path, config.model.gguf_file)
     variants = config.eval.prompt_variants or [config.data.prompt]
-    baselines = {"by_shots": [], "chosen_on": "validation"}
-    for k in shots:
-        run_config = config.model_copy(deep=True)
-        run_config.name, run_config.output_dir = f"{config.name}-prompting-{k}shot", str(folder)
-        run_config.eval.shots = k
+    tokens: dict[tuple[int, int], float] = {}
+    arms = []
+    for endpoint in [None, *endpoints]:
+        for k in shots:
+            name = f"{'base' if endpoint is None else endpoint.name} {k}-shot"
+            candidates = []
+            for index, variant in enumerate(variants):
+                if (k, index) not in tokens:
+                    tokens[k, index] = mean_prompt_tokens(config, tokenizer, prompt=variant,
+                                                          shots=k)
+                evaluation = _prompting(config, folder, endpoint, k, index, "validation",
+                                        progress, console)
+                outcome = evaluation["models"]["base"]
+                metric = outcome["metrics"][task.primary]
+                candidates.append({"name": f"{name}, variant {index}", "variant": index,
+                                   "prompt": variant, "validation": metric["value"],
+                                   "ci": metric["ci"], "cost": (k, tokens[k, index]),
+                                   "measure": outcome_measure(outcome, task),
+                                   "n": evaluation["n"]})
+            chosen = choose_arm(candidates, _separated(config, "measure"))
+            test = _prompting(config, folder, endpoint, k, chosen["variant"], "test", progress,
+                              console)
+            outcome = test["models"]["base"]
+            metric = outcome["metrics"][task.primary]
+            arms.append({
+                "name": name, "source": "base" if endpoint is None else endpoint.name,
+                "endpoint": None if endpoint is None else {"url": endpoint.url,
+                                                           "model": test.get("endpoint", {})
+                                                           .get("model") or endpoint.model},
+                "shots": k, "primary_metric": task.primary,
+                "validation": [{"prompt": c["prompt"], "value": c["validation"], "ci": c["ci"]}
+                               for c in candidates],
+                "chosen_variant": chosen["variant"], "prompt": chosen["prompt"],
+                "selection": chosen["selection"], "tied_with": chosen["tied_with"],
+                "validation_value": chosen["validation"], "validation_measure":
+                chosen["measure"], "validation_n": chosen["n"],
+                "test": {"value": metric["value"], "ci": metric["ci"], "n": test["n"]},
+                "measure": outcome_measure(outcome, task), "scores": _scores(outcome),
+                "prompt_tokens_per_request": chosen["cost"][1],
+                "eval_wall_s": test["wall_s"], "usage": test.get("usage"),
+                "run": test.get("run_dir")})
+    return arms
+
+
+def _separated(config: Config, key: str):
+    """``separated(a, b)``: does validation tell ``a`` from ``b`` (their paired interval
+    excludes 0)?"""
+    from tunelab.eval.stats import paired_comparison
+
+    def separated(a: dict, b: dict) -> bool:
+        n = a.get("n") or a.get("validation_n")
+        return paired_comparison([b[key]], [a[key]], n=n, n_resamples=config.eval.bootstrap,
+                                 seed=config.eval.seed)["significant"]
+
+    return separated
+
+
+def _prompting(config: Config, folder: Path, endpoint: Any, shots: int, variant: int,
+               split: str, progress: Progress, console: Console) -> dict:
+    """One prompting choice (base model or endpoint, shots, prompt variant) evaluated on
+    ``split``: read back when an earlier call measured it, else measured now."""
+    variants = config.eval.prompt_variants or [config.data.prompt]
+    run_config = config.model_copy(deep=True)
+    source = "base" if endpoint is None else endpoint.name
+    run_config.name = f"{config.name}-prompting-{source}-{shots}shot-v{variant}"
+    run_config.output_dir = str(folder)
+    run_config = _evaluation_config(run_config, shots=shots, split=split, variant=variant)
+    phase = f"prompting {source} {shots}-shot v{variant}: {split}"
+    if endpoint is None:
         run_dir = _baseline_run(run_config)
-        validation = evaluated(_evaluation_config(run_config, shots=k, split="validation"),
-                               run_dir, variants, base=True, progress=progress,
-                               phase=f"prompting {k}-shot: validation", console=console)
-        primary = validation["primary_metric"]
-        scored = [(variant["metrics"][primary]["value"], -index) for index, variant in
-                  enumerate(validation["models"]["base"]["variants"])]
-        chosen = -max(scored)[1]
-        test = evaluated(_evaluation_config(run_config, shots=k, split="test", variant=chosen),
-                         run_dir, [variants[chosen]], base=True, progress=progress,
-                         phase=f"prompting {k}-shot: test", console=console)
-        outcome = test["models"]["base"]
-        baselines["by_shots"].append({
-            "shots": k, "run": str(run_dir), "primary_metric": primary,
-            "validation": [{"prompt": variant["prompt"],
-                            "value": variant["metrics"][primary]["value"],
-                            "ci": variant["metrics"][primary]["ci"]}
-                           for variant in validation["models"]["base"]["variants"]],
-            "chosen_variant": chosen, "prompt": variants[chosen],
-            "test": {"value": outcome["metrics"][primary]["value"],
-                     "ci": outcome["metrics"][primary]["ci"], "n": test["n"]},
-            "scores": _scores(outcome), "eval_wall_s": test["wall_s"]})
-    best = max(baselines["by_shots"], key=lambda b: (b["validation"][b["chosen_variant"]]
-                                                     ["value"], -b["shots"]))
-    baselines["best"] = {"shots": best["shots"], "prompt": best["prompt"],
-                         "validation": best["validation"][best["chosen_variant"]]["value"],
-                         "test": best["test"]}
-    return baselines
+        evaluation = evaluated(run_config, run_dir, [variants[variant]], base=True,
+                               progress=progress, phase=phase, console=console)
+        return {**evaluation, "run_dir": str(run_dir)}
+    from tunelab.eval.endpoint import evaluate_endpoint
+
+    with progress.timed(phase):  # answers are cached on disk: a rerun sends no request
+        evaluation = evaluate_endpoint(run_config, endpoint, split=split, shots=shots,
+                                       prompt=variants[variant],
+                                       cache_dir=folder / "endpoint-cache", console=console)
+    return _plain(evaluation)
+
+
+def outcome_measure(outcome: dict, task) -> Any:
+    """One evaluated model's primary metric as ``eval.stats`` resamples it: its per-example
+    scores where the metric is their mean, else the task's own statistic of its answers
+    (corpus chrF, entity F1), else (answers that do not reproduce the metric) the metric
+    shifted by its per-example scores' resampled change."""
+    predictions = sorted(outcome["predictions"], key=lambda p: p["index"])
+    value = outcome["metrics"][task.primary]["value"]
+    scores = np.array([p.get("score") if p.get("score") is not None else np.nan
+                       for p in predictions], dtype=float)
+    if np.all(np.isfinite(scores)) and math.isclose(float(scores.mean()), value,
+                                                    rel_tol=1e-9, abs_tol=1e-12):
+        return scores
+    try:
+        golds = [task.gold(p["gold"]) for p in predictions]
+        scored = task.score(golds, [task.parse(p["prediction"])[0] for p in predictions],
+                            [None] * len(predictions))
+        if math.isclose(scored.metrics[task.primary]["value"], value, rel_tol=1e-9,
+                        abs_tol=1e-9):
+            return scored.paired
+    except Exception:  # answers shown in a form the task does not parse back
+        pass
+    if not np.all(np.isfinite(scores)):
+        raise RunError(f"an evaluation's {task.primary} cannot be resampled: its per-example "
+                       "scores are missing", where="assess",
+                       fix="run tunelab assess again with --overwrite")
+    scale = value / scores.mean() if scores.mean() else 1.0
+    mean = float(scores.mean())
+    return lambda rows: value + scale * (float(scores[rows].mean()) - mean)
 
 
 def _baseline_run(config: Config) -> Path:
@@ -577,15 +538,21 @@ def _scores(outcome: dict) -> list[float] | None:
 
 
 def run_fraction(config: Config, folder: Path, fraction: float, records: list,
-                 progress: Progress, console: Console) -> dict:
-    """Train (or resume, or reuse) the run on ``records`` and evaluate it on test."""
+                 progress: Progress, console: Console, *, seed: int,
+                 forgetting_cache: dict | None = None) -> dict:
+    """Train (or resume, or reuse) the run on ``records`` with training seed ``seed``, evaluate
+    it on test and measure what it cost outside the task."""
+    from tunelab.eval.tasks import Task
     from tunelab.peak_memory import peak_rss_bytes
+    from tunelab.run.metrics import read_metrics
     from tunelab.train.checkpoint import list_checkpoints
     from tunelab.train.loop import train
 
     n = len(records)
     run_config = config.model_copy(deep=True)
-    run_config.name, run_config.output_dir = f"{config.name}-n{n}", str(folder)
+    run_config.name = f"{config.name}-n{n}" + ("" if seed == config.train.seed
+                                               else f"-seed{seed}")
+    run_config.output_dir, run_config.train.seed = str(folder), seed
     run_config.data.train = [str(_write_subset(folder / "data" / f"train-n{n}.jsonl", records))]
     # Same hyperparameters and epochs; no validation loss (before, during, after) and no
     # samples: the curve is measured on test, validation only chooses prompts, and the loss
@@ -594,25 +561,51 @@ def run_fraction(config: Config, folder: Path, fraction: float, records: list,
     run_config.data.validation, run_config.data.validation_split = [], 0.0
     run_config.eval.shots, run_config.eval.split, run_config.eval.prompt_variants = 0, "test", []
     run = RunDir(run_config.run_dir)
-    run_dir = run.path
+    label = f"n={n}" + ("" if seed == config.train.seed else f" seed {seed}")
     if not run.finished():
-        resume = run_dir if list_checkpoints(run.checkpoints) else None
+        resume = run.path if list_checkpoints(run.checkpoints) else None
         progress.before_load(run_config)
         _reset_peak_rss()
-        with progress.timed(f"train n={n}"):
+        with progress.timed(f"train {label}"):
             train(run_config, resume=resume, overwrite=resume is None, console=console)
         progress.peak_rss_bytes[run_config.name] = peak_rss_bytes()
-    evaluation = evaluated(run_config, run_dir, [run_config.data.prompt], base=False,
-                           progress=progress, phase=f"evaluate n={n}", console=console)
+    evaluation = evaluated(run_config, run.path, [run_config.data.prompt], base=False,
+                           progress=progress, phase=f"evaluate {label}", console=console)
     outcome = evaluation["models"]["tuned"]
     primary = evaluation["primary_metric"]
-    return {"fraction": fraction, "n_examples": n, "run": str(run_dir),
-            "primary_metric": primary, "value": outcome["metrics"][primary]["value"],
+    manifest = run.read_manifest()
+    predictions = sorted(outcome["predictions"], key=lambda p: p["index"])
+    losses = [record["loss"] for record in read_metrics(run) if "loss" in record]
+    return {"fraction": fraction, "n_examples": n, "seed": seed, "run": str(run.path),
+            "name": run_config.name, "primary_metric": primary,
+            "value": outcome["metrics"][primary]["value"],
             "ci": outcome["metrics"][primary]["ci"], "n_test": evaluation["n"],
+            "measure": outcome_measure(outcome, Task.from_config(config.eval)),
             "scores": _scores(outcome), "eval_wall_s": evaluation["wall_s"],
-            "manifest": run.read_manifest(),
+            "manifest": manifest,
+            "degenerate": degenerate_reasons([p["prediction"] for p in predictions],
+                                             [p["gold"] for p in predictions],
+                                             steps=manifest.steps, losses=losses),
+            "forgetting": _forgetting(folder, run, run_config.name, progress, label,
+                                      forgetting_cache),
             "measured_peak_rss_bytes": progress.peak_rss_bytes.get(run_config.name),
             "config": run_config}
+
+
+def _forgetting(folder: Path, run: RunDir, name: str, progress: Progress, label: str,
+                cache: dict | None) -> dict | None:
+    """What the run cost outside its task (``forgetting.forgetting_of_run``), measured once and
+    kept in ``forgetting/<run>.json``."""
+    from tunelab.experiments.forgetting import forgetting_of_run
+
+    path = folder / "forgetting" / f"{name}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    path.parent.mkdir(exist_ok=True)
+    with progress.timed(f"forgetting {label}"):
+        measured = forgetting_of_run(run.path, base_cache=cache)
+    _write_json(path, measured)
+    return json.loads(path.read_text())
 
 
 def _write_subset(path: Path, records: list) -> Path:
@@ -644,59 +637,168 @@ def _write_json(path: Path, data: Any) -> None:
 # --- from measurements to the answer ---------------------------------------------------------
 
 
-def summarise(config: Config, baselines: dict, runs: list[dict], *,
-              target: float | None = None) -> dict:
-    """Fit, paired comparison, cost, complexity and verdict from the baselines and the runs
-    (ordered by size); what ``assess.json`` holds."""
+def summarise(config: Config, arms: list[dict], runs: list[dict], *,
+              target: float | None = None, prices: dict[str, Any] | None = None,
+              device_cost_per_hour: float | None = None) -> dict:
+    """Curve, fit, paired comparisons, cost, complexity and verdict from the prompting arms and
+    the runs (ordered by size, then seed); what ``assess.json`` holds."""
+    from tunelab.eval.stats import resampled_curve
+    from tunelab.experiments.curve import fit_curve
     from tunelab.model.load import load_tokenizer
 
-    full = runs[-1]
-    primary = full["primary_metric"]
+    primary = runs[-1]["primary_metric"]
     scale = METRIC_SCALE.get(primary, 1.0)
-    resampling = {"n_resamples": config.eval.bootstrap, "seed": config.eval.seed}
-    curve_scores = [run["scores"] for run in runs]
-    fit = extrapolate([run["n_examples"] for run in runs], [run["value"] for run in runs],
-                      None if any(s is None for s in curve_scores) else curve_scores,
-                      scale=scale, target=target, ceiling=scale, **resampling)
-    best = next(b for b in baselines["by_shots"] if b["shots"] == baselines["best"]["shots"])
-    delta = paired_delta(full["value"], full["scores"], best["test"]["value"], best["scores"],
-                         scale=scale, **resampling)
-    decision = verdict(delta, fit["gain_per_doubling"], metric=primary, n_test=full["n_test"],
-                       min_effect=MIN_EFFECT * scale, min_gain=MIN_GAIN_PER_DOUBLING * scale,
-                       predicted_4x=fit["predicted"]["4x"], prompting_value=best["test"]["value"])
+    n_test = runs[-1]["n_test"]
+    for item in [*runs, *arms]:
+        n = item["n_test"] if "n_test" in item else item["test"]["n"]
+        if n != n_test:
+            raise RunError(f"{item.get('name')} was scored on {n} test examples and the "
+                           f"largest run on {n_test}; a paired comparison needs the same "
+                           "examples", where="assess", fix="run tunelab assess again with "
+                           "--overwrite")
+    groups = _by_fraction(runs)
+    samples = resampled_curve([[run["measure"] for run in group] for group in groups]
+                              + [[arm["measure"]] for arm in arms], n=n_test,
+                              n_resamples=config.eval.bootstrap, seed=config.eval.seed)
+    curve, arm_samples = samples[:, :len(groups)].copy(), samples[:, len(groups):]
+    spreads = [seed_spread(group) for group in groups]
+    seed_note = borrow_seed_noise(curve, spreads, seed=config.eval.seed)
+    points = [{"fraction": group[0]["fraction"], "n_examples": group[0]["n_examples"],
+               "value": spread_["mean"], "ci": _interval(curve[:, index]),
+               "seeds": spread_, "run": group[0]["run"],
+               "runs": [run["run"] for run in group],
+               "distrust": [{"run": run["name"], **reason} for run in group
+                            for reason in run["degenerate"]]}
+              for index, (group, spread_) in enumerate(zip(groups, spreads, strict=True))]
+    usable = [index for index, point in enumerate(points) if not point["distrust"]]
+    distrust = list(points[-1]["distrust"])
+    fit = None
+    if len(usable) >= 2:
+        fit = fit_curve([points[i]["n_examples"] for i in usable],
+                        [points[i]["value"] for i in usable], resampled=curve[:, usable],
+                        ceiling=scale, floor=0.0, target=target, confidence=CONFIDENCE,
+                        test_se=[float(np.std(curve[:, i])) for i in usable],
+                        seed_sd=max((s["std"] for s in spreads if s["std"] is not None),
+                                    default=None), seed=config.eval.seed)
+        fit["fractions_left_out"] = [points[i]["n_examples"] for i in range(len(points))
+                                     if i not in usable]
+    else:
+        distrust.append({"run": "the curve", "kind": "too few points",
+                         "text": f"{len(usable)} of {len(points)} fractions can be trusted, "
+                                 "too few to fit a curve",
+                         "fix": "give the small fractions more steps (train.epochs)"})
+    chosen = choose_arm([{**arm, "validation": arm["validation_value"],
+                          "cost": (arm["source"] != "base", arm["shots"],
+                                   arm["prompt_tokens_per_request"])} for arm in arms],
+                        _separated(config, "validation_measure"))
+    strongest = max(arms, key=lambda arm: arm["test"]["value"])
+    index_of = {arm["name"]: number for number, arm in enumerate(arms)}
+    tuned = points[-1]
+    versus = {arm["name"]: {"value": tuned["value"] - arm["test"]["value"],
+                            "ci": _interval(curve[:, -1] - arm_samples[:, index_of[arm["name"]]])}
+              for arm in arms}
+    deltas = {name: versus[name] for name in dict.fromkeys([chosen["name"], strongest["name"]])}
+    decision = verdict(deltas, fit["gain_per_doubling"] if fit else None, metric=primary,
+                       n_test=n_test, min_effect=MIN_EFFECT * scale,
+                       min_gain=MIN_GAIN_PER_DOUBLING * scale, distrust=distrust,
+                       predicted_4x=fit["predicted"]["4x"] if fit else None,
+                       prompting_value=strongest["test"]["value"],
+                       target=fit.get("target") if fit else None)
+    full = groups[-1][0]
+    local = chosen if chosen["source"] == "base" else max(
+        (arm for arm in arms if arm["source"] == "base"), key=lambda arm: arm["test"]["value"])
     tokenizer = load_tokenizer(config.model.path, config.model.gguf_file)
     return {
         "name": config.name, "task": config.eval.task, "primary_metric": primary,
-        "metric_scale": scale, "n_test": full["n_test"],
-        "interval_method": _interval_method(runs + baselines["by_shots"], scale),
-        "baselines": {**baselines, "by_shots": [_without_scores(b)
-                                                for b in baselines["by_shots"]]},
-        "learning_curve": [{key: run[key] for key in ("fraction", "n_examples", "value", "ci",
-                                                      "run")} for run in runs],
-        "fit": fit, "tuned_vs_best_prompting": delta,
+        "metric_scale": scale, "n_test": n_test,
+        "interval_method": _interval_method(spreads, seed_note),
+        "baselines": {
+            "arms": [_public(arm) for arm in arms], "chosen": chosen["name"],
+            "chosen_selection": chosen["selection"], "strongest_on_test": strongest["name"],
+            "chosen_on": "validation",
+            "by_shots": [_public(arm) for arm in arms if arm["source"] == "base"],
+            "best": {"name": chosen["name"], "shots": chosen["shots"],
+                     "prompt": chosen["prompt"], "validation": chosen["validation_value"],
+                     "test": chosen["test"]}},
+        "learning_curve": points,
+        "seeds": {"per_fraction": [{"n_examples": p["n_examples"], **p["seeds"]}
+                                   for p in points], "note": seed_note},
+        "fit": fit, "tuned_vs_best_prompting": versus[chosen["name"]],
+        "tuned_vs_arms": versus,
+        "forgetting": [{"n_examples": run["n_examples"], "seed": run["seed"],
+                        **(run["forgetting"] or {})} for run in runs],
         "cost": {"runs": [run_cost(run) for run in runs],
                  "projections": projections(full["config"], full["manifest"]),
-                 "at_use": cost_at_use(config, tokenizer, best, full)},
-        "complexity": complexity(config, baselines, full, fit),
+                 "at_use": cost_at_use(config, tokenizer, local, full),
+                 "endpoints": endpoint_costs(arms, full, prices or {}, device_cost_per_hour)},
+        "complexity": complexity(config, arms, tuned, full, fit),
         "verdict": decision,
     }
 
 
-def _without_scores(baseline: dict) -> dict:
-    return {key: value for key, value in baseline.items() if key != "scores"}
+def _by_fraction(runs: list[dict]) -> list[list[dict]]:
+    groups: dict[int, list[dict]] = {}
+    for run in runs:
+        groups.setdefault(run["n_examples"], []).append(run)
+    return [groups[n] for n in sorted(groups)]
 
 
-def _interval_method(measured: list[dict], scale: float) -> str:
-    """"exact" when every metric is the mean of its per-example scores, else the shift
-    approximation (see the module docstring)."""
-    for item in measured:
-        scores = item["scores"]
-        value = item["value"] if "value" in item else item["test"]["value"]
-        if scores is None:
-            return "none: per-example scores missing"
-        if abs(scale * float(np.mean(scores)) - value) > 1e-6 * scale:
-            return "per-example approximation"
-    return "exact"
+def seed_spread(group: list[dict]) -> dict:
+    """The fraction's metric per training seed: mean, sample standard deviation, range."""
+    values = [run["value"] for run in group]
+    return {"n_seeds": len(values), "seeds": [run["seed"] for run in group], "values": values,
+            "mean": float(np.mean(values)),
+            "std": float(np.std(values, ddof=1)) if len(values) > 1 else None,
+            "range": float(max(values) - min(values))}
+
+
+def borrow_seed_noise(curve: np.ndarray, spreads: list[dict], *, seed: int) -> str:
+    """Give each one-seed fraction's resamples the seed spread measured at the nearest fraction
+    with several seeds (in ``curve``, in place); returns what was done, in words."""
+    measured = [index for index, s in enumerate(spreads) if s["std"] is not None]
+    single = [index for index, s in enumerate(spreads) if s["std"] is None]
+    if not measured:
+        return ("one training seed per fraction: the intervals cover the test examples only, "
+                "not training noise (run with --seeds 2 or more)")
+    rng = np.random.default_rng([seed, 2])
+    for index in single:
+        nearest = min(measured, key=lambda m: (abs(m - index), -m))
+        curve[:, index] += spreads[nearest]["std"] * rng.standard_normal(curve.shape[0])
+        spreads[index]["borrowed_std"] = spreads[nearest]["std"]
+        spreads[index]["borrowed_from_fraction"] = nearest
+    if not single:
+        return "every fraction trained with several seeds, resampled with the test examples"
+    return (f"{len(single)} fraction(s) trained with one seed carry the seed spread of the "
+            "nearest fraction with several (added to each resample), "
+            + ", ".join(f"{spreads[m]['std']:.3g} measured over {spreads[m]['n_seeds']} seeds"
+                        for m in measured))
+
+
+def _interval(samples: np.ndarray) -> list[float]:
+    low, high = np.quantile(samples, [(1 - CONFIDENCE) / 2, (1 + CONFIDENCE) / 2])
+    return [float(low), float(high)]
+
+
+def _public(arm: dict) -> dict:
+    return {key: value for key, value in arm.items()
+            if key not in ("measure", "validation_measure", "scores")}
+
+
+def _interval_method(spreads: list[dict], seed_note: str) -> str:
+    seeds = "/".join(str(s["n_seeds"]) for s in spreads)
+    return (f"hierarchical bootstrap over test examples and training seeds ({seeds} seeds per "
+            f"fraction); {seed_note}")
+
+
+def curve_scores(result: dict, runs: list[dict]) -> dict:
+    """Every run's per-example test scores by fraction and seed: what the calibration benchmark
+    (benchmarks/assess_calibration.py) refits."""
+    return {"metric": result["primary_metric"], "scale": result["metric_scale"],
+            "ceiling": result["metric_scale"],
+            "fractions": [{"n_examples": group[0]["n_examples"],
+                           "seeds": [{"seed": run["seed"], "value": run["value"],
+                                      "scores": run["scores"]} for run in group]}
+                          for group in _by_fraction(runs)]}
 
 
 def run_cost(run: dict) -> dict:
@@ -796,14 +898,47 @@ def mean_prompt_tokens(config: Config, tokenizer, *, prompt: str | None, shots: 
     return float(np.mean([len(p.ids) for p in prompts]))
 
 
-def complexity(config: Config, baselines: dict, full: dict, fit: dict) -> dict:
+def endpoint_costs(arms: list[dict], full: dict, prices: dict[str, Any],
+                   device_cost_per_hour: float | None) -> list[dict]:
+    """Per endpoint arm: tokens per request as the endpoint reported them, its price per
+    request (``prices``), the tuned model's on this device (``device_cost_per_hour``), and the
+    requests after which the fine-tuning run is paid back."""
+    from tunelab.eval.endpoint import cost_per_request
+
+    tuned_s = full["eval_wall_s"] / max(1, full["n_test"])
+    training_s = full["manifest"].wall_s or 0.0
+    per_second = device_cost_per_hour / 3600 if device_cost_per_hour else None
+    tuned_usd = tuned_s * per_second if per_second else None
+    training_usd = training_s * per_second if per_second else None
+    costs = []
+    for arm in arms:
+        if arm["source"] == "base":
+            continue
+        usage = arm.get("usage") or {}
+        price = prices.get(arm["source"])
+        per_request = cost_per_request(usage, price) if price else None
+        usd = per_request["total_usd"] if per_request else None
+        saved = usd - tuned_usd if usd is not None and tuned_usd is not None else None
+        costs.append({
+            "arm": arm["name"], "usage_per_request": usage.get("per_request"),
+            "usd_per_request": usd, "tuned_usd_per_request": tuned_usd,
+            "tuned_s_per_request": tuned_s, "training_usd": training_usd,
+            "break_even_requests": math.ceil(training_usd / saved)
+            if saved and saved > 0 else None,
+            "note": None if price else f"no --price for {arm['source']}: tokens only"})
+    return costs
+
+
+def complexity(config: Config, arms: list[dict], tuned: dict, full: dict, fit: dict | None
+               ) -> dict:
     """What makes the task easy or hard, next to the verdict."""
     from tunelab.data.prepare import read_splits
     from tunelab.data.render import reference_text
     from tunelab.eval.tasks import Task
 
     eval_cfg = config.eval
-    zero = next((b for b in baselines["by_shots"] if b["shots"] == 0), None)
+    zero = next((arm for arm in arms if arm["source"] == "base" and arm["shots"] == 0), None)
+    strongest = max(arms, key=lambda arm: arm["test"]["value"])
     task = Task.from_config(eval_cfg)
     examples = read_splits(config.data, seed=config.train.seed).train
     golds = [task.gold(reference_text(example)) for example in examples]
@@ -817,42 +952,60 @@ def complexity(config: Config, baselines: dict, full: dict, fit: dict) -> dict:
     report = full["manifest"].data_report
     return {
         "base_zero_shot": zero["test"]["value"] if zero else None,
-        "best_prompting": baselines["best"]["test"]["value"],
-        "best_prompting_shots": baselines["best"]["shots"],
+        "best_prompting": strongest["test"]["value"], "best_prompting_arm": strongest["name"],
+        "best_prompting_shots": strongest["shots"],
         "n_labels": n_labels, "label_entropy_bits": label_entropy_bits(labels),
         "target_tokens_mean": report["train_target_tokens"] / report["train_examples"]
         if report.get("train_examples") else None,
-        "gain_per_doubling": fit["gain_per_doubling"]["value"],
-        "train_examples": full["n_examples"],
+        "gain_per_doubling": fit["gain_per_doubling"]["value"] if fit else None,
+        "train_examples": tuned["n_examples"],
     }
 
 
 def render_assessment(result: dict, folder: Path, console: Console) -> None:
-    """The learning curve, the baselines and the verdict on screen."""
+    """Every arm, the learning curve with its seeds, the fit and the verdict on screen."""
     from rich.table import Table
 
     metric = result["primary_metric"]
     table = Table(title=f"{result['name']}: {metric} on {result['n_test']} test examples")
-    for column in ("what", metric, "95% interval"):
+    for column in ("what", metric, "95% interval", "note"):
         table.add_column(column)
-    for baseline in result["baselines"]["by_shots"]:
-        test = baseline["test"]
-        table.add_row(f"base, {baseline['shots']}-shot (prompt chosen on validation)",
-                      f"{test['value']:.3f}", _ci_text(test["ci"]))
+    baselines = result["baselines"]
+    for arm in baselines["arms"]:
+        notes = [n for n, on in (("chosen on validation", arm["name"] == baselines["chosen"]),
+                                 ("strongest on test",
+                                  arm["name"] == baselines["strongest_on_test"])) if on]
+        table.add_row(f"{arm['name']} (variant {arm['chosen_variant']})",
+                      f"{arm['test']['value']:.3f}", _ci_text(arm["test"]["ci"]),
+                      ", ".join(notes))
     for point in result["learning_curve"]:
+        seeds = point["seeds"]
+        spread = (f"{seeds['n_seeds']} seeds, range {seeds['range']:.3f}"
+                  if seeds["n_seeds"] > 1 else "1 seed")
+        if point["distrust"]:
+            spread += "; not trusted: " + "; ".join(r["kind"] for r in point["distrust"])
         table.add_row(f"tuned on {point['n_examples']} examples", f"{point['value']:.3f}",
-                      _ci_text(point["ci"]))
-    for label, predicted in result["fit"]["predicted"].items():
-        table.add_row(f"predicted at {label} data ({predicted['n']} examples)",
-                      f"{predicted['value']:.3f}", _ci_text(predicted["ci"]))
+                      _ci_text(point["ci"]), spread)
+    fit = result["fit"]
+    if fit:
+        for label, predicted in fit["predicted"].items():
+            table.add_row(f"predicted at {label} data ({predicted['n']} examples)",
+                          f"{predicted['value']:.3f}", _ci_text(predicted["ci"]),
+                          fit.get("form", {}).get("name", "") if isinstance(fit.get("form"),
+                                                                            dict) else "")
     console.print(table)
-    gain = result["fit"]["gain_per_doubling"]
-    console.print(f"Gain per doubling of the data: {gain['value']:+.3f} {_ci_text(gain['ci'])}")
-    target = result["fit"].get("target")
-    if target:
-        console.print(f"Target {target['target']:g}: " + (
-            f"about {target['n']} examples {_ci_text(target['ci'])}" if target["reachable"]
-            else target["note"]))
+    if fit:
+        gain = fit["gain_per_doubling"]
+        console.print(f"Gain per doubling of the data: {gain['value']:+.3f} "
+                      f"{_ci_text(gain['ci'])}")
+        for flag in fit.get("flags", []):
+            console.print(f"[yellow]Curve: {flag['text']}", highlight=False)
+        target = fit.get("target")
+        if target:
+            console.print(f"Target {target['target']:g}: " + (
+                f"about {target['n']} examples {_ci_text(target['ci'])}" if target["reachable"]
+                else target["note"]))
+    console.print(f"Intervals: {result['interval_method']}", highlight=False)
     console.print(f"[bold]Verdict: {result['verdict']['kind']}[/]")
     console.print(result["verdict"]["text"], markup=False, highlight=False)
     console.print(f"Written to {folder / 'assess.json'} and {folder / 'report.html'}")

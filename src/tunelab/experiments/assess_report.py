@@ -47,7 +47,9 @@ def render_assess_report(result: dict) -> str:
     sections = [
         _section("Learning curve", f'<img class="plot" alt="learning curve" '
                  f'src="{_curve_png(result)}">' + _curve_table(result)),
-        _section("Prompting baselines", _baselines_table(result)),
+        _section("Prompting arms", _baselines_table(result)),
+        _section("Training seeds", _seeds_table(result)),
+        _section("Outside the task (forgetting)", _forgetting_table(result)),
         _section("Cost", _cost_tables(result["cost"])),
         _section("Task complexity", _complexity_table(result["complexity"])),
         _section("Where the time went", _time_table(result.get("time", {}))),
@@ -80,6 +82,8 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
 def _num(value: Any, digits: int = 3) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "n/a"
+    if isinstance(value, str):
+        return value
     return f"{value:.{digits}g}" if isinstance(value, float) else f"{value:,}"
 
 
@@ -125,25 +129,32 @@ def _curve_figure(result: dict) -> Figure:
     """Runs with intervals, the fit's band and extrapolation, baselines as horizontal bands."""
     figure = Figure(figsize=(WIDE_IN, 3.6))
     axes = figure.subplots()
-    band = result["fit"]["band"]
-    ns = [point["n"] for point in band]
-    axes.plot(ns, [point["value"] for point in band], color=TUNED_COLOUR, linestyle="--",
-              linewidth=1.2, label="fit (log2 of examples)")
-    if band[0]["ci"]:
-        axes.fill_between(ns, [p["ci"][0] for p in band], [p["ci"][1] for p in band],
-                          color=TUNED_COLOUR, alpha=0.12, linewidth=0, label="fit, 95% band")
+    fit = result["fit"] or {}
+    band = fit.get("band") or []
+    if band:
+        ns = [point["n"] for point in band]
+        axes.plot(ns, [point["value"] for point in band], color=TUNED_COLOUR, linestyle="--",
+                  linewidth=1.2, label=f"fit ({_form_name(fit)})")
+        if band[0]["ci"]:
+            axes.fill_between(ns, [p["ci"][0] for p in band], [p["ci"][1] for p in band],
+                              color=TUNED_COLOUR, alpha=0.12, linewidth=0, label="fit, 95% band")
     curve = result["learning_curve"]
     axes.errorbar([p["n_examples"] for p in curve], [p["value"] for p in curve],
                   yerr=[[max(0.0, p["value"] - p["ci"][0]) for p in curve],
                         [max(0.0, p["ci"][1] - p["value"]) for p in curve]],
-                  fmt="o", color=TUNED_COLOUR, capsize=3, label="tuned (95% interval)")
-    for colour, baseline in zip(BASELINE_COLOURS, result["baselines"]["by_shots"],
-                                strict=False):
-        test = baseline["test"]
+                  fmt="o", color=TUNED_COLOUR, capsize=3,
+                  label="tuned, mean of seeds (95% interval)")
+    seeds = [(p["n_examples"], value) for p in curve if p["seeds"]["n_seeds"] > 1
+             for value in p["seeds"]["values"]]
+    if seeds:
+        axes.plot([n for n, _ in seeds], [v for _, v in seeds], "x", color=TUNED_COLOUR,
+                  alpha=0.6, markersize=5, label="one training seed")
+    for colour, arm in zip(BASELINE_COLOURS, result["baselines"]["arms"], strict=False):
+        test = arm["test"]
         axes.axhline(test["value"], color=colour, linewidth=1)
         axes.axhspan(test["ci"][0], test["ci"][1], color=colour, alpha=0.15, linewidth=0)
-        axes.plot([], [], color=colour, label=f"base {baseline['shots']}-shot")
-    target = result["fit"].get("target")
+        axes.plot([], [], color=colour, label=arm["name"])
+    target = fit.get("target")
     if target:
         axes.axhline(target["target"], color="#111827", linestyle=":", linewidth=1,
                      label="target")
@@ -155,39 +166,91 @@ def _curve_figure(result: dict) -> Figure:
     return figure
 
 
+def _form_name(fit: dict) -> str:
+    form = fit.get("form")
+    return str(form.get("name", form)) if isinstance(form, dict) else str(form or "fit")
+
+
 def _curve_table(result: dict) -> str:
     fit = result["fit"]
-    rows = [[f"tuned on {p['n_examples']} examples ({p['fraction']:.3g} of the data)",
-             _num(p["value"]), _ci(p["ci"])] for p in result["learning_curve"]]
-    rows += [[f"predicted at {label} the data ({p['n']} examples)", _num(p["value"]),
-              _ci(p["ci"])] for label, p in fit["predicted"].items()]
-    gain = fit["gain_per_doubling"]
-    rows.append(["gain per doubling of the data", f"{gain['value']:+.3g}", _ci(gain["ci"])])
-    delta = result["tuned_vs_best_prompting"]
-    rows.append(["tuned (all data) − best prompting", f"{delta['value']:+.3g}",
-                 _ci(delta["ci"])])
-    target = fit.get("target")
+    rows = []
+    for p in result["learning_curve"]:
+        seeds = p["seeds"]
+        note = f"{seeds['n_seeds']} seed(s)" + (
+            f", range {_num(seeds['range'])}" if seeds["n_seeds"] > 1 else "")
+        if p["distrust"]:
+            note += "; not trusted: " + "; ".join(r["text"] for r in p["distrust"])
+        rows.append([f"tuned on {p['n_examples']} examples ({p['fraction']:.3g} of the data)",
+                     _num(p["value"]), _ci(p["ci"]), note])
+    if fit:
+        rows += [[f"predicted at {label} the data ({p['n']} examples)", _num(p["value"]),
+                  _ci(p["ci"]), _form_name(fit)] for label, p in fit["predicted"].items()]
+        for key, label in (("persistence", "no further gain"), ("two_point", "two-point line")):
+            other = fit.get(key) or {}
+            for size, q in (other.get("predicted") or {}).items():
+                rows.append([f"{label} at {size} the data", _num(q.get("value")),
+                             _ci(q.get("ci")), "reference prediction"])
+        gain = fit["gain_per_doubling"]
+        rows.append(["gain per doubling of the data", f"{gain['value']:+.3g}", _ci(gain["ci"]),
+                     ""])
+    for name, delta in result["tuned_vs_arms"].items():
+        rows.append([f"tuned (all data) − {name}", f"{delta['value']:+.3g}", _ci(delta["ci"]),
+                     result["verdict"].get("by_arm", {}).get(name, "")])
+    target = fit.get("target") if fit else None
     if target:
         rows.append([f"examples to reach {target['target']:g}",
                      _num(target["n"]) if target["reachable"] else target["note"],
-                     _ci(target["ci"])])
-    return _table(["", result["primary_metric"], "95% interval"], rows)
+                     _ci(target["ci"]), ""])
+    flags = "".join(f"<p class=\"muted\">Curve: {escape(flag['text'])}</p>"
+                    for flag in (fit or {}).get("flags", []))
+    return _table(["", result["primary_metric"], "95% interval", ""], rows) + flags
 
 
 def _baselines_table(result: dict) -> str:
+    baselines = result["baselines"]
     rows = []
-    for baseline in result["baselines"]["by_shots"]:
-        for index, variant in enumerate(baseline["validation"]):
-            chosen = index == baseline["chosen_variant"]
-            rows.append([f"{baseline['shots']}-shot", variant["prompt"] or "(the data's prompt)",
+    for arm in baselines["arms"]:
+        for index, variant in enumerate(arm["validation"]):
+            chosen = index == arm["chosen_variant"]
+            rows.append([arm["name"], variant["prompt"] or "(the data's prompt)",
                          _num(variant["value"]),
-                         f"{_num(baseline['test']['value'])} {_ci(baseline['test']['ci'])}"
+                         f"{_num(arm['test']['value'])} {_ci(arm['test']['ci'])}"
                          if chosen else "not measured (not chosen)"])
-    best = result["baselines"]["best"]
-    note = (f"<p class=\"muted\">Best prompting, chosen on validation: {best['shots']}-shot with "
-            f"the prompt {escape(repr(best['prompt']))}; test scores only for the variant "
-            "chosen on validation.</p>")
-    return _table(["shots", "prompt", "validation", "test (95% interval)"], rows) + note
+    note = (f"<p class=\"muted\">Compared with: {escape(baselines['chosen'])} (chosen on "
+            f"validation: {escape(baselines['chosen_selection'])}) and "
+            f"{escape(baselines['strongest_on_test'])} (strongest on test); per arm, the "
+            "variant best on validation unless a cheaper one is within its noise.</p>")
+    return _table(["arm", "prompt", "validation", "test (95% interval)"], rows) + note
+
+
+def _seeds_table(result: dict) -> str:
+    rows = [[s["n_examples"], s["n_seeds"], ", ".join(_num(v) for v in s["values"]),
+             _num(s["std"]) if s["std"] is not None else
+             f"borrowed {_num(s.get('borrowed_std'))}" if s.get("borrowed_std") else "n/a"]
+            for s in result["seeds"]["per_fraction"]]
+    return (_table(["examples", "seeds", "metric per seed", "seed std"], rows)
+            + f"<p class=\"muted\">{escape(result['seeds']['note'])}</p>")
+
+
+def _forgetting_table(result: dict) -> str:
+    rows = []
+    for entry in result.get("forgetting", []):
+        loss = entry.get("general_loss") or {}
+        probe = entry.get("probe_task") or {}
+        rows.append([entry["n_examples"], entry["seed"],
+                     f"{_signed(loss.get('delta'))} {_ci(loss.get('ci'))}",
+                     f"{_signed(probe.get('delta'))} {_ci(probe.get('ci'))}"])
+    if not rows:
+        return "<p>Not measured.</p>"
+    first = result["forgetting"][0]
+    probe = first.get("probe_task") or {}
+    return _table(["examples", "seed", "general-text loss, tuned − base",
+                   f"{escape(str(probe.get('name', 'probe task')))} "
+                   f"{escape(str(probe.get('metric', '')))}, tuned − base"], rows)
+
+
+def _signed(value: Any) -> str:
+    return "n/a" if value is None else f"{value:+.3g}"
 
 
 def _cost_tables(cost: dict) -> str:
@@ -220,11 +283,26 @@ def _cost_tables(cost: dict) -> str:
     html += (f"<p>Fine-tuning ({_seconds(use['training_s'])} of training) is paid back "
              f"{by_time_text} by measured time, and {by_tokens_text} by prompt tokens saved. "
              f"<span class=\"muted\">{escape(use['note'])}.</span></p>")
+    endpoints = cost.get("endpoints") or []
+    if endpoints:
+        rows = [[e["arm"], _num((e.get("usage_per_request") or {}).get("prompt_tokens")),
+                 _num((e.get("usage_per_request") or {}).get("completion_tokens")),
+                 _usd(e.get("usd_per_request")), _usd(e.get("tuned_usd_per_request")),
+                 _num(e.get("break_even_requests")) if e.get("break_even_requests")
+                 else (e.get("note") or "never")] for e in endpoints]
+        html += "<h3>Endpoints</h3>" + _table(
+            ["arm", "prompt tokens", "completion tokens", "USD per request",
+             "tuned USD per request", "break-even (requests)"], rows)
     return html
+
+
+def _usd(value: float | None) -> str:
+    return "n/a" if value is None else f"${value:.2g}"
 
 
 def _complexity_table(complexity: dict) -> str:
     names = {"base_zero_shot": "base model, zero-shot", "best_prompting": "best prompting",
+             "best_prompting_arm": "strongest arm on test",
              "best_prompting_shots": "its demonstrations", "n_labels": "labels / entity types",
              "label_entropy_bits": "label entropy (bits)",
              "target_tokens_mean": "target length (tokens)",
