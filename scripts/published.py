@@ -71,8 +71,9 @@ def _short_origin(result: dict) -> str:
 
 
 def render_assess(result: dict) -> str:
-    """tunelab assess: the learning curve (image and points with intervals), the prompting
-    baselines, the fit, the verdict, and the wall time per phase when the run was timed alone."""
+    """tunelab assess: the learning curve (image; points per seed with intervals), every
+    prompting arm, the fit beside "no further gain", the comparisons the verdict rests on,
+    forgetting, and the wall time per phase when the run was timed alone."""
     assess = json.loads((ROOT / result["assess"]).read_text())
     metric, scale = assess["primary_metric"], assess["metric_scale"]
     value = (lambda v: f"{v:.1f}") if scale > 1 else (lambda v: f"{v:.3f}")
@@ -82,27 +83,66 @@ def render_assess(result: dict) -> str:
         ci = point.get("ci")
         return show(point["value"]) + (f" [{show(ci[0])}, {show(ci[1])}]" if ci else "")
 
+    baselines = assess["baselines"]
     lines = [f"![learning curve of {assess['name']}]({result['curve']})", "",
              f"**Verdict: {assess['verdict']['kind']}.** {assess['verdict']['text']}", "",
              f"| {metric} on {assess['n_test']} test examples | value [95% interval] |",
              "|---|---|"]
-    best = assess["baselines"]["best"]
-    for baseline in assess["baselines"]["by_shots"]:
-        chosen = baseline["validation"][baseline["chosen_variant"]]
-        mark = " (best prompting)" if baseline["shots"] == best["shots"] else ""
-        lines.append(f"| base model, {baseline['shots']}-shot{mark}: prompt "
-                     f"`{_one_line(baseline['prompt'])}`, chosen on validation "
-                     f"({value(chosen['value'])}) | {cell(baseline['test'])} |")
+    for arm in baselines["arms"]:
+        marks = [mark for mark, on in (("chosen on validation", arm["name"] == baselines["chosen"]),
+                                       ("strongest on test",
+                                        arm["name"] == baselines["strongest_on_test"])) if on]
+        chosen = arm["validation"][arm["chosen_variant"]]
+        lines.append(f"| {arm['name']}" + (f" ({', '.join(marks)})" if marks else "")
+                     + f": prompt `{_one_line(arm['prompt'])}` (validation "
+                     f"{value(chosen['value'])}) | {cell(arm['test'])} |")
     for point in assess["learning_curve"]:
-        lines.append(f"| tuned on {point['n_examples']:,} examples | {cell(point)} |")
-    fit = assess["fit"]
-    for label, point in fit["predicted"].items():
-        lines.append(f"| predicted at {label} the data ({point['n']:,} examples) | "
+        seeds = point["seeds"]
+        each = (f", seeds {' / '.join(value(v) for v in seeds['values'])}"
+                if seeds["n_seeds"] > 1 else ", 1 seed")
+        lines.append(f"| tuned on {point['n_examples']:,} examples (mean{each}) | "
                      f"{cell(point)} |")
-    lines.append(f"| gain per doubling of the data | {cell(fit['gain_per_doubling'], signed)} |")
-    lines.append(f"| tuned on all data − best prompting (paired) | "
-                 f"{cell(assess['tuned_vs_best_prompting'], signed)} |")
-    return "\n".join(lines) + "\n\n" + _assess_time(result, assess) + "\n"
+    fit = assess["fit"]
+    if fit:
+        form = fit["form"]["name"] if isinstance(fit.get("form"), dict) else fit.get("form")
+        for label, point in fit["predicted"].items():
+            lines.append(f"| predicted at {label} the data ({point['n']:,} examples; {form}) | "
+                         f"{cell(point)} |")
+        lines.append(f"| no further gain (persistence) at any size | "
+                     f"{cell(fit['persistence'])} |")
+        lines.append(f"| gain per doubling of the data ({form}) | "
+                     f"{cell(fit['gain_per_doubling'], signed)} |")
+    for name, delta in assess["tuned_vs_arms"].items():
+        lines.append(f"| tuned on all data − {name} (paired) | {cell(delta, signed)} |")
+    notes = [f"Intervals: {assess['interval_method']}."]
+    if fit:
+        notes += [f"Curve: {flag['text']}" for flag in fit.get("flags", [])]
+    forgetting = _assess_forgetting(assess)
+    if forgetting:
+        notes.append(forgetting)
+    return ("\n".join(lines) + "\n\n" + " ".join(notes) + "\n\n" + _assess_time(result, assess)
+            + "\n")
+
+
+def _assess_forgetting(assess: dict) -> str:
+    """What the all-data runs cost outside the task, per seed."""
+    largest = max(entry["n_examples"] for entry in assess.get("forgetting", [{"n_examples": 0}]))
+    rows = [entry for entry in assess.get("forgetting", [])
+            if entry["n_examples"] == largest and entry.get("general_loss")]
+    if not rows:
+        return ""
+    parts = []
+    for entry in rows:
+        loss, probe = entry["general_loss"], entry.get("probe_task") or {}
+        text = (f"general-text loss {loss['base']:.3f} → {loss['tuned']:.3f} "
+                f"({loss['delta']:+.3f} [{loss['ci'][0]:+.3f}, {loss['ci'][1]:+.3f}])")
+        if probe:
+            text += (f", {probe['name']} {probe['metric']} {probe['base']:.3f} → "
+                     f"{probe['tuned']:.3f} ({probe['delta']:+.3f} [{probe['ci'][0]:+.3f}, "
+                     f"{probe['ci'][1]:+.3f}])")
+        parts.append(f"seed {entry['seed']}: {text}")
+    return (f"Outside the task (forgetting), tuned on all {largest:,} examples against the base "
+            "model, paired: " + "; ".join(parts) + ".")
 
 
 def _assess_time(result: dict, assess: dict) -> str:
@@ -111,15 +151,15 @@ def _assess_time(result: dict, assess: dict) -> str:
         return (f"Run by {_origin(result)}, not alone on the machine: its wall time is not "
                 "published.")
     phases = assess["time"]["phases_s"]
-    groups = {"prompting baselines": "prompting", "training": "train ",
-              "evaluating the tuned runs": "evaluate ", "fit, cost and complexity": "fit"}
+    groups = {"prompting arms": "prompting", "training": "train ",
+              "evaluating the tuned runs": "evaluate ", "forgetting": "forgetting",
+              "fit, cost and complexity": "fit"}
     spent = {label: sum(s for name, s in phases.items() if name.startswith(prefix))
              for label, prefix in groups.items()}
     spent["start-up, model loads and reading data"] = result["wall_s"] - sum(spent.values())
     parts = ", ".join(f"{label} {_minutes(seconds)}" for label, seconds in spent.items())
     return (f"Wall time of the whole command: **{_minutes(result['wall_s'])}** ({parts}), run "
-            f"alone at raised priority. Measured by "
-            f"{_origin(result)}.")
+            f"alone. Measured by {_origin(result)}.")
 
 
 def _one_line(text: str | None) -> str:
@@ -830,7 +870,7 @@ def _p(entry: dict) -> str:
 
 
 def headline_assess(result: dict) -> str:
-    """The assessment's verdict and the two intervals it rests on."""
+    """The assessment's verdict and the intervals it rests on."""
     assess = json.loads((ROOT / result["assess"]).read_text())
     scale = assess["metric_scale"]
     signed = (lambda v: f"{v:+.1f}") if scale > 1 else (lambda v: f"{v:+.3f}")
@@ -840,10 +880,16 @@ def headline_assess(result: dict) -> str:
 
     took = (f"; the whole command took {_minutes(result['wall_s'])}"
             if result.get("measured_alone") else "")
+    baselines = assess["baselines"]
+    against = dict.fromkeys([baselines["chosen"], baselines["strongest_on_test"]])
+    deltas = ", ".join(f"tuned − {name} {cell(assess['tuned_vs_arms'][name])}"
+                       for name in against)
+    seeds = "/".join(str(p["seeds"]["n_seeds"]) for p in assess["learning_curve"])
+    gain = (f", gain per doubling of the data {cell(assess['fit']['gain_per_doubling'])}"
+            if assess["fit"] else "")
     return (f"`tunelab assess` on `{assess['name']}`: **{assess['verdict']['kind']}** — "
-            f"{assess['primary_metric']} tuned − best prompting "
-            f"{cell(assess['tuned_vs_best_prompting'])} on {assess['n_test']} test examples, "
-            f"gain per doubling of the data {cell(assess['fit']['gain_per_doubling'])}{took}. "
+            f"{assess['primary_metric']} {deltas} on {assess['n_test']} test examples{gain} "
+            f"(training seeds per fraction {seeds}, counted in every interval){took}. "
             f"{_short_origin(result)}\n")
 
 

@@ -215,6 +215,21 @@ def test_run_example_trains_and_evaluates_as_the_readme_says(tmp_path):
                                                            "train.log", "eval.log", "eval"}
 
 
+def test_run_assess_keeps_the_assessment_with_a_served_endpoint_arm(tmp_path):
+    run_smoke("scripts/run_assess.py", "examples/sentiment", "--serve", "tiny", "--out",
+              str(tmp_path))
+    result = renders_like("examples/sentiment/results/assess/result.json",
+                          tmp_path / "result.json")
+    assess = json.loads((tmp_path / "assess.json").read_text())
+    arms = {arm["name"]: arm for arm in assess["baselines"]["arms"]}
+    assert set(arms) == {"base 0-shot", "served 0-shot"}
+    assert arms["served 0-shot"]["usage"]["requests"] > 0  # asked the server, not the cache
+    assert [p["seeds"]["n_seeds"] for p in assess["learning_curve"]] == [2, 1]
+    scores = json.loads((tmp_path / "curve-scores.json").read_text())
+    assert len(scores["fractions"][0]["seeds"]) == 2
+    assert result["wall_s"] > 0 and not result["measured_alone"]
+
+
 def test_multitask_experiment_compares_the_adapters_per_task(tmp_path):
     run_smoke("scripts/multitask_experiment.py", "--out", str(tmp_path / "multitask.json"))
     result = renders_like("examples/multitask/results/result.json", tmp_path / "multitask.json")
