@@ -3,7 +3,7 @@
 Two small samples ship with the package (``tunelab/assets/forgetting/``, sources and licences
 in the README there):
 
-- ``general.jsonl``: 32 passages of encyclopedic English (one to three sentences, 25–45
+- ``general.jsonl``: 32 passages of encyclopedic English (one to three sentences, 22–44
   tokens, 1,050 in all) from 32 English Wikipedia articles (CC BY-SA). Their per-token loss is
   computed as training computes it: text-format examples tokenized by ``data/tokenize.py``,
   packed without padding, the summed cross-entropy of ``train/loss.py`` over all tokens
