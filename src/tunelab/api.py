@@ -121,12 +121,14 @@ def check_data(source: Source, *, max_seq_len: int | None = None, model: str | N
 def assess(config: Source, *, shots: Sequence[int] | None = None,
            fractions: Sequence[float] | None = None, seeds: int | Sequence[int] | None = None,
            target: float | None = None, baselines: Sequence[str] = (),
-           prices: Sequence[str] = (), device_cost_per_hour: float | None = None,
+           baseline_shots: Sequence[int] | None = None, prices: Sequence[str] = (),
+           device_cost_per_hour: float | None = None,
            bases: Sequence[str] = (), overwrite: bool = False,
            console: Console | None = None) -> dict:
     """Should we fine-tune? Prompting arms with ``shots`` demonstrations (default 0 and 4) of
     the base model and of each endpoint in ``baselines`` ("NAME=URL[#model]", any
-    OpenAI-compatible server; ``prices`` "NAME=IN/OUT" in USD per 1M tokens), a learning curve
+    OpenAI-compatible server, asked with ``baseline_shots`` demonstrations, default ``shots``;
+    ``prices`` "NAME=IN/OUT" in USD per 1M tokens), a learning curve
     over growing ``fractions`` of the training data (default 1/8, 1/4, 1/2, 1) trained with
     ``seeds`` training seeds per fraction (one count, or one per fraction; default two for
     the fractions up to a quarter, one above), its fit, cost and verdict; resumes an
@@ -156,7 +158,8 @@ def assess(config: Source, *, shots: Sequence[int] | None = None,
         raise ConfigError(f"--price names {unknown}, which no --baseline has",
                           where="--price", fix=f"use one of the --baseline names: {names}")
     settings = dict(shots=DEFAULT_SHOTS if shots is None else shots, fractions=fractions,
-                    seeds=seeds, target=target, endpoints=endpoints, prices=priced,
+                    seeds=seeds, target=target, endpoints=endpoints,
+                    endpoint_shots=baseline_shots, prices=priced,
                     device_cost_per_hour=device_cost_per_hour, overwrite=overwrite,
                     console=console)
     loaded = _config(config)

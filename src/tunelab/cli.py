@@ -188,6 +188,8 @@ def assess(
     baseline: list[str] = typer.Option([], "--baseline", help="Another model to prompt, from "
                                        "any OpenAI-compatible server: NAME=URL[#model] "
                                        "(repeatable; key from $OPENAI_API_KEY)."),
+    baseline_shots: str | None = typer.Option(None, help="Demonstrations of the --baseline "
+                                              "arms (default: --shots)."),
     price: list[str] = typer.Option([], "--price", help="An endpoint's price, USD per 1M "
                                     "prompt/completion tokens: NAME=IN/OUT, e.g. big=0.15/0.6."),
     device_cost: float | None = typer.Option(None, "--device-cost", help="What this machine "
@@ -210,7 +212,9 @@ def assess(
     try:
         run_assessment(cfg, shots=parse_shots(shots), fractions=chosen,
                        seeds=None if seeds is None else parse_seeds(seeds, chosen),
-                       target=target, baselines=baseline, prices=price,
+                       target=target, baselines=baseline,
+                       baseline_shots=None if baseline_shots is None else parse_shots(
+                           baseline_shots), prices=price,
                        device_cost_per_hour=device_cost, bases=base, overwrite=overwrite,
                        console=console)
     except KeyboardInterrupt:

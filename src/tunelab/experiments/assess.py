@@ -196,15 +196,17 @@ def break_even_requests(training_s: float, prompting_s_per_request: float,
 def assess(config: Config, *, shots: Sequence[int] = DEFAULT_SHOTS,
            fractions: Sequence[float] = DEFAULT_FRACTIONS, seeds: Sequence[int] | None = None,
            target: float | None = None, endpoints: Sequence[Any] = (),
-           prices: dict[str, Any] | None = None, device_cost_per_hour: float | None = None,
-           overwrite: bool = False, console: Console | None = None) -> dict:
+           endpoint_shots: Sequence[int] | None = None, prices: dict[str, Any] | None = None,
+           device_cost_per_hour: float | None = None, overwrite: bool = False,
+           console: Console | None = None) -> dict:
     """Run (or resume) the whole assessment of ``config`` and write ``assess.json`` and
     ``report.html`` under ``<output_dir>/<name>-assess/``; returns what ``assess.json`` holds.
 
     ``seeds``: training seeds per fraction (default ``default_seeds``); ``endpoints``:
-    ``eval.endpoint.Endpoint`` arms measured beside the base model; ``prices``: endpoint name →
-    ``eval.endpoint.Price``; ``device_cost_per_hour``: what this machine costs, for the tuned
-    model's cost per request and the break-even against a priced endpoint.
+    ``eval.endpoint.Endpoint`` arms measured beside the base model, with ``endpoint_shots``
+    demonstrations (default ``shots``: a priced API may be asked fewer); ``prices``: endpoint
+    name → ``eval.endpoint.Price``; ``device_cost_per_hour``: what this machine costs, for the
+    tuned model's cost per request and the break-even against a priced endpoint.
     """
     console = console or Console()
     _check_config(config)
@@ -219,7 +221,8 @@ def assess(config: Config, *, shots: Sequence[int] = DEFAULT_SHOTS,
     started = time.perf_counter()
     records = _train_records(config)
     subsets = nested_subsets(len(records), fractions, seed=config.train.seed)
-    arms = run_baselines(config, folder, list(shots), progress, console, endpoints=endpoints)
+    arms = run_baselines(config, folder, list(shots), progress, console, endpoints=endpoints,
+                         endpoint_shots=None if endpoint_shots is None else list(endpoint_shots))
     forgetting_cache: dict = {}
     runs = [run_fraction(config, folder, fraction, [records[i] for i in indices], progress,
                          console, seed=seed, forgetting_cache=forgetting_cache)
@@ -370,9 +373,11 @@ def _evaluation_config(config: Config, *, shots: int, split: str,
 
 
 def run_baselines(config: Config, folder: Path, shots: list[int], progress: Progress,
-                  console: Console, *, endpoints: Sequence[Any] = ()) -> list[dict]:
-    """Every prompting arm: for the base model and each endpoint, and each number of shots,
-    every prompt variant on validation, then the one ``choose_arm`` takes on test."""
+                  console: Console, *, endpoints: Sequence[Any] = (),
+                  endpoint_shots: list[int] | None = None) -> list[dict]:
+    """Every prompting arm: for the base model (``shots``) and each endpoint
+    (``endpoint_shots``, default ``shots``), and each number of shots, every prompt variant on
+    validation, then the one ``choose_arm`` takes on test."""
     from tunelab.eval.tasks import Task
     from tunelab.model.load import load_tokenizer
 
@@ -382,7 +387,7 @@ def run_baselines(config: Config, folder: Path, shots: list[int], progress: Prog
     tokens: dict[tuple[int, int], float] = {}
     arms = []
     for endpoint in [None, *endpoints]:
-        for k in shots:
+        for k in shots if endpoint is None or endpoint_shots is None else endpoint_shots:
             name = f"{'base' if endpoint is None else endpoint.name} {k}-shot"
             candidates = []
             for index, variant in enumerate(variants):
