@@ -166,6 +166,55 @@ def _one_line(text: str | None) -> str:
     return "(the data's prompt)" if text is None else text.replace("\n", "⏎")
 
 
+def render_calibration(result: dict) -> str:
+    """benchmarks/assess_calibration.py: how often the fit's intervals held what more data
+    measured, and its errors beside the old line, two points and "no further gain"."""
+    methods = ("curve", "log-linear (old)", "two-point", "persistence")
+    names = {"curve": "tunelab's fit", "log-linear (old)": "old straight line",
+             "two-point": "last two points", "persistence": "no further gain"}
+
+    def rows(summary: dict, cuts: list[str], error_unit: str) -> list[str]:
+        lines = []
+        for cut in cuts:
+            entry = summary[cut]
+            for method in methods:
+                m = entry.get(method)
+                if not m:
+                    continue
+                coverage = (f"{m['coverage']:.0%} of {m['n_intervals']}"
+                            if m.get("coverage") is not None and m.get("n_intervals") else "—")
+                ratio = m.get("gain_ratio_median")
+                lines.append(f"| {cut} | {names[method]} | {m['median_abs_error']:.3g}"
+                             f"{error_unit} | {'—' if ratio is None else f'{ratio:.2f}'} | "
+                             f"{m['gain_within_25pct']:.0%} | {coverage} |")
+        return lines
+
+    header = ["| fitted on (cases) | method | median \\|error\\| | predicted / true gain "
+              "(median) | gain within ±25% | 95% intervals holding the outcome |",
+              "|---|---|---|---|---|---|"]
+    published = result["published"]
+    cuts = [cut for cut in ("1/4 last 4", "1/2 last 4") if cut in published["summary"]]
+    lines = ["Published loss curves (Lin et al., ICML 2024: "
+             f"{published['summary'][cuts[0]]['n_cases']} model × dataset curves; the loss at "
+             "the largest size predicted from the sizes up to 1/4 or 1/2 of it):", "", *header,
+             *rows(published["summary"], cuts, "")]
+    assessments = result["assessments"]
+    kind = "synthetic assessments" if assessments.get("synthetic") else "tunelab assessments"
+    cuts = [cut for cut in ("1/4 all", "1/2 all") if cut in assessments["summary"]]
+    if cuts:
+        lines += ["", f"{kind.capitalize()} ({assessments['n_cases']} cases; fit on the "
+                  "fractions up to 1/4 or 1/2, each seed's all-data value predicted):", "",
+                  *header, *rows(assessments["summary"], cuts, "")]
+    goals = "; ".join(_goal(goal) for goal in result["goals"])
+    return "\n".join(lines) + f"\n\nGoals: {goals}. Measured by {_origin(result)}.\n"
+
+
+def _goal(goal: dict) -> str:
+    outcome = "met" if goal["met"] else f"missed by {abs(goal['by']):.3g}"
+    return (f"{goal['goal']}: {goal['value']:.3g}{goal.get('unit') or ''} against "
+            f"{goal['target']:g} ({outcome})")
+
+
 def render_throughput(result: dict) -> str:
     """tunelab vs transformers.Trainer + peft: tokens/s, peak memory, final loss."""
     base, ours = result["summary"]["baseline"], result["summary"]["tunelab"]
@@ -991,6 +1040,7 @@ RENDERERS: dict[str, Callable[[dict], str]] = {
     "example_eval": render_example_eval,
     "example_forms": render_example_forms,
     "assess": render_assess,
+    "assess_calibration": render_calibration,
     "sweep": render_sweep,
     "multitask": render_multitask,
     "serve_load": render_serve_load,

@@ -19,11 +19,11 @@ from tunelab.experiments.assess import (
     default_seeds,
     examples_needed,
     fit_log2,
-    label_entropy_bits,
     nested_subsets,
     parse_fractions,
     parse_seeds,
 )
+from tunelab.experiments.assess_cost import label_entropy_bits
 from tunelab.experiments.verdict import VERDICTS
 
 # --- nested fractions ------------------------------------------------------------------------
