@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 
 from tunelab.eval.stats import (
-    p_text,
-    paired_comparison,
-    resampled_curve,
     bootstrap_ci,
     mcnemar,
     metric_with_ci,
+    p_text,
     paired_bootstrap,
+    paired_comparison,
     ratio_statistic,
+    resampled_curve,
     spread,
 )
 
