@@ -48,6 +48,8 @@ import numpy as np
 
 N_BAND = 24
 N_DRAWS = 1000  # misfit draws when the caller has no resampled curves
+# The least degrees of freedom the backtest's extrapolation error is scaled with (see _Fit.make).
+MIN_CHECK_DOF = 3
 ALPHAS = np.geomspace(0.01, 4.0, 160)  # the exponents the power form searches
 EXTRA_PARAMETER_PENALTY = 0.10  # on the leave-one-out error, per parameter beyond two
 EDGE = 1e-3  # transformed forms keep values this share of the range inside the bounds
@@ -415,9 +417,12 @@ class _Fit:
                  if dof > 0 else np.zeros(len(base)))
         noisy = form.to_fit(base) + sigma[:, None] * rng.standard_normal(base.shape)
         checked = backtest(form, x, t, explained_sd)
+        # the backtest's excess error per doubling, scaled by its own uncertainty (χ² over
+        # its checks, at least MIN_CHECK_DOF: over one or two checks a χ² scale's tail is
+        # nearly unbounded and the interval would say nothing)
+        checks = max(checked["n_checks"], MIN_CHECK_DOF)
         drift = (checked["excess_per_doubling"]
-                 * np.sqrt(checked["n_checks"] / rng.chisquare(max(checked["n_checks"], 1),
-                                                               size=len(base))))
+                 * np.sqrt(checks / rng.chisquare(checks, size=len(base))))
         rival_fits = [(rival, rival.fit(x, rival.to_fit(g)[None, :])[0]) for rival in rivals]
         return cls(form, x, g, params, residual_sd, dof, sigma, form.fit(x, noisy), drift,
                    {**checked, "explained_sd": explained_sd, "misfit_sd": misfit_sd},
@@ -519,7 +524,7 @@ def backtest(form: Form, x: np.ndarray, t: np.ndarray, residual_sd: float,
     per_doubling, explained = [], []
     for dropped in range(1, max_dropped + 1):
         kept = len(x) - dropped
-        if kept < form.n_params:
+        if kept <= form.n_params:  # a fit through its points alone checks nothing but noise
             break
         params = form.fit(x[:kept], t[None, :kept])
         ahead = x[kept:] - x[kept - 1]
