@@ -95,7 +95,7 @@ def render_assess(result: dict) -> str:
         chosen = arm["validation"][arm["chosen_variant"]]
         lines.append(f"| {arm['name']}" + (f" ({', '.join(marks)})" if marks else "")
                      + f": prompt `{_one_line(arm['prompt'])}` (validation "
-                     f"{value(chosen['value'])}) | {cell(arm['test'])} |")
+                     f"{value(chosen['value'])}) | {cell(arm['test'])}{_unparsed(arm)} |")
     for point in assess["learning_curve"]:
         seeds = point["seeds"]
         each = (f", seeds {' / '.join(value(v) for v in seeds['values'])}"
@@ -116,12 +116,18 @@ def render_assess(result: dict) -> str:
         lines.append(f"| tuned on all data − {name} (paired) | {cell(delta, signed)} |")
     notes = [f"Intervals: {assess['interval_method']}."]
     if fit:
-        notes += [f"Curve: {flag['text']}" for flag in fit.get("flags", [])]
+        notes += [f"Curve: {flag['text'].rstrip('.')}." for flag in fit.get("flags", [])]
     forgetting = _assess_forgetting(assess)
     if forgetting:
         notes.append(forgetting)
     return ("\n".join(lines) + "\n\n" + " ".join(notes) + "\n\n" + _assess_time(result, assess)
             + "\n")
+
+
+def _unparsed(arm: dict) -> str:
+    """The share of an arm's test answers that parsed to no answer at all, where there were."""
+    rate = arm.get("parse_failure_rate")
+    return f" ({rate:.0%} of its answers not an answer)" if rate else ""
 
 
 def _assess_forgetting(assess: dict) -> str:
@@ -140,7 +146,7 @@ def _assess_forgetting(assess: dict) -> str:
             text += (f", {probe['name']} {probe['metric']} {probe['base']:.3f} → "
                      f"{probe['tuned']:.3f} ({probe['delta']:+.3f} [{probe['ci'][0]:+.3f}, "
                      f"{probe['ci'][1]:+.3f}])")
-        parts.append(f"seed {entry['seed']}: {text}")
+        parts.append(f"seed {entry.get('training_seed', entry.get('seed'))}: {text}")
     return (f"Outside the task (forgetting), tuned on all {largest:,} examples against the base "
             "model, paired: " + "; ".join(parts) + ".")
 
@@ -207,6 +213,34 @@ def render_calibration(result: dict) -> str:
                   *header, *rows(assessments["summary"], cuts, "")]
     goals = "; ".join(_goal(goal) for goal in result["goals"])
     return "\n".join(lines) + f"\n\nGoals: {goals}. Measured by {_origin(result)}.\n"
+
+
+def headline_assess_budget(result: dict) -> str:
+    """What the default assessment costs on this machine: its measured wall time, by phase."""
+    assess = json.loads((ROOT / result["assess"]).read_text())
+    seeds = "/".join(str(p["seeds"]["n_seeds"]) for p in assess["learning_curve"])
+    arms = ", ".join(arm["name"] for arm in assess["baselines"]["arms"])
+    return (f"The default assessment of `{assess['name']}` ({arms}; "
+            f"{len(assess['learning_curve'])} fractions with {seeds} training seeds): "
+            + _assess_time(result, assess) + "\n")
+
+
+def headline_calibration(result: dict) -> str:
+    """How often the assessment's fit held what more data measured, in one paragraph."""
+    lin = result["published"]["summary"]["1/4 last 4"]
+    curve, old = lin["curve"], lin["log-linear (old)"]
+    text = (f"Its curve fit, checked against larger runs (`benchmarks/assess_calibration.py`): "
+            f"from a quarter of the data to all of it on {lin['n_cases']} published fine-tuning "
+            f"loss curves (Lin et al., ICML 2024), 95% intervals held the outcome "
+            f"**{curve['coverage']:.0%}** of the time, median error {curve['median_abs_error']:.3g}"
+            f" (the old straight line {old['median_abs_error']:.3g}), predicted/true gain "
+            f"{curve['gain_ratio_median']:.2f}")
+    assessments = result["assessments"]
+    if not assessments.get("synthetic") and assessments.get("n_cases"):
+        own = assessments["summary"]["all"]["curve"]
+        text += (f"; on tunelab's own assessments ({assessments['n_cases']} cases) "
+                 f"{own['coverage']:.0%}, median error {own['median_abs_error']:.3g}")
+    return f"{text}. {_short_origin(result)}\n"
 
 
 def _goal(goal: dict) -> str:
@@ -1052,6 +1086,8 @@ RENDERERS: dict[str, Callable[[dict], str]] = {
     "baselines_headline": headline_baselines,
     "example_headline": headline_example,
     "assess_headline": headline_assess,
+    "calibration_headline": headline_calibration,
+    "assess_budget": headline_assess_budget,
     "llama_cpp_headline": headline_llama_cpp,
     "sweep_headline": headline_sweep,
     "distributed_headline": headline_distributed,

@@ -408,6 +408,7 @@ def run_baselines(config: Config, folder: Path, shots: list[int], progress: Prog
                 chosen["measure"], "validation_n": chosen["n"],
                 "test": {"value": metric["value"], "ci": metric["ci"], "n": test["n"]},
                 "measure": outcome_measure(outcome, task), "scores": _scores(outcome),
+                "parse_failure_rate": (outcome.get("parse_failures") or {}).get("rate"),
                 "prompt_tokens_per_request": chosen["cost"][1],
                 "eval_wall_s": test["wall_s"], "usage": test.get("usage"),
                 "run": test.get("run_dir")})
@@ -716,8 +717,8 @@ def summarise(config: Config, arms: list[dict], runs: list[dict], *,
                                    for p in points], "note": seed_note},
         "fit": fit, "tuned_vs_best_prompting": versus[chosen["name"]],
         "tuned_vs_arms": versus,
-        "forgetting": [{"n_examples": run["n_examples"], "seed": run["seed"],
-                        **(run["forgetting"] or {})} for run in runs],
+        "forgetting": [{**(run["forgetting"] or {}), "n_examples": run["n_examples"],
+                        "training_seed": run["seed"]} for run in runs],
         "cost": {"runs": [run_cost(run) for run in runs],
                  "projections": projections(full["config"], full["manifest"]),
                  "at_use": cost_at_use(config, tokenizer, local, full),
@@ -805,6 +806,8 @@ def render_assessment(result: dict, folder: Path, console: Console) -> None:
         notes = [n for n, on in (("chosen on validation", arm["name"] == baselines["chosen"]),
                                  ("strongest on test",
                                   arm["name"] == baselines["strongest_on_test"])) if on]
+        if arm.get("parse_failure_rate"):
+            notes.append(f"{arm['parse_failure_rate']:.0%} of its answers not an answer")
         table.add_row(f"{arm['name']} (variant {arm['chosen_variant']})",
                       f"{arm['test']['value']:.3f}", _ci_text(arm["test"]["ci"]),
                       ", ".join(notes))

@@ -215,6 +215,8 @@ def _baselines_table(result: dict) -> str:
             rows.append([arm["name"], variant["prompt"] or "(the data's prompt)",
                          _num(variant["value"]),
                          f"{_num(arm['test']['value'])} {_ci(arm['test']['ci'])}"
+                         + (f" ({arm['parse_failure_rate']:.0%} not an answer)"
+                            if arm.get("parse_failure_rate") else "")
                          if chosen else "not measured (not chosen)"])
     note = (f"<p class=\"muted\">Compared with: {escape(baselines['chosen'])} (chosen on "
             f"validation: {escape(baselines['chosen_selection'])}) and "
@@ -237,7 +239,7 @@ def _forgetting_table(result: dict) -> str:
     for entry in result.get("forgetting", []):
         loss = entry.get("general_loss") or {}
         probe = entry.get("probe_task") or {}
-        rows.append([entry["n_examples"], entry["seed"],
+        rows.append([entry["n_examples"], entry.get("training_seed", entry.get("seed")),
                      f"{_signed(loss.get('delta'))} {_ci(loss.get('ci'))}",
                      f"{_signed(probe.get('delta'))} {_ci(probe.get('ci'))}"])
     if not rows:
