@@ -100,7 +100,9 @@ def render_assess(result: dict) -> str:
         seeds = point["seeds"]
         each = (f", seeds {' / '.join(value(v) for v in seeds['values'])}"
                 if seeds["n_seeds"] > 1 else ", 1 seed")
-        lines.append(f"| tuned on {point['n_examples']:,} examples (mean{each}) | "
+        trust = ("; not trusted: " + "; ".join(sorted({r["kind"] for r in point["distrust"]}))
+                 if point.get("distrust") else "")
+        lines.append(f"| tuned on {point['n_examples']:,} examples (mean{each}{trust}) | "
                      f"{cell(point)} |")
     fit = assess["fit"]
     if fit:
@@ -115,6 +117,11 @@ def render_assess(result: dict) -> str:
     for name, delta in assess["tuned_vs_arms"].items():
         lines.append(f"| tuned on all data − {name} (paired) | {cell(delta, signed)} |")
     notes = [f"Intervals: {assess['interval_method']}."]
+    left_out = [p for p in assess["learning_curve"] if p.get("distrust")]
+    if left_out:
+        notes.append("Left out of the fit, not trusted: " + "; ".join(
+            f"{p['n_examples']:,} examples ({p['distrust'][0]['text']})" for p in left_out)
+            + ".")
     if fit:
         notes += [f"Curve: {flag['text'].rstrip('.')}." for flag in fit.get("flags", [])]
     forgetting = _assess_forgetting(assess)
@@ -137,8 +144,9 @@ def _assess_forgetting(assess: dict) -> str:
             if entry["n_examples"] == largest and entry.get("general_loss")]
     if not rows:
         return ""
+    seeds = assess["learning_curve"][-1]["seeds"]["seeds"]  # the runs' order is the seeds'
     parts = []
-    for entry in rows:
+    for entry, seed in zip(rows, seeds, strict=False):
         loss, probe = entry["general_loss"], entry.get("probe_task") or {}
         text = (f"general-text loss {loss['base']:.3f} → {loss['tuned']:.3f} "
                 f"({loss['delta']:+.3f} [{loss['ci'][0]:+.3f}, {loss['ci'][1]:+.3f}])")
@@ -146,7 +154,7 @@ def _assess_forgetting(assess: dict) -> str:
             text += (f", {probe['name']} {probe['metric']} {probe['base']:.3f} → "
                      f"{probe['tuned']:.3f} ({probe['delta']:+.3f} [{probe['ci'][0]:+.3f}, "
                      f"{probe['ci'][1]:+.3f}])")
-        parts.append(f"seed {entry.get('training_seed', entry.get('seed'))}: {text}")
+        parts.append(f"seed {seed}: {text}")
     return (f"Outside the task (forgetting), tuned on all {largest:,} examples against the base "
             "model, paired: " + "; ".join(parts) + ".")
 
