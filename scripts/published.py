@@ -216,7 +216,8 @@ def render_calibration(result: dict) -> str:
     kind = "synthetic assessments" if assessments.get("synthetic") else "tunelab assessments"
     cuts = [cut for cut in ("1/4 all", "1/2 all") if cut in assessments["summary"]]
     if cuts:
-        lines += ["", f"{kind.capitalize()} ({assessments['n_cases']} cases; fit on the "
+        n_cases = assessments.get("n_cases") or assessments["summary"]["all"]["n_cases"]
+        lines += ["", f"{kind.capitalize()} ({n_cases} cases; fit on the "
                   "fractions up to 1/4 or 1/2, each seed's all-data value predicted):", "",
                   *header, *rows(assessments["summary"], cuts, "")]
     goals = "; ".join(_goal(goal) for goal in result["goals"])
@@ -244,9 +245,10 @@ def headline_calibration(result: dict) -> str:
             f" (the old straight line {old['median_abs_error']:.3g}), predicted/true gain "
             f"{curve['gain_ratio_median']:.2f}")
     assessments = result["assessments"]
-    if not assessments.get("synthetic") and assessments.get("n_cases"):
+    if not assessments.get("synthetic") and "all" in assessments["summary"]:
         own = assessments["summary"]["all"]["curve"]
-        text += (f"; on tunelab's own assessments ({assessments['n_cases']} cases) "
+        text += (f"; on tunelab's own assessments ({assessments['summary']['all']['n_cases']} "
+                 "cases) "
                  f"{own['coverage']:.0%}, median error {own['median_abs_error']:.3g}")
     return f"{text}. {_short_origin(result)}\n"
 

@@ -259,3 +259,31 @@ def test_interrupted_training_resumes_from_its_checkpoint(tmp_path, tiny_model_d
     assert calls[0] is None and calls[1] == folder / "reviews-n24"  # resumed, not restarted
     assert len(calls) == 3  # then the full-data run; nothing else trained twice
     assert json.loads((folder / "assess.json").read_text())["verdict"]
+
+
+def test_two_bases_from_the_cli_are_assessed_and_compared_on_one_page(
+        tmp_path, tiny_model_dir, monkeypatch, capsys):
+    import architectures
+    from helpers import run_ok, write_config
+    from transformers import AutoTokenizer
+
+    qwen = architectures.save("qwen2", tmp_path / "tiny-qwen2",
+                              AutoTokenizer.from_pretrained(tiny_model_dir))
+    config = write_config(tmp_path, tiny_model_dir, sizes=(24, 12, 12),
+                          method={"kind": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
+                          evaluation={"task": "classification",
+                                      "labels": ["negative", "positive"], "bootstrap": 100})
+    out = run_ok(monkeypatch, capsys, "assess", str(config), "--shots", "0", "--fractions",
+                 "1/2,1", "--seeds", "1", "--base", tiny_model_dir, "--base", str(qwen))
+    folder = tmp_path / "runs"
+    summary = json.loads((folder / "reviews-bases" / "bases.json").read_text())
+    assert [row["base"] for row in summary["rows"]] == [tiny_model_dir, str(qwen)]
+    for row in summary["rows"]:  # one whole assessment per base, each on its own model
+        assessed = json.loads((folder / f"{row['name']}-assess" / "assess.json").read_text())
+        assert assessed["verdict"]["kind"] in VERDICTS
+        run_config = yaml.safe_load((Path(assessed["learning_curve"][-1]["run"])
+                                     / "config.yaml").read_text())
+        assert run_config["model"]["path"] == row["base"]
+    assert summary["choice"] in (None, tiny_model_dir, str(qwen)) and summary["why"]
+    assert "tiny-qwen2" in (folder / "reviews-bases" / "bases.html").read_text()
+    assert "Which base to tune" in out  # the comparison was printed

@@ -56,7 +56,8 @@ def test_every_measured_number_reaches_the_report(evaluated_run):
     for name, entry in result.comparison.items():
         assert f"{entry.delta:+.3f}" in section, name
         if entry.p_value is not None:  # the paired test, where the task runs one
-            shown = "p &lt; 0.001" if entry.p_value < 0.001 else f"p = {entry.p_value:.3f}"
+            shown = (entry.p_text.replace("<", "&lt;") if entry.p_text  # the comparison's own
+                     else "p &lt; 0.001" if entry.p_value < 0.001 else f"p = {entry.p_value:.3f}")
             assert f"{shown} <span class=\"muted\">{entry.test}</span>" in section, name
     assert "mcnemar" in section and "n/a" not in section
     assert "could not be drawn" not in page and "Left out" not in page
