@@ -117,8 +117,10 @@ def test_runs_that_learned_are_trusted_and_under_trained_or_flat_loss_runs_are_n
     assert degenerate_reasons(["a"] * 50, ["a"] * 50, steps=9, losses=[]) == []
 
 
-def test_a_collapsed_curve_through_the_assessment_summary_is_undecided():
-    """summarise's rule, end to end on numbers: every fraction a constant predictor."""
+def test_identical_answers_give_a_zero_width_curve_and_collapsed_runs_an_undecided_verdict():
+    """The spam case in numbers: every fraction (two seeds each, resampled as the assessment
+    resamples them) a constant predictor, so the curve's interval is exact, and only the
+    distrust rule keeps the verdict from claiming anything."""
     from tunelab.experiments.assess import borrow_seed_noise, seed_spread
 
     n = 120

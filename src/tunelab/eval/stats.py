@@ -167,6 +167,8 @@ def resampled_curve(fractions: Sequence[Sequence[Measure]], *, n: int | None = N
     ``paired_comparison`` with this seed."""
     metrics = [[_measure(m, n) for m in seeds] for seeds in fractions]
     size = metrics[0][0][2]
+    if any(metric[2] != size for seeds in metrics for metric in seeds):
+        raise ValueError("every fraction and seed must be scored on the same test examples")
     rows = _row_matrix(size, n_resamples, seed)
     draws = np.random.default_rng([seed, 1])
     return np.stack([_seed_resampled(seeds, rows, draws) for seeds in metrics], axis=1)

@@ -478,8 +478,7 @@ def outcome_measure(outcome: dict, task) -> Any:
         raise RunError(f"an evaluation's {task.primary} cannot be resampled: its per-example "
                        "scores are missing", where="assess",
                        fix="run tunelab assess again with --overwrite")
-    scale = value / scores.mean() if scores.mean() else 1.0
-    mean = float(scores.mean())
+    scale, mean = METRIC_SCALE.get(task.primary, 1.0), float(scores.mean())
     return lambda rows: value + scale * (float(scores[rows].mean()) - mean)
 
 
@@ -746,7 +745,8 @@ def seed_spread(group: list[dict]) -> dict:
 
 def borrow_seed_noise(curve: np.ndarray, spreads: list[dict], *, seed: int) -> str:
     """Give each one-seed fraction's resamples the seed spread measured at the nearest fraction
-    with several seeds (in ``curve``, in place); returns what was done, in words."""
+    with several seeds (``curve`` changed in place, and the spread it borrowed recorded in that
+    fraction's ``spreads`` entry); returns what was done, in words."""
     measured = [index for index, s in enumerate(spreads) if s["std"] is not None]
     single = [index for index, s in enumerate(spreads) if s["std"] is None]
     if not measured:

@@ -46,6 +46,8 @@ from statistics import NormalDist
 
 import numpy as np
 
+from tunelab.eval.stats import resampled_curve
+
 N_BAND = 24
 N_DRAWS = 1000  # misfit draws when the caller has no resampled curves
 # The least degrees of freedom the backtest's extrapolation error is scaled with (see _Fit.make).
@@ -688,21 +690,13 @@ def hierarchical_resamples(values: Sequence[Sequence[float]], scores: Sequence[n
     resample draws test examples (one draw shared by every fraction and seed, since they are
     the same examples) and, within each fraction, seeds with replacement; a seed's metric on it
     is its value shifted by ``scale`` × the change of its mean score, and the fraction's metric
-    is the mean over the drawn seeds.
+    is the mean over the drawn seeds. The resampling is ``eval.stats.resampled_curve``, the
+    assessment's own, on scores shifted so that their mean is each seed's value.
     """
-    rng = np.random.default_rng(seed)
-    n_test = np.asarray(scores[0]).shape[-1]
-    rows = rng.integers(0, n_test, size=(n_resamples, n_test))
-    weights = np.zeros((n_resamples, n_test))
-    np.add.at(weights, (np.arange(n_resamples)[:, None], rows), 1.0 / n_test)
-    columns = []
+    fractions = []
     for seed_values, seed_scores in zip(values, scores, strict=True):
         per_seed = np.atleast_2d(np.asarray(seed_scores, dtype=float))
-        if per_seed.shape[1] != n_test:
-            raise ValueError(f"every fraction needs scores on the same {n_test} test examples, "
-                             f"not {per_seed.shape[1]}")
-        shifted = (np.asarray(seed_values, dtype=float)[None, :]
-                   + scale * (weights @ per_seed.T - per_seed.mean(axis=1)[None, :]))
-        drawn = rng.integers(0, per_seed.shape[0], size=(n_resamples, per_seed.shape[0]))
-        columns.append(np.take_along_axis(shifted, drawn, axis=1).mean(axis=1))
-    return np.stack(columns, axis=1)
+        # value + scale × (resampled mean − mean) is the resampled mean of these scores
+        fractions.append([scale * row + (value - scale * row.mean())
+                          for value, row in zip(seed_values, per_seed, strict=True)])
+    return resampled_curve(fractions, n_resamples=n_resamples, seed=seed)
