@@ -22,6 +22,7 @@ from tunelab.data.formats import FORMATS
 from tunelab.errors import ConfigError
 from tunelab.eval.tasks import TASKS
 from tunelab.model.adapters import METHODS
+from tunelab.objectives import OBJECTIVES, RL_LOSSES
 
 
 class _Section(BaseModel):
@@ -71,6 +72,27 @@ class MethodConfig(_Section):
         "projection, each keeping a float copy of its input for the backward pass (about twice "
         "the activation memory of the adapters). Either way each projection sees its input with "
         "method.dropout of it zeroed."))
+    objective: Literal[tuple(OBJECTIVES)] = Field("sft", description=(  # type: ignore[valid-type]
+        "What the model is trained to do, whatever method.kind: sft (next-token loss on the "
+        "targets), dpo (prefer the chosen answer to the rejected one, relative to the reference "
+        "model), simpo (the same on length-normalised log-probabilities, no reference), kto "
+        "(unpaired answers labelled desirable or not), grpo or rloo (reinforcement: answers "
+        "sampled from the model, rewarded by rl.rewards). Preference and reinforcement runs "
+        "train without adapter dropout, so that the policy's log-probabilities are the ones "
+        "compared."))
+    beta: float = Field(0.1, gt=0, description=(
+        "dpo / kto: the strength of the pull towards the reference model (TRL's beta); simpo: "
+        "the reward scale (SimPO's beta; 2.0 in its paper)."))
+    sft_weight: float = Field(0.0, ge=0, description=(
+        "dpo / simpo / kto: weight of an added next-token loss on the chosen (desirable) "
+        "answers, per answer token (RPO's term); 0: none."))
+    simpo_gamma: float = Field(0.5, ge=0, description=(
+        "simpo: the target reward margin gamma; the loss is -log sigmoid(beta * (chosen - "
+        "rejected mean log-probability) - gamma), as TRL's CPOTrainer computes it."))
+    desirable_weight: float = Field(1.0, gt=0, description=(
+        "kto: weight of the desirable answers' loss (raise it when they are the fewer)."))
+    undesirable_weight: float = Field(1.0, gt=0, description=(
+        "kto: weight of the undesirable answers' loss."))
 
 
 class TaskData(_Section):
@@ -269,6 +291,10 @@ class TrainConfig(_Section):
         "only trainable gradients are all-reduced), fsdp (FSDP2: weights, gradients and "
         "optimizer state sharded per decoder block); auto: ddp for adapters, fsdp for full "
         "fine-tuning. One process ignores it."))
+    init_from: str | None = Field(None, description=(
+        "Start from a finished run's result instead of the base: its adapter (trained further; "
+        "method.kind must match) or its full weights, e.g. an SFT run before DPO. The reference "
+        "model stays the base unless the run was fully fine-tuned."))
     distributed_timeout_s: float = Field(600.0, gt=0, description=(
         "Under torchrun, the longest a rank waits for the others (a crashed or hung rank) "
         "before the run fails instead of hanging; torchrun then stops every rank."))
@@ -289,6 +315,67 @@ class TrainConfig(_Section):
                 f"({self.max_seq_len}): a long example would not fit in a batch"
             )
         return self
+
+
+class RewardConfig(_Section):
+    """One reward of a reinforcement run and its weight in the sum."""
+
+    function: str = Field(description=(
+        "task: the run's eval.task scorer against each example's reference (label match, exact "
+        "match, token F1, chrF, ROUGE-L, tool-call match; per answer, on its scale of 0-1); "
+        "python:module:function (or python:path/to/file.py:function): TRL's signature, "
+        "f(prompts, completions, **columns) -> list[float | None], the record's columns passed "
+        "by name; None leaves that answer out of this reward."))
+    weight: float = Field(1.0, description="This reward's weight in the total reward.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        return {"function": value} if isinstance(value, str) else value
+
+
+class RLConfig(_Section):
+    """Reinforcement with verifiable rewards (method.objective: grpo or rloo): answers sampled
+    from the model in training, scored by the rewards, compared within each prompt's group."""
+
+    rewards: list[RewardConfig] = Field([RewardConfig(function="task")], description=(
+        "The rewards, summed with their weights: task, or python:module:function entries "
+        "(each a string or {function, weight})."))
+    group_size: int = Field(4, ge=2, description=(
+        "Answers sampled per prompt; each is compared with its group's mean (grpo) or with the "
+        "mean of the others (rloo)."))
+    prompts_per_step: int = Field(4, ge=1, description=(
+        "Prompts per optimizer step (group_size answers each)."))
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of the answers.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling of the answers.")
+    max_new_tokens: int = Field(32, ge=1, description=(
+        "Longest sampled answer in tokens; an answer cut there is truncated."))
+    mask_truncated: bool = Field(True, description=(
+        "Leave answers cut at rl.max_new_tokens out of the loss (DAPO's overlong filtering): "
+        "their reward judges an answer that was never finished."))
+    loss: Literal[RL_LOSSES] = Field("dapo", description=(  # type: ignore[valid-type]
+        "How the policy-gradient loss is averaged: dapo (over every answer token of the step), "
+        "grpo (each answer's tokens, then the answers), dr_grpo (each answer's tokens summed "
+        "over rl.max_new_tokens: no preference for short or long answers)."))
+    kl_weight: float = Field(0.0, ge=0, description=(
+        "Weight of a KL penalty towards the reference model (the k3 estimator); 0: none, and "
+        "no reference forward pass."))
+    scale_rewards: bool = Field(True, description=(
+        "grpo: divide each group's advantages by its reward spread (false: Dr. GRPO's "
+        "unscaled advantages)."))
+    guard_every: int = Field(10, ge=1, description=(
+        "Every N steps (and at step 1), the trainer's log-probabilities of the sampled tokens "
+        "are compared with the sampler's: the answers must come from the policy being trained."))
+    guard_tolerance: float = Field(0.02, gt=0, description=(
+        "The largest mean absolute difference (nats per token) between the two before the run "
+        "stops; bf16 kernels differ more than fp32."))
+    preflight_prompts: int = Field(16, ge=0, description=(
+        "Before training: answers sampled for this many training prompts from the starting "
+        "model, to report pass@1 / pass@group_size and the share of groups whose rewards all "
+        "tie; 0 skips it."))
+    max_tied_share: float = Field(0.75, gt=0, le=1, description=(
+        "The run stops before training when more of the pre-flight groups than this tie "
+        "(every answer the same reward: nothing to learn from)."))
 
 
 class EvalConfig(_Section):
@@ -366,6 +453,7 @@ class Config(_Section):
     train: TrainConfig = Field(TrainConfig(), description=TrainConfig.__doc__)
     eval: EvalConfig | None = Field(None, description=(
         "How tunelab eval measures the model; without it, a run only trains."))
+    rl: RLConfig = Field(RLConfig(), description=RLConfig.__doc__)
 
     @model_validator(mode="after")
     def _one_eval_per_task(self) -> Config:

@@ -32,6 +32,11 @@ class Batch:
     n_tokens: int  # real (non-padding) tokens
     n_target_tokens: int  # tokens whose prediction carries loss
 
+    @property
+    def loss_units(self) -> int:
+        """What the step's loss is the mean over: target tokens (a preference batch: pairs)."""
+        return self.n_target_tokens
+
     def to(self, device: torch.device) -> Batch:
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return Batch(move(self.input_ids), move(self.labels), move(self.position_ids),

@@ -139,6 +139,28 @@ def apply_method(model: nn.Module, *, kind: str, r: int, alpha: float, dropout: 
                                rslora=rslora)
 
 
+def load_adapter_weights(model: nn.Module, folder: Path, *, where: str) -> None:
+    """Load a saved adapter's weights (PEFT format) into ``model``'s own adapter of the same
+    shape, to train it further; ConfigError when they do not fit it."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    weights = load_file(str(Path(folder) / "adapter_model.safetensors"))
+    try:
+        outcome = set_peft_model_state_dict(model, weights)
+    except RuntimeError as error:  # a shape mismatch: another rank or other targets
+        raise ConfigError(f"the adapter in {folder} does not fit this run's adapter: "
+                          f"{str(error).splitlines()[0][:300]}", where=where,
+                          fix="use the same method.r and method.targets as the run it comes "
+                          "from") from None
+    missing = [key for key in outcome.missing_keys if "lora_" in key]
+    if outcome.unexpected_keys or missing:
+        extra = (outcome.unexpected_keys or missing)[0]
+        raise ConfigError(f"the adapter in {folder} does not fit this run's adapter ({extra} "
+                          "is in one and not the other)", where=where,
+                          fix="use the same method.targets as the run it comes from")
+
+
 def trainable_state(model: nn.Module) -> dict:
     """The trainable tensors only (the adapter, or everything for full fine-tuning)."""
     names = {name for name, p in model.named_parameters() if p.requires_grad}

@@ -11,6 +11,7 @@ not exist (``RunDir.read_config(need_data=False)``).
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -113,3 +114,40 @@ def attach_adapter(model: Any, run: RunDir, config: Config, *, name: str = "defa
                          f"{str(error).splitlines()[0]}", where=str(folder),
                          fix=f"load it on the base it was trained on ({config.model.path})"
                          ) from None
+
+
+@dataclass(frozen=True)
+class StartingPoint:
+    """Where a run's training starts: the model to load and, for an adapter, its weights."""
+
+    model_path: str
+    gguf_file: str | None
+    adapter: Path | None = None  # a finished run's adapter folder, loaded into the new adapter
+
+
+def starting_point(config: Config) -> StartingPoint:
+    """The base ``config.model`` names, or a finished run's result (``train.init_from``): its
+    adapter, trained further by this run, or its full weights, loaded as the base."""
+    if not config.train.init_from:
+        return StartingPoint(config.model.path, config.model.gguf_file)
+    where, fix = "train.init_from", "name a finished run directory (runs/NAME)"
+    if not RunDir(config.train.init_from).is_run():
+        raise ModelError(f"{config.train.init_from} is not a run directory", where=where, fix=fix)
+    run, start = open_run(config.train.init_from, need_data=False)
+    if not run.finished():
+        raise ModelError(f"{run} has not finished training: there is no result to start from",
+                         where=where, fix=f"finish it first (tunelab train --resume {run})")
+    start_method, method = METHODS[start.method.kind], METHODS[config.method.kind]
+    if not start_method.adapter:
+        return StartingPoint(str(run.final_weights(start.method.kind)), None)
+    if start.method.kind != config.method.kind or start.model.path != config.model.path:
+        raise ModelError(
+            f"{run} trained a {start.method.kind} adapter on {start.model.path}; this run is "
+            f"{config.method.kind} on {config.model.path}", where=where,
+            fix=f"set method.kind: {start.method.kind} and model.path: {start.model.path} (the "
+            f"adapter goes on on its own base), or export it merged (tunelab export {run} --to "
+            "merged) and give that folder as model.path" if method.adapter else
+            f"export it merged (tunelab export {run} --to merged) and give that folder as "
+            "model.path for full fine-tuning")
+    return StartingPoint(config.model.path, config.model.gguf_file,
+                         run.final_weights(start.method.kind))

@@ -84,6 +84,15 @@ class Cluster:
             raise error
         return result
 
+    def gathered(self, values: list) -> list:
+        """Every rank's ``values``, concatenated in rank order (this rank's alone in one
+        process)."""
+        if self.world_size == 1:
+            return list(values)
+        parts = [None] * self.world_size
+        dist.all_gather_object(parts, list(values))
+        return [value for part in parts for value in part]
+
     def barrier(self) -> None:
         if self.world_size > 1:
             dist.barrier()
@@ -291,12 +300,15 @@ class StepLoss(nn.Module):
         return loss * 0.0 if batch.n_target_tokens == 0 else loss
 
 
-def wrap(model: nn.Module, cluster: Cluster, *, chunk_tokens: int) -> nn.Module:
+def wrap(model: nn.Module, cluster: Cluster, *, chunk_tokens: int,
+         step_loss: nn.Module | None = None) -> nn.Module:
     """The module the loop calls for a batch's loss sum: plain, DDP- or FSDP2-wrapped.
 
-    Build the optimizer after this call: FSDP2 replaces the parameters by sharded DTensors.
+    ``step_loss`` is the loss module around ``model`` (a preference objective's); default the
+    completion-token loss, ``StepLoss``. Build the optimizer after this call: FSDP2 replaces the
+    parameters by sharded DTensors.
     """
-    step_loss = StepLoss(model, chunk_tokens)
+    step_loss = step_loss if step_loss is not None else StepLoss(model, chunk_tokens)
     if cluster.world_size > 1:
         # Same seed until here (the same adapter initialisation everywhere); from here on each
         # rank draws its own dropout masks.

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -24,10 +24,12 @@ from tunelab.train.optim import Optimization, clip_gradients
 class StepLosses:
     """What one step's gradients came from: the mean loss and the norm before clipping."""
 
-    loss: float  # mean over the step's target tokens, all ranks
+    loss: float  # mean over the step's loss units (target tokens; pairs), all ranks
     grad_norm: float
     tokens: int  # all ranks, padding excluded
     target_tokens: int
+    # A preference step's statistics (reward accuracy, margin, ...), means over its pairs.
+    stats: dict[str, float] = field(default_factory=dict)
 
 
 def forward_backward(step_model: torch.nn.Module, batches: list[Batch], *,
@@ -36,28 +38,35 @@ def forward_backward(step_model: torch.nn.Module, batches: list[Batch], *,
                      sources: Callable[[], list[str]]) -> StepLosses:
     """Accumulate the gradients of optimizer step ``step`` over ``batches`` and clip them.
 
-    The loss is the mean over the step's target tokens (of all ranks), whatever the micro-batch
-    sizes. ``sources`` names the step's examples (file:line) if the loss is not finite.
+    The loss is the mean over the step's loss units (target tokens; a preference step's pairs)
+    of all ranks, whatever the micro-batch sizes. ``step_model`` returns a batch's summed loss,
+    or (summed loss, summed statistics). ``sources`` names the step's examples (file:line) if
+    the loss is not finite.
     """
-    n_target = cluster.total(sum(batch.n_target_tokens for batch in batches))
-    loss_sum = 0.0
+    n_units = cluster.total(sum(batch.loss_units for batch in batches))
+    loss_sum, stat_sums = 0.0, {}
     for index, batch in enumerate(batches):
         batch = batch.to(device)
         # Gradients are reduced across ranks once per step, with the last micro-batch.
         with distributed.gradient_sync(step_model, sync=index == len(batches) - 1):
             with autocast(device):
-                loss = step_model(batch)
+                output = step_model(batch)
+            loss, stats = output if isinstance(output, tuple) else (output, {})
             if not torch.isfinite(loss):
                 raise non_finite(float(loss), step, sources())
             # DDP and FSDP average gradients over the ranks: × world_size makes it the sum.
-            (loss / n_target * cluster.world_size).backward()
+            (loss / max(n_units, 1) * cluster.world_size).backward()
         loss_sum += float(loss.detach())
+        for name, value in stats.items():
+            stat_sums[name] = stat_sums.get(name, 0.0) + float(value)
     grad_norm = clip_gradients(step_model, max_grad_norm)
     if not math.isfinite(grad_norm):
         raise non_finite(grad_norm, step, sources(), what="gradient norm")
-    return StepLosses(cluster.total(loss_sum) / n_target, grad_norm,
+    n_target = cluster.total(sum(batch.n_target_tokens for batch in batches))
+    return StepLosses(cluster.total(loss_sum) / max(n_units, 1), grad_norm,
                       int(cluster.total(sum(batch.n_tokens for batch in batches))),
-                      int(n_target))
+                      int(n_target), {name: cluster.total(value) / max(n_units, 1)
+                                      for name, value in sorted(stat_sums.items())})
 
 
 def update(optimization: Optimization) -> None:
