@@ -100,3 +100,56 @@ def batch_loss_sum(model: nn.Module, batch: Batch, *, chunk_tokens: int = 512) -
     _, output_layer, softcap = model_parts(model)
     return chunked_loss(hidden_states(model, batch), batch.labels, output_layer,
                         chunk_tokens=chunk_tokens, softcap=softcap)
+
+
+def target_logps(model: nn.Module, batch: Batch, *, chunk_tokens: int = 512,
+                 temperature: float = 1.0, entropy: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(log-probability of each target token, the sequence it belongs to, the entropy of each
+    target position's distribution or None), target tokens in batch order.
+
+    The log-probabilities are of ``softmax(logits / temperature)`` (reinforcement scores its
+    samples under the distribution they were drawn from). The output layer runs a chunk of
+    target positions at a time and, under autograd, is recomputed in the backward pass, so no
+    ``[tokens × vocabulary]`` tensor is kept. A new sequence starts wherever the position
+    restarts at 0 (packed rows) and at every row (padded rows).
+    """
+    _, output_layer, softcap = model_parts(model)
+    hidden = hidden_states(model, batch)
+    targets = batch.labels[:, 1:]
+    selected = targets != IGNORE_INDEX
+    positions = hidden[:, :-1][selected]
+    target_ids = targets[selected]
+    owners = ((batch.position_ids.flatten() == 0).cumsum(0) - 1).view_as(
+        batch.position_ids)[:, 1:][selected]
+    logps, entropies = [], []
+    for start in range(0, positions.shape[0], chunk_tokens):
+        args = (positions[start:start + chunk_tokens], target_ids[start:start + chunk_tokens])
+        if torch.is_grad_enabled() and positions.requires_grad:
+            chunk = checkpoint(_chunk_logps, output_layer, softcap, temperature, entropy, *args,
+                               use_reentrant=False)
+        else:
+            chunk = _chunk_logps(output_layer, softcap, temperature, entropy, *args)
+        logps.append(chunk[0])
+        entropies.append(chunk[1])
+    if not logps:
+        empty = hidden.new_zeros(0, dtype=torch.float32)
+        return empty, owners, empty if entropy else None
+    return torch.cat(logps), owners, torch.cat(entropies) if entropy else None
+
+
+def _chunk_logps(output_layer: nn.Module, softcap: float | None, temperature: float,
+                 entropy: bool, hidden: torch.Tensor, target_ids: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = output_layer(hidden).float()
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    if temperature != 1.0:
+        logits = logits / temperature
+    logps = -F.cross_entropy(logits, target_ids, reduction="none")
+    if not entropy:
+        return logps, logps.new_zeros(0)
+    with torch.no_grad():
+        log_softmax = torch.log_softmax(logits, dim=-1)
+        spread = -(log_softmax.exp() * log_softmax).sum(-1)
+    return logps, spread

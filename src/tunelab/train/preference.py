@@ -21,13 +21,11 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from tunelab.data.packing import Batch, collate, plan_batches
 from tunelab.data.tokenize import IGNORE_INDEX, TokenizedExample
-from tunelab.model.adapters import model_parts
 from tunelab.objectives import Objective
-from tunelab.train.loss import hidden_states
+from tunelab.train.loss import target_logps
 
 # What a preference step logs (each summed over the step's pairs, then divided by their count).
 STAT_NAMES = ("reward_accuracy", "margin", "chosen_logp", "rejected_logp", "chosen_reward",
@@ -100,49 +98,16 @@ def collate_pairs(pairs: list, *, packing: bool, pad_id: int,
                      reference=reference, n_mismatched=len(mismatched or []))
 
 
-def sequence_ids(position_ids: torch.Tensor) -> torch.Tensor:
-    """Which sequence of the batch each position belongs to ([rows, length]): a new sequence
-    starts wherever the position restarts at 0 (packed rows) and at every row (padded rows,
-    whose padding continues the row's positions)."""
-    return ((position_ids.flatten() == 0).cumsum(0) - 1).view_as(position_ids)
-
-
 def sequence_logps(model: nn.Module, batch: Batch, *, chunk_tokens: int = 512
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed log-probability of each sequence's target tokens, their count), per sequence.
-
-    The output layer runs a chunk of target positions at a time and is recomputed in the backward
-    pass (activation checkpointing), so no ``[tokens × vocabulary]`` tensor is kept.
-    """
-    _, output_layer, softcap = model_parts(model)
-    hidden = hidden_states(model, batch)
-    targets = batch.labels[:, 1:]
-    selected = targets != IGNORE_INDEX
-    positions = hidden[:, :-1][selected]
-    target_ids = targets[selected]
-    owners = sequence_ids(batch.position_ids)[:, 1:][selected]
+    """(summed log-probability of each sequence's target tokens, their count), per sequence
+    (``loss.target_logps``: chunked, no full logits kept)."""
+    token_logps, owners, _ = target_logps(model, batch, chunk_tokens=chunk_tokens)
     n_sequences = int((batch.position_ids == 0).sum())
-    pieces = []
-    for start in range(0, positions.shape[0], chunk_tokens):
-        args = (positions[start:start + chunk_tokens], target_ids[start:start + chunk_tokens])
-        if torch.is_grad_enabled() and positions.requires_grad:
-            pieces.append(checkpoint(_token_logps, output_layer, softcap, *args,
-                                     use_reentrant=False))
-        else:
-            pieces.append(_token_logps(output_layer, softcap, *args))
-    token_logps = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
     sums = token_logps.new_zeros(n_sequences).index_add(0, owners, token_logps)
     counts = torch.zeros(n_sequences, device=sums.device).index_add(
         0, owners, torch.ones_like(token_logps))
     return sums, counts
-
-
-def _token_logps(output_layer: nn.Module, softcap: float | None, hidden: torch.Tensor,
-                 target_ids: torch.Tensor) -> torch.Tensor:
-    logits = output_layer(hidden).float()
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
-    return -F.cross_entropy(logits, target_ids, reduction="none")
 
 
 @contextmanager
