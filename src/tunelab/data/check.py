@@ -10,10 +10,18 @@ from rich.table import Table
 from tunelab.config import Config, DataConfig
 from tunelab.data.formats import Example
 from tunelab.data.mixture import data_rates, task_data, task_token_counts
+from tunelab.data.preference import is_preference_record, read_preference_splits, tokenize_pairs
 from tunelab.data.prepare import Splits, prepare_data, read_splits, tokenize_as_trained
-from tunelab.data.quality import quality_report, render_quality_report
+from tunelab.data.quality import (
+    preference_report,
+    quality_report,
+    render_preference_report,
+    render_quality_report,
+)
+from tunelab.data.readers import read_records
 from tunelab.data.tokenize import truncation_effects
 from tunelab.errors import ModelError
+from tunelab.objectives import OBJECTIVES, Objective
 
 
 def check_data(source: str | Path | Config, *, max_seq_len: int | None = None,
@@ -28,7 +36,9 @@ def check_data(source: str | Path | Config, *, max_seq_len: int | None = None,
     them (``prepare.tokenize_as_trained``), untruncated, to show what ``max_seq_len`` cuts.
     A multitask config (``data.tasks``) is checked task by task, as each task is trained, and
     the report adds the mixture's planned token shares: ``{"tasks": {name: report},
-    "mixture": ...}``.
+    "mixture": ...}``. Preference data (a config whose method.objective is dpo, simpo or kto,
+    or a file whose first record is a preference shape) adds ``preference``: the checks of
+    ``quality.preference_report`` per split, the usual report being that of the chosen answers.
     """
     from tunelab.config import load_config
 
@@ -39,9 +49,14 @@ def check_data(source: str | Path | Config, *, max_seq_len: int | None = None,
         data, seed = config.data, config.train.seed
         model = model or config.model.path
         max_seq_len = max_seq_len or config.train.max_seq_len
+        objective = OBJECTIVES[config.method.objective]
     else:
         data, seed = DataConfig(train=[str(source)]), 0  # the defaults: no validation split
+        objective = _file_objective(source)
     tokenizer = _tokenizer(model, console) if model else None
+    if objective is not None and objective.preference:
+        return _check_preference(data, objective, seed=seed, test=is_config,
+                                 tokenizer=tokenizer, max_seq_len=max_seq_len, console=console)
     if data.tasks:
         return _check_tasks(data, seed=seed, tokenizer=tokenizer, max_seq_len=max_seq_len,
                             console=console)
@@ -69,6 +84,50 @@ def _check_splits(splits: Splits, data: DataConfig, *, tokenizer, max_seq_len: i
                                 **truncation_effects(tokenized["train"], max_seq_len)}
     render_quality_report(report, console)
     _render_truncation(report.get("truncation"), console)
+    return report
+
+
+def _file_objective(source: str | Path) -> Objective | None:
+    """A data file's objective by its first record: pairs (dpo's) or unpaired (kto's)
+    preference data, else None (ordinary examples)."""
+    shape = is_preference_record(read_records(source)[0])
+    if shape is None:
+        return None
+    wanted = "unpaired" if shape == "unpaired" else "pairs"
+    return next(objective for objective in OBJECTIVES.values() if objective.data == wanted)
+
+
+def _check_preference(data: DataConfig, objective: Objective, *, seed: int, test: bool,
+                      tokenizer, max_seq_len: int | None, console: Console) -> dict:
+    """The quality report of the chosen answers (duplicates; leakage of the prompts between
+    splits) and the preference checks, each split tokenized as the run does, untruncated."""
+    read = read_preference_splits(data, seed=seed, objective=objective, test=test)
+    splits = {"train": read.train, "validation": read.validation, "test": read.test}
+    pair_lengths: dict[str, list] = {}
+    if tokenizer is not None:
+        for split, examples in splits.items():
+            pairs = tokenize_pairs(examples, tokenizer, data, max_seq_len=10**9)
+            pair_lengths[split] = [(len(pair.chosen.input_ids), len(pair.rejected.input_ids)
+                                    if pair.rejected is not None else None) for pair in pairs]
+    # A pair is truncated when either side is: the longer side's length is the one that counts.
+    lengths = ({split: [max(chosen, rejected or 0) for chosen, rejected in items]
+                for split, items in pair_lengths.items()} if tokenizer is not None else None)
+    if lengths is not None and len(read.test_examples) > len(read.test):
+        lengths["test"] = [len(ex.input_ids) for ex in tokenize_as_trained(
+            read.test_examples, tokenizer, data, max_seq_len=10**9)]
+    chosen = {split: [example.chosen for example in examples]
+              for split, examples in splits.items()}
+    chosen["test"] = read.test_examples  # test files may be evaluation data, not pairs
+    report = quality_report(chosen["train"], chosen["validation"] or None,
+                            chosen["test"] or None, token_lengths=lengths,
+                            max_seq_len=max_seq_len,
+                            conflicting_targets=objective.data == "pairs")
+    checks = {split: preference_report(examples, pair_lengths.get(split), split=split)
+              for split, examples in splits.items() if examples}
+    report["preference"] = {"data": objective.data, "shape": read.shape, "splits": checks}
+    report["warnings"] += [warning for check in checks.values() for warning in check["warnings"]]
+    render_preference_report(checks, console)
+    render_quality_report(report, console)
     return report
 
 

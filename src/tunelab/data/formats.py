@@ -134,12 +134,42 @@ _TEMPLATE_FIX = (
 _ROLE_HINTS = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant"}
 
 
+#: The preference shapes (data/preference.py reads them) that supervised reading refuses.
+PREFERENCE_SHAPES = {
+    "paired": '{"prompt", "chosen", "rejected"} (TRL)',
+    "openai": '{"input": {"messages"}, "preferred_output", "non_preferred_output"} (OpenAI DPO)',
+    "rejected_response": '{"messages", "rejected_response"}',
+}
+
+
+def preference_shape(record: Record) -> str | None:
+    """The record's preference shape by its keys (a key of ``PREFERENCE_SHAPES``), or None."""
+    keys = record.fields
+    if "chosen" in keys and "rejected" in keys:
+        return "paired"
+    if "preferred_output" in keys:
+        return "openai"
+    if "rejected_response" in keys:
+        return "rejected_response"
+    return None
+
+
 def detect_format(record: Record) -> str:
     """The record's format from its keys: chat, instruction, completion or text.
 
-    Raises DataError listing the record's keys and the accepted shapes when none fits.
+    Raises DataError listing the record's keys and the accepted shapes when none fits, and for
+    preference records (a chosen and a rejected answer), which supervised training cannot read.
     """
     keys = record.fields
+    shape = preference_shape(record)
+    if shape is not None:
+        raise DataError(
+            f"this record is preference data ({PREFERENCE_SHAPES[shape]}), which supervised "
+            "fine-tuning cannot read",
+            where=record.where,
+            fix="set method.objective: dpo (or simpo, kto) in the config to train on preference "
+            "pairs",
+        )
     if "messages" in keys:
         return "chat"
     if "instruction" in keys and "output" in keys:

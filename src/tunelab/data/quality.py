@@ -24,7 +24,7 @@ more than ~100 mutual near-duplicates the pair count is a lower bound.
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from rich.console import Console
@@ -32,6 +32,9 @@ from rich.panel import Panel
 from rich.table import Table
 
 from tunelab.data.formats import Example, example_prompt, example_target, example_text
+
+if TYPE_CHECKING:
+    from tunelab.data.preference import PreferenceExample
 
 MAX_PLACES = 10
 MAX_BALANCE_LABELS = 50
@@ -58,6 +61,7 @@ def quality_report(
     token_lengths: dict[str, list[int]] | None = None,
     max_seq_len: int | None = None,
     near_duplicate_threshold: float = 0.8,
+    conflicting_targets: bool = True,
 ) -> dict:
     """Check the examples of each split and the overlap of every pair; return JSON-ready data.
 
@@ -65,6 +69,7 @@ def quality_report(
     ``max_seq_len``, the share that will be truncated. ``leakage`` has one entry per pair of
     splits given (train/validation, train/test, validation/test), each counting the examples of
     the later split that the earlier one already holds. ``warnings`` says what to fix.
+    ``conflicting_targets=False`` counts none (KTO's answers: one prompt, good and bad answers).
     """
     splits = {"train": train}
     if validation is not None:
@@ -85,7 +90,8 @@ def quality_report(
             "truncated": _truncation(lengths, max_seq_len),
             "exact_duplicates": _exact_duplicates(examples, texts[name]),
             "near_duplicates": near[name],
-            "conflicting_targets": _conflicting_targets(examples),
+            "conflicting_targets": _conflicting_targets(examples if conflicting_targets
+                                                        else []),
             "label_balance": _label_balance(examples),
             "empty_targets": _empty_targets(examples),
         }
@@ -806,3 +812,119 @@ def _balance_table(split: str, balance: dict) -> Table:
     for label, count in balance["counts"].items():
         table.add_row(_preview(label, 40), f"{count:,}", f"{balance['shares'][label]:.1%}")
     return table
+
+
+# --- preference data ------------------------------------------------------------------------
+
+PREFERENCE_PLACES = 3
+#: Outside this share of pairs whose chosen answer is the longer, length is what the pairs teach.
+CHOSEN_LONGER_RANGE = (0.25, 0.75)
+#: Outside this share of desirable answers, KTO's two losses need weighting.
+DESIRABLE_RANGE = (0.1, 0.9)
+
+
+def preference_report(examples: list[PreferenceExample],
+                      token_lengths: list[tuple[int, int | None]] | None = None, *,
+                      split: str = "train") -> dict:
+    """What preference examples teach beyond their answers: pairs whose chosen and rejected
+    answers are the same, how often the chosen answer is the longer, KTO's desirable share.
+
+    ``token_lengths`` (chosen, rejected) per example compares the answers in tokens, else in
+    characters (a pair's two sides share their prompt, so the whole lengths compare the
+    answers). ``chosen_longer_share`` counts the pairs whose answers differ in length.
+    """
+    pairs = [(i, ex) for i, ex in enumerate(examples) if ex.rejected is not None]
+    identical = [ex.where for _, ex in pairs
+                 if example_text(ex.chosen) == example_text(ex.rejected)]
+    unit = "tokens" if token_lengths is not None else "characters"
+    longer = Counter()
+    for index, example in pairs:
+        chosen, rejected = (token_lengths[index] if token_lengths is not None else
+                            map(len, map(example_text, (example.chosen, example.rejected))))
+        longer["chosen" if chosen > rejected else "rejected" if rejected > chosen else "same"] += 1
+    differing = longer["chosen"] + longer["rejected"]
+    labelled = [ex.desirable for ex in examples if ex.desirable is not None]
+    report = {
+        "split": split, "n_examples": len(examples), "n_pairs": len(pairs),
+        "identical_pairs": {"count": len(identical), "places": identical[:PREFERENCE_PLACES]},
+        "length_unit": unit,
+        "chosen_longer": longer["chosen"], "rejected_longer": longer["rejected"],
+        "same_length": longer["same"],
+        "chosen_longer_share": round(longer["chosen"] / differing, 4) if differing else None,
+        "desirable": sum(labelled), "undesirable": len(labelled) - sum(labelled),
+        "desirable_share": round(sum(labelled) / len(labelled), 4) if labelled else None,
+        "contradictory_labels": _contradictory_labels(examples),
+    }
+    report["warnings"] = _preference_warnings(report)
+    return report
+
+
+def _contradictory_labels(examples: list[PreferenceExample]) -> dict:
+    """KTO: the same prompt and answer labelled both desirable and undesirable."""
+    labels: dict[str, set[bool]] = defaultdict(set)
+    first: dict[str, str] = {}
+    for example in examples:
+        if example.desirable is not None:
+            text = example_text(example.chosen)
+            labels[text].add(example.desirable)
+            first.setdefault(text, example.where)
+    places = [first[text] for text, seen in labels.items() if len(seen) > 1]
+    return {"count": len(places), "places": places[:PREFERENCE_PLACES]}
+
+
+def _preference_warnings(report: dict) -> list[str]:
+    split, warnings = report["split"], []
+    identical = report["identical_pairs"]
+    if identical["count"]:
+        have = "has" if identical["count"] == 1 else "have"
+        warnings.append(
+            f"{_n(identical['count'], f'{split} pair')} {have} the same chosen and rejected "
+            f"answer, e.g. {_places(identical['places'])}: they teach nothing; fix the rejected "
+            "answer or drop the pair")
+    share, (low, high) = report["chosen_longer_share"], CHOSEN_LONGER_RANGE
+    if share is not None and not low <= share <= high:
+        prefers = "long" if share > high else "short"
+        warnings.append(
+            f"the chosen answer is the longer in {share:.0%} of the {split} pairs whose answers "
+            f"differ in length ({report['length_unit']}): length exploitation: a model can "
+            f"learn to prefer {prefers} answers; balance the pairs by length, or use "
+            "method.objective: simpo (length-normalised)")
+    share, (low, high) = report["desirable_share"], DESIRABLE_RANGE
+    if share is not None and not low <= share <= high:
+        fewer, weight = (("desirable", "desirable_weight") if share < low
+                         else ("undesirable", "undesirable_weight"))
+        warnings.append(
+            f"desirable answers are {share:.0%} of {split} ({report['desirable']:,} of "
+            f"{report['desirable'] + report['undesirable']:,}): raise method.{weight} so that "
+            f"the {fewer} answers weigh as much in the loss (the KTO paper keeps "
+            "desirable_weight × desirable / (undesirable_weight × undesirable) between 1 and "
+            "4/3)")
+    contradictory = report["contradictory_labels"]
+    if contradictory["count"]:
+        warnings.append(
+            f"{_n(contradictory['count'], f'{split} answer')} {_are(contradictory['count'])} "
+            f"labelled both desirable and undesirable, e.g. {_places(contradictory['places'])}: "
+            "check the labels; contradictory examples teach noise")
+    return warnings
+
+
+def render_preference_report(reports: dict[str, dict], console: Console) -> None:
+    """One table of the preference checks, a column per split (warnings go with the others)."""
+    table = Table(title="Preference data", title_justify="left")
+    table.add_column("")
+    for split in reports:
+        table.add_column(split, justify="right")
+    share = lambda value: "-" if value is None else f"{value:.1%}"  # noqa: E731
+    rows = {
+        "pairs": lambda r: f"{r['n_pairs']:,}",
+        "identical pairs": lambda r: f"{r['identical_pairs']['count']:,}",
+        "chosen longer": lambda r: (f"{share(r['chosen_longer_share'])} ({r['length_unit']})"
+                                    if r["n_pairs"] else "-"),
+        "desirable": lambda r: share(r["desirable_share"]),
+        "contradictory labels": lambda r: f"{r['contradictory_labels']['count']:,}",
+    }
+    paired = any(r["n_pairs"] for r in reports.values())
+    for name, cell in rows.items():
+        if paired == (name in ("pairs", "identical pairs", "chosen longer")):
+            table.add_row(name, *(cell(report) for report in reports.values()))
+    console.print(table)
