@@ -645,6 +645,14 @@ def _resolve_paths(config: Config, base_dir: Path, source: str, document: Any) -
                 "embedded:smollm2-135m-instruct",
             )
         config.model.path = str(candidate)
+    if config.train.init_from:  # a run directory: relative to the config, like the data
+        start = Path(os.path.expanduser(config.train.init_from))
+        config.train.init_from = str(start if start.is_absolute() else base_dir / start)
+    for reward in config.rl.rewards:  # python:path/to/file.py:function, relative to the config
+        target, _, name = reward.function.removeprefix("python:").rpartition(":")
+        if reward.function.startswith("python:") and target.endswith(".py") \
+                and not Path(os.path.expanduser(target)).is_absolute():
+            reward.function = f"python:{base_dir / target}:{name}"
     return config
 
 

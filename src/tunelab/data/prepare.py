@@ -73,6 +73,11 @@ class Split:
         return Split([self.records[i] for i in chosen], [self.examples[i] for i in chosen])
 
 
+def read_split(paths: list[str], data: DataConfig) -> Split:
+    """The files' records and the examples they normalise to (errors name file:line)."""
+    return _read(paths, data)
+
+
 def _read(paths: list[str], data: DataConfig) -> Split:
     """The files' records and examples (errors name file:line), one file after another."""
     split = Split([], [])
@@ -92,6 +97,12 @@ def _run_splits(data: DataConfig, *, seed: int) -> tuple[Split, Split]:
                                           seed=seed)
         train, validation = train.pick(kept), train.pick(held_out)
     return train, validation
+
+
+def read_run_splits(data: DataConfig, *, seed: int) -> tuple[Split, Split]:
+    """The run's train and validation splits, records beside their examples (a reinforcement
+    run's prompts keep their records' columns for the reward functions)."""
+    return _run_splits(data, seed=seed)
 
 
 @dataclass

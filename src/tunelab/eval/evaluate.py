@@ -33,7 +33,8 @@ from rich.table import Table
 
 from tunelab.config import Config, EvalConfig
 from tunelab.data.formats import Example, example_prompt
-from tunelab.data.prepare import EvalSplits, read_eval_splits, with_prompt
+from tunelab.data.preference import read_preference_splits
+from tunelab.data.prepare import EvalSplits, Split, read_eval_splits, read_split, with_prompt
 from tunelab.data.quality import leaked_examples
 from tunelab.data.records import Record
 from tunelab.data.render import reference_text
@@ -43,6 +44,7 @@ from tunelab.eval.generate import generate_texts, score_continuations
 from tunelab.eval.result import SCHEMA_VERSION, EvalResult, ModelOutcome
 from tunelab.eval.stats import paired_comparison, spread
 from tunelab.eval.tasks import Task
+from tunelab.objectives import OBJECTIVES
 from tunelab.run.directory import RunDir, eval_name
 
 
@@ -61,8 +63,11 @@ def evaluate(config: Config, *, run_dir: str | Path | RunDir | None = None, base
                           "positive]}")
     eval_cfg, data = config.eval, config.data
     prompt, completion = _templates(config)
-    splits = read_eval_splits(data, split=eval_cfg.split, seed=config.train.seed,
-                              max_examples=eval_cfg.max_examples)
+    if OBJECTIVES[config.method.objective].preference:
+        splits = _preference_eval_splits(config)
+    else:
+        splits = read_eval_splits(data, split=eval_cfg.split, seed=config.train.seed,
+                                  max_examples=eval_cfg.max_examples)
     records = splits.evaluated.records
     task = Task.from_config(eval_cfg)
     variants = eval_cfg.prompt_variants or [prompt]
@@ -276,6 +281,32 @@ def _load_models(config: Config, run_dir, *, want_base: bool, want_tuned: bool) 
     for model, _, _ in models.values():
         model.eval()
     return models
+
+
+def _preference_eval_splits(config: Config) -> EvalSplits:
+    """A preference run's data as evaluation reads it: the evaluated split's examples (a test
+    file of ordinary examples, or the chosen answers of preference pairs) and the run's own
+    train and validation pairs as examples of their chosen answers (the few-shot pool and the
+    leakage check's earlier splits)."""
+    data, eval_cfg = config.data, config.eval
+    objective = OBJECTIVES[config.method.objective]
+    splits = read_preference_splits(data, seed=config.train.seed, objective=objective,
+                                    test=eval_cfg.split == "test")
+    as_split = lambda examples: Split(  # noqa: E731 (records: where each example came from)
+        [Record({}, ex.source, ex.line) for ex in examples], examples)
+    train = as_split([example.chosen for example in splits.train])
+    validation = as_split([example.chosen for example in splits.validation])
+    if eval_cfg.split == "test":
+        if not data.test:
+            raise ConfigError("eval.split is 'test' but data.test is empty", where="data.test",
+                              fix="add data.test: <file>, or set eval.split")
+        evaluated = read_split(data.test, data) if not splits.test else as_split(
+            splits.test_examples)
+    else:
+        evaluated = validation
+    if eval_cfg.max_examples:
+        evaluated = evaluated.pick(range(min(eval_cfg.max_examples, len(evaluated.records))))
+    return EvalSplits(evaluated, train, validation)
 
 
 def _split_leakage(splits: EvalSplits, split: str) -> dict:

@@ -84,6 +84,11 @@ class RunDir:
         return self.path / METHODS[kind].final_folder
 
     @property
+    def preflight_file(self) -> Path:
+        """A reinforcement run's pre-flight: the starting model's pass rates and tied groups."""
+        return self.path / "preflight.json"
+
+    @property
     def eval_dir(self) -> Path:
         return self.path / "eval"
 

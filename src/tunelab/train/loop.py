@@ -28,21 +28,24 @@ from tunelab.config import Config
 from tunelab.data.formats import Example
 from tunelab.data.mixture import task_token_counts
 from tunelab.data.packing import plan_batches
+from tunelab.data.preference import prepare_preference_data
 from tunelab.data.prepare import prepare_data
-from tunelab.data.schedule import Schedule, run_schedule
+from tunelab.data.schedule import Schedule, run_schedule, schedule_micro_batches
 from tunelab.data.tokenize import EvalPrompt, TokenizedExample, eval_prompts
-from tunelab.errors import RunError
+from tunelab.errors import ConfigError, RunError
 from tunelab.eval.generate import generate_texts
 from tunelab.model import varlen
-from tunelab.model.adapters import METHODS, apply_method, save_final
+from tunelab.model.adapters import METHODS, apply_method, load_adapter_weights, save_final
 from tunelab.model.dropout import share_lora_dropout
 from tunelab.model.load import describe_model, load_model, load_tokenizer, resolve_device
 from tunelab.model.swiglu import fuse_gated_activations
+from tunelab.objectives import OBJECTIVES
 from tunelab.peak_memory import peak_rss_bytes
-from tunelab.run.directory import RunDir, create_run
+from tunelab.run.directory import RunDir, create_run, write_json
+from tunelab.run.load import starting_point
 from tunelab.run.manifest import Manifest
 from tunelab.run.metrics import MetricsLog
-from tunelab.train import distributed
+from tunelab.train import distributed, preference, rl
 from tunelab.train.checkpoint import (
     disk_full,
     list_checkpoints,
@@ -74,25 +77,35 @@ class Prepared:
 
 def prepare(config: Config, console: Console) -> Prepared:
     """Read, normalise and tokenize the data; load the model and attach the adapter."""
-    train_cfg = config.train
+    train_cfg, objective = config.train, OBJECTIVES[config.method.objective]
     tokenizer = load_tokenizer(config.model.path, config.model.gguf_file)
-    data = prepare_data(config.data, tokenizer, max_seq_len=train_cfg.max_seq_len,
-                        seed=train_cfg.seed)
+    if objective.preference:  # pairs (or KTO's labelled answers) instead of examples
+        data = prepare_preference_data(config.data, tokenizer, max_seq_len=train_cfg.max_seq_len,
+                                       seed=train_cfg.seed, objective=objective)
+    else:
+        data = prepare_data(config.data, tokenizer, max_seq_len=train_cfg.max_seq_len,
+                            seed=train_cfg.seed)
     if data.skipped:
         console.print(f"[yellow]warning:[/] {len(data.skipped)} training examples have no target "
                       f"tokens left (e.g. {data.skipped[0].source}:{data.skipped[0].line}: empty "
                       "target or cut by max_seq_len); they are skipped.")
     device = resolve_device(config.model.device)
-    model = load_model(config.model.path, dtype=config.model.dtype, device=str(device),
-                       gguf_file=config.model.gguf_file,
+    start = starting_point(config)
+    model = load_model(start.model_path, dtype=config.model.dtype, device=str(device),
+                       gguf_file=start.gguf_file,
                        attn_implementation=config.model.attn_implementation,
                        load_in_4bit=METHODS[config.method.kind].load_in_4bit)
     model.config.use_cache = False
     if train_cfg.packing:
         varlen.enable(model)
     method = config.method
+    # Preference and reinforcement objectives compare the policy's log-probabilities with the
+    # reference's and the sampler's: dropout would make every one of them a different model.
+    dropout = method.dropout if objective.name == "sft" else 0.0
     model = apply_method(model, kind=method.kind, r=method.r, alpha=method.alpha,
-                         dropout=method.dropout, targets=method.targets, rslora=method.rslora)
+                         dropout=dropout, targets=method.targets, rslora=method.rslora)
+    if start.adapter is not None:
+        load_adapter_weights(model, start.adapter, where="train.init_from")
     if method.shared_dropout:
         share_lora_dropout(model)  # one dropped copy and a bool mask per input, not per projection
     if train_cfg.fused_swiglu:
@@ -102,7 +115,8 @@ def prepare(config: Config, console: Console) -> Prepared:
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
     return Prepared(data.train, data.validation, data.validation_examples, tokenizer, model,
-                    device, data.report, data.train_tasks, data.validation_tasks)
+                    device, data.report, getattr(data, "train_tasks", []),
+                    getattr(data, "validation_tasks", []))
 
 
 @dataclass(frozen=True)
@@ -170,6 +184,45 @@ def _validation_sums(step_model, examples: list[TokenizedExample],
     return cluster.total(total), cluster.total(count)
 
 
+@torch.no_grad()
+def preference_validation(training: Training) -> tuple[float | None, dict]:
+    """A preference objective's validation: its loss (mean over the held-out pairs) and the
+    pairs' statistics: ``val_reward_accuracy`` (share ordered as the data orders them, with its
+    bootstrap interval over pairs), ``val_margin``, the answers' log-probabilities and rewards.
+    """
+    from tunelab.eval.stats import bootstrap_ci
+
+    prepared, cluster, train_cfg = training.prepared, training.cluster, training.config.train
+    if not prepared.validation:
+        return None, {}
+    was_training = training.step_model.training
+    training.step_model.eval()
+    share = distributed.rank_batches(plan_batches([unit_length(u) for u in prepared.validation],
+                                                  batch_tokens=train_cfg.batch_tokens,
+                                                  packing=train_cfg.packing), cluster)
+    loss_sum, stat_sums, margins = 0.0, {}, []
+    for batch in training.collate("validation", share):
+        with autocast(prepared.device):
+            losses, pair_margins, stats = training.step_model(batch.to(prepared.device),
+                                                              per_pair=True)
+        if batch.n_pairs:
+            loss_sum += float(losses.sum())
+            margins += pair_margins.float().cpu().tolist()
+            for name, value in stats.items():
+                stat_sums[name] = stat_sums.get(name, 0.0) + float(value)
+    training.step_model.train(was_training)
+    margins = cluster.gathered(margins)
+    n_pairs = max(1, len(margins))
+    accuracy = [float(margin > 0) for margin in margins]
+    low, high = bootstrap_ci(accuracy)
+    stats = {f"val_{name}": round(cluster.total(value) / n_pairs, 6)
+             for name, value in sorted(stat_sums.items())}
+    stats["val_reward_accuracy_ci"] = [round(low, 4), round(high, 4)]
+    stats["val_pairs"] = len(margins)
+    malloc.release_memory()
+    return cluster.total(loss_sum) / n_pairs, stats
+
+
 @dataclass
 class Training:
     """One rank's training, set up: what every step, validation and checkpoint of it reads."""
@@ -183,14 +236,49 @@ class Training:
     schedule: Schedule
     steps: list[list[list[int]]]  # each optimizer step's micro-batches: this rank's share
     console: Console
+    # Preference objectives: KTO's mismatched sequences, and precomputed reference log-probs
+    # (full fine-tuning, which has no adapter to switch off), per split.
+    mismatched: dict[str, list] = field(default_factory=dict)
+    references: dict[str, list] = field(default_factory=dict)
+    # Reinforcement objectives: the prompts (with their records) and the rewards.
+    reinforcement: rl.Reinforcement | None = None
+
+    @property
+    def objective(self):
+        return OBJECTIVES[self.config.method.objective]
+
+    def collate(self, split: str, micro_batches: list[list[int]]) -> list:
+        """This rank's micro-batches of ``split`` (train or validation) as tensors."""
+        prepared, train_cfg = self.prepared, self.config.train
+        units = prepared.train if split == "train" else prepared.validation
+        pad_id = prepared.tokenizer.pad_token_id or 0
+        if not self.objective.preference:
+            return distributed.collate_share(units, micro_batches, packing=train_cfg.packing,
+                                             pad_id=pad_id)
+        return preference.collate_pair_share(
+            units, micro_batches, packing=train_cfg.packing, pad_id=pad_id,
+            mismatched=self.mismatched.get(split), references=self.references.get(split),
+            objective=self.objective)
 
     @property
     def total_steps(self) -> int:
         return self.schedule.total_steps
 
     def validate(self) -> tuple[float | None, dict]:
-        """The validation loss, and (multitask) each task's to log next to it."""
+        """The validation loss, and (multitask) each task's to log next to it; a preference
+        objective's validation statistics (``val_reward_accuracy``, ...) beside it."""
         train_cfg, prepared = self.config.train, self.prepared
+        if self.objective.preference:
+            return preference_validation(self)
+        if self.reinforcement is not None:  # the references' loss, and the greedy answers' reward
+            # the step module computes the policy gradient: the references' loss is the
+            # plain model's (whole weights on every rank: reinforcement refuses FSDP)
+            references = distributed.StepLoss(prepared.model, train_cfg.loss_chunk_tokens)
+            loss, _ = validation_losses(references, prepared.validation, [], Batching(
+                train_cfg.batch_tokens, train_cfg.packing, prepared.tokenizer.pad_token_id or 0,
+                prepared.device, self.cluster))
+            return loss, rl.validation_reward(prepared.model, prepared.tokenizer,
+                                              self.reinforcement, self.config)
         batching = Batching(train_cfg.batch_tokens, train_cfg.packing,
                             prepared.tokenizer.pad_token_id or 0, prepared.device, self.cluster)
         return validation_losses(self.step_model, prepared.validation, prepared.validation_tasks,
@@ -207,19 +295,73 @@ class Training:
 def set_up(config: Config, cluster: distributed.Cluster, console: Console) -> Training:
     """Data, model, schedule and optimizer: everything before the run directory exists."""
     prepared = prepare(config, console)
-    train_cfg = config.train
+    train_cfg, objective = config.train, OBJECTIVES[config.method.objective]
+    mismatched, references, step_loss = {}, {}, None
+    if objective.preference:
+        if objective.data == "unpaired":
+            mismatched = {split: preference.mismatched_sequences(pairs) for split, pairs in
+                          (("train", prepared.train), ("validation", prepared.validation))
+                          if pairs}
+        if objective.reference and not METHODS[config.method.kind].adapter:
+            # Before any weight changes (or a checkpoint is resumed): the starting model's.
+            references = _reference_logps(config, prepared, mismatched)
+        step_loss = preference.PreferenceLoss(prepared.model, preference.settings_of(
+            config.method), chunk_tokens=train_cfg.loss_chunk_tokens)
+    reinforcement = None
+    if objective.rollouts:
+        if cluster.strategy == "fsdp":
+            raise ConfigError("reinforcement samples its answers from whole weights on each "
+                              "rank, which FSDP shards", where="train.distributed",
+                              fix="use train.distributed: ddp (adapters), or one process")
+        reinforcement = rl.set_up_reinforcement(config, prepared.tokenizer)
+        step_loss = rl.PolicyGradientLoss(prepared.model, temperature=config.rl.temperature,
+                                          kl_weight=config.rl.kl_weight,
+                                          chunk_tokens=train_cfg.loss_chunk_tokens)
     # Before the optimizer is built: FSDP replaces the weights by their shards.
     step_model = distributed.wrap(prepared.model, cluster,
-                                  chunk_tokens=train_cfg.loss_chunk_tokens)
-    lengths = [len(ex.input_ids) for ex in prepared.train]
-    schedule = run_schedule(config, lengths, prepared.train_tasks)
-    steps = distributed.rank_steps(schedule.micro_batches, lengths, cluster,
-                                   grad_accum=train_cfg.grad_accum,
-                                   batch_tokens=train_cfg.batch_tokens, packing=train_cfg.packing)
+                                  chunk_tokens=train_cfg.loss_chunk_tokens, step_loss=step_loss)
+    if reinforcement is None:
+        lengths = [unit_length(unit) for unit in prepared.train]
+        schedule = run_schedule(config, lengths, prepared.train_tasks)
+        steps = distributed.rank_steps(schedule.micro_batches, lengths, cluster,
+                                       grad_accum=train_cfg.grad_accum,
+                                       batch_tokens=train_cfg.batch_tokens,
+                                       packing=train_cfg.packing)
+    else:
+        schedule, steps = _prompt_schedule(config, len(reinforcement.prompts), cluster)
     optimization = build_optimization(prepared.model, train_cfg,
                                       total_steps=schedule.total_steps)
     return Training(config, prepared, cluster, step_model, optimization, schedule, steps,
-                    console)
+                    console, mismatched, references, reinforcement)
+
+
+def _prompt_schedule(config: Config, n_prompts: int, cluster: distributed.Cluster
+                     ) -> tuple[Schedule, list[list[list[int]]]]:
+    """A reinforcement run's schedule: ``rl.prompts_per_step`` prompts per step (a prompt
+    counts as one token of a batch), shuffled per epoch with the run's seed."""
+    train_cfg, ones = config.train, [1] * n_prompts
+    batches = schedule_micro_batches(ones, batch_tokens=config.rl.prompts_per_step,
+                                     packing=True, seed=train_cfg.seed, epochs=train_cfg.epochs,
+                                     max_steps=train_cfg.max_steps, grad_accum=1)
+    schedule = Schedule(batches, 1)
+    return schedule, distributed.rank_steps(batches, ones, cluster, grad_accum=1,
+                                            batch_tokens=config.rl.prompts_per_step,
+                                            packing=True)
+
+
+def unit_length(unit) -> int:
+    """Tokens of one training unit: an example, or a preference pair's two answers."""
+    return unit.length if hasattr(unit, "length") else len(unit.input_ids)
+
+
+def _reference_logps(config: Config, prepared: Prepared, mismatched: dict) -> dict:
+    """Each split's reference log-probs from the model before training (full fine-tuning)."""
+    train_cfg = config.train
+    return {split: preference.reference_logps(
+        prepared.model, pairs, mismatched.get(split), packing=train_cfg.packing,
+        pad_id=prepared.tokenizer.pad_token_id or 0, batch_tokens=train_cfg.batch_tokens,
+        chunk_tokens=train_cfg.loss_chunk_tokens, device=prepared.device)
+        for split, pairs in (("train", prepared.train), ("validation", prepared.validation))}
 
 
 def train(config: Config, *, resume: str | Path | None = None, overwrite: bool = False,
@@ -249,7 +391,10 @@ def _train(config: Config, cluster: distributed.Cluster, *, resume: str | Path |
     # Before the model is loaded: under tuned glibc its activations are then mmap-ed.
     allocator = malloc.for_training(config.train.allocator, config.train.memory)
     training = set_up(config, cluster, console)
+    preflight = _preflight(training) if not resume else None  # before any run directory
     run, state, starting = _open_run(training, resume=resume, overwrite=overwrite)
+    if preflight and cluster.is_main:
+        write_json(run.preflight_file, preflight)
     metrics = MetricsLog(run) if cluster.is_main else distributed.Unlogged()
     if resume:  # forget what was logged after the checkpoint (all of it: none was loaded)
         metrics.truncate_after(-1 if starting else state.step)
@@ -276,6 +421,18 @@ def _train(config: Config, cluster: distributed.Cluster, *, resume: str | Path |
     cluster.barrier()  # the run directory is complete before any rank returns
     _print_summary(result, console)
     return result
+
+
+def _preflight(training: Training) -> dict | None:
+    """Reinforcement: the starting model's pass rates on training prompts, before any compute
+    is spent; a run whose groups would nearly all tie stops here (``rl.run_preflight``)."""
+    if training.reinforcement is None or not training.config.rl.preflight_prompts:
+        return None
+    prepared = training.prepared
+    report = rl.run_preflight(prepared.model, prepared.tokenizer, training.reinforcement,
+                              training.config, prepared.device)
+    training.console.print(rl.describe_preflight(report))
+    return report
 
 
 def _open_run(training: Training, *, resume: str | Path | None,
@@ -420,13 +577,16 @@ def _step(training: Training, state: TrainState, metrics) -> str:
     train_cfg, prepared = training.config.train, training.prepared
     started = time.perf_counter()
     group = training.steps[state.step]
-    batches = distributed.collate_share(prepared.train, group, packing=train_cfg.packing,
-                                        pad_id=prepared.tokenizer.pad_token_id or 0)
-    losses = forward_backward(
-        training.step_model, batches, device=prepared.device, cluster=training.cluster,
-        max_grad_norm=train_cfg.max_grad_norm, step=state.step + 1,
-        sources=lambda: [f"{prepared.train[i].source}:{prepared.train[i].line}"
-                         for indices in group for i in indices])
+    extra = {}
+    if training.reinforcement is not None:  # sample, score, then the policy-gradient step
+        losses, extra = _reinforcement_gradients(training, group, step=state.step + 1)
+    else:
+        batches = training.collate("train", group)
+        losses = forward_backward(
+            training.step_model, batches, device=prepared.device, cluster=training.cluster,
+            max_grad_norm=train_cfg.max_grad_norm, step=state.step + 1,
+            sources=lambda: [f"{prepared.train[i].source}:{prepared.train[i].line}"
+                             for indices in group for i in indices])
     lr = training.optimization.scheduler.get_last_lr()[0]
     # A Ctrl-C during the update is held back until the step is recorded, so the checkpoint
     # the interruption writes is never of half-updated weights.
@@ -442,7 +602,9 @@ def _step(training: Training, state: TrainState, metrics) -> str:
         metrics.write(step=state.step, loss=losses.loss, lr=lr, grad_norm=losses.grad_norm,
                       tokens=losses.tokens, target_tokens=losses.target_tokens,
                       tokens_per_second=round(state.tokens_per_second, 1),
-                      step_s=round(step_s, 4), **_task_tokens(group, training))
+                      step_s=round(step_s, 4), **_task_tokens(group, training),
+                      **(extra or {name: round(value, 6) for name, value in
+                                   losses.stats.items()}))
     status = f"loss {losses.loss:.4f}  {state.tokens_per_second:,.0f} tok/s"
     if train_cfg.eval_every and state.step % train_cfg.eval_every == 0 \
             and state.step < training.total_steps:
@@ -450,6 +612,27 @@ def _step(training: Training, state: TrainState, metrics) -> str:
         metrics.write(step=state.step, val_loss=val, **per_task)
         status += f"  val {_fmt(val)}"
     return status
+
+
+def _reinforcement_gradients(training: Training, group: list[list[int]], *, step: int):
+    """A reinforcement step's gradients: its prompts' answers sampled with the weights as they
+    are, scored, and trained on; (the step's losses, what it logs besides)."""
+    prepared, config = training.prepared, training.config
+    indices = [i for micro_batch in group for i in micro_batch]
+    rollouts, scores, totals, advantage, rollout_s = rl.sample_step(
+        prepared.model, prepared.tokenizer, training.reinforcement, indices, config, step=step,
+        device=prepared.device)
+    batches = rl.answer_batches(rollouts, advantage, config,
+                                pad_id=prepared.tokenizer.pad_token_id or 0)
+    prompts = training.reinforcement.prompts
+    losses = forward_backward(
+        training.step_model, batches, device=prepared.device, cluster=training.cluster,
+        max_grad_norm=config.train.max_grad_norm, step=step,
+        sources=lambda: [prompts[i].where for i in indices])
+    n_units = training.cluster.total(sum(batch.loss_units for batch in batches))
+    extra = rl.step_metrics(rollouts, scores, totals, rollout_s, losses.stats, n_units)
+    rl.check_on_policy(extra["logprob_gap"], step=step, config=config)
+    return losses, extra
 
 
 def _progress_bar(console: Console) -> Progress:
@@ -501,8 +684,10 @@ def _predicted(training: Training, allocator: str) -> dict:
     from tunelab.planner.workload import TokenCounts
 
     prepared = training.prepared
-    counts = TokenCounts.from_tokenized(prepared.train, prepared.validation,
-                                        prepared.train_tasks)
+    train, validation = prepared.train, prepared.validation
+    if training.objective.preference:  # the pairs' answers, as the sequences trained on
+        train, validation = (preference.pair_sequences(units) for units in (train, validation))
+    counts = TokenCounts.from_tokenized(train, validation, prepared.train_tasks)
     try:
         with torch.random.fork_rng(devices=[]):  # its matmul benchmark must not move the seed
             predicted = plan_counts(training.config, counts, allocator=allocator)
