@@ -16,6 +16,7 @@ from typing import Any
 from tunelab.config import Config
 from tunelab.errors import ConfigError
 from tunelab.model.adapters import METHODS
+from tunelab.objectives import OBJECTIVES
 from tunelab.planner.advice import advise
 from tunelab.planner.memory import memory_settings, per_rank_memory, predict_memory
 from tunelab.planner.setting import resolve_setting, trainable_params
@@ -92,6 +93,12 @@ def plan_counts(config: Config, counts: TokenCounts, *, calibration: dict | None
     """``plan`` for data already tokenized (``TokenCounts.from_tokenized``), as in ``train()``."""
     from tunelab.model.load import resolve_device, resolve_dtype
 
+    if OBJECTIVES[config.method.objective].rollouts:
+        raise ConfigError(
+            f"tunelab plan does not predict {config.method.objective} runs: their time goes "
+            "mostly to sampling answers, which the planner does not model yet",
+            where="method.objective", fix="train a few steps (--set train.max_steps=3) and read "
+            "rollout_s and step_s in the run's metrics.jsonl")
     shape, resolved = _model_shape(config)
     batches = micro_batches(counts, config)
     layout = describe_data(counts, batches, config, resolved)

@@ -13,6 +13,7 @@ import time
 
 from tunelab.config import Config
 from tunelab.model.adapters import METHODS
+from tunelab.objectives import OBJECTIVES
 from tunelab.planner.setting import Setting
 from tunelab.planner.shape import ModelShape, adapter_params
 from tunelab.planner.workload import DataLayout
@@ -62,6 +63,32 @@ def training_flops(shape: ModelShape, lengths: list[int], *, n_target_tokens: in
     return float(linear + attention + head + recompute)
 
 
+def reference_flops(shape: ModelShape, batches: list[dict], config: Config) -> float:
+    """What a preference objective's reference model costs: a forward pass without gradients
+    over every micro-batch (the adapter switched off), or, for full fine-tuning, one pass over
+    the training data before the first step (the log-probabilities are kept)."""
+    if not OBJECTIVES[config.method.objective].reference:
+        return 0.0
+    if METHODS[config.method.kind].adapter:
+        counted = batches
+    else:  # once over the data: the first epoch's batches
+        epoch_tokens = sum(sum(b["lengths"]) for b in batches) / max(config.train.epochs, 1.0)
+        counted, seen = [], 0
+        for batch in batches:
+            if seen >= epoch_tokens:
+                break
+            counted.append(batch)
+            seen += sum(batch["lengths"])
+    body = shape.num_layers * shape.active_layer_weights
+    total = 0.0
+    for batch in counted:
+        keys = sum(n * (n + 1) // 2 for n in batch["lengths"])
+        total += 2 * sum(batch["lengths"]) * body
+        total += 4 * shape.num_layers * shape.num_heads * shape.head_dim * keys
+        total += 2 * batch["targets"] * shape.hidden_size * shape.vocab_size
+    return float(total)
+
+
 @functools.cache
 def measure_matmul_flops(device: str = "cpu", *, dtype: str = "float32",
                          seconds: float = 1.0, size: tuple[int, int, int] = (1024, 1024, 2048),
@@ -106,6 +133,7 @@ def predict_time(shape: ModelShape, layout: DataLayout, batches: list[dict],
         r=setting.r, checkpointing=setting.checkpointing, targets=setting.targets,
         padded_length=batch["padded_length"], chunk_tokens=setting.chunk_tokens)
         for batch in batches)
+    run_flops += reference_flops(shape, batches, config)
     matmul = measure_matmul_flops(
         device, dtype="float32" if setting.element_bytes == 4 else "bfloat16",
         size=(1024, 1024, 2048) if device == "cpu" else (8192, 8192, 8192))

@@ -6,8 +6,10 @@ import os
 from dataclasses import dataclass, field
 
 from tunelab.config import Config
+from tunelab.data.preference import prepare_preference_data
 from tunelab.data.prepare import prepare_data
 from tunelab.data.schedule import run_schedule
+from tunelab.objectives import OBJECTIVES
 
 
 @dataclass
@@ -44,7 +46,17 @@ class TokenCounts:
 
 
 def count_tokens(config: Config, tokenizer) -> TokenCounts:
-    """Read, split and tokenize the data with ``prepare_data``, the function ``train()`` uses."""
+    """Read, split and tokenize the data with ``prepare_data`` (preference objectives:
+    ``prepare_preference_data``), the function ``train()`` uses; a pair counts as its answers'
+    sequences."""
+    objective = OBJECTIVES[config.method.objective]
+    if objective.preference:
+        data = prepare_preference_data(config.data, tokenizer,
+                                       max_seq_len=config.train.max_seq_len,
+                                       seed=config.train.seed, objective=objective)
+        sides = lambda pairs: [side for pair in pairs  # noqa: E731
+                               for side in (pair.chosen, pair.rejected) if side is not None]
+        return TokenCounts.from_tokenized(sides(data.train), sides(data.validation))
     data = prepare_data(config.data, tokenizer, max_seq_len=config.train.max_seq_len,
                         seed=config.train.seed)
     return TokenCounts.from_tokenized(data.train, data.validation, data.train_tasks)
