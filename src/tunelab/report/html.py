@@ -3,6 +3,9 @@
 Everything is inline (plots as PNG ``data:`` URIs, CSS in a ``<style>``; no JavaScript, no fonts
 or files from the network), so ``report.html`` opens offline and can be mailed as one file.
 Every input is optional: a missing file or key leaves its section out with a one-line note.
+Preference runs (``method.objective``: dpo, simpo, kto) and reinforcement runs (grpo, rloo) get
+a section of their own beside the training curves: what their extra metrics and the pre-flight
+say, including the failure modes a loss curve hides.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
 from tunelab.model.adapters import METHODS
+from tunelab.objectives import OBJECTIVES, Objective
 from tunelab.run.directory import RunDir, write_text
 from tunelab.run.manifest import Manifest
 from tunelab.run.metrics import read_metrics
@@ -32,6 +36,8 @@ from tunelab.run.metrics import read_metrics
 TUNED_COLOUR = "#2563eb"
 BASE_COLOUR = "#9ca3af"
 VALIDATION_COLOUR = "#111827"
+CHOSEN_COLOUR, REJECTED_COLOUR = "#15803d", "#b91c1c"
+GUARD_COLOUR = "#dc2626"
 DPI = 110
 WIDE_IN, HALF_IN, TALL_IN = 9.2, 4.6, 3.1  # plot sizes that fit the page at 110 dpi
 MAX_EXAMPLES = 10
@@ -93,7 +99,23 @@ def load_run(run_dir: str | Path | RunDir) -> dict[str, Any]:
         "dir": run.path, "manifest": manifest,
         "config": config if isinstance(config, dict) else {}, "config_text": config_text,
         "metrics": read_metrics(run, notes=notes), "evals": evals, "notes": notes,
+        "preflight": _read_preflight(run, notes),
     }
+
+
+def _read_preflight(run: RunDir, notes: list[str]) -> dict[str, Any] | None:
+    """A reinforcement run's ``preflight.json``, or None (with a note where it is unreadable)."""
+    if not run.preflight_file.is_file():
+        return None
+    try:
+        preflight = json.loads(run.preflight_file.read_text(encoding="utf-8"))
+    except ValueError as error:
+        notes.append(f"{run.preflight_file.name} could not be read ({error}).")
+        return None
+    if not isinstance(preflight, dict):
+        notes.append(f"{run.preflight_file.name} is not a JSON object; left out.")
+        return None
+    return preflight
 
 
 def _get(data: Any, *keys: str) -> Any:
@@ -225,6 +247,8 @@ def render_report(run: dict[str, Any]) -> str:
     """The whole HTML page for a loaded run (see ``load_run``)."""
     evals = run["evals"]
     sections = [_section("Training", "training", _guarded(_training_section, run["metrics"]))]
+    extra = _objective_sections(run)
+    sections += [_section(title, anchor, body) for title, anchor, body in extra]
     if evals:
         sections += [_section(_eval_title(result), f"eval-{index}", _guarded(_eval_section, result))
                      for index, result in enumerate(evals)]
@@ -232,7 +256,7 @@ def render_report(run: dict[str, Any]) -> str:
         sections.append(_section("Evaluation", "evaluation", _note(
             "No evaluation yet: no <code>eval/*.json</code> in this run directory.")))
     sections.append(_section("Run details", "details", _guarded(_details_section, run)))
-    links = [("training", "Training")]
+    links = [("training", "Training")] + [(anchor, title) for title, anchor, _ in extra]
     links += [(f"eval-{i}", _eval_title(result)) for i, result in enumerate(evals)]
     links += [("evaluation", "Evaluation")] if not evals else []
     links.append(("details", "Run details"))
@@ -322,11 +346,33 @@ def _method_text(config: dict[str, Any]) -> str:
     adapter = known is None or known.adapter
     parts = [(known.title if known else kind) + (" (rsLoRA scaling)" if adapter and
                                                  method.get("rslora") else "")]
+    parts += _objective_text(method)
     parts += [f"{label} {method[key]}" for key, label in (("r", "r"), ("alpha", "α"))
               if method.get(key) is not None and adapter]
     parts += [f"{label} {train[key]}" for key, label in (("lr", "lr"), ("epochs", "epochs"))
               if train.get(key) is not None]
     return escape(" · ".join(parts))
+
+
+def _objective(config: dict[str, Any]) -> Objective | None:
+    """The run's objective where it is not plain SFT (None also for a name this tunelab does not
+    know: its metrics mean something this report cannot say)."""
+    name = _get(config, "method", "objective")
+    objective = OBJECTIVES.get(str(name).lower()) if name is not None else None
+    return objective if objective is not None and objective.name != "sft" else None
+
+
+def _objective_text(method: dict[str, Any]) -> list[str]:
+    """The objective as the method line names it (nothing for SFT, the default)."""
+    name = method.get("objective")
+    if name is None or str(name).lower() == "sft":
+        return []
+    known = OBJECTIVES.get(str(name).lower())
+    if known is None:
+        return [str(name)]
+    beta = [f"β {method['beta']}"] if known.preference and method.get("beta") is not None \
+        else []
+    return [known.title, *beta]
 
 
 def _data_text(manifest: Manifest | None, config: dict[str, Any]) -> str:
@@ -355,6 +401,7 @@ def _cards(run: dict[str, Any]) -> str:
         change = f" ({(after - before) / before:+.1%})" if before and after is not None else ""
         quality.append(_card("Validation loss", f"{_number(before)} → {_number(after)}",
                              f"before → after training{change}"))
+    quality += _objective_cards(run)
     quality += [card for card in map(_eval_card, run["evals"]) if card]
     training = [m for m in metrics if _is_number(m.get("loss"))]
     speed = manifest.tokens_per_second if manifest else None
@@ -375,6 +422,29 @@ def _cards(run: dict[str, Any]) -> str:
         cost.append(_card("Steps", _number(steps if steps is not None else 0), sub))
     return "".join(f'<div class="cards {kind}">{"".join(cards)}</div>'
                    for kind, cards in (("quality", quality), ("cost", cost)) if cards)
+
+
+def _objective_cards(run: dict[str, Any]) -> list[str]:
+    """A preference run's held-out reward accuracy; a reinforcement run's validation reward and
+    its starting model's pass@1."""
+    objective = _objective(run["config"])
+    if objective is None:
+        return []
+    key, label = ("val_reward_accuracy", "Validation reward accuracy") if objective.preference \
+        else ("val_reward", "Validation reward")
+    cards = []
+    if validation := _records(run["metrics"], key):
+        first, last = validation[0], validation[-1]
+        ci = _format_interval(last.get(f"{key}_ci"))
+        steps = f"step {_number(first['step'])} → {_number(last['step'])}"
+        cards.append(_card(label, f"{_number(first[key])} → {_number(last[key])}",
+                           steps + (f", last {ci}" if ci else "")))
+    pass_at_1 = _dict(run.get("preflight"), "pass_at_1")
+    if objective.rollouts and _is_number(pass_at_1.get("value")):
+        ci = _format_interval(pass_at_1.get("ci"))
+        cards.append(_card("Pre-flight pass@1", _number(pass_at_1["value"]),
+                           "the starting model" + (f", {ci}" if ci else "")))
+    return cards
 
 
 def _card(label: str, value: str, sub: str = "", extra: str = "") -> str:
@@ -457,14 +527,19 @@ def _smooth(values: list[float]) -> list[float]:
     return smoothed
 
 
+def _raw_style(n_points: int) -> dict[str, Any]:
+    """Raw per-step values as dots, or as a thin line where dots would merge."""
+    return {"marker": "o", "markersize": 3, "linestyle": "none"} if n_points <= 400 \
+        else {"linewidth": 0.8}
+
+
 def _loss_figure(training: list[dict[str, Any]], validation: list[dict[str, Any]]) -> str:
     figure = Figure(figsize=(WIDE_IN, TALL_IN), layout="constrained")
     axes = figure.subplots()
     if training:
         steps, losses = [m["step"] for m in training], [m["loss"] for m in training]
-        raw_style = {"marker": "o", "markersize": 3, "linestyle": "none"} if len(steps) <= 400 \
-            else {"linewidth": 0.8}
-        axes.plot(steps, losses, color=TUNED_COLOUR, alpha=0.28, label="train loss", **raw_style)
+        axes.plot(steps, losses, color=TUNED_COLOUR, alpha=0.28, label="train loss",
+                  **_raw_style(len(steps)))
         axes.plot(steps, _smooth(losses), color=TUNED_COLOUR, linewidth=2,
                   label="train loss (smoothed)")
     if validation:
@@ -490,6 +565,377 @@ def _schedule_figure(training: list[dict[str, Any]]) -> str:
         axes.set_xlabel("step")
         axes.set_ylim(bottom=0)
         axes.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:.3g}"))
+    return _png(figure)
+
+
+# --- what preference and reinforcement runs add -----------------------------------------------
+
+
+def _objective_sections(run: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """The section a preference or reinforcement run adds after Training: (title, anchor, body)."""
+    objective = _objective(run["config"])
+    if objective is None:
+        return []
+    if objective.preference:
+        return [(f"Preference · {objective.title}", "preference",
+                 _guarded(_preference_section, run["metrics"], objective))]
+    if objective.rollouts:
+        return [(f"Reinforcement · {objective.title}", "reinforcement",
+                 _guarded(_reinforcement_section, run, objective))]
+    return []
+
+
+def _records(metrics: list[dict[str, Any]], key: str) -> list[dict[str, Any]]:
+    """The records with a number under ``key`` (and a step), in step order."""
+    return sorted((m for m in metrics if _is_number(m.get(key)) and _is_number(m.get("step"))),
+                  key=lambda m: m["step"])
+
+
+def _before_after_table(validation: list[dict[str, Any]],
+                        rows: list[tuple[str, str, str | None, bool]]) -> str:
+    """The first and last validation points side by side: (label, key, interval key, change?)."""
+    points = [validation[0]] if len(validation) == 1 else [validation[0], validation[-1]]
+    header = [""] + [f"step {_number(m['step'])}" + (" (before)" if m["step"] == 0 else "")
+                     for m in points] + (["change"] if len(points) == 2 else [])
+    body = []
+    for label, key, ci_key, change in rows:
+        cells = [escape(label)] + [
+            f'{_number(m.get(key))} <span class="ci">{_format_interval(m.get(ci_key))}</span>'
+            if ci_key else _number(m.get(key)) for m in points]
+        if len(points) == 2:
+            values = [m.get(key) for m in points]
+            cells.append(_number(values[1] - values[0], signed=True)
+                         if change and all(map(_is_number, values)) else "")
+        body.append(cells)
+    return _table(header, body, "narrow before-after")
+
+
+def _draw_train(axes: Any, training: list[dict[str, Any]], key: str, colour: str,
+                label: str) -> None:
+    """A per-step quantity: raw values faint, their moving average bold."""
+    points = [(m["step"], m[key]) for m in training if _is_number(m.get(key))]
+    if not points:
+        return
+    steps, values = [s for s, _ in points], [v for _, v in points]
+    axes.plot(steps, values, color=colour, alpha=0.28, **_raw_style(len(steps)))
+    axes.plot(steps, _smooth(values), color=colour, linewidth=2, label=f"{label} (smoothed)")
+
+
+def _draw_validation(axes: Any, validation: list[dict[str, Any]], key: str,
+                     ci_key: str | None, label: str = "validation") -> None:
+    """Validation points, with their interval as whiskers where one is logged."""
+    points = [m for m in validation if _is_number(m.get(key))]
+    if not points:
+        return
+    values = [m[key] for m in points]
+    bounds = [_interval(m.get(ci_key)) if ci_key else None for m in points]
+    bounds = [b or (v, v) for b, v in zip(bounds, values, strict=True)]
+    errors = [[max(v - low, 0) for v, (low, _) in zip(values, bounds, strict=True)],
+              [max(high - v, 0) for v, (_, high) in zip(values, bounds, strict=True)]]
+    axes.errorbar([m["step"] for m in points], values, yerr=errors if ci_key else None,
+                  color=VALIDATION_COLOUR, marker="o", markersize=5, linewidth=1.2, capsize=3,
+                  elinewidth=1, label=label)
+
+
+# --- preference runs ---------------------------------------------------------------------------
+
+
+def _answer_names(objective: Objective) -> tuple[str, str]:
+    """What the two kinds of answer are called: KTO's are labelled one by one, not paired."""
+    return ("desirable", "undesirable") if objective.data == "unpaired" else \
+        ("chosen", "rejected")
+
+
+def _preference_section(metrics: list[dict[str, Any]], objective: Objective) -> str:
+    """Held-out pairs before and after, the answers' log-probabilities (with what a falling
+    chosen log-prob means), reward accuracy and margin."""
+    training = _records(metrics, "reward_accuracy")
+    validation = _records(metrics, "val_reward_accuracy")
+    if not training and not validation:
+        return _note("No preference metrics in <code>metrics.jsonl</code> (reward accuracy, "
+                     "margin, log-probabilities of the answers).")
+    names = _answer_names(objective)
+    parts = ["<h3>Held-out pairs</h3>" + _preference_table(validation, objective) if validation
+             else _note("No validation pairs logged: held-out reward accuracy is unknown.")]
+    parts += ["<h3>Log-probabilities of the answers</h3>",
+              _image(_logp_figure(training, validation, names),
+                     f"{names[0]} and {names[1]} answers' log-probabilities per step"),
+              _logp_caption(validation, names, objective),
+              "<h3>Reward accuracy and margin</h3>",
+              _image(_accuracy_figure(training, validation), "reward accuracy and margin")]
+    return "".join(parts)
+
+
+def _preference_table(validation: list[dict[str, Any]], objective: Objective) -> str:
+    names = _answer_names(objective)
+    paired = objective.data == "pairs"
+    rows = [("reward accuracy", "val_reward_accuracy", "val_reward_accuracy_ci", True),
+            ("margin", "val_margin", None, True),
+            (f"{names[0]} log-prob (nats)", "val_chosen_logp", None, True),
+            (f"{names[1]} log-prob (nats)", "val_rejected_logp", None, True),
+            ("loss", "val_loss", None, True),
+            ("held-out pairs" if paired else "held-out answers", "val_pairs", None, False)]
+    meaning = ("the share of held-out pairs whose chosen answer gets the higher implicit "
+               "reward; margin: the mean of chosen − rejected reward" if paired else
+               "the share of held-out answers whose implicit reward is positive for a "
+               "desirable answer and negative for an undesirable one; margin: the mean reward, "
+               "its sign flipped for undesirable answers")
+    tie = (" At step 0 the policy is its reference: every reward is 0, and a tie does not count "
+           "as right." if objective.reference else "")
+    note = (f'<p class="muted">Reward accuracy: {meaning} (95% bootstrap interval).'
+            f"{tie}</p>")
+    return _before_after_table(validation, rows) + note
+
+
+def _logp_figure(training: list[dict[str, Any]], validation: list[dict[str, Any]],
+                 names: tuple[str, str]) -> str:
+    figure = Figure(figsize=(WIDE_IN, TALL_IN), layout="constrained")
+    panels = figure.subplots(1, 2, sharey=True)
+    for axes, side, name, colour in zip(panels, ("chosen", "rejected"), names,
+                                        (CHOSEN_COLOUR, REJECTED_COLOUR), strict=True):
+        _draw_train(axes, training, f"{side}_logp", colour, "train")
+        _draw_validation(axes, validation, f"val_{side}_logp", None)
+        axes.set_title(f"{name.capitalize()} answers (nats)")
+        axes.set_xlabel("step")
+        axes.legend(loc="lower right", bbox_to_anchor=(1, 1), ncols=2, borderaxespad=0.2)
+        axes.margins(x=0.02, y=0.12)
+    return _png(figure)
+
+
+def _logp_caption(validation: list[dict[str, Any]], names: tuple[str, str],
+                  objective: Objective) -> str:
+    """What the held-out chosen log-probability did, said plainly where it fell."""
+    points = _records(validation, "val_chosen_logp")
+    if len(points) < 2:
+        return ('<p class="muted">Train points are means over each step\'s pairs; two '
+                "validation points are needed to say how the log-probabilities moved.</p>")
+    first, last = points[0], points[-1]
+    change = last["val_chosen_logp"] - first["val_chosen_logp"]
+    margins = [m.get("val_margin") for m in (first, last)]
+    margin_grew = all(map(_is_number, margins)) and margins[1] > margins[0]
+    span = f"from step {_number(first['step'])} to step {_number(last['step'])}"
+    margin = f"{_number(margins[0])} → {_number(margins[1])}"
+    if change < 0 and margin_grew:
+        return (f'<p class="warning">On the held-out pairs, {span}, the {names[0]} answers\' '
+                f"log-probability fell by {_number(-change)} nats while the margin grew "
+                f"({margin}): {escape(objective.title)} can widen the margin by pushing both "
+                "down; check the task metric (<code>tunelab eval</code>), not the margin "
+                "alone.</p>")
+    if change < 0:
+        return (f'<p class="warning">On the held-out pairs, {span}, the {names[0]} answers\' '
+                f"log-probability fell by {_number(-change)} nats and the margin did not grow "
+                f"({margin}); check the task metric (<code>tunelab eval</code>).</p>")
+    rejected = [m.get("val_rejected_logp") for m in (first, last)]
+    return (f'<p class="muted">On the held-out pairs, {span}, the {names[0]} answers\' '
+            f"log-probability rose by {_number(change)} nats, the {names[1]} answers' went "
+            f"{_number(rejected[0])} → {_number(rejected[1])} and the margin {margin}. Train "
+            "points are means over each step's pairs, which differ from step to step.</p>")
+
+
+def _accuracy_figure(training: list[dict[str, Any]], validation: list[dict[str, Any]]) -> str:
+    panels = [("reward_accuracy", "val_reward_accuracy_ci", "Reward accuracy (whiskers: 95% "
+               "interval)"), ("margin", None, "Margin (mean reward difference)")]
+    if any(_is_number(m.get("kl")) for m in training):
+        panels.append(("kl", None, "KL baseline (KTO)"))
+    figure = Figure(figsize=(WIDE_IN, TALL_IN), layout="constrained")
+    for axes, (key, ci_key, title) in zip(figure.subplots(1, len(panels)), panels, strict=True):
+        _draw_train(axes, training, key, TUNED_COLOUR, "train")
+        _draw_validation(axes, validation, f"val_{key}", ci_key)
+        axes.set_title(title)
+        axes.set_xlabel("step")
+        if key == "reward_accuracy":
+            axes.set_ylim(-0.03, 1.05)
+            axes.legend(loc="lower right")
+        else:
+            axes.axhline(0, color="#9ca3af", linewidth=0.8)
+    return _png(figure)
+
+
+# --- reinforcement runs ------------------------------------------------------------------------
+
+ROLLOUT_PANELS = (("tied_share", "Tied groups (share)"),
+                  ("truncated_share", "Truncated answers (share)"),
+                  ("answer_tokens_mean", "Answer length (tokens)"),
+                  ("entropy", "Entropy (nats/token)"),
+                  ("logprob_gap", "Trainer vs sampler gap (nats/token)"),
+                  ("kl", "KL to the reference (nats/token)"))
+FUNCTION_COLOURS = ("#7c3aed", "#d97706", "#0891b2", "#db2777")
+TIED_WARNING = 0.5  # above this share of tied groups, most of a step teaches nothing
+
+
+def _reinforcement_section(run: dict[str, Any], objective: Objective) -> str:
+    """The pre-flight, validation reward before and after, reward per step, what the sampled
+    answers were like (the on-policy guard's gap among them) and where the step time went."""
+    config = run["config"]
+    training, validation = _records(run["metrics"], "reward"), \
+        _records(run["metrics"], "val_reward")
+    parts = [_preflight_block(run.get("preflight"), config)]
+    if not training and not validation:
+        return parts[0] + _note("No reinforcement metrics in <code>metrics.jsonl</code> yet "
+                                "(reward, tied groups, rollout time).")
+    if validation:
+        rows = [("reward of greedy answers", "val_reward", "val_reward_ci", True),
+                ("reference answers' next-token loss", "val_loss", None, True),
+                ("prompts", "val_prompts", None, False)]
+        parts.append("<h3>Validation prompts</h3>" + _before_after_table(validation, rows)
+                     + '<p class="muted">The validation loss in Training is the reference '
+                     f"answers' next-token loss, not {escape(objective.title)}'s objective; the "
+                     "reward is what the run optimises (95% bootstrap interval over "
+                     "prompts).</p>")
+    parts += ["<h3>Reward</h3>", _image(_reward_figure(training, validation),
+                                        "reward per step and on validation prompts")]
+    if training:
+        parts += ["<h3>Rollouts</h3>", _image(_rollout_figure(training, config),
+                                              "tied groups, truncation, length, entropy, gap"),
+                  _rollout_caption(training, config), "<h3>Sampling against training time</h3>",
+                  _timing_block(training)]
+    return "".join(parts)
+
+
+def _preflight_block(preflight: dict[str, Any] | None, config: dict[str, Any]) -> str:
+    title = "<h3>Pre-flight</h3>"
+    if not preflight:
+        return title + _note("No <code>preflight.json</code>: the run skipped the pre-flight "
+                             "(<code>rl.preflight_prompts: 0</code>) or predates it.")
+    group = preflight.get("group_size")
+    rows = []
+    for label, key in (("pass@1", "pass_at_1"), (f"pass@{_number(group)}", "pass_at_group"),
+                       ("tied groups (share)", "tied_share")):
+        entry = _dict(preflight, key)
+        rows.append([escape(label), _number(entry.get("value")),
+                     f'<span class="ci">{_format_interval(entry.get("ci"))}</span>'])
+    rows.append(["mean reward", _number(preflight.get("mean_reward")), ""])
+    per_reward = _dict(preflight, "per_reward")
+    rows += [[f"mean reward: {escape(str(name))}", _number(value), ""]
+             for name, value in per_reward.items() if len(per_reward) > 1]
+    rows.append(["truncated answers (share)", _number(preflight.get("truncated_share")), ""])
+    confidence = _get(preflight, "pass_at_1", "confidence")
+    level = f"{confidence:.0%} interval" if _is_number(confidence) else "interval"
+    intro = (f'<p class="muted">Before training, {_number(group)} answers sampled from the '
+             f"starting model for each of {_number(preflight.get('prompts'))} training prompts. "
+             "An answer passes with the highest reward; a group whose answers all got the same "
+             "reward (tied) has no advantage to learn from.</p>")
+    return title + intro + _table(["", "value", level], rows, "narrow") + \
+        _tied_warning(_get(preflight, "tied_share", "value"), config)
+
+
+def _tied_warning(tied: Any, config: dict[str, Any]) -> str:
+    if not _is_number(tied) or tied <= TIED_WARNING:
+        return ""
+    limit = _get(config, "rl", "max_tied_share")
+    stop = f" (the run stops above rl.max_tied_share, {_number(limit)})" if _is_number(limit) \
+        else ""
+    return (f'<p class="warning">{tied:.0%} of the pre-flight groups tie{stop}: most answers '
+            "teach nothing. Start from an SFT run (train.init_from), add shots or a clearer "
+            "prompt, raise rl.temperature or rl.group_size, or use a reward with partial "
+            "credit.</p>")
+
+
+def _reward_functions(training: list[dict[str, Any]]) -> list[str]:
+    """The reward functions logged one by one (``reward_<name>``, beside ``_std``)."""
+    keys = dict.fromkeys(key for m in training for key in m)
+    return [key[len("reward_"):] for key in keys if key.startswith("reward_") and
+            key != "reward_std" and not key.endswith("_std")]
+
+
+def _reward_figure(training: list[dict[str, Any]], validation: list[dict[str, Any]]) -> str:
+    figure = Figure(figsize=(WIDE_IN, TALL_IN), layout="constrained")
+    axes = figure.subplots()
+    band = [m for m in training if _is_number(m.get("reward_std"))]
+    if band:
+        axes.fill_between([m["step"] for m in band], [m["reward"] - m["reward_std"] for m in band],
+                          [m["reward"] + m["reward_std"] for m in band], color=TUNED_COLOUR,
+                          alpha=0.12, linewidth=0, label="± std over the step's answers")
+    _draw_train(axes, training, "reward", TUNED_COLOUR, "train reward")
+    functions = _reward_functions(training)
+    for index, name in enumerate(functions if len(functions) > 1 else []):
+        points = [(m["step"], m[f"reward_{name}"]) for m in training
+                  if _is_number(m.get(f"reward_{name}"))]
+        axes.plot([s for s, _ in points], [v for _, v in points], linestyle="--", linewidth=1,
+                  color=FUNCTION_COLOURS[index % len(FUNCTION_COLOURS)], label=name)
+    _draw_validation(axes, validation, "val_reward", "val_reward_ci",
+                     "validation reward (greedy; whiskers: 95% interval)")
+    axes.set_title("Reward")
+    axes.set_xlabel("step")
+    axes.legend(loc="upper left", bbox_to_anchor=(0, -0.16), ncols=3, alignment="left")
+    axes.margins(x=0.02, y=0.12)
+    return _png(figure)
+
+
+def _rollout_figure(training: list[dict[str, Any]], config: dict[str, Any]) -> str:
+    """Small multiples of what the sampled answers were like, the guard's gap with its limit."""
+    panels = [(key, title) for key, title in ROLLOUT_PANELS
+              if any(_is_number(m.get(key)) for m in training)]
+    rows = math.ceil(len(panels) / 3)
+    figure = Figure(figsize=(WIDE_IN, 2.0 * rows), layout="constrained")
+    grid = list(figure.subplots(rows, 3, squeeze=False).flat)
+    tolerance = _get(config, "rl", "guard_tolerance")
+    for axes in grid[len(panels):]:
+        axes.set_visible(False)
+    for axes, (key, title) in zip(grid, panels, strict=False):
+        points = [(m["step"], m[key]) for m in training if _is_number(m.get(key))]
+        axes.plot([s for s, _ in points], [v for _, v in points], color="#4b5563",
+                  linewidth=1.4, marker="o" if len(points) <= 60 else None, markersize=2.5)
+        if key == "logprob_gap" and _is_number(tolerance):
+            axes.axhline(tolerance, color=GUARD_COLOUR, linestyle="--", linewidth=1,
+                         label=f"guard tolerance {tolerance:g}")
+            axes.legend(loc="center right")
+        if key.endswith("_share"):
+            axes.set_ylim(-0.03, 1.05)
+        else:
+            axes.set_ylim(bottom=0)
+        axes.set_title(title)
+        axes.set_xlabel("step")
+        axes.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:.3g}"))
+    return _png(figure)
+
+
+def _rollout_caption(training: list[dict[str, Any]], config: dict[str, Any]) -> str:
+    """The guard's margin in one sentence; a warning where a logged gap passed the tolerance."""
+    gaps = [m["logprob_gap"] for m in training if _is_number(m.get("logprob_gap"))]
+    tolerance = _get(config, "rl", "guard_tolerance")
+    if not gaps or not _is_number(tolerance):
+        return ""
+    largest = max(gaps)
+    if largest > tolerance:
+        return (f'<p class="warning">The trainer\'s log-probabilities of the sampled tokens '
+                f"differed from the sampler's by up to {largest:.3g} nats per token, above the "
+                f"guard's tolerance ({tolerance:g}; checked every rl.guard_every steps): those "
+                "steps did not learn from the policy's own answers.</p>")
+    return (f'<p class="muted">Largest trainer vs sampler gap {largest:.3g} nats per token, '
+            f"under the guard's tolerance {tolerance:g} (dashed): the answers came from the "
+            "policy being trained.</p>")
+
+
+def _timing_block(training: list[dict[str, Any]]) -> str:
+    timed = [m for m in training if _is_number(m.get("rollout_s")) and
+             _is_number(m.get("step_s"))]
+    if not timed:
+        return _note("No rollout times logged.")
+    rollout = [m["rollout_s"] for m in timed]
+    rest = [max(m["step_s"] - m["rollout_s"], 0.0) for m in timed]
+    total = sum(rollout) + sum(rest)
+    share = f" ({sum(rollout) / total:.0%})" if total > 0 else ""
+    caption = (f'<p class="muted">Sampling answers took {sum(rollout):,.1f} s of '
+               f"{total:,.1f} s of step time{share}; the first steps include warm-up.</p>")
+    return _image(_timing_figure([m["step"] for m in timed], rollout, rest),
+                  "rollout and training seconds per step") + caption
+
+
+def _timing_figure(steps: list[float], rollout: list[float], rest: list[float]) -> str:
+    figure = Figure(figsize=(WIDE_IN, 2.2), layout="constrained")
+    axes = figure.subplots()
+    labels = ("sampling answers (rollout_s)", "training (step_s − rollout_s)")
+    if len(steps) <= 120:
+        axes.bar(steps, rollout, 0.8, color=TUNED_COLOUR, label=labels[0])
+        axes.bar(steps, rest, 0.8, bottom=rollout, color=BASE_COLOUR, label=labels[1])
+    else:
+        tops = [a + b for a, b in zip(rollout, rest, strict=True)]
+        axes.fill_between(steps, 0, rollout, color=TUNED_COLOUR, linewidth=0, label=labels[0])
+        axes.fill_between(steps, rollout, tops, color=BASE_COLOUR, linewidth=0, label=labels[1])
+    axes.set_title("Seconds per step")
+    axes.set_xlabel("step")
+    axes.legend(loc="lower right", bbox_to_anchor=(1, 1), ncols=2, borderaxespad=0.2)
     return _png(figure)
 
 
