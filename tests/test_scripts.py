@@ -260,3 +260,28 @@ def test_crash_drills_resume_bit_identical(tmp_path):
 def test_screenshot_report_writes_a_png(tmp_path):
     run_smoke("scripts/screenshot_report.py", str(tmp_path / "page.png"))
     assert (tmp_path / "page.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_run_objectives_compares_every_stage_with_the_base_and_with_sft(tmp_path):
+    published = script("scripts/published.py")
+    for example, later in (("qa/preference", ["dpo", "dpo-after-sft", "simpo", "kto"]),
+                           ("arithmetic", ["grpo"])):
+        out = tmp_path / example.replace("/", "-")
+        run_smoke("scripts/run_objectives.py", f"examples/{example}", "--out", str(out))
+        result = json.loads((out / "result.json").read_text())  # no document renders it yet
+        assert all(result.get(key) for key in published.PROVENANCE_KEYS)
+        assert_finite(result)
+        assert list(result["stages"]) == ["sft", *later]
+        comparisons = result["comparisons"]
+        for name in ["sft", *later]:
+            assert result["stages"][name]["manifest"]["steps"] == 2
+            assert (out / name / "eval" / "test.json").is_file()
+            assert set(comparisons[f"{name} vs base"]["exact_match"]) >= {
+                "value", "ci", "p_value", "p_text"}
+        for name in later:
+            assert comparisons[f"{name} vs sft"]["exact_match"]["n"] == 8
+        grounded = example == "qa/preference"
+        assert ("hallucination_rate" in comparisons["sft vs base"]) == grounded
+    assert result["stages"]["grpo"]["preflight"]["prompts"] == 2
+    assert "val_reward" in result["stages"]["grpo"]["validation"]["after"]
