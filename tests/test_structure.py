@@ -19,8 +19,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "tunelab"
 # reads eval's typed result, eval/result.py, and nothing else of eval); train is a recipe, not a
 # library for the others. The planner sits above data and model and below train, whose
 # calibration it takes as a plain dict. The config reads only the registries of choices
-# (data/formats.py FORMATS, model/adapters.py METHODS, eval/tasks.py TASKS), none of the stages
-# that run. The API and the CLI are the top.
+# (data/formats.py FORMATS, model/adapters.py METHODS, eval/tasks.py TASKS, objectives.py
+# OBJECTIVES), none of the stages that run. The API and the CLI are the top.
 UPPER = ("tunelab.train", "tunelab.report", "tunelab.run", "tunelab.experiments", "tunelab.ship",
          "tunelab.api", "tunelab.cli")
 FORBIDDEN = {
