@@ -310,3 +310,37 @@ def rank_pid(launcher_pid: int, *, rank: int) -> int:
             return pid
         pending += [int(child) for child in children]
     pytest.fail(f"no process with RANK={rank} under {launcher_pid}")
+
+
+def test_two_rank_dpo_equals_one_process(tmp_path, tiny_model_dir):
+    """Preference pairs are dealt whole to the ranks; the reference (the adapter switched off)
+    and the pair-mean loss and statistics add up across ranks to one process's."""
+    import yaml
+    from test_objectives_cli import write_pairs
+
+    train_file, valid_file, _ = write_pairs(tmp_path)
+    raw = {"name": "dpo", "model": {"path": tiny_model_dir},
+           "method": {"kind": "lora", "r": 4, "alpha": 8, "objective": "dpo", "beta": 0.5},
+           "data": {"train": train_file, "validation": valid_file},
+           "train": {"max_steps": 3, "grad_accum": 2, "batch_tokens": 96, "lr": 0.01,
+                     "samples": 0, "eval_every": 2}}
+    configs = {}
+    for name in ("one", "two"):
+        (tmp_path / name).mkdir()
+        configs[name] = tmp_path / name / "dpo.yaml"
+        configs[name].write_text(yaml.safe_dump({**raw, "output_dir": str(tmp_path / name /
+                                                                          "runs")}))
+    single = train(load_config(configs["one"]), console=Console(quiet=True))
+    torchrun(["-m", "tunelab", "train", str(configs["two"])])
+    one, two = losses(single.run_dir), losses(tmp_path / "two" / "runs" / "dpo")
+    for step in one:
+        for key in ("loss", "margin", "chosen_logp", "rejected_logp", "reward_accuracy"):
+            assert two[step][key] == pytest.approx(one[step][key], rel=LOSS_RTOL, abs=1e-6), key
+    validations = lambda run: [json.loads(line) for line in  # noqa: E731
+                               (run / "metrics.jsonl").read_text().splitlines()
+                               if "val_reward_accuracy" in line]
+    for a, b in zip(validations(single.run_dir), validations(tmp_path / "two" / "runs" / "dpo"),
+                    strict=True):
+        assert b["val_pairs"] == a["val_pairs"] == 12
+        assert b["val_loss"] == pytest.approx(a["val_loss"], rel=LOSS_RTOL)
+        assert b["val_reward_accuracy"] == pytest.approx(a["val_reward_accuracy"])

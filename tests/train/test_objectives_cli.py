@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import run_cli
 from safetensors.torch import load_file
 
-from tests.helpers import run_cli
 from tunelab.config import load_config
 from tunelab.train.loop import train
 
