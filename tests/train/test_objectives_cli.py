@@ -89,6 +89,10 @@ def test_preference_objective_learns_from_the_cli(monkeypatch, capsys, pairs, ti
     assert low <= last["val_reward_accuracy"] <= high
     if objective == "dpo":  # policy == reference before the first step
         assert first["val_loss"] == pytest.approx(math.log(2), abs=1e-5)
+    if objective != "simpo":  # KL(policy ‖ reference) on the validation prompts, at the end
+        assert last["val_kl_ci"][0] <= last["val_kl"] <= last["val_kl_ci"][1]
+    else:
+        assert "val_kl" not in last
     steps = [r for r in logged if "reward_accuracy" in r]
     assert len(steps) == 6 and all("chosen_logp" in r and "rejected_logp" in r for r in steps)
     # tunelab eval treats the run like an SFT run (its test file is ordinary examples)

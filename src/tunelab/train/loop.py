@@ -486,6 +486,7 @@ def _finish(training: Training, state: TrainState, metrics, run: RunDir,
             started: float) -> TrainResult:
     """The last validation, the final adapter or model saved, the samples after training."""
     val_after, per_task = training.validate()
+    per_task.update(_kl_to_reference(training))
     metrics.write(step=state.step, val_loss=val_after, **per_task)
     model, cluster = training.prepared.model, training.cluster
     weights = distributed.full_state(model, cluster)  # FSDP: gathered on rank 0, every rank helps
@@ -497,6 +498,30 @@ def _finish(training: Training, state: TrainState, metrics, run: RunDir,
     samples = [{"prompt": p.text, "target": p.target, "before": b, "after": a} for p, b, a in
                zip(prompts, state.samples_before, after, strict=True)]
     return _result(run.path, state, val_after, time.perf_counter() - started, samples)
+
+
+def _kl_to_reference(training: Training) -> dict:
+    """A preference run's KL from its reference on the validation prompts, after training
+    (``{"val_kl": ..., "val_kl_ci": [lo, hi]}``); only where the reference is the adapter
+    switched off, and on the main process (FSDP: no rank holds whole weights)."""
+    config, prepared = training.config, training.prepared
+    if not (training.objective.preference and training.objective.reference
+            and METHODS[config.method.kind].adapter and training.cluster.world_size == 1):
+        return {}
+    prompts = eval_prompts(prepared.validation_examples[:64], prepared.tokenizer,
+                           chat_template=config.data.chat_template,
+                           chat_template_kwargs=config.data.chat_template_kwargs,
+                           max_seq_len=config.train.max_seq_len)
+    if not prompts:
+        return {}
+    answer_tokens = max(len(pair.chosen.input_ids) - pair.chosen.n_prompt_tokens
+                        for pair in prepared.validation) if prepared.validation else 16
+    kl = preference.kl_to_reference(prepared.model, prepared.tokenizer,
+                                    [list(p.ids) for p in prompts],
+                                    max_new_tokens=max(4, answer_tokens),
+                                    seed=config.train.seed)
+    malloc.release_memory()
+    return {"val_kl": round(kl["value"], 6), "val_kl_ci": [round(x, 6) for x in kl["ci"]]}
 
 
 def _resume(run: RunDir, training: Training) -> TrainState | None:

@@ -289,3 +289,27 @@ def collate_pair_share(pairs: list, micro_batches: list[list[int]], *, packing: 
                               reference=batch_reference(references, chosen, objective))
         batches.append(batch if indices else padding_pair_batch(batch))
     return batches
+
+
+@torch.no_grad()
+def kl_to_reference(model: nn.Module, tokenizer, prompt_ids: list[list[int]], *,
+                    max_new_tokens: int, seed: int, stop_ids: set[int] | None = None) -> dict:
+    """KL(policy ‖ reference) on held-out prompts, estimated from one answer per prompt sampled
+    from the policy (temperature 1): the mean over prompts of Σ (log π − log π_ref) over the
+    answer's tokens, with its bootstrap interval. The reference is the adapter switched off."""
+    from tunelab.eval.stats import metric_with_ci
+    from tunelab.train.rollout import answer_logprobs, sample_answers
+
+    if not prompt_ids:
+        return {}
+    rollouts = sample_answers(model, tokenizer, prompt_ids, group_size=1,
+                              max_new_tokens=max_new_tokens, temperature=1.0, top_p=1.0,
+                              generator=torch.Generator().manual_seed(seed), stop_ids=stop_ids)
+    was_training = model.training
+    model.eval()
+    with reference_model(model):
+        reference = answer_logprobs(model, rollouts, temperature=1.0)
+    model.train(was_training)
+    per_prompt = [sum(r.logprobs) - float(ref.sum()) for r, ref in
+                  zip(rollouts, reference, strict=True)]
+    return metric_with_ci(per_prompt, seed=seed)
