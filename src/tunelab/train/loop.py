@@ -184,43 +184,19 @@ def _validation_sums(step_model, examples: list[TokenizedExample],
     return cluster.total(total), cluster.total(count)
 
 
-@torch.no_grad()
 def preference_validation(training: Training) -> tuple[float | None, dict]:
-    """A preference objective's validation: its loss (mean over the held-out pairs) and the
-    pairs' statistics: ``val_reward_accuracy`` (share ordered as the data orders them, with its
-    bootstrap interval over pairs), ``val_margin``, the answers' log-probabilities and rewards.
-    """
-    from tunelab.eval.stats import bootstrap_ci
-
-    prepared, cluster, train_cfg = training.prepared, training.cluster, training.config.train
+    """A preference objective's validation (``preference.validate_pairs``) over this rank's
+    share of the held-out pairs."""
+    prepared, train_cfg = training.prepared, training.config.train
     if not prepared.validation:
         return None, {}
-    was_training = training.step_model.training
-    training.step_model.eval()
     share = distributed.rank_batches(plan_batches([unit_length(u) for u in prepared.validation],
                                                   batch_tokens=train_cfg.batch_tokens,
-                                                  packing=train_cfg.packing), cluster)
-    loss_sum, stat_sums, margins = 0.0, {}, []
-    for batch in training.collate("validation", share):
-        with autocast(prepared.device):
-            losses, pair_margins, stats = training.step_model(batch.to(prepared.device),
-                                                              per_pair=True)
-        if batch.n_pairs:
-            loss_sum += float(losses.sum())
-            margins += pair_margins.float().cpu().tolist()
-            for name, value in stats.items():
-                stat_sums[name] = stat_sums.get(name, 0.0) + float(value)
-    training.step_model.train(was_training)
-    margins = cluster.gathered(margins)
-    n_pairs = max(1, len(margins))
-    accuracy = [float(margin > 0) for margin in margins]
-    low, high = bootstrap_ci(accuracy)
-    stats = {f"val_{name}": round(cluster.total(value) / n_pairs, 6)
-             for name, value in sorted(stat_sums.items())}
-    stats["val_reward_accuracy_ci"] = [round(low, 4), round(high, 4)]
-    stats["val_pairs"] = len(margins)
+                                                  packing=train_cfg.packing), training.cluster)
+    result = preference.validate_pairs(training.step_model, training.collate("validation", share),
+                                       cluster=training.cluster, device=prepared.device)
     malloc.release_memory()
-    return cluster.total(loss_sum) / n_pairs, stats
+    return result
 
 
 @dataclass

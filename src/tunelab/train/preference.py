@@ -15,6 +15,7 @@ The losses follow TRL's definitions (``DPOTrainer`` with its sigmoid loss, ``CPO
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 
@@ -313,3 +314,35 @@ def kl_to_reference(model: nn.Module, tokenizer, prompt_ids: list[list[int]], *,
     per_prompt = [sum(r.logprobs) - float(ref.sum()) for r, ref in
                   zip(rollouts, reference, strict=True)]
     return metric_with_ci(per_prompt, seed=seed)
+
+
+@torch.no_grad()
+def validate_pairs(step_model: nn.Module, batches: Iterable[PairBatch], *, cluster,
+                   device: torch.device) -> tuple[float, dict]:
+    """(the objective's loss, mean over the held-out pairs; their statistics): ``val_reward_
+    accuracy`` (the share ordered as the data orders them) with its bootstrap interval over
+    pairs, ``val_margin``, the answers' log-probabilities and rewards; every rank's pairs
+    (``cluster``: ``distributed.Cluster``) counted once."""
+    from tunelab.eval.stats import bootstrap_ci
+    from tunelab.train.step import autocast
+
+    was_training = step_model.training
+    step_model.eval()
+    loss_sum, stat_sums, margins = 0.0, {}, []
+    for batch in batches:
+        with autocast(device):
+            losses, pair_margins, stats = step_model(batch.to(device), per_pair=True)
+        if batch.n_pairs:
+            loss_sum += float(losses.sum())
+            margins += pair_margins.float().cpu().tolist()
+            for name, value in stats.items():
+                stat_sums[name] = stat_sums.get(name, 0.0) + float(value)
+    step_model.train(was_training)
+    margins = cluster.gathered(margins)
+    n_pairs = max(1, len(margins))
+    low, high = bootstrap_ci([float(margin > 0) for margin in margins])
+    stats = {f"val_{name}": round(cluster.total(value) / n_pairs, 6)
+             for name, value in sorted(stat_sums.items())}
+    stats["val_reward_accuracy_ci"] = [round(low, 4), round(high, 4)]
+    stats["val_pairs"] = len(margins)
+    return cluster.total(loss_sum) / n_pairs, stats
