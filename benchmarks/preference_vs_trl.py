@@ -41,8 +41,20 @@ first.
 model and tokenizer, 8 pairs, 2 steps of 4, every worker in this process (so its figures, peak
 memory above all, mean nothing), the result in a temporary folder.
 
-``--objective grpo`` (against ``trl.GRPOTrainer``) is not measured yet: tunelab's GRPO loop is
-not written (TODO: add a GRPO side once ``method.objective: grpo`` trains).
+``--objective grpo`` compares GRPO instead, against ``trl.GRPOTrainer`` + peft: the same QA
+prompts, ``group_size`` answers sampled per prompt at temperature 1 (at most ``max_new_tokens``),
+rewarded on both sides by ``names_the_answer`` (1 where the answer's first line is the review's
+name, 0.5 where it holds the name), advantages scaled by the group's spread, DAPO's token-level
+loss, answers cut at ``max_new_tokens`` kept in the loss (TRL's default), no KL term, one
+optimisation per generation, ``prompts_per_step`` prompts a step (TRL in file order, tunelab
+shuffled with its seed). Its step-1 check samples TRL's first batch with TRL's own generation
+and scores those answers on both sides: each answer token's log-probability (TRL's
+``_get_per_token_logps_and_entropies``, tunelab's ``target_logps`` over a packed batch), the
+advantages (tunelab's ``reward.advantages`` on the same rewards) and the loss. Sampling makes
+the sides' answers differ after that, so the training runs compare time, memory and the
+reward's course, not answers.
+
+    python benchmarks/preference_vs_trl.py --objective grpo --steps 10
 """
 
 from __future__ import annotations
@@ -80,7 +92,8 @@ PROMPT = "Context: {context}\nQuestion: {question}\nAnswer:"
 LORA = {"r": 16, "alpha": 32, "dropout": 0.0, "targets": "all-linear"}
 BETA = 0.1
 SIDES = ("trl", "tunelab")
-SIDE_TITLES = {"trl": "TRL DPOTrainer + peft", "tunelab": "tunelab"}
+SIDE_TITLES = {"trl": "TRL {trainer} + peft", "tunelab": "tunelab"}
+TRAINERS = {"dpo": "DPOTrainer", "grpo": "GRPOTrainer"}
 # Step 1's per-answer log-probabilities must agree this closely (nats, float32): the two sides
 # differ in attention over packed rows vs padded ones and in the order of their sums only.
 TOLERANCE_NATS = 1e-3
@@ -88,6 +101,19 @@ WORKLOADS = {
     "full": {"steps": 20, "batch_pairs": 8, "max_seq_len": 1024},
     "smoke": {"steps": 2, "batch_pairs": 4, "max_seq_len": 256},
 }
+# GRPO: prompts per step, answers per prompt, the longest answer; both sides sample at
+# temperature 1 without top-p or top-k
+GRPO_WORKLOADS = {
+    "full": {"steps": 10, "prompts_per_step": 4, "group_size": 8, "max_new_tokens": 8,
+             "max_seq_len": 1024},
+    "smoke": {"steps": 2, "prompts_per_step": 2, "group_size": 4, "max_new_tokens": 4,
+              "max_seq_len": 256},
+}
+TEMPERATURE = 1.0
+# Answers cut at max_new_tokens keep their place in the loss on both sides (TRL's default;
+# tunelab's rl.mask_truncated is set to match): the base model rarely ends a short answer with
+# EOS, and its first line is what the reward judges
+MASK_TRUNCATED = False
 
 
 # --- data ---------------------------------------------------------------------------------------
@@ -113,8 +139,10 @@ def write_pairs(path: Path, n_pairs: int, seed: int, source: Path = QA_DATA) -> 
 
 
 def tunelab_config(spec: dict) -> dict:
-    """The config tunelab's side trains with: the benchmark's model, pairs, LoRA and DPO; no
-    validation, samples or checkpoints (TRL's side has none either)."""
+    """The config tunelab's side trains with: the benchmark's model, pairs, LoRA and DPO (or
+    GRPO); no validation, samples or checkpoints (TRL's side has none either)."""
+    if spec.get("objective") == "grpo":
+        return tunelab_grpo_config(spec)
     return {"name": "preference-bench", "output_dir": str(Path(spec["scratch"]) / "runs"),
             "model": {"path": spec["tunelab_model"], "dtype": "float32", "device": "cpu"},
             "method": {"kind": "lora", **LORA, "objective": "dpo", "beta": BETA},
@@ -216,7 +244,12 @@ def run_trl(spec: dict) -> dict:
 # TRL's log names -> this benchmark's (tunelab's metrics.jsonl names, which a row keeps too)
 TRL_LOGS = {"chosen_logp": "logps/chosen", "rejected_logp": "logps/rejected",
             "margin": "rewards/margins", "reward_accuracy": "rewards/accuracies"}
-TUNELAB_LOGS = ("chosen_logp", "rejected_logp", "margin", "reward_accuracy")
+# what a step trains on (a DPO pair, a GRPO prompt with its group of answers), per objective
+UNITS = {"dpo": "pairs", "grpo": "prompts"}
+# what a tunelab step logs beside loss, tokens and time, per objective
+TUNELAB_LOGS = {"dpo": ("chosen_logp", "rejected_logp", "margin", "reward_accuracy"),
+                "grpo": ("reward", "reward_std", "answer_tokens_mean", "truncated_share",
+                         "tied_share", "rollout_s", "logprob_gap")}
 
 
 def trl_batches(dataset, batch_pairs: int) -> list[dict]:
@@ -248,8 +281,10 @@ def run_tunelab(spec: dict) -> dict:
     tokens = [record["tokens"] for record in records]
     return {**step_summary(tokens, [record["step_s"] for record in records],
                            [record["loss"] for record in records]),
-            **{name: [record[name] for record in records] for name in TUNELAB_LOGS},
-            "pairs_per_step": [len(step) for step in spec["tunelab_step_pairs"]][:len(records)],
+            **{name: [record.get(name) for record in records]
+               for name in TUNELAB_LOGS[spec.get("objective", "dpo")]},
+            f"{UNITS[spec.get('objective', 'dpo')]}_per_step":
+                spec["tunelab_units_per_step"][:len(records)],
             "processed_tokens": sum(tokens), "batch_tokens": config.train.batch_tokens,
             "train_wall_s": round(result.wall_s, 3)}
 
@@ -349,12 +384,300 @@ def worker_main(side: str, spec_path: str, result_path: str) -> None:
     import_training_stack()
     spec = json.loads(Path(spec_path).read_text())
     started = time.perf_counter()
-    result = {"trl": run_trl, "tunelab": run_tunelab, "step_one": run_step_one}[side](spec)
+    workers = ({"trl": run_trl_grpo, "tunelab": run_tunelab, "step_one": run_step_one_grpo}
+               if spec.get("objective") == "grpo" else
+               {"trl": run_trl, "tunelab": run_tunelab, "step_one": run_step_one})
+    result = workers[side](spec)
     result["wall_s"] = round(time.perf_counter() - started, 3)
     result["threads"] = torch.get_num_threads()
     # VmHWM, not ru_maxrss: after fork+exec Linux starts ru_maxrss at the parent's RSS
     result.update(peak_memory_bytes=peak_rss_bytes(), peak_memory_kind="VmHWM")
     Path(result_path).write_text(json.dumps(result))
+
+
+# --- GRPO (--objective grpo) --------------------------------------------------------------------
+
+
+def write_prompts(path: Path, n_prompts: int, source: Path = QA_DATA) -> list[dict]:
+    """The first ``n_prompts`` QA rows as completion records: the QA prompt, the name as the
+    reference completion, and the name alone (``answer``), which the reward reads."""
+    rows = [json.loads(line) for line in source.read_text(encoding="utf-8").splitlines()
+            if line.strip()]
+    if n_prompts > len(rows):
+        raise SystemExit(f"--pairs {n_prompts}: {source} has {len(rows)} rows")
+    records = [{"prompt": PROMPT.format(context=row["context"], question=row["question"]),
+                "completion": f" {row['answer']}", "answer": row["answer"]}
+               for row in rows[:n_prompts]]
+    path.write_text("".join(json.dumps(record) + "\n" for record in records), encoding="utf-8")
+    return records
+
+
+def names_the_answer(prompts, completions, answer, **_) -> list[float]:
+    """Both sides' reward (TRL's signature, which tunelab's python rewards share): 1 where the
+    answer's first line is the review's name, 0.5 where it holds the name among other words,
+    else 0 (partial credit, so that more groups of a small model's answers differ)."""
+    lines = [completion.strip().split("\n")[0].strip() for completion in completions]
+    return [1.0 if line == name else 0.5 if name in line else 0.0
+            for line, name in zip(lines, answer, strict=True)]
+
+
+def tunelab_grpo_config(spec: dict) -> dict:
+    """tunelab's GRPO config: the same LoRA and prompts as TRL's side, rewarded by
+    ``names_the_answer``, no pre-flight (TRL has none), DAPO's loss, no KL."""
+    return {"name": "grpo-bench", "output_dir": str(Path(spec["scratch"]) / "runs"),
+            "model": {"path": spec["tunelab_model"], "dtype": "float32", "device": "cpu"},
+            "method": {"kind": "lora", **LORA, "objective": "grpo"},
+            "data": {"train": [spec["data_path"]]},
+            "train": {"max_steps": spec["steps"], "lr": spec["lr"], "warmup_steps": 0,
+                      "schedule": "constant", "weight_decay": 0.0, "max_grad_norm": 1.0,
+                      "seed": spec["seed"], "batch_tokens": spec["batch_tokens"],
+                      "max_seq_len": spec["max_seq_len"], "samples": 0, "eval_every": 0,
+                      "save_every": 0},
+            "rl": {"rewards": [f"python:{Path(__file__).resolve()}:names_the_answer"],
+                   "group_size": spec["group_size"], "prompts_per_step": spec["prompts_per_step"],
+                   "temperature": TEMPERATURE, "top_p": 1.0,
+                   "max_new_tokens": spec["max_new_tokens"], "mask_truncated": MASK_TRUNCATED,
+                   "loss": "dapo", "kl_weight": 0.0, "scale_rewards": True,
+                   "preflight_prompts": 0}}
+
+
+def grpo_trainer(spec: dict, model, tokenizer, *, max_steps: int, callbacks: list = ()):
+    """``trl.GRPOTrainer`` with this benchmark's settings: ``prompts_per_step`` prompts of
+    ``group_size`` answers a step, in file order, one optimisation per generation."""
+    import datasets
+    from peft import LoraConfig
+    from trl import GRPOConfig, GRPOTrainer
+
+    args = GRPOConfig(
+        output_dir=spec["scratch"], learning_rate=spec["lr"],
+        per_device_train_batch_size=spec["prompts_per_step"] * spec["group_size"],
+        gradient_accumulation_steps=1, num_generations=spec["group_size"],
+        max_completion_length=spec["max_new_tokens"], temperature=TEMPERATURE, top_p=1.0,
+        top_k=0, beta=0.0, loss_type="dapo", scale_rewards="group",
+        mask_truncated_completions=MASK_TRUNCATED, num_iterations=1, shuffle_dataset=False,
+        max_steps=max_steps, logging_steps=1, lr_scheduler_type="constant", warmup_steps=0,
+        weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch", report_to="none",
+        disable_dropout=True, gradient_checkpointing=False, bf16=False, use_cpu=True,
+        seed=spec["seed"], dataloader_num_workers=0, save_strategy="no", disable_tqdm=True)
+    lora = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+                      target_modules=LORA["targets"], task_type="CAUSAL_LM")
+    rows = [json.loads(line) for line in Path(spec["data_path"]).read_text().splitlines()]
+    return GRPOTrainer(model=model, reward_funcs=names_the_answer, args=args,
+                       train_dataset=datasets.Dataset.from_list(rows),
+                       processing_class=tokenizer, peft_config=lora, callbacks=list(callbacks))
+
+
+def run_trl_grpo(spec: dict) -> dict:
+    """TRL's GRPOTrainer for ``steps`` steps; per-step loss, reward and answer lengths from its
+    logs, step times (sampling included) from the Trainer's callbacks. Its tokens are the
+    prompts' (from the tokenized prompts, in file order) and the answers' (its mean length)."""
+    model, tokenizer = load_hf_model(spec)
+    clock = StepClock()
+    trainer = grpo_trainer(spec, model, tokenizer, max_steps=spec["steps"],
+                           callbacks=[clock.callback()])
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    answers = spec["prompts_per_step"] * spec["group_size"]
+    prompt_tokens = spec["trl_prompt_tokens_per_step"][:len(logs)]
+    tokens = [round(prompt + answers * entry["completions/mean_length"])
+              for prompt, entry in zip(prompt_tokens, logs, strict=True)]
+    return {**step_summary(tokens, clock.step_s(), [entry["loss"] for entry in logs]),
+            **{name: [entry.get(key) for entry in logs] for name, key in TRL_GRPO_LOGS.items()},
+            "prompts_per_step": [spec["prompts_per_step"]] * len(logs),
+            "processed_tokens": None}
+
+
+# TRL's GRPO log names -> tunelab's metrics.jsonl names
+TRL_GRPO_LOGS = {"reward": "reward", "reward_std": "reward_std",
+                 "answer_tokens_mean": "completions/mean_length",
+                 "truncated_share": "completions/clipped_ratio",
+                 "tied_share": "frac_reward_zero_std"}
+
+
+def run_step_one_grpo(spec: dict) -> dict:
+    """TRL's first batch sampled by TRL, scored by both sides: each answer token's log-prob,
+    the advantages and the loss; and whether both tokenize the prompts alike."""
+    import numpy as np
+    import torch
+    from rich.console import Console
+
+    from tunelab.config import load_config
+    from tunelab.data.packing import collate
+    from tunelab.data.tokenize import IGNORE_INDEX, TokenizedExample
+    from tunelab.train import rl
+    from tunelab.train.loop import prepare
+    from tunelab.train.loss import target_logps
+    from tunelab.train.reward import advantages
+    from tunelab.train.rollout import Rollout
+
+    config = load_config(spec["config_path"])
+    prepared = prepare(config, Console(quiet=True))
+    reinforcement = rl.set_up_reinforcement(config, prepared.tokenizer)
+    model, tokenizer = load_hf_model(spec)
+    trainer = grpo_trainer(spec, model, tokenizer, max_steps=1)
+    group, n_prompts = spec["group_size"], spec["prompts_per_step"]
+    rows = [trainer.train_dataset[i] for i in range(n_prompts) for _ in range(group)]
+    torch.manual_seed(spec["seed"])
+    with torch.no_grad():
+        batch = trainer._generate_and_score_completions(rows)
+        # the answers' tokens (mask_truncated_completions zeroes a cut answer's mask: it is whole)
+        answer_mask = batch["completion_mask"]
+        answer_mask = torch.where(answer_mask.sum(dim=1, keepdim=True) == 0,
+                                  torch.ones_like(answer_mask), answer_mask)
+        theirs, _, _ = trainer._get_per_token_logps_and_entropies(
+            trainer.model, torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1),
+            torch.cat([batch["prompt_mask"], answer_mask], dim=1),
+            batch["completion_ids"].size(1))
+        trainer.model.eval()  # TRL's eval normaliser: this one batch, no accumulation
+        trl_loss = float(trainer.compute_loss(trainer.model, batch))
+    prompts = [ids[mask.bool()].tolist() for ids, mask in
+               zip(batch["prompt_ids"], batch["prompt_mask"], strict=True)]
+    answers = [ids[mask.bool()].tolist() for ids, mask in
+               zip(batch["completion_ids"], answer_mask, strict=True)]
+    ends = {*trainer.eos_token_ids, tokenizer.pad_token_id}
+    truncated = [not answer or answer[-1] not in ends for answer in answers]
+    sequences = [TokenizedExample(p + a, [IGNORE_INDEX] * len(p) + a, "trl", i)
+                 for i, (p, a) in enumerate(zip(prompts, answers, strict=True))]
+    pad_id = prepared.tokenizer.pad_token_id or 0
+    packed = collate(sequences, packing=True, pad_id=pad_id).to(prepared.device)
+    texts = tokenizer.batch_decode(answers, skip_special_tokens=True)
+    rewards = names_the_answer(None, texts, [row["answer"] for row in rows])
+    ours_advantage = advantages(np.array(rewards).reshape(n_prompts, group), estimator="grpo",
+                                scale=True).reshape(-1)
+    rollouts = [Rollout(i // group, p, a, [0.0] * len(a), bool(cut), text)
+                for i, (p, a, cut, text) in enumerate(zip(prompts, answers, truncated, texts,
+                                                          strict=True))]
+    module = rl.PolicyGradientLoss(prepared.model, temperature=TEMPERATURE, kl_weight=0.0,
+                                   chunk_tokens=config.train.loss_chunk_tokens)
+    with torch.no_grad():
+        ours, _, _ = target_logps(prepared.model, packed, temperature=TEMPERATURE,
+                                  chunk_tokens=config.train.loss_chunk_tokens)
+        pieces = rl.answer_batches(rollouts, ours_advantage, config, pad_id=pad_id)
+        ours_loss = sum(float(module(piece.to(prepared.device))[0]) for piece in pieces) \
+            / sum(piece.units for piece in pieces)
+    expected = [reinforcement.prompts[i].ids for i in range(n_prompts)]
+    return {"answers": len(answers), "answer_tokens": int(answer_mask.sum()),
+            "truncated": sum(truncated), "rewards": rewards, "texts": texts,
+            "tunelab_logps": ours.tolist(), "trl_logps": theirs[answer_mask.bool()].tolist(),
+            "tunelab_advantages": ours_advantage.tolist(),
+            "trl_advantages": batch["advantages"].tolist(),
+            "loss": {"tunelab": ours_loss, "trl": trl_loss},
+            "identical_prompt_ids": sum(prompts[i * group] == ids
+                                        for i, ids in enumerate(expected)),
+            "prompts": n_prompts}
+
+
+def prepare_grpo_spec(workdir: Path, args, workload: dict, model: str) -> dict:
+    """The prompts file, tunelab's GRPO config and the workers' spec."""
+    import yaml
+
+    from tunelab.model.load import load_tokenizer, resolve_model_path
+
+    data_path = workdir / "prompts.jsonl"
+    n_prompts = args.pairs or workload["steps"] * workload["prompts_per_step"]
+    records = write_prompts(data_path, n_prompts)
+    steps = min(workload["steps"], n_prompts // workload["prompts_per_step"])
+    spec = {"objective": "grpo", "tunelab_model": model, "model_dir": resolve_model_path(model),
+            "data_path": str(data_path), "lr": args.lr, "seed": args.seed,
+            "scratch": str(workdir / "scratch"), "config_path": str(workdir / "tunelab.yaml"),
+            "batch_tokens": 8192, **{**workload, "steps": steps}}
+    Path(spec["config_path"]).write_text(yaml.safe_dump(tunelab_config(spec), sort_keys=False))
+    tokenizer = load_tokenizer(model)
+    lengths = [len(ids) for ids in tokenizer([r["prompt"] for r in records])["input_ids"]]
+    per_step = workload["prompts_per_step"]
+    spec.update(trl_prompt_tokens_per_step=[
+        workload["group_size"] * sum(lengths[start:start + per_step])
+        for start in range(0, steps * per_step, per_step)],
+        tunelab_units_per_step=[per_step] * steps)
+    spec["data"] = {"prompts": n_prompts, "prompt_tokens": sum(lengths),
+                    "median_prompt_tokens": statistics.median(lengths),
+                    "source": str(QA_DATA.relative_to(REPO)), "prompt": PROMPT,
+                    "reward": "names_the_answer: 1 where the answer's first line is the "
+                              "review's name, 0.5 where it holds it, else 0"}
+    print(f"{n_prompts} prompts (median {statistics.median(lengths):.0f} tokens); {steps} "
+          f"steps of {per_step} prompts × {workload['group_size']} answers of at most "
+          f"{workload['max_new_tokens']} tokens", flush=True)
+    return spec
+
+
+def grpo_step_one_summary(check: dict) -> dict:
+    """Largest differences of step 1's per-token log-probs, advantages and loss (TRL's
+    answers scored by both sides)."""
+    logps = [abs(a - b) for a, b in zip(check["tunelab_logps"], check["trl_logps"],
+                                        strict=True)]
+    advantage = [abs(a - b) for a, b in zip(check["tunelab_advantages"],
+                                            check["trl_advantages"], strict=True)]
+    loss = abs(check["loss"]["tunelab"] - check["loss"]["trl"])
+    return {"answers": check["answers"], "answer_tokens": check["answer_tokens"],
+            "truncated_answers": check["truncated"], "tolerance_nats": TOLERANCE_NATS,
+            "max_abs_token_logp_difference": max(logps),
+            "mean_abs_token_logp_difference": statistics.fmean(logps),
+            "max_abs_advantage_difference": max(advantage),
+            "loss": {**check["loss"], "abs_difference": loss},
+            "identical_prompt_ids": check["identical_prompt_ids"], "prompts": check["prompts"],
+            "within_tolerance": max(logps) <= TOLERANCE_NATS and max(advantage) <= 1e-4
+            and loss <= TOLERANCE_NATS,
+            "per_answer": check}
+
+
+def grpo_summarise(runs: dict, spec: dict) -> dict:
+    """Both sides' time per step, prompts/s, sampled answer tokens/s, memory and reward."""
+    answers = spec["prompts_per_step"] * spec["group_size"]
+    summary = {}
+    for side in SIDES:
+        run = runs[side]
+        answer_tokens = sum(answers * length for length in run["answer_tokens_mean"])
+        summary[side] = {
+            "tokens_per_second": run["tokens_per_second"],
+            "tokens_per_second_median_step": run["tokens_per_second_median_step"],
+            "peak_memory_bytes": run["peak_memory_bytes"], "steps": run["steps"],
+            "train_s": run["train_s"], "step_s_median": statistics.median(run["step_s"]),
+            "prompts_per_second": sum(run["prompts_per_step"]) / run["train_s"],
+            "answer_tokens_per_second": answer_tokens / run["train_s"],
+            "reward_first": run["reward"][0], "reward_last": run["reward"][-1],
+            "reward_mean": statistics.fmean(run["reward"])}
+    ours, theirs = summary["tunelab"], summary["trl"]
+    summary["tunelab_vs_trl"] = {
+        key: ours[key] / theirs[key] for key in ("tokens_per_second", "prompts_per_second",
+                                                 "answer_tokens_per_second")}
+    summary["tunelab_vs_trl"]["step_s_median"] = ours["step_s_median"] / theirs["step_s_median"]
+    summary["tunelab_vs_trl"]["peak_memory"] = (ours["peak_memory_bytes"]
+                                                / theirs["peak_memory_bytes"])
+    return summary
+
+
+def print_grpo_tables(summary: dict, step_one: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="GRPO: tunelab against TRL's GRPOTrainer")
+    for column in ("", "step (median)", "prompts/s", "answer tokens/s", "tokens/s",
+                   "peak memory", "reward, first → last step", "steps"):
+        table.add_column(column, justify="right")
+    for side in SIDES:
+        values = summary[side]
+        table.add_row(SIDE_TITLES[side].format(trainer=TRAINERS["grpo"]),
+                      f"{values['step_s_median']:.1f} s", f"{values['prompts_per_second']:.3f}",
+                      f"{values['answer_tokens_per_second']:.1f}",
+                      f"{values['tokens_per_second']:.1f}",
+                      f"{values['peak_memory_bytes'] / 2**30:.2f} GiB",
+                      f"{values['reward_first']:.3f} → {values['reward_last']:.3f}",
+                      f"{values['steps']}")
+    ratios = summary["tunelab_vs_trl"]
+    table.add_row("tunelab / TRL", f"{ratios['step_s_median']:.2f}×",
+                  f"{ratios['prompts_per_second']:.2f}×",
+                  f"{ratios['answer_tokens_per_second']:.2f}×",
+                  f"{ratios['tokens_per_second']:.2f}×", f"{ratios['peak_memory']:.2f}×", "", "")
+    console = Console()
+    console.print(table)
+    console.print(
+        f"step 1, TRL's {step_one['answers']} sampled answers ({step_one['answer_tokens']} "
+        f"tokens, {step_one['truncated_answers']} cut): per-token log-prob |tunelab − TRL| max "
+        f"{step_one['max_abs_token_logp_difference']:.2e} nats (mean "
+        f"{step_one['mean_abs_token_logp_difference']:.2e}); advantages max difference "
+        f"{step_one['max_abs_advantage_difference']:.2e}; loss {step_one['loss']['tunelab']:.6f}"
+        f" vs {step_one['loss']['trl']:.6f}; identical prompt ids "
+        f"{step_one['identical_prompt_ids']}/{step_one['prompts']}")
 
 
 # --- the orchestrating parent -------------------------------------------------------------------
@@ -387,7 +710,8 @@ def run_worker(side: str, spec: dict, workdir: Path, max_wait_s: float,
                load_average_before=round(load_before, 2), waited_for_quiet_s=round(waited_s),
                load_average_after=round(os.getloadavg()[0], 2))
     if side in SIDES:
-        print(f"  {SIDE_TITLES[side]:24s} {row['tokens_per_second']:7.1f} tok/s (median step "
+        title = SIDE_TITLES[side].format(trainer=TRAINERS[spec.get("objective", "dpo")])
+        print(f"  {title:24s} {row['tokens_per_second']:7.1f} tok/s (median step "
               f"{row['tokens_per_second_median_step']:.1f})  peak "
               f"{row['peak_memory_bytes'] / 2**30:5.2f} GiB  final loss {row['final_loss']:.4f}"
               f"  ({row['steps']} steps, {row['process_wall_s']:.0f} s, load "
@@ -424,7 +748,7 @@ def prepare_spec(workdir: Path, args, workload: dict, model: str) -> dict:
                 tunelab_steps=min(workload["steps"], planned))
     config_path.write_text(yaml.safe_dump(tunelab_config(spec), sort_keys=False))
     _, steps = tunelab_pairs(config_path)
-    spec["tunelab_step_pairs"] = steps
+    spec.update(tunelab_step_pairs=steps, tunelab_units_per_step=list(map(len, steps)))
     print(f"{len(pairs)} pairs, {sum(lengths)} tokens (pair median "
           f"{statistics.median(lengths):.0f}, {min(lengths)}–{max(lengths)}); TRL "
           f"{spec['steps']} steps of {batch_pairs} pairs, tunelab batch_tokens {budget} "
@@ -500,7 +824,8 @@ def print_tables(summary: dict, step_one: dict) -> None:
         table.add_column(column, justify="right")
     for side in SIDES:
         values = summary[side]
-        table.add_row(SIDE_TITLES[side], f"{values['tokens_per_second']:.1f}",
+        table.add_row(SIDE_TITLES[side].format(trainer=TRAINERS["dpo"]),
+                      f"{values['tokens_per_second']:.1f}",
                       f"{values['tokens_per_second_median_step']:.1f}",
                       f"{values['pairs_per_second']:.2f}",
                       f"{values['peak_memory_bytes'] / 2**30:.2f} GiB",
@@ -528,10 +853,11 @@ def print_tables(summary: dict, step_one: dict) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=MODEL, help="the base model (tunelab's model.path)")
-    parser.add_argument("--steps", type=int, help="optimizer steps (default 20)")
+    parser.add_argument("--steps", type=int, help="optimizer steps (default 20; grpo: 10)")
     parser.add_argument("--batch-pairs", type=int, help="TRL's pairs per step (default 8)")
     parser.add_argument("--pairs", type=int,
-                        help="pairs in the data set (default: steps × batch pairs)")
+                        help="pairs (grpo: prompts) in the data set (default: steps × per step)")
+    parser.add_argument("--prompts-per-step", type=int, help="grpo: prompts a step (default 4)")
     parser.add_argument("--objective", choices=["dpo", "grpo"], default="dpo")
     parser.add_argument("--lr", type=float, default=5e-5)
     parser.add_argument("--seed", type=int, default=0)
@@ -547,14 +873,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.worker:
         return worker_main(args.worker, args.spec, args.result)
-    if args.objective == "grpo":
-        parser.error("--objective grpo is not measured yet: tunelab's GRPO loop "
-                     "(method.objective: grpo) is not written; use --objective dpo")
-    workload = dict(WORKLOADS["smoke" if args.smoke else "full"])
+    grpo = args.objective == "grpo"
+    workload = dict((GRPO_WORKLOADS if grpo else WORKLOADS)["smoke" if args.smoke else "full"])
     workload.update({key: value for key, value in (("steps", args.steps),
-                                                   ("batch_pairs", args.batch_pairs)) if value})
+                                                   ("batch_pairs", args.batch_pairs),
+                                                   ("prompts_per_step", args.prompts_per_step))
+                     if value and key in workload})
     report = measure(args, workload)
-    name = "preference-vs-trl.json"
+    name = "grpo-vs-trl.json" if grpo else "preference-vs-trl.json"
     out = smoke.result_path(args.out, name) if args.smoke else args.out or RESULTS / name
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")
@@ -562,36 +888,43 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def measure(args, workload: dict) -> dict:
-    """Build the pairs and config, run both sides and the step-1 check; the result file."""
+    """Build the data and config, run both sides and the step-1 check; the result file."""
     import trl
 
     origin = provenance()
     origin["machine"]["trl"] = trl.__version__
     print(f"provenance: {origin}", flush=True)
+    grpo = args.objective == "grpo"
     with tempfile.TemporaryDirectory(prefix="tunelab-preference-bench-") as tmp:
         workdir = Path(tmp)
         model = str(smoke.tiny_model(workdir / "tiny-model")) if args.smoke else args.model
-        spec = prepare_spec(workdir, args, workload, model)
+        spec = (prepare_grpo_spec if grpo else prepare_spec)(workdir, args, workload, model)
         runs = {side: run_worker(side, spec, workdir, args.wait_for_quiet_s,
                                  in_process=args.smoke) for side in SIDES}
         check = run_worker("step_one", spec, workdir, args.wait_for_quiet_s,
                            in_process=args.smoke)
         config = tunelab_config({**spec, "scratch": "SCRATCH"})
     origin["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    summary = summarise(runs)
-    step_one = step_one_summary(check, runs)
-    print_tables(summary, step_one)
-    return {"benchmark": "preference_vs_trl", "objective": "dpo",
+    if grpo:
+        summary, step_one = grpo_summarise(runs, spec), grpo_step_one_summary(check)
+        print_grpo_tables(summary, step_one)
+        settings = {"temperature": TEMPERATURE, "loss": "dapo", "kl_weight": 0.0,
+                    "scale_rewards": True, "mask_truncated": MASK_TRUNCATED}
+    else:
+        summary, step_one = summarise(runs), step_one_summary(check, runs)
+        print_tables(summary, step_one)
+        settings = {"beta": BETA, "loss_type": "sigmoid",
+                    "tunelab_batch_tokens": spec["batch_tokens"],
+                    "tunelab_steps": spec["tunelab_steps"]}
+    return {"benchmark": "preference_vs_trl", "objective": args.objective,
             "date": date.today().isoformat(), **origin,
             "model": {"path": "tiny (smoke)" if args.smoke else args.model,
                       "dtype": "float32", "attention": "sdpa"},
-            "lora": LORA, "beta": BETA,
+            "lora": LORA,
             "workload": {**workload, "lr": args.lr, "schedule": "constant", "warmup_steps": 0,
-                         "seed": args.seed, "tunelab_batch_tokens": spec["batch_tokens"],
-                         "tunelab_steps": spec["tunelab_steps"]},
+                         "seed": args.seed, **settings},
             "data": spec["data"], "tunelab_config": config, "runs": runs, "summary": summary,
             "step_one": step_one}
-
 
 if __name__ == "__main__":
     main()

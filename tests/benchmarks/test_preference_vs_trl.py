@@ -1,4 +1,4 @@
-"""benchmarks/preference_vs_trl.py: its pairs, its fairness rules and its whole path (--smoke).
+"""benchmarks/preference_vs_trl.py: its data, its fairness rules and its whole path (--smoke).
 
 The benchmark itself is run by hand, never by the test suite; these tests keep its data honest
 (a rejected answer must be a name the context does not hold), its tunelab config valid, and
@@ -77,3 +77,37 @@ def test_smoke_runs_both_sides_and_agrees_at_step_one(tmp_path):
     step_one = result["step_one"]
     assert step_one["within_tolerance"], step_one
     assert step_one["tokenization"]["identical_answer_ids"] == step_one["tokenization"]["answers"]
+
+
+def test_the_grpo_reward_credits_the_name_on_the_first_line():
+    completions = [" Arnold", " Arnold\nQuestion: who?", " Arnold Schwarzenegger", " Leon",
+                   " none\nArnold"]
+    assert bench.names_the_answer(None, completions, ["Arnold"] * 5) == [1.0, 1.0, 0.5, 0.0,
+                                                                         0.0]
+
+
+def test_the_tunelab_grpo_config_matches_trls_settings(tmp_path):
+    bench.write_prompts(tmp_path / "prompts.jsonl", 4)
+    spec = {"scratch": str(tmp_path), "tunelab_model": str(tmp_path),
+            "data_path": str(tmp_path / "prompts.jsonl"), "steps": 2, "lr": 5e-5, "seed": 0,
+            "batch_tokens": 8192, "max_seq_len": 256, "objective": "grpo",
+            **bench.GRPO_WORKLOADS["smoke"]}
+    config = config_from_dict(bench.tunelab_config(spec), base_dir=tmp_path)
+    rl = config.rl
+    assert config.method.objective == "grpo" and config.method.dropout == 0.0
+    assert (rl.group_size, rl.prompts_per_step, rl.max_new_tokens) == (4, 2, 4)
+    assert (rl.loss, rl.kl_weight, rl.scale_rewards, rl.mask_truncated, rl.preflight_prompts) \
+        == ("dapo", 0.0, True, bench.MASK_TRUNCATED, 0)
+    assert rl.rewards[0].function.endswith("preference_vs_trl.py:names_the_answer")
+
+
+def test_grpo_smoke_scores_trls_first_answers_alike_on_both_sides(tmp_path):
+    pytest.importorskip("trl")
+    bench.main(["--smoke", "--objective", "grpo", "--out", str(tmp_path / "grpo.json")])
+    result = json.loads((tmp_path / "grpo.json").read_text())
+    assert result["objective"] == "grpo"
+    for side in ("trl", "tunelab"):
+        assert result["runs"][side]["prompts_per_step"] == [2, 2]
+    step_one = result["step_one"]
+    assert step_one["within_tolerance"], step_one
+    assert step_one["identical_prompt_ids"] == step_one["prompts"]
