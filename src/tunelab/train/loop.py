@@ -298,6 +298,8 @@ def set_up(config: Config, cluster: distributed.Cluster, console: Console) -> Tr
                                   chunk_tokens=train_cfg.loss_chunk_tokens, step_loss=step_loss)
     if reinforcement is None:
         lengths = [unit_length(unit) for unit in prepared.train]
+        for index, extra in enumerate(mismatched.get("train", [])):  # KTO's KL sequences
+            lengths[index] += len(extra.input_ids)
         schedule = run_schedule(config, lengths, prepared.train_tasks)
         steps = distributed.rank_steps(schedule.micro_batches, lengths, cluster,
                                        grad_accum=train_cfg.grad_accum,
