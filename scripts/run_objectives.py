@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import sys
 import tempfile
@@ -139,18 +140,22 @@ def stage_config(config: Path, stage: Stage, scratch: Path, model: Path | None) 
 def train_and_evaluate(stage: Stage, config: Path, scratch: Path, runs: dict[str, RunDir],
                        logs: Path, in_process: bool, wait_idle: bool) -> tuple[dict, RunDir]:
     """``tunelab train`` then ``tunelab eval`` of one stage (logs in ``logs``): each command's
-    wall time and the load it started under, and the run directory."""
+    wall time, the load it started under and the CPUs' share that went to other processes
+    meanwhile (above a few percent, its wall time is not this run's alone); the run directory."""
     overrides = ["--set", f"output_dir={scratch / 'runs'}"]
     if stage.init_from:
         overrides += ["--set", f"train.init_from={runs[stage.init_from]}"]
     commands = {"train": ["tunelab", "train", str(config), "--overwrite", *overrides],
                 "eval": ["tunelab", "eval", str(config), *overrides]}
     logs.mkdir(parents=True)
-    timing = {"wall_s": {}, "waited_for_idle_s": {}, "load_average_at_start": {}}
+    timing = {"wall_s": {}, "waited_for_idle_s": {}, "load_average_at_start": {},
+              "other_processes_cpu_share": {}}
     for step, command in commands.items():
         timing["waited_for_idle_s"][step] = wait_until_idle() if wait_idle else 0.0
         timing["load_average_at_start"][step] = [round(x, 2) for x in os.getloadavg()]
+        ticks_before, own_before = _cpu_ticks(), _own_cpu_s()
         timing["wall_s"][step] = round(run(command, logs / f"{step}.log", in_process), 1)
+        timing["other_processes_cpu_share"][step] = _others_share(ticks_before, own_before)
     name = yaml.safe_load(config.read_text())["name"]
     return timing, RunDir(scratch / "runs" / name)
 
@@ -167,14 +172,36 @@ def wait_until_idle(busy_share: float = 0.2, poll_s: float = 120, limit_s: float
 
 
 def _busy_share(seconds: float) -> float:
-    """The share of all CPUs' time not idle over the next ``seconds`` (``/proc/stat``)."""
-    def times() -> tuple[int, int]:
-        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
-        return sum(fields), fields[3] + fields[4]  # total, idle + iowait
-    total_before, idle_before = times()
+    """The share of all CPUs' time not idle over the next ``seconds``."""
+    (total_before, idle_before) = _cpu_ticks()
     time.sleep(seconds)
-    total_after, idle_after = times()
+    total_after, idle_after = _cpu_ticks()
     return 1 - (idle_after - idle_before) / max(1, total_after - total_before)
+
+
+def _others_share(ticks_before: tuple[int, int], own_before: float) -> float:
+    """The share of all CPUs' time since ``ticks_before`` that went to other processes than
+    this one and its children (whose CPU seconds were ``own_before`` then)."""
+    (total_before, idle_before), (total_after, idle_after) = ticks_before, _cpu_ticks()
+    busy_s = ((total_after - total_before) - (idle_after - idle_before)) / _TICKS_PER_S
+    own_s = _own_cpu_s() - own_before
+    return round(max(0.0, busy_s - own_s) / max(1e-9, (total_after - total_before)
+                                                 / _TICKS_PER_S), 3)
+
+
+def _cpu_ticks() -> tuple[int, int]:
+    """All CPUs' clock ticks since boot: (total, idle + iowait), from ``/proc/stat``."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    return sum(fields[:8]), fields[3] + fields[4]  # guest time is counted in user already
+
+
+def _own_cpu_s() -> float:
+    """CPU seconds of this process and its finished children."""
+    return sum(resource.getrusage(who).ru_utime + resource.getrusage(who).ru_stime
+               for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+
+
+_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
 
 
 def summarise(run_dir: RunDir) -> dict:
