@@ -951,6 +951,140 @@ def headline_example(result: dict) -> str:
             f"{_short_origin(result)}\n")
 
 
+def _signed(entry: dict | None) -> str:
+    """A paired difference: value [low, high] and its p (run_objectives' comparisons)."""
+    if not entry:
+        return "—"
+    return (f"{entry['value']:+.3f} [{entry['ci'][0]:+.3f}, {entry['ci'][1]:+.3f}] "
+            f"({entry.get('p_text') or _p(entry)})")
+
+
+def _held_out(stage: dict) -> str:
+    """What a stage measured on its validation split before → after training."""
+    before, after = stage["validation"]["before"], stage["validation"]["after"]
+    if "val_reward_accuracy" in after:
+        low, high = after["val_reward_accuracy_ci"]
+        return (f"reward accuracy {before['val_reward_accuracy']:.2f} → "
+                f"{after['val_reward_accuracy']:.2f} [{low:.2f}, {high:.2f}] "
+                f"({after['val_pairs']} pairs), margin {before['val_margin']:+.2f} → "
+                f"{after['val_margin']:+.2f}")
+    if "val_reward" in after:
+        low, high = after["val_reward_ci"]
+        return (f"greedy reward {before['val_reward']:.3f} → {after['val_reward']:.3f} "
+                f"[{low:.3f}, {high:.3f}] ({after['val_prompts']} prompts)")
+    return f"loss {before['val_loss']:.3f} → {after['val_loss']:.3f}"
+
+
+def render_objectives(result: dict) -> str:
+    """scripts/run_objectives.py: each stage's test metric with the paired differences against
+    the base and against SFT, the hallucination rate, the held-out preference accuracy or
+    reward, the pre-flight, and the wall time."""
+    stages, comparisons = result["stages"], result["comparisons"]
+    first = next(iter(stages.values()))["eval"]
+    primary, n = first["primary_metric"], first["n"]
+    grounded = any(stage["eval"]["models"]["tuned"].get("hallucination")
+                   for stage in stages.values())
+    columns = ["stage", f"test {primary}", "− base", "− SFT"]
+    columns += ["hallucination rate"] if grounded else []
+    columns += ["validation, before → after", "train + eval"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    base = first["models"]["base"]
+    row = ["base model", _interval(base["metrics"][primary]), "", ""]
+    row += [_rate(base.get("hallucination"))] if grounded else []
+    lines.append("| " + " | ".join(row + ["", ""]) + " |")
+    for name, stage in stages.items():
+        tuned = stage["eval"]["models"]["tuned"]
+        start = f" (from {stage['init_from']})" if stage.get("init_from") else ""
+        row = [f"`{name}`{start}", _interval(tuned["metrics"][primary]),
+               _signed(comparisons.get(f"{name} vs base", {}).get(primary)),
+               _signed(comparisons.get(f"{name} vs sft", {}).get(primary))]
+        row += [_rate(tuned.get("hallucination"))] if grounded else []
+        wall = stage["wall_s"]
+        row += [_held_out(stage), f"{_minutes(wall['train'])} + {_minutes(wall['eval'])}"]
+        lines.append("| " + " | ".join(row) + " |")
+    text = "\n".join(lines) + "\n\n"
+    text += f"Test examples: {n}; differences are paired on them ({primary}: McNemar where the "
+    text += "task says so, else a paired bootstrap)."
+    if grounded:
+        text += (" Hallucination rate: answers not found in the context, over non-empty "
+                 "answers; paired against SFT: ")
+        text += "; ".join(f"{label.removesuffix(' vs sft')} {_signed(entry['hallucination_rate'])}"
+                          for label, entry in comparisons.items()
+                          if label.endswith(" vs sft") and "hallucination_rate" in entry) + "."
+    for name, stage in stages.items():
+        if stage.get("preflight"):
+            text += f" `{name}` pre-flight: {_preflight(stage['preflight'])}."
+    return text + f" Measured by {_origin(result)}.\n"
+
+
+def _rate(hallucination: dict | None) -> str:
+    if not hallucination:
+        return "—"
+    return (f"{hallucination['rate']:.3f} [{hallucination['ci'][0]:.3f}, "
+            f"{hallucination['ci'][1]:.3f}]")
+
+
+def _preflight(report: dict) -> str:
+    group = report["group_size"]
+    return (f"pass@1 {_interval(report['pass_at_1'])}, pass@{group} "
+            f"{_interval(report['pass_at_group'])}, tied groups "
+            f"{_interval(report['tied_share'])} on {report['prompts']} training prompts")
+
+
+def headline_objectives(result: dict) -> str:
+    """The example's objectives in one paragraph: each stage's test metric and its paired
+    difference against SFT (and the base)."""
+    stages, comparisons = result["stages"], result["comparisons"]
+    first = next(iter(stages.values()))["eval"]
+    primary = first["primary_metric"]
+    parts = [f"base {first['models']['base']['metrics'][primary]['value']:.3f}"]
+    for name, stage in stages.items():
+        value = stage["eval"]["models"]["tuned"]["metrics"][primary]["value"]
+        against = comparisons.get(f"{name} vs sft", {}).get(primary)
+        parts.append(f"{name} {value:.3f}" + (f" (− SFT {_signed(against)})" if against else ""))
+    return (f"`{result['example']}`, test {primary} (n = {first['n']}): " + "; ".join(parts)
+            + f". {_short_origin(result)}\n")
+
+
+def headline_preference_trl(result: dict) -> str:
+    """benchmarks/preference_vs_trl.py (DPO): tokens/s and peak memory against TRL's
+    DPOTrainer + peft, and step 1's per-answer log-probs checked against TRL's."""
+    summary, step_one, workload = result["summary"], result["step_one"], result["workload"]
+    ratios = summary["tunelab_vs_trl"]
+    tokens = step_one["tokenization"]
+    return (f"DPO on {result['model']['path'].removeprefix('embedded:')}, LoRA "
+            f"r={result['lora']['r']}, {workload['steps']} steps of {workload['batch_pairs']} "
+            f"pairs, against TRL's `DPOTrainer` + peft: **{ratios['tokens_per_second']:.2f}×** "
+            f"the tokens/s ({summary['tunelab']['tokens_per_second']:.0f} against "
+            f"{summary['trl']['tokens_per_second']:.0f}) in **{ratios['peak_memory']:.2f}×** "
+            f"the peak memory ({_gib(summary['tunelab']['peak_memory_bytes'])} against "
+            f"{_gib(summary['trl']['peak_memory_bytes'])}); at step 1 every answer's "
+            f"log-probability within {step_one['max_abs_answer_logp_difference']:.1e} nats of "
+            f"TRL's (tolerance {step_one['tolerance_nats']:g}), token ids identical for "
+            f"{tokens['identical_answer_ids']}/{tokens['answers']} answers, loss "
+            f"{step_one['loss']['tunelab']:.4f} on both. {_short_origin(result)}\n")
+
+
+def headline_grpo_trl(result: dict) -> str:
+    """benchmarks/preference_vs_trl.py --objective grpo: step time and peak memory against
+    TRL's GRPOTrainer + peft, and step 1's log-probs and advantages on TRL's own samples."""
+    summary, step_one, workload = result["summary"], result["step_one"], result["workload"]
+    ratios = summary["tunelab_vs_trl"]
+    load = result["machine"]["load_average_at_start"][0]
+    return (f"GRPO on {result['model']['path'].removeprefix('embedded:')}, LoRA "
+            f"r={result['lora']['r']}, {workload['steps']} steps of {workload['prompts_per_step']} "
+            f"prompts × {workload['group_size']} answers, against TRL's `GRPOTrainer` "
+            f"+ peft: **{ratios['prompts_per_second']:.2f}×** the prompts per second "
+            f"({ratios['tokens_per_second']:.2f}× the tokens/s) in **{ratios['peak_memory']:.2f}×"
+            f"** the peak memory ({_gib(summary['tunelab']['peak_memory_bytes'])} against "
+            f"{_gib(summary['trl']['peak_memory_bytes'])}); on TRL's own first batch of "
+            f"{step_one['answers']} sampled answers every token's log-probability within "
+            f"{step_one['max_abs_token_logp_difference']:.1e} nats of TRL's and every advantage "
+            f"within {step_one['max_abs_advantage_difference']:.0e} (tolerance "
+            f"{step_one['tolerance_nats']:g}). Load average {load} at the start. "
+            f"{_short_origin(result)}\n")
+
+
 def _p(entry: dict) -> str:
     """"p = 0.03", or "p < 0.002" where a resampling test sits at its floor (2 / (resamples + 1)
     with 1,000 resamples: it cannot go lower). McNemar's exact p has no floor."""
@@ -1095,6 +1229,10 @@ RENDERERS: dict[str, Callable[[dict], str]] = {
     "llama_cpp": render_llama_cpp,
     "baselines_headline": headline_baselines,
     "example_headline": headline_example,
+    "objectives": render_objectives,
+    "objectives_headline": headline_objectives,
+    "preference_trl_headline": headline_preference_trl,
+    "grpo_trl_headline": headline_grpo_trl,
     "assess_headline": headline_assess,
     "calibration_headline": headline_calibration,
     "assess_budget": headline_assess_budget,

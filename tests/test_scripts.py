@@ -269,8 +269,11 @@ def test_run_objectives_compares_every_stage_with_the_base_and_with_sft(tmp_path
                            ("arithmetic", ["grpo"])):
         out = tmp_path / example.replace("/", "-")
         run_smoke("scripts/run_objectives.py", f"examples/{example}", "--out", str(out))
-        result = json.loads((out / "result.json").read_text())  # no document renders it yet
+        result = json.loads((out / "result.json").read_text())
         assert all(result.get(key) for key in published.PROVENANCE_KEYS)
+        # the documents' renderers (docs/objectives.md, README) take the smoke result too
+        table, headline = published.render_objectives(result), published.headline_objectives(result)
+        assert all(f"`{name}`" in table and f"{name} " in headline for name in ["sft", *later])
         assert_finite(result)
         assert list(result["stages"]) == ["sft", *later]
         comparisons = result["comparisons"]

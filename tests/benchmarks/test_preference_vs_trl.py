@@ -77,6 +77,7 @@ def test_smoke_runs_both_sides_and_agrees_at_step_one(tmp_path):
     step_one = result["step_one"]
     assert step_one["within_tolerance"], step_one
     assert step_one["tokenization"]["identical_answer_ids"] == step_one["tokenization"]["answers"]
+    assert "against TRL's `DPOTrainer`" in published().headline_preference_trl(result)
 
 
 def test_the_grpo_reward_credits_the_name_on_the_first_line():
@@ -111,3 +112,14 @@ def test_grpo_smoke_scores_trls_first_answers_alike_on_both_sides(tmp_path):
     step_one = result["step_one"]
     assert step_one["within_tolerance"], step_one
     assert step_one["identical_prompt_ids"] == step_one["prompts"]
+    assert "against TRL's `GRPOTrainer`" in published().headline_grpo_trl(result)
+
+
+def published():
+    """scripts/published.py, whose renderers the documents use for the committed results."""
+    spec = importlib.util.spec_from_file_location(
+        "published", BENCHMARKS.parent / "scripts" / "published.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
