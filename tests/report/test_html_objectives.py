@@ -112,6 +112,9 @@ def test_preference_section_shows_held_out_accuracy_before_and_after(dpo_run):
         for key in ("val_margin", "val_chosen_logp", "val_rejected_logp"):
             assert f"{record[key]:.3f}" in section, key
     assert f"<td>held-out pairs</td><td>{last['val_pairs']}</td>" in section
+    low, high = last["val_kl_ci"]  # KL to the reference, measured once after training
+    assert "KL to the reference (nats)" in section
+    assert f"{last['val_kl']:.3f} <span class=\"ci\">[{low:.3f}, {high:.3f}]</span>" in section
     assert f"{last['val_margin'] - first['val_margin']:+.3f}" in section
     assert section.count("data:image/png;base64,") == 2  # log-probs; accuracy and margin
     assert "Preference · DPO</h2>" in section and 'href="#preference"' in page

@@ -675,6 +675,8 @@ def _preference_table(validation: list[dict[str, Any]], objective: Objective) ->
             (f"{names[1]} log-prob (nats)", "val_rejected_logp", None, True),
             ("loss", "val_loss", None, True),
             ("held-out pairs" if paired else "held-out answers", "val_pairs", None, False)]
+    if _is_number(validation[-1].get("val_kl")):  # measured once, after training
+        rows.insert(5, ("KL to the reference (nats)", "val_kl", "val_kl_ci", False))
     meaning = ("the share of held-out pairs whose chosen answer gets the higher implicit "
                "reward; margin: the mean of chosen − rejected reward" if paired else
                "the share of held-out answers whose implicit reward is positive for a "
@@ -682,8 +684,11 @@ def _preference_table(validation: list[dict[str, Any]], objective: Objective) ->
                "its sign flipped for undesirable answers")
     tie = (" At step 0 the policy is its reference: every reward is 0, and a tie does not count "
            "as right." if objective.reference else "")
+    kl = (" KL to the reference: the mean over validation prompts of one sampled answer's "
+          "log π − log π_ref, summed over its tokens (95% bootstrap interval)."
+          if _is_number(validation[-1].get("val_kl")) else "")
     note = (f'<p class="muted">Reward accuracy: {meaning} (95% bootstrap interval).'
-            f"{tie}</p>")
+            f"{tie}{kl}</p>")
     return _before_after_table(validation, rows) + note
 
 
