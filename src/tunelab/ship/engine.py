@@ -8,6 +8,10 @@ common length and stacked, so requests for the same adapter share forward passes
 request starts on the next turn instead of waiting for an unrelated long generation to end. A
 sequence leaves its batch when it finishes or its client goes away, and padding columns no row
 needs are dropped.
+
+Log-probabilities (``Sampling.logprobs``) are those of the model's own distribution: the
+log-softmax of the very logits the token was picked from, before temperature and top-p (what
+OpenAI and vLLM report). They are computed only for the rows that ask for them.
 """
 
 from __future__ import annotations
@@ -38,6 +42,18 @@ class Sampling:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     n: int = 1  # choices per prompt
+    # None: no log-probabilities (no extra work); k >= 0: each generated token's log-prob and
+    # the k likeliest tokens' at its position
+    logprobs: int | None = None
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability and the ``k`` likeliest at its position."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token id, log-prob), likeliest first
 
 
 @dataclass(frozen=True)
@@ -49,6 +65,9 @@ class Event:
     text: str = ""
     finish_reason: str | None = None  # stop | length
     completion_tokens: int = 0
+    # the tokens generated since the choice's previous event (when Sampling.logprobs is set):
+    # a delta's text may lag its tokens (held back for a stop string), the done event flushes
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass
@@ -75,6 +94,7 @@ class _Row:
     generator: torch.Generator  # shared by a request's choices: its samples depend on it alone
     tokens: list[int] = field(default_factory=list)
     sent_chars: int = 0
+    pending_logprobs: list[TokenLogprob] = field(default_factory=list)  # not yet reported
 
 
 @dataclass
@@ -211,11 +231,15 @@ class Engine:
     def _advance(self, batch: _Batch, logits: torch.Tensor) -> None:
         """Pick each row's next token, report its text, and drop the rows that finished."""
         greedy = logits.argmax(-1).tolist()
-        running = []
+        picked = []
         for number, row in enumerate(batch.rows):
             sampling = row.request.sampling
-            token = greedy[number] if sampling.temperature == 0 else _sample(
-                logits[number], sampling.temperature, sampling.top_p, row.generator)
+            picked.append(greedy[number] if sampling.temperature == 0 else _sample(
+                logits[number], sampling.temperature, sampling.top_p, row.generator))
+        _record_logprobs(batch.rows, logits, picked)
+        running = []
+        for number, row in enumerate(batch.rows):
+            token = picked[number]
             row.tokens.append(token)
             if self._report(row, token):
                 continue
@@ -243,11 +267,13 @@ class Engine:
             reason = "length"
         ready = len(text) if reason else _safe_length(text, sampling.stop)
         if ready > row.sent_chars:
-            row.request.on_event(Event("delta", row.index, text[row.sent_chars:ready]))
+            row.request.on_event(Event("delta", row.index, text[row.sent_chars:ready],
+                                       logprobs=_take(row.pending_logprobs)))
             row.sent_chars = ready
         if reason:
             row.request.on_event(Event("done", row.index, finish_reason=reason,
-                                       completion_tokens=len(row.tokens)))
+                                       completion_tokens=len(row.tokens),
+                                       logprobs=_take(row.pending_logprobs)))
         return reason is not None
 
     def _join(self, adapter: str | None, batch: _Batch) -> None:
@@ -318,6 +344,32 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float,
         sorted_probabilities[outside] = 0
         probabilities = torch.zeros_like(probabilities).scatter(-1, order, sorted_probabilities)
     return int(torch.multinomial(probabilities, 1, generator=generator))
+
+
+def _record_logprobs(rows: list[_Row], logits: torch.Tensor, picked: list[int]) -> None:
+    """Each asking row's picked token's log-prob and its top-k, from the logits it was picked
+    from (the model's distribution: no temperature, no top-p); nothing for the other rows."""
+    asking = [number for number, row in enumerate(rows)
+              if row.request.sampling.logprobs is not None]
+    if not asking:
+        return
+    logprobs = torch.log_softmax(logits[asking].float(), -1)
+    chosen = logprobs.gather(-1, torch.tensor([[picked[i]] for i in asking],
+                                              device=logprobs.device))[:, 0].tolist()
+    k = max(rows[i].request.sampling.logprobs for i in asking)
+    top_values, top_ids = (logprobs.topk(k, -1) if k else (logprobs[:, :0], logprobs[:, :0]))
+    top_values, top_ids = top_values.tolist(), top_ids.long().tolist()
+    for place, number in enumerate(asking):
+        row = rows[number]
+        wanted = row.request.sampling.logprobs
+        top = tuple(zip(top_ids[place][:wanted], top_values[place][:wanted], strict=True))
+        row.pending_logprobs.append(TokenLogprob(picked[number], chosen[place], top))
+
+
+def _take(pending: list[TokenLogprob]) -> tuple[TokenLogprob, ...]:
+    taken = tuple(pending)
+    pending.clear()
+    return taken
 
 
 def _safe_length(text: str, stop: tuple[str, ...]) -> int:

@@ -33,26 +33,41 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 
+from tunelab.data.render import chat_template_of
 from tunelab.errors import ConfigError, DataError, RunError
 from tunelab.run.directory import RunDir, open_run
 from tunelab.run.load import attach_adapter, load_run_base, run_base
-from tunelab.ship.engine import Engine, Event, Request, Sampling, context_length
+from tunelab.ship.engine import Engine, Event, Request, Sampling, TokenLogprob, context_length
+from tunelab.ship.tool_calls import (
+    ToolCallStream,
+    ToolChoiceError,
+    ToolPlan,
+    plan_tools,
+    read_tool_calls,
+)
 
 logger = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 1 << 20
 MAX_CHOICES = 16
 MAX_STOP_STRINGS = 4
+MAX_JSON_DEPTH = 64  # far more than any request needs; json.loads itself fails near 1,000
+MAX_TOP_LOGPROBS = 20  # OpenAI's limits: 20 on chat, 5 on completions
+MAX_COMPLETION_LOGPROBS = 5
 DEFAULT_CHAT_MAX_TOKENS = 256  # OpenAI's "up to the context" is minutes on a CPU
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's documented default for /v1/completions
 
 #: Request fields of OpenAI's API that this server does not implement, and their no-op values.
-UNSUPPORTED = {"tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []),
-               "function_call": (None, "none"), "logprobs": (None, False, 0),
-               "top_logprobs": (None, 0), "logit_bias": (None, {}), "echo": (None, False),
-               "suffix": (None, ""), "best_of": (None, 1), "presence_penalty": (None, 0),
-               "frequency_penalty": (None, 0), "response_format": (None, {"type": "text"}),
-               "audio": (None,), "prediction": (None,)}
+UNSUPPORTED = {"functions": (None, []), "function_call": (None, "none"),
+               "logit_bias": (None, {}), "echo": (None, False), "suffix": (None, ""),
+               "best_of": (None, 1), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
+               "audio": (None,), "prediction": (None,), "modalities": (None, ["text"]),
+               "store": (None, False), "web_search_options": (None,)}
+
+RESPONSE_FORMAT_FIX = (
+    "tunelab serve does not constrain generation to JSON, and it will not pretend to; ask for "
+    "JSON in the prompt (a model tuned on JSON answers writes JSON) and parse the answer, or "
+    "send response_format {\"type\": \"text\"}")
 
 
 @dataclass(frozen=True)
@@ -157,8 +172,9 @@ def _common_base(opened: list, base: str | None) -> tuple[str, str | None]:
 
 
 class _Strict(BaseModel):
-    # strict: "0.5" is not a number and "true" is not a boolean; unknown fields are ignored
-    model_config = ConfigDict(strict=True, extra="ignore")
+    # strict: "0.5" is not a number and "true" is not a boolean; a field this server does not
+    # know is an error (OpenAI's "Unrecognized request argument"), never silently ignored
+    model_config = ConfigDict(strict=True, extra="forbid")
 
 
 class ContentPart(_Strict):
@@ -166,9 +182,55 @@ class ContentPart(_Strict):
     text: str
 
 
+class FunctionCall(_Strict):
+    name: str
+    arguments: str  # JSON text of an object, as OpenAI sends it
+
+
+class ToolCall(_Strict):
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
+
+
 class ChatMessage(_Strict):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ContentPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None  # None only on an assistant turn of calls
+    name: str | None = None  # a participant's name: OpenAI accepts it, templates do not read it
+    tool_calls: list[ToolCall] | None = None  # assistant turns
+    tool_call_id: str | None = None  # tool turns: the call this result answers
+    # what an assistant message returned by the openai client carries when sent back
+    refusal: None = None
+    annotations: list | None = None
+    audio: None = None
+    function_call: None = None
+
+
+class FunctionDefinition(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema, shown to the model as it is
+    strict: bool | None = None
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: FunctionName
+
+
+class ResponseFormat(BaseModel):
+    # every type is read, so json_object and json_schema get their own clear refusal
+    model_config = ConfigDict(extra="allow")
+    type: str
 
 
 class StreamOptions(_Strict):
@@ -185,15 +247,23 @@ class _Generation(_Strict):
     seed: int | None = Field(None, ge=-(2**63), lt=2**64)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    user: str | None = None  # an end user's id, for the caller's own records: no effect here
 
 
 class ChatRequest(_Generation):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    response_format: ResponseFormat | None = None
 
 
 class CompletionRequest(_Generation):
     prompt: str | list[str] = Field(min_length=1)
+    logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
 
 
 class ApiError(Exception):
@@ -219,7 +289,9 @@ def _parse(model: type[BaseModel], body: dict) -> Any:
     try:
         return model.model_validate(body)
     except ValidationError as error:
-        problems = [(_param(e["loc"]), e["msg"]) for e in error.errors()]
+        problems = [(_param(e["loc"]), "unrecognized request argument (this server does not "
+                     "know it; leave it out)" if e["type"] == "extra_forbidden" else e["msg"])
+                    for e in error.errors()]
         first = {}
         for param, message in problems:
             first.setdefault(param, message)
@@ -236,6 +308,12 @@ def _param(location: tuple) -> str:
 
 
 async def _read_json(request: HttpRequest, max_body_bytes: int) -> dict:
+    """The body as a JSON object: of a JSON content type, within the size and nesting limits."""
+    media = request.headers.get("content-type", "application/json").split(";")[0].strip()
+    if media and media.lower() != "application/json":
+        raise ApiError(415, f"the request body is sent as {media!r}; this API reads JSON",
+                       code="unsupported_media_type",
+                       param=None) from None
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > max_body_bytes:
         raise ApiError(413, f"the request body is {declared} bytes; the limit is "
@@ -251,9 +329,31 @@ async def _read_json(request: HttpRequest, max_body_bytes: int) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ApiError(400, f"the request body is not valid JSON: {error}",
                        code="invalid_json") from None
+    except RecursionError:  # the decoder's own limit, near 1,000 levels
+        parsed = too_deep = None
+    else:
+        too_deep = _depth_over(parsed, MAX_JSON_DEPTH)
+    if too_deep is not False:
+        logger.warning("refused a request body nested over %d levels deep (%d bytes)",
+                       MAX_JSON_DEPTH, len(body))
+        raise ApiError(400, f"the request body is nested over {MAX_JSON_DEPTH} levels deep",
+                       code="invalid_json")
     if not isinstance(parsed, dict):
         raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
     return parsed
+
+
+def _depth_over(value: Any, limit: int) -> bool:
+    """Whether JSON ``value`` nests deeper than ``limit`` (walked without recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            if depth > limit:
+                return True
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+    return False
 
 
 # --- the app -----------------------------------------------------------------------------------
@@ -269,11 +369,13 @@ class _Context:
 
 
 def create_app(model, tokenizer, served: list[ServedModel], *, api_key: str | None = None,
-               max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
-    """The FastAPI app; its engine thread starts and stops with the app's lifespan."""
-    engine = Engine(model, tokenizer)
+               max_body_bytes: int = MAX_BODY_BYTES, engine=None) -> FastAPI:
+    """The FastAPI app; its engine thread starts and stops with the app's lifespan.
+    ``engine``: another engine with Engine's interface (``ship/llamacpp.py``), ``model`` None."""
+    engine = engine if engine is not None else Engine(model, tokenizer)
     context = _Context(engine, tokenizer, {m.name: m for m in served},
-                       context_length(model), max_body_bytes)
+                       getattr(engine, "context_tokens", None) or context_length(model),
+                       max_body_bytes)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -294,12 +396,20 @@ def create_app(model, tokenizer, served: list[ServedModel], *, api_key: str | No
 
     @router.post("/chat/completions")
     async def chat_completions(request: HttpRequest):
-        parsed = _parse(ChatRequest, await _read_json(request, max_body_bytes))
+        body = await _read_json(request, max_body_bytes)
+        parsed = _parse(ChatRequest, body)
         served_model = _served(context, parsed.model)
-        prompt = _chat_prompt_ids(parsed.messages, tokenizer, served_model.chat_template,
-                                  served_model.chat_template_kwargs)
+        _check_chat(parsed)
+        template = chat_template_of(tokenizer, served_model.chat_template)
+        plan = _tool_plan(parsed, template)
+        prompt = _chat_prompt_ids(body["messages"], tokenizer, served_model.chat_template,
+                                  served_model.chat_template_kwargs, tools=body.get("tools"))
+        if plan.prefix:  # tokenized as the start of the answer training tokenized
+            prompt = prompt + tokenizer(plan.prefix, add_special_tokens=False)["input_ids"]
         limit = parsed.max_completion_tokens or parsed.max_tokens
-        return await _respond(context, parsed, served_model, [prompt], limit, chat=True)
+        logprobs = (parsed.top_logprobs or 0) if parsed.logprobs else None
+        return await _respond(context, parsed, served_model, [prompt], limit,
+                              _Answer(True, logprobs, plan))
 
     @router.post("/completions")
     async def completions(request: HttpRequest):
@@ -308,7 +418,7 @@ def create_app(model, tokenizer, served: list[ServedModel], *, api_key: str | No
         texts = [parsed.prompt] if isinstance(parsed.prompt, str) else parsed.prompt
         prompts = [_text_prompt_ids(text, tokenizer) for text in texts]
         return await _respond(context, parsed, served_model, prompts, parsed.max_tokens,
-                              chat=False)
+                              _Answer(False, parsed.logprobs))
 
     @app.get("/health")
     async def health() -> dict:
@@ -360,17 +470,82 @@ def _served(context: _Context, name: str) -> ServedModel:
     return context.models[name]
 
 
-def _chat_prompt_ids(messages: list[ChatMessage], tokenizer, chat_template: str | None,
-                     chat_template_kwargs: dict | None = None) -> list[int]:
-    """The conversation as the ids the model reads next, rendered as training rendered it."""
+def _check_chat(parsed: ChatRequest) -> None:
+    """What a chat request's fields must agree on, beyond each field's own type."""
+    if parsed.response_format is not None and parsed.response_format.type != "text":
+        raise ApiError(400, f"response_format {parsed.response_format.type} is not supported by "
+                       f"this server: {RESPONSE_FORMAT_FIX}", param="response_format",
+                       code="unsupported_parameter")
+    if parsed.top_logprobs is not None and not parsed.logprobs:
+        raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+    if parsed.tool_choice not in (None, "none") and not parsed.tools:
+        raise ApiError(400, "tool_choice is only allowed when tools are given",
+                       param="tool_choice")
+    names = [tool.function.name for tool in parsed.tools or []]
+    if len(set(names)) < len(names):
+        raise ApiError(400, "two tools have the same function name", param="tools")
+    calls: set[str] = set()
+    for number, message in enumerate(parsed.messages):
+        _check_message(message, number)
+        for index, call in enumerate(message.tool_calls or []):
+            try:
+                arguments = json.loads(call.function.arguments or "{}")
+            except (json.JSONDecodeError, RecursionError):
+                arguments = None
+            if not isinstance(arguments, dict):
+                raise ApiError(400, "a tool call's arguments must be the JSON text of an object",
+                               param=f"messages.{number}.tool_calls.{index}.function.arguments")
+        if message.role == "tool" and message.tool_call_id not in calls:
+            raise ApiError(400, f"the tool message's tool_call_id {message.tool_call_id!r} "
+                           "answers no call of the assistant turn before it",
+                           param=f"messages.{number}.tool_call_id")
+        if message.role == "assistant":
+            calls = {call.id for call in message.tool_calls or []}
+
+
+def _check_message(message: ChatMessage, number: int) -> None:
+    """The fields a message of its role has, and only those."""
+    where = f"messages.{number}"
+    if message.content is None and not (message.role == "assistant" and message.tool_calls):
+        raise ApiError(400, f"{where}.content is missing; only an assistant turn that calls "
+                       "tools may leave it out", param=f"{where}.content")
+    if message.tool_calls and message.role != "assistant":
+        raise ApiError(400, f"{where} is a {message.role} message with tool_calls; only "
+                       "assistant turns call tools", param=f"{where}.tool_calls")
+    if message.role == "tool" and message.tool_call_id is None:
+        raise ApiError(400, f"{where} is a tool message without tool_call_id (the call it "
+                       "answers)", param=f"{where}.tool_call_id")
+    if message.role != "tool" and message.tool_call_id is not None:
+        raise ApiError(400, f"{where} is a {message.role} message with tool_call_id; only tool "
+                       "messages answer calls", param=f"{where}.tool_call_id")
+
+
+def _tool_plan(parsed: ChatRequest, template: str) -> ToolPlan:
+    if not parsed.tools:
+        return ToolPlan()
+    named = parsed.tool_choice.function.name if isinstance(parsed.tool_choice,
+                                                           NamedToolChoice) else None
+    choice = None if named else parsed.tool_choice
+    try:
+        return plan_tools([tool.function.name for tool in parsed.tools], choice, named,
+                          parsed.parallel_tool_calls, template)
+    except ToolChoiceError as error:
+        raise ApiError(400, str(error), param="tool_choice") from None
+
+
+def _chat_prompt_ids(messages: list[dict], tokenizer, chat_template: str | None,
+                     chat_template_kwargs: dict | None = None, *,
+                     tools: list[dict] | None = None) -> list[int]:
+    """The conversation (OpenAI message dicts, checked) and its tools as the ids the model
+    reads next, rendered as training rendered them (the tools as the client wrote them)."""
     from tunelab.data.render import chat_prompt
 
-    turns = [{"role": "system" if m.role == "developer" else m.role,
-              "content": m.content if isinstance(m.content, str)
-              else "".join(part.text for part in m.content)} for m in messages]
+    turns = [{"role": "system" if m["role"] == "developer" else m["role"],
+              "content": m.get("content") or "", "tool_calls": m.get("tool_calls"),
+              "tool_call_id": m.get("tool_call_id")} for m in messages]
     try:
         return chat_prompt(turns, tokenizer, chat_template=chat_template,
-                           chat_template_kwargs=chat_template_kwargs).ids
+                           chat_template_kwargs=chat_template_kwargs, tools=tools or None).ids
     except DataError as error:
         raise ApiError(400, error.message, param="messages") from None
 
@@ -385,8 +560,9 @@ def _text_prompt_ids(text: str, tokenizer) -> list[int]:
 
 
 def _sampling(parsed: _Generation, prompts: list[list[int]], max_tokens: int | None,
-              context_tokens: int, chat: bool) -> Sampling:
+              context_tokens: int, answer: _Answer) -> Sampling:
     """Sampling settings, with max_tokens checked against the room the context leaves."""
+    chat = answer.chat
     longest = max(len(prompt) for prompt in prompts)
     room = context_tokens - longest
     if room < 1:
@@ -404,39 +580,119 @@ def _sampling(parsed: _Generation, prompts: list[list[int]], max_tokens: int | N
         raise ApiError(400, f"stop takes up to {MAX_STOP_STRINGS} non-empty strings",
                        param="stop")
     return Sampling(max_new_tokens=max_tokens, temperature=parsed.temperature,
-                    top_p=parsed.top_p, stop=tuple(stop), seed=parsed.seed, n=parsed.n)
+                    top_p=parsed.top_p, stop=tuple(stop) + answer.tools.stop, seed=parsed.seed,
+                    n=parsed.n, logprobs=answer.logprobs)
 
 
 # --- responses ---------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _Answer:
+    """What a request's answers are: chat or text, their log-probs (None: none; k: the top k
+    too), and how tool calls are generated and read."""
+
+    chat: bool
+    logprobs: int | None = None
+    tools: ToolPlan = ToolPlan()
+
+
 async def _respond(context: _Context, parsed: _Generation, served_model: ServedModel,
-                   prompts: list[list[int]], max_tokens: int | None, *, chat: bool):
-    sampling = _sampling(parsed, prompts, max_tokens, context.context_tokens, chat)
+                   prompts: list[list[int]], max_tokens: int | None, answer: _Answer):
+    sampling = _sampling(parsed, prompts, max_tokens, context.context_tokens, answer)
     events = _generate(context.engine, prompts, served_model.adapter, sampling)
+    chat = answer.chat
     header = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
               "created": int(time.time()), "model": served_model.name}
     prompt_tokens = sum(len(prompt) for prompt in prompts)
+    tokens = _TokenTexts(context.tokenizer)
     if parsed.stream:
         include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
         return StreamingResponse(
-            _sse(events, header, len(prompts) * sampling.n, prompt_tokens, chat, include_usage),
+            _sse(events, header, len(prompts) * sampling.n, prompt_tokens, answer, tokens,
+                 include_usage),
             media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     texts: dict[int, list[str]] = {}
+    logprobs: dict[int, list[TokenLogprob]] = {}
     finished: dict[int, Event] = {}
     async for event in events:
+        logprobs.setdefault(event.index, []).extend(event.logprobs)
         if event.kind == "delta":
             texts.setdefault(event.index, []).append(event.text)
         else:
             finished[event.index] = event
     choices = []
     for index in sorted(finished):
-        text = "".join(texts.get(index, []))
-        content = {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
-        choices.append({"index": index, **content, "logprobs": None,
-                        "finish_reason": finished[index].finish_reason})
+        text = answer.tools.prefix + "".join(texts.get(index, []))
+        reason = finished[index].finish_reason
+        if chat:
+            content, calls = (read_tool_calls(text, answer.tools.single) if answer.tools.parse
+                              else (text, None))
+            message = {"role": "assistant", "content": content}
+            if calls:
+                message["tool_calls"], reason = calls, "tool_calls"
+            content = {"message": message}
+        else:
+            content = {"text": text}
+        choices.append({"index": index, **content,
+                        "logprobs": _logprobs(logprobs.get(index, []), answer, tokens),
+                        "finish_reason": reason})
     return {**header, "object": "chat.completion" if chat else "text_completion",
             "choices": choices, "usage": _usage(prompt_tokens, finished.values())}
+
+
+class _TokenTexts:
+    """Token ids as OpenAI's log-prob entries name them: the token's text and its bytes (a
+    byte-level BPE token's own bytes, which may be part of one character)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+        self.byte_level = type(decoder).__name__ == "ByteLevel"
+
+    def __call__(self, token_id: int) -> tuple[str, list[int]]:
+        if self.byte_level:
+            piece = self.tokenizer.convert_ids_to_tokens(token_id)
+            if all(char in _UNICODE_TO_BYTE for char in piece):
+                raw = bytes(_UNICODE_TO_BYTE[char] for char in piece)
+                return raw.decode("utf-8", errors="replace"), list(raw)
+        text = self.tokenizer.decode([token_id])
+        return text, list(text.encode())
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's printable stand-in for each byte (byte-level BPE vocabularies spell tokens so)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    spare = iter(range(256, 512))
+    return {chr(code if code in printable else next(spare)): code for code in range(256)}
+
+
+_UNICODE_TO_BYTE = _byte_level_alphabet()
+
+
+def _logprobs(entries: list[TokenLogprob], answer: _Answer, tokens: _TokenTexts) -> dict | None:
+    """OpenAI's ``logprobs`` of a choice: chat's ``content`` list, or the legacy completion
+    lists (``text_offset`` counted from the completion's start)."""
+    if answer.logprobs is None:
+        return None
+    if answer.chat:
+        def item(token_id: int, logprob: float) -> dict:
+            text, raw = tokens(token_id)
+            return {"token": text, "logprob": _finite(logprob), "bytes": raw}
+        return {"content": [{**item(entry.token_id, entry.logprob),
+                             "top_logprobs": [item(*top) for top in entry.top]}
+                            for entry in entries], "refusal": None}
+    texts = [tokens(entry.token_id)[0] for entry in entries]
+    offsets = [sum(len(text) for text in texts[:i]) for i in range(len(texts))]
+    return {"tokens": texts, "token_logprobs": [_finite(e.logprob) for e in entries],
+            "top_logprobs": [{tokens(token_id)[0]: _finite(value) for token_id, value in e.top}
+                             for e in entries] if answer.logprobs else None,
+            "text_offset": offsets}
+
+
+def _finite(logprob: float) -> float:
+    return max(logprob, -9999.0)  # OpenAI's floor: JSON has no -inf
 
 
 async def _generate(engine: Engine, prompts: list[list[int]], adapter: str | None,
@@ -466,30 +722,51 @@ async def _generate(engine: Engine, prompts: list[list[int]], adapter: str | Non
 
 
 async def _sse(events: AsyncGenerator[Event, None], header: dict, n_choices: int,
-               prompt_tokens: int, chat: bool, include_usage: bool) -> AsyncIterator[str]:
-    """OpenAI's stream: a role chunk per choice (chat), text deltas, finish reasons, [DONE]."""
+               prompt_tokens: int, answer: _Answer, tokens: _TokenTexts,
+               include_usage: bool) -> AsyncIterator[str]:
+    """OpenAI's stream: a role chunk per choice (chat), text deltas (a choice's tool calls,
+    once read, as one ``tool_calls`` delta), finish reasons, [DONE]."""
+    chat = answer.chat
     kind = "chat.completion.chunk" if chat else "text_completion"
 
     def chunk(choices: list[dict], **extra) -> str:
         return f"data: {json.dumps({**header, 'object': kind, 'choices': choices, **extra})}\n\n"
 
-    def choice(index: int, text: str | None, reason: str | None) -> dict:
+    def choice(index: int, delta: dict, entries: tuple = (), reason: str | None = None) -> dict:
+        logprobs = _logprobs(list(entries), answer, tokens) if entries else None
         if chat:
-            delta = {} if text is None else {"content": text}
-            return {"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}
-        return {"index": index, "text": text or "", "logprobs": None, "finish_reason": reason}
+            return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
+        return {"index": index, "text": delta.get("content", ""), "logprobs": logprobs,
+                "finish_reason": reason}
 
+    streams = {index: ToolCallStream(answer.tools.prefix, answer.tools.single)
+               for index in range(n_choices)} if chat and answer.tools.parse else {}
     if chat:
         yield chunk([{"index": index, "delta": {"role": "assistant", "content": ""},
                       "logprobs": None, "finish_reason": None} for index in range(n_choices)])
     finished = []
     try:
         async for event in events:
+            stream = streams.get(event.index)
             if event.kind == "delta":
-                yield chunk([choice(event.index, event.text, None)])
-            else:
-                finished.append(event)
-                yield chunk([choice(event.index, None, event.finish_reason)])
+                text = stream.feed(event.text) if stream else event.text
+                if text or event.logprobs:
+                    yield chunk([choice(event.index, {"content": text} if text else {},
+                                        event.logprobs)])
+                continue
+            finished.append(event)
+            reason, entries = event.finish_reason, event.logprobs
+            if stream:
+                rest, calls = stream.finish()
+                if rest or entries:
+                    yield chunk([choice(event.index, {"content": rest} if rest else {},
+                                        entries)])
+                    entries = ()
+                if calls:
+                    reason = "tool_calls"
+                    yield chunk([choice(event.index, {"tool_calls": [
+                        {"index": number, **call} for number, call in enumerate(calls)]})])
+            yield chunk([choice(event.index, {}, entries, reason)])
     except ApiError as error:  # the status line is sent already: report it in the stream
         yield f"data: {json.dumps(error.body())}\n\n"
         return
@@ -527,14 +804,22 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 
 def serve(runs: list[str], *, base: str | None = None, api_key: str | None = None,
-          host: str = "127.0.0.1", port: int = 8000, console=None) -> None:
+          host: str = "127.0.0.1", port: int = 8000, console=None,
+          engine: str = "own") -> None:
     """Load the runs' adapters on their base (or, with no runs, the ``base`` model alone) and
-    answer OpenAI API requests until Ctrl-C."""
+    answer OpenAI API requests until Ctrl-C; ``engine`` llama.cpp or vllm generates elsewhere
+    (``ship/engines.py``) behind the same API."""
     import uvicorn
 
     listener = bind_socket(host, port)  # before the slow model load: a busy port fails fast
-    model, tokenizer, served = load_served_models(runs, base=base)
-    app = create_app(model, tokenizer, served, api_key=api_key)
+    if engine == "own":
+        model, tokenizer, served = load_served_models(runs, base=base)
+        app = create_app(model, tokenizer, served, api_key=api_key)
+    else:
+        from tunelab.ship.engines import load_engine
+
+        tokenizer, served, other = load_engine(engine, runs, base=base, console=console)
+        app = create_app(None, tokenizer, served, api_key=api_key, engine=other)
     if console is not None:
         console.print(f"Serving {', '.join(m.name for m in served)} on "
                       f"http://{host}:{port}/v1" + (" (API key required)" if api_key else ""))
