@@ -1,4 +1,4 @@
-"""Detect and normalise chat / instruction / completion / text / template records → Example.
+"""Detect and normalise chat / sharegpt / instruction / completion / text / template records.
 
 Accepted record shapes (one per file in auto mode):
 
@@ -8,6 +8,12 @@ Accepted record shapes (one per file in auto mode):
   newline, as vLLM does); other part types (images, audio) are refused. Assistant turns may
   carry OpenAI ``tool_calls`` (their ``arguments``, a JSON string or an object, are parsed into
   an object), ``tool`` turns the tool's result.
+- sharegpt (ShareGPT, as LLaMA-Factory and Axolotl read it): ``{"conversations": [{"from",
+  "value"}, ...], "system"?, "tools"?}``, or the same turns under ``messages``. ``from`` is
+  human/user, gpt/assistant/model/chatgpt, system, function_call (an assistant's tool call, its
+  value the call's JSON), or observation/tool (the tool's result). A ``system`` column is the
+  system prompt, a ``tools`` column (a JSON string or a list) the tools offered. Normalised to a
+  chat Example, so it renders and trains exactly as OpenAI chat data: loss on the assistant turns.
 - instruction (Alpaca): ``{"instruction", "input"?, "output"}``. The prompt is the standard
   Alpaca template, ``ALPACA_PROMPT`` when ``input`` is non-empty::
 
@@ -24,7 +30,9 @@ Accepted record shapes (one per file in auto mode):
 
   and ``ALPACA_PROMPT_NO_INPUT`` (no "paired with an input..." clause, no Input section) when
   ``input`` is missing, null, empty or whitespace. The output is the trained segment.
-- completion: ``{"prompt", "completion"}``; the completion is trained.
+- completion: ``{"prompt", "completion"}``; the completion is trained. TRL's conversational
+  form, ``prompt`` and ``completion`` as lists of chat messages, is a chat Example whose
+  completion messages are trained and whose prompt messages are context.
 - text: ``{"text"}``; all of it is trained.
 - template: any columns, rendered by ``data.prompt`` / ``data.completion`` format strings.
 
@@ -108,7 +116,7 @@ class Example:
 
 # --- detection and normalisation ------------------------------------------------------------
 
-FORMATS = ("chat", "instruction", "completion", "text", "template")
+FORMATS = ("chat", "sharegpt", "instruction", "completion", "text", "template")
 ROLES = ("system", "user", "assistant", "tool")
 
 ALPACA_PROMPT = (
@@ -123,8 +131,9 @@ ALPACA_PROMPT_NO_INPUT = (
 
 _SHAPES = (
     '{"messages": [{"role": ..., "content": ...}, ...]} (chat), '
+    '{"conversations": [{"from": ..., "value": ...}, ...]} (sharegpt), '
     '{"instruction", "input" (optional), "output"} (instruction), '
-    '{"prompt", "completion"} (completion), {"text"} (text)'
+    '{"prompt", "completion"} (completion: strings, or TRL\'s message lists), {"text"} (text)'
 )
 _TEMPLATE_FIX = (
     "rename the fields to one of these shapes, or use template mode: set data.prompt and "
@@ -155,13 +164,23 @@ def preference_shape(record: Record) -> str | None:
 
 
 def detect_format(record: Record) -> str:
-    """The record's format from its keys: chat, instruction, completion or text.
+    """The record's format from its keys: chat, sharegpt, instruction, completion or text.
 
     Raises DataError listing the record's keys and the accepted shapes when none fits, and for
-    preference records (a chosen and a rejected answer), which supervised training cannot read.
+    preference records (a chosen and a rejected answer, or KTO's labelled answers in
+    LLaMA-Factory's ``kto_tag``), which supervised training cannot read.
     """
     keys = record.fields
     shape = preference_shape(record)
+    if shape is not None and "conversations" in keys:
+        raise DataError(
+            "this record is ShareGPT preference data (LLaMA-Factory: conversations with a chosen "
+            "and a rejected turn), which supervised fine-tuning cannot read",
+            where=record.where,
+            fix='write it as TRL\'s pairs, which method.objective: dpo reads: {"prompt": [the '
+            'conversation as {"role", "content"} messages], "chosen": [{"role": "assistant", '
+            '"content": ...}], "rejected": [...]}',
+        )
     if shape is not None:
         raise DataError(
             f"this record is preference data ({PREFERENCE_SHAPES[shape]}), which supervised "
@@ -170,6 +189,16 @@ def detect_format(record: Record) -> str:
             fix="set method.objective: dpo (or simpo, kto) in the config to train on preference "
             "pairs",
         )
+    if "kto_tag" in keys:
+        raise DataError(
+            "this record is KTO data (LLaMA-Factory's kto_tag labels the answer good or bad), "
+            "which supervised fine-tuning cannot read: it would train on the bad answers too",
+            where=record.where,
+            fix='write it as {"prompt": [messages], "completion": [{"role": "assistant", '
+            '"content": ...}], "label": true/false} and set method.objective: kto',
+        )
+    if sharegpt_field(record) is not None:
+        return "sharegpt"
     if "messages" in keys:
         return "chat"
     if "instruction" in keys and "output" in keys:
@@ -198,6 +227,8 @@ def to_example(
         messages = _chat_messages(record)
         return Example("chat", record.source, record.line, messages=messages,
                        tools=_tools(record))
+    if fmt == "sharegpt":
+        return _sharegpt_example(record)
     if fmt == "instruction":
         instruction = _string_field(record, "instruction", fmt)
         output = _string_field(record, "output", fmt)
@@ -208,6 +239,8 @@ def to_example(
             prompt_text = ALPACA_PROMPT_NO_INPUT.format(instruction=instruction)
         segments = [Segment(prompt_text, train=False), Segment(output, train=True)]
         return Example(fmt, record.source, record.line, segments=segments, label=output)
+    if fmt == "completion" and _conversational(record):
+        return _conversational_example(record)
     if fmt == "completion":
         prompt_text = _string_field(record, "prompt", fmt)
         target = _string_field(record, "completion", fmt)
@@ -266,13 +299,30 @@ def _string_field(record: Record, name: str, fmt: str, *, required: bool = True)
         raise DataError(
             f"field '{name}' is {_kind(value)} ({_preview(value)}), expected a string",
             where=record.where,
-            fix=f"write '{name}' as a JSON string, e.g. \"{value}\"",
+            fix=_string_fix(name, value, fmt),
         )
     return value
 
 
+def _string_fix(name: str, value: Any, fmt: str) -> str:
+    """How to write a field that must be text. Never "quote the list": a message list written as
+    a string would be trained on as its Python/JSON text."""
+    if value is None:
+        return f'give \'{name}\' a text value in every record ("" when there is none)'
+    if isinstance(value, (bool, int, float)):
+        return f"write the value as text: \"{name}\": {json.dumps(json.dumps(value))}"
+    if fmt == "completion":
+        return (f"write '{name}' as a string, or (TRL's conversational form) prompt and "
+                'completion as lists of messages, e.g. "prompt": [{"role": "user", "content": '
+                '"..."}], "completion": [{"role": "assistant", "content": "..."}]')
+    return (f"put the text itself in '{name}'; for conversations use the chat format "
+            '({"messages": [{"role", "content"}, ...]}) or ShareGPT ({"conversations": '
+            '[{"from", "value"}, ...]})')
+
+
 _NEEDS = {
     "chat": "messages",
+    "sharegpt": "conversations",
     "instruction": "instruction and output",
     "completion": "prompt and completion",
     "text": "text",
@@ -287,11 +337,13 @@ def _preview(value: Any, limit: int = 40) -> str:
 def _chat_messages(record: Record) -> list[Message]:
     """Validate OpenAI fine-tuning chat messages; errors name the field path."""
     if "messages" not in record.fields:
+        sharegpt = "conversations" in record.fields
         raise DataError(
             f"missing field 'messages' (format 'chat' needs messages; the record has keys "
             f"{_key_list(record)})",
             where=record.where,
-            fix="add a messages list to every record, or set data.format to the file's format",
+            fix="set data.format: sharegpt (or auto) for ShareGPT conversations" if sharegpt
+            else "add a messages list to every record, or set data.format to the file's format",
         )
     raw_messages = record.fields["messages"]
     if not isinstance(raw_messages, list) or not raw_messages:
@@ -302,19 +354,24 @@ def _chat_messages(record: Record) -> list[Message]:
             fix='write messages as [{"role": "user", "content": "..."}, '
             '{"role": "assistant", "content": "..."}]',
         )
-    messages = [_chat_message(record, index, raw) for index, raw in enumerate(raw_messages)]
+    messages = [_chat_message(record, f"messages[{index}]", raw)
+                for index, raw in enumerate(raw_messages)]
+    _check_trained(record, messages)
+    return messages
+
+
+def _check_trained(record: Record, messages: list[Message],
+                   what: str = "assistant message") -> None:
     if not any(m.role == "assistant" and m.weight != 0 for m in messages):
         raise DataError(
-            "no assistant message is trained: there is none, or every one has weight 0",
+            f"no {what} is trained: there is none, or every one has weight 0",
             where=record.where,
             fix="add an assistant message (the reply the model should learn) with weight 1 "
             "or without a weight",
         )
-    return messages
 
 
-def _chat_message(record: Record, index: int, raw: Any) -> Message:
-    path = f"messages[{index}]"
+def _chat_message(record: Record, path: str, raw: Any) -> Message:
     if not isinstance(raw, dict):
         raise DataError(
             f"{path} is {_kind(raw)}, expected an object with role and content",
@@ -322,6 +379,12 @@ def _chat_message(record: Record, index: int, raw: Any) -> Message:
             fix='write each message as {"role": "user", "content": "..."}',
         )
     role = raw.get("role")
+    if role is None and "from" in raw and "value" in raw:
+        raise DataError(
+            f"{path} is a ShareGPT turn (from / value), not an OpenAI message (role / content)",
+            where=record.where,
+            fix="set data.format: sharegpt (or auto, which detects it), or rename the keys",
+        )
     if role not in ROLES:
         hint = _ROLE_HINTS.get(role) if isinstance(role, str) else None
         described = "missing" if role is None else f"{_preview(role)}"
@@ -408,9 +471,10 @@ def _tool_calls(record: Record, path: str, role: str, raw: Any) -> list[dict] | 
     return calls
 
 
-def _tools(record: Record) -> list[dict] | None:
-    """The record's OpenAI ``tools`` list (function definitions), checked for names."""
-    tools = record.fields.get("tools")
+def _tools(record: Record, tools: Any = None) -> list[dict] | None:
+    """The record's OpenAI ``tools`` list (function definitions; ``tools`` in place of the
+    record's column), checked for names."""
+    tools = record.fields.get("tools") if tools is None else tools
     if tools is None or tools == []:
         return None
     if not isinstance(tools, list):
@@ -441,6 +505,186 @@ def _check_weight(record: Record, path: str, role: str, weight: Any) -> None:
             where=record.where,
             fix="use weight 1 to train on this reply and 0 to skip it",
         )
+
+
+# --- ShareGPT and TRL's conversational prompt / completion ----------------------------------
+
+#: ShareGPT speakers (``from``) as chat roles, as LLaMA-Factory and Axolotl map them;
+#: function_call is an assistant turn that calls a tool, observation the tool's answer.
+SHAREGPT_ROLES = {
+    "human": "user", "user": "user",
+    "gpt": "assistant", "assistant": "assistant", "model": "assistant", "chatgpt": "assistant",
+    "system": "system",
+    "function_call": "assistant",
+    "observation": "tool", "tool": "tool",
+}
+
+
+def sharegpt_field(record: Record) -> str | None:
+    """The column holding a record's ShareGPT turns: ``conversations``, or ``messages`` whose
+    first turn is ``{from, value}``; None for anything else."""
+    fields = record.fields
+    if "conversations" in fields:
+        return "conversations"
+    turns = fields.get("messages")
+    if isinstance(turns, list) and turns and isinstance(turns[0], dict) \
+            and "from" in turns[0] and "role" not in turns[0]:
+        return "messages"
+    return None
+
+
+def _sharegpt_example(record: Record) -> Example:
+    """ShareGPT turns (plus the record's system and tools columns) → a chat Example."""
+    name = sharegpt_field(record)
+    if name is None:
+        raise DataError(
+            f"missing field 'conversations' (format 'sharegpt' needs conversations; the record "
+            f"has keys {_key_list(record)})",
+            where=record.where,
+            fix="add a conversations list of {from, value} turns, or set data.format to the "
+            "file's format",
+        )
+    turns = record.fields[name]
+    if not isinstance(turns, list) or not turns:
+        what = "an empty list" if turns == [] else _kind(turns)
+        raise DataError(f"{name} is {what}, expected a non-empty list of {{from, value}} turns",
+                        where=record.where,
+                        fix='write it as [{"from": "human", "value": "..."}, {"from": "gpt", '
+                        '"value": "..."}]')
+    messages = [_sharegpt_message(record, f"{name}[{index}]", turn)
+                for index, turn in enumerate(turns)]
+    system = record.fields.get("system")
+    if system not in (None, ""):
+        if not isinstance(system, str):
+            raise DataError(f"field 'system' is {_kind(system)}, expected the system prompt as "
+                            "a string", where=record.where, fix="write system as a string")
+        if messages[0].role == "system":
+            raise DataError(f"the record has a system column and {name}[0] is a system turn; "
+                            "which one is the system prompt is ambiguous", where=record.where,
+                            fix="keep one of the two")
+        messages.insert(0, Message(role="system", content=system))
+    _check_trained(record, messages, "gpt (assistant) turn")
+    return Example("chat", record.source, record.line, messages=messages,
+                   tools=_tools(record, _sharegpt_tools(record)))
+
+
+def _sharegpt_message(record: Record, path: str, turn: Any) -> Message:
+    if not isinstance(turn, dict):
+        raise DataError(f"{path} is {_kind(turn)}, expected an object with from and value",
+                        where=record.where, fix='write each turn as {"from": "human", '
+                        '"value": "..."}')
+    speaker_key = "from" if "from" in turn or "role" not in turn else "role"
+    speaker = turn.get(speaker_key)
+    if not isinstance(speaker, str) or speaker not in SHAREGPT_ROLES:
+        described = "is missing" if speaker is None else (
+            f"{_preview(speaker)} is not one of {', '.join(SHAREGPT_ROLES)}")
+        raise DataError(f"{path}.{speaker_key} {described}", where=record.where,
+                        fix="use human for the person's turns, gpt for the replies the model "
+                        "should learn, system, function_call (a tool call) or observation (its "
+                        "result)")
+    value_key = "value" if "value" in turn or "content" not in turn else "content"
+    value = turn.get(value_key)
+    raw: dict[str, Any] = {"role": SHAREGPT_ROLES[speaker]}
+    if speaker == "function_call":
+        raw.update(content="", tool_calls=_sharegpt_calls(record, f"{path}.{value_key}", value))
+    elif isinstance(value, (str, list)):
+        raw["content"] = value
+    else:
+        what = "missing" if value_key not in turn else _kind(value)
+        raise DataError(f"{path}.{value_key} is {what}, expected the turn's text as a string",
+                        where=record.where,
+                        fix=f"give every turn its text as a string in {value_key}")
+    if "weight" in turn:
+        raw["weight"] = turn["weight"]
+    return _chat_message(record, path, raw)
+
+
+def _sharegpt_calls(record: Record, path: str, value: Any) -> list[dict]:
+    """A function_call turn's value: one ``{"name", "arguments"}`` call or a list of them, as
+    JSON text or as objects (LLaMA-Factory writes JSON text) → OpenAI tool calls."""
+    example = '"{\\"name\\": \\"get_weather\\", \\"arguments\\": {\\"city\\": \\"Paris\\"}}"'
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path} is not valid JSON ({error.msg}); a function_call turn "
+                            "holds the call as JSON", where=record.where,
+                            fix=f"write it as {example}") from None
+    calls = value if isinstance(value, list) else [value]
+    normalised = []
+    for call in calls:
+        if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+            raise DataError(f"{path} has no function name; a function_call turn holds "
+                            '{"name", "arguments"}', where=record.where,
+                            fix=f"write it as {example}")
+        arguments = call.get("arguments", {})
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments) if arguments.strip() else {}
+            except json.JSONDecodeError as error:
+                raise DataError(f"{path}: the arguments of {call['name']} are not valid JSON "
+                                f"({error.msg})", where=record.where,
+                                fix="write the arguments as a JSON object") from None
+        if not isinstance(arguments, dict):
+            raise DataError(f"{path}: the arguments of {call['name']} are {_kind(arguments)}, "
+                            "expected an object", where=record.where,
+                            fix=f"write it as {example}")
+        normalised.append({"type": "function",
+                           "function": {"name": call["name"], "arguments": arguments}})
+    return normalised
+
+
+def _sharegpt_tools(record: Record) -> list[dict] | None:
+    """LLaMA-Factory's tools column (a JSON string, or a list, of function definitions) as
+    OpenAI tools; definitions already in OpenAI's shape are kept."""
+    tools = record.fields.get("tools")
+    if isinstance(tools, str):
+        if not tools.strip():
+            return None
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as error:
+            raise DataError(f"field 'tools' is not valid JSON ({error.msg})", where=record.where,
+                            fix='write tools as a list of {"name", "description", "parameters"} '
+                            "definitions, or as a string holding one") from None
+    if isinstance(tools, dict):
+        tools = [tools]
+    if not isinstance(tools, list):
+        return tools
+    return [tool if not isinstance(tool, dict) or "function" in tool or "name" not in tool
+            else {"type": "function", "function": tool} for tool in tools]
+
+
+def _conversational(record: Record) -> bool:
+    """TRL's conversational prompt-completion: prompt or completion is a list of messages."""
+    return any(isinstance(record.fields.get(name), list) for name in ("prompt", "completion"))
+
+
+def _conversational_example(record: Record) -> Example:
+    """Prompt messages (context, never trained) then completion messages (the assistant turns
+    trained), as TRL's SFTTrainer trains them; a string on either side is one message."""
+    messages: list[Message] = []
+    for name, role in (("prompt", "user"), ("completion", "assistant")):
+        value = record.fields.get(name)
+        if isinstance(value, str):
+            raws, paths = [{"role": role, "content": value}], [name]
+        elif isinstance(value, list) and value:
+            raws, paths = value, [f"{name}[{index}]" for index in range(len(value))]
+        else:
+            what = "missing" if name not in record.fields else (
+                "an empty list" if value == [] else _kind(value))
+            raise DataError(f"field '{name}' is {what}; in TRL's conversational form prompt and "
+                            "completion are lists of chat messages", where=record.where,
+                            fix=f'write {name} as [{{"role": "{role}", "content": "..."}}]')
+        part = [_chat_message(record, path, raw) for path, raw in zip(paths, raws, strict=True)]
+        if name == "prompt":
+            for message in part:
+                if message.role == "assistant":
+                    message.weight = 0  # the prompt's replies are context
+        else:
+            _check_trained(record, part, "assistant message of completion")
+        messages += part
+    return Example("chat", record.source, record.line, messages=messages, tools=_tools(record))
 
 
 def _template_fields(template: str, config_key: str) -> list[str]:
