@@ -285,6 +285,10 @@ def serve(
                                        help="Require 'Authorization: Bearer KEY'."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on."),
     port: int = typer.Option(8000, help="Port to listen on."),
+    engine: str = typer.Option("own", help="What generates: own (tunelab's, no extra "
+                               "dependency), llama.cpp (llama-server on GGUF exports of the "
+                               "base and adapters) or vllm (vllm serve; CUDA). The API is "
+                               "the same."),
 ) -> None:
     """Serve runs through an OpenAI-compatible API: one base, each run's adapter by name (or,
     with --base and no runs, a bare base model)."""
@@ -294,7 +298,8 @@ def serve(
         raise ConfigError(f"tunelab serve needs the package {error.name}, which is not "
                           "installed", where="tunelab serve",
                           fix='pip install -e ".[serve]" (FastAPI and uvicorn)') from None
-    run_server(runs or [], base=base, api_key=api_key, host=host, port=port, console=console)
+    run_server(runs or [], base=base, api_key=api_key, host=host, port=port, console=console,
+               engine=engine)
 
 
 @app.command("chat")
