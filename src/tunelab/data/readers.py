@@ -5,7 +5,9 @@ user data never escapes as a parser traceback: it becomes a DataError naming the
 and the fix.
 
 Line numbers: JSONL/JSON/CSV give the physical line (1-based; a CSV header is line 1), Parquet
-and Hugging Face datasets give the row number (1-based).
+and Hugging Face datasets give the row number (1-based). Rows handed in from Python
+(``read_rows``: a list of dicts, a ``datasets.Dataset``, a DataFrame) have no file: their
+records name the split and the row ("train row 17").
 """
 
 from __future__ import annotations
@@ -15,8 +17,11 @@ import difflib
 import gzip
 import io
 import json
+import math
 import os
 import zlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -360,3 +365,63 @@ def _dataset_records(dataset: Any, source: str) -> list[Record]:
             fix="point the config at the split that holds your examples",
         )
     return [Record(row, source, row_number) for row_number, row in enumerate(rows, start=1)]
+
+
+# --- rows handed in from Python --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RowRecord(Record):
+    """A row handed in from Python: it has no file, so its place is the split and the row."""
+
+    @property
+    def where(self) -> str:
+        return f"{self.source} row {self.line}"
+
+
+def read_rows(rows: Any, name: str) -> list[Record]:
+    """In-memory rows (a list of dicts, a ``datasets.Dataset``, a pandas DataFrame, duck-typed
+    so pandas need not be installed) → records named "``name`` row N" (1-based).
+
+    Values become what a JSON file would hold, so the rows validate exactly as the JSONL a run
+    writes of them reads back: numpy scalars and arrays plain numbers and lists, tuples lists,
+    a float NaN (pandas' missing value) None.
+    """
+    if hasattr(rows, "to_dict") and hasattr(rows, "columns"):  # a pandas DataFrame
+        rows = rows.to_dict("records")
+    elif hasattr(rows, "to_list") and hasattr(rows, "column_names"):  # datasets.Dataset
+        rows = rows.to_list()
+    if isinstance(rows, (Mapping, str, bytes)) or not isinstance(rows, Iterable):
+        raise DataError(
+            f"in-memory data is {type(rows).__name__}, not a list of rows",
+            where=name,
+            fix="pass a list of dicts, a datasets.Dataset or a pandas DataFrame (a dict of "
+            "splits or a DatasetDict goes to data=)",
+        )
+    records = []
+    for number, row in enumerate(rows, start=1):
+        if not isinstance(row, Mapping):
+            raise DataError(
+                f"the row is {type(row).__name__}, not a dict",
+                where=f"{name} row {number}",
+                fix='each row must be a dict such as {"prompt": "...", "completion": "..."}',
+            )
+        records.append(RowRecord({str(key): _plain(value) for key, value in row.items()},
+                                 name, number))
+    if not records:
+        raise DataError("the in-memory data has no rows", where=name,
+                        fix="pass the rows that hold your examples")
+    return records
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as JSON would hold it (see ``read_rows``)."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, Mapping):
+        return {str(key): _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):  # numpy
+        return _plain(value.tolist())
+    return value

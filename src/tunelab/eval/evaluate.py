@@ -27,6 +27,7 @@ import string
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
@@ -47,14 +48,19 @@ from tunelab.eval.tasks import Task
 from tunelab.objectives import OBJECTIVES
 from tunelab.run.directory import RunDir, eval_name
 
+if TYPE_CHECKING:
+    from tunelab.model.load import Preloaded
+
 
 def evaluate(config: Config, *, run_dir: str | Path | RunDir | None = None, base: bool = True,
              tuned: bool = True, console: Console | None = None,
-             task_name: str | None = None) -> EvalResult:
+             task_name: str | None = None, preloaded: Preloaded | None = None) -> EvalResult:
     """Evaluate the base model and/or a run's tuned model on the config's test split.
 
     ``task_name``: the result is one task's of a multitask run (``eval/multitask.py``), named
-    and filed as that task's. Returns what the run's eval file (``RunDir.eval_file``) holds.
+    and filed as that task's. ``preloaded``: the caller's own base model and tokenizer, used
+    instead of loading ``model.path`` (the run's adapter goes on it). Returns what the run's
+    eval file (``RunDir.eval_file``) holds.
     """
     console = console or Console()
     if config.eval is None:
@@ -84,7 +90,8 @@ def evaluate(config: Config, *, run_dir: str | Path | RunDir | None = None, base
                             max_seq_len=config.train.max_seq_len)
     contexts = [_context(r, eval_cfg.context) for r in records]
     leakage = _split_leakage(splits, eval_cfg.split)
-    models = _load_models(config, run_dir, want_base=base, want_tuned=tuned)
+    models = _load_models(config, run_dir, want_base=base, want_tuned=tuned,
+                          preloaded=preloaded)
     started = time.perf_counter()
     result = {"name": eval_name(eval_cfg.split, task_name), "task": task.kind,
               "split": eval_cfg.split, "n": len(records), "primary_metric": task.primary,
@@ -242,12 +249,14 @@ def _compare(models: dict, task: Task) -> dict:
     return comparison
 
 
-def _load_models(config: Config, run_dir, *, want_base: bool, want_tuned: bool) -> dict:
+def _load_models(config: Config, run_dir, *, want_base: bool, want_tuned: bool,
+                 preloaded: Preloaded | None = None) -> dict:
     """name → (model, tokenizer, context manager factory) sharing one base model for LoRA."""
     from contextlib import nullcontext
 
     from tunelab.model import varlen
     from tunelab.model.adapters import METHODS
+    from tunelab.model.load import with_pad_token
     from tunelab.run.load import attach_adapter, load_base, load_run_base
 
     if want_tuned and run_dir is None:
@@ -256,7 +265,10 @@ def _load_models(config: Config, run_dir, *, want_base: bool, want_tuned: bool) 
     run = RunDir(run_dir) if run_dir is not None else None
     method = METHODS[config.method.kind]
     models = {}
-    if want_tuned and method.adapter:
+    if preloaded is not None:  # the caller's own base (tunelab.evaluate(model=...))
+        base_model, tokenizer = preloaded.model, with_pad_token(preloaded.tokenizer,
+                                                                "the tokenizer given")
+    elif want_tuned and method.adapter:
         # the base as the adapter trained on it (4 bits again for QLoRA; the base row then
         # measures the NF4 base), else the tuned row is another model
         base_model, tokenizer = load_run_base(run, config,

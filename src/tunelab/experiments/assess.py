@@ -201,7 +201,7 @@ def assess(config: Config, *, shots: Sequence[int] = DEFAULT_SHOTS,
     if len(seeds) != len(fractions):
         raise ConfigError(f"{len(seeds)} seed counts for {len(fractions)} fractions",
                           where="--seeds", fix="give one count, or one per fraction")
-    folder = (Path(config.output_dir) / f"{config.name}-assess").resolve()
+    folder = assessment_folder(config)
     _open_folder(folder, config, overwrite)
     progress = Progress(folder / "progress.json")
     started = time.perf_counter()
@@ -230,6 +230,11 @@ def assess(config: Config, *, shots: Sequence[int] = DEFAULT_SHOTS,
     progress.save()
     render_assessment(result, folder, console)
     return result
+
+
+def assessment_folder(config: Config) -> Path:
+    """Where the assessment of ``config`` lands: ``<output_dir>/<name>-assess/``."""
+    return (Path(config.output_dir) / f"{config.name}-assess").resolve()
 
 
 class Progress:

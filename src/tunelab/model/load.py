@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -155,16 +156,50 @@ def load_tokenizer(path: str, gguf_file: str | None = None) -> Any:
     except Exception as exc:
         # a broken tokenizer.json raises the tokenizers library's bare Exception
         raise _load_failure(path, resolved, "tokenizer", exc) from exc
+    return with_pad_token(tokenizer, resolved)
+
+
+def with_pad_token(tokenizer: Any, where: str) -> Any:
+    """``tokenizer`` with a pad token (its eos token when it has none), so batches pad."""
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ModelError(
-                f"the tokenizer in {resolved} has neither a pad nor an eos token, so batches "
+                f"the tokenizer in {where} has neither a pad nor an eos token, so batches "
                 "cannot be padded",
                 where="model.path",
                 fix="add a pad_token to its tokenizer_config.json or use another model",
             )
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+@dataclass(frozen=True)
+class Preloaded:
+    """A model and tokenizer the caller loaded (patched, quantised, already in memory), used
+    instead of loading ``model.path`` (``tunelab.finetune(config, model=, tokenizer=)``).
+
+    The model stays on its own device and in its own dtype; tunelab still applies the method
+    (peft injects the adapter into the model itself, as ``get_peft_model`` does).
+    """
+
+    model: Any
+    tokenizer: Any
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def name_or_path(self) -> str | None:
+        """What ``from_pretrained`` loaded it from (None for a model built from a config)."""
+        return getattr(self.model, "name_or_path", None) or None
+
+    def describe(self) -> dict[str, Any]:
+        """The base as the manifest records it: its name, class and what later loads get."""
+        return {"name_or_path": self.name_or_path, "class": type(self.model).__name__,
+                "note": "handed in from Python; commands that load the base again (tunelab "
+                "eval, export, serve, --resume) load model.path, which is this model only if "
+                "it is unchanged from what name_or_path names"}
 
 
 def load_model(

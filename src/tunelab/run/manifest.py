@@ -71,6 +71,10 @@ class Manifest(_Fixed):
     plan: Prediction | None = None
     mixture: Mixture | None = None
     allocator: dict[str, Any] | None = None  # allocator.for_training: the malloc the run got
+    # What a Python caller handed in instead of files and a model path (run/supplied.py):
+    # "base" (a loaded model: its name_or_path, class, what later loads get), "data" (the
+    # in-memory splits, written as data/<split>.jsonl).
+    supplied: dict[str, Any] | None = None
     # Written when the run finishes.
     val_loss_before: float | None = None
     val_loss_after: float | None = None
@@ -86,13 +90,14 @@ class Manifest(_Fixed):
     def start(cls, config: Config, *, device: str, model: dict[str, Any],
               data_report: dict[str, Any], total_steps: int, warmup_steps: int,
               plan: dict[str, Any] | None, allocator: dict[str, Any] | None,
-              mixture: dict[str, Any] | None = None) -> Manifest:
+              mixture: dict[str, Any] | None = None,
+              supplied: dict[str, Any] | None = None) -> Manifest:
         """The manifest of a run that starts now: what it trains, on what, with what."""
         return cls(name=config.name, seed=config.train.seed, device=device, versions=versions(),
                    model=model, data=data_hashes(config), data_report=data_report,
                    total_steps=total_steps, warmup_steps=warmup_steps, status="running",
                    started_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), plan=plan, mixture=mixture,
-                   allocator=allocator)
+                   allocator=allocator, supplied=supplied)
 
     def finish(self, *, val_loss_before: float | None, val_loss_after: float | None,
                tokens_per_second: float, final_train_loss: float | None, steps: int,

@@ -37,7 +37,14 @@ from tunelab.eval.generate import generate_texts
 from tunelab.model import varlen
 from tunelab.model.adapters import METHODS, apply_method, load_adapter_weights, save_final
 from tunelab.model.dropout import share_lora_dropout
-from tunelab.model.load import describe_model, load_model, load_tokenizer, resolve_device
+from tunelab.model.load import (
+    Preloaded,
+    describe_model,
+    load_model,
+    load_tokenizer,
+    resolve_device,
+    with_pad_token,
+)
 from tunelab.model.swiglu import fuse_gated_activations
 from tunelab.objectives import OBJECTIVES
 from tunelab.peak_memory import peak_rss_bytes
@@ -45,6 +52,7 @@ from tunelab.run.directory import RunDir, create_run, write_json
 from tunelab.run.load import starting_point
 from tunelab.run.manifest import Manifest
 from tunelab.run.metrics import MetricsLog
+from tunelab.run.supplied import Supplied
 from tunelab.train import distributed, preference, rl
 from tunelab.train.checkpoint import (
     disk_full,
@@ -75,10 +83,12 @@ class Prepared:
     validation_tasks: list[str] = field(default_factory=list)
 
 
-def prepare(config: Config, console: Console) -> Prepared:
-    """Read, normalise and tokenize the data; load the model and attach the adapter."""
+def prepare(config: Config, console: Console, preloaded: Preloaded | None = None) -> Prepared:
+    """Read, normalise and tokenize the data; load the model (or take the caller's
+    ``preloaded`` one) and attach the adapter."""
     train_cfg, objective = config.train, OBJECTIVES[config.method.objective]
-    tokenizer = load_tokenizer(config.model.path, config.model.gguf_file)
+    tokenizer = with_pad_token(preloaded.tokenizer, "the tokenizer given") if preloaded else \
+        load_tokenizer(config.model.path, config.model.gguf_file)
     if objective.preference:  # pairs (or KTO's labelled answers) instead of examples
         data = prepare_preference_data(config.data, tokenizer, max_seq_len=train_cfg.max_seq_len,
                                        seed=train_cfg.seed, objective=objective)
@@ -89,12 +99,12 @@ def prepare(config: Config, console: Console) -> Prepared:
         console.print(f"[yellow]warning:[/] {len(data.skipped)} training examples have no target "
                       f"tokens left (e.g. {data.skipped[0].source}:{data.skipped[0].line}: empty "
                       "target or cut by max_seq_len); they are skipped.")
-    device = resolve_device(config.model.device)
+    device = preloaded.device if preloaded else resolve_device(config.model.device)
     start = starting_point(config)
-    model = load_model(start.model_path, dtype=config.model.dtype, device=str(device),
-                       gguf_file=start.gguf_file,
-                       attn_implementation=config.model.attn_implementation,
-                       load_in_4bit=METHODS[config.method.kind].load_in_4bit)
+    model = preloaded.model if preloaded else load_model(
+        start.model_path, dtype=config.model.dtype, device=str(device),
+        gguf_file=start.gguf_file, attn_implementation=config.model.attn_implementation,
+        load_in_4bit=METHODS[config.method.kind].load_in_4bit)
     model.config.use_cache = False
     if train_cfg.packing:
         varlen.enable(model)
@@ -218,6 +228,8 @@ class Training:
     references: dict[str, list] = field(default_factory=dict)
     # Reinforcement objectives: the prompts (with their records) and the rewards.
     reinforcement: rl.Reinforcement | None = None
+    # What a Python caller handed in (tunelab.finetune): a loaded model, in-memory data.
+    supplied: Supplied | None = None
 
     @property
     def objective(self):
@@ -268,9 +280,10 @@ class Training:
                         keep=self.config.train.keep_checkpoints, rng=rng)
 
 
-def set_up(config: Config, cluster: distributed.Cluster, console: Console) -> Training:
+def set_up(config: Config, cluster: distributed.Cluster, console: Console,
+           supplied: Supplied | None = None) -> Training:
     """Data, model, schedule and optimizer: everything before the run directory exists."""
-    prepared = prepare(config, console)
+    prepared = prepare(config, console, supplied.preloaded if supplied else None)
     train_cfg, objective = config.train, OBJECTIVES[config.method.objective]
     mismatched, references, step_loss = {}, {}, None
     if objective.preference:
@@ -310,7 +323,7 @@ def set_up(config: Config, cluster: distributed.Cluster, console: Console) -> Tr
     optimization = build_optimization(prepared.model, train_cfg,
                                       total_steps=schedule.total_steps)
     return Training(config, prepared, cluster, step_model, optimization, schedule, steps,
-                    console, mismatched, references, reinforcement)
+                    console, mismatched, references, reinforcement, supplied)
 
 
 def _prompt_schedule(config: Config, n_prompts: int, cluster: distributed.Cluster
@@ -343,11 +356,13 @@ def _reference_logps(config: Config, prepared: Prepared, mismatched: dict) -> di
 
 
 def train(config: Config, *, resume: str | Path | None = None, overwrite: bool = False,
-          stop_after_steps: int | None = None, console: Console | None = None) -> TrainResult:
+          stop_after_steps: int | None = None, console: Console | None = None,
+          supplied: Supplied | None = None) -> TrainResult:
     """Fine-tune as ``config`` says and write the run directory; resume one exactly.
 
     ``stop_after_steps`` stops (with a checkpoint) after that many optimizer steps in this call,
-    as an interruption would; ``tunelab train --resume`` then finishes the run.
+    as an interruption would; ``tunelab train --resume`` then finishes the run. ``supplied``:
+    a model loaded and data held by a Python caller (``run/supplied.py``).
     """
     # Under torchrun: join the other ranks; logs and the progress bar come from rank 0 only.
     cluster = distributed.start(
@@ -356,19 +371,19 @@ def train(config: Config, *, resume: str | Path | None = None, overwrite: bool =
     # A rank that stops making progress ends the run with an error that names it.
     with distributed.hang_report(cluster, Path(resume) if resume else config.run_dir):
         return _train(config, cluster, resume=resume, overwrite=overwrite,
-                      stop_after_steps=stop_after_steps, console=console)
+                      stop_after_steps=stop_after_steps, console=console, supplied=supplied)
 
 
 def _train(config: Config, cluster: distributed.Cluster, *, resume: str | Path | None,
            overwrite: bool, stop_after_steps: int | None,
-           console: Console | None) -> TrainResult:
+           console: Console | None, supplied: Supplied | None = None) -> TrainResult:
     """One rank's part of the run, from the data to the final adapter or model."""
     started = time.perf_counter()
     console = (console or Console()) if cluster.is_main else Console(quiet=True)
     _seed_everything(config.train.seed)
     # Before the model is loaded: under tuned glibc its activations are then mmap-ed.
     allocator = malloc.for_training(config.train.allocator, config.train.memory)
-    training = set_up(config, cluster, console)
+    training = set_up(config, cluster, console, supplied)
     preflight = _preflight(training) if not resume else None  # before any run directory
     run, state, starting = _open_run(training, resume=resume, overwrite=overwrite)
     if preflight and cluster.is_main:
@@ -423,6 +438,8 @@ def _open_run(training: Training, *, resume: str | Path | None,
         return run, resumed or TrainState(), resumed is None
     config = training.config
     run = training.cluster.run_on_main(lambda: create_run(config, overwrite=overwrite))
+    if training.supplied is not None:  # in-memory data moves into the run it was staged for
+        training.config = training.supplied.settle(run, config)
     return run, TrainState(), True
 
 
@@ -435,7 +452,8 @@ def _start_manifest(training: Training, state: TrainState, allocator: dict) -> M
         warmup_steps=training.optimization.warmup_steps, plan=state.plan, allocator=allocator,
         # the configured token shares, to check metrics' task_tokens by
         mixture={"mixing": config.data.mixing, "rates": schedule.rates}
-        if schedule.rates else None)
+        if schedule.rates else None,
+        supplied=training.supplied.manifest_entry() if training.supplied else None)
 
 
 @contextmanager
