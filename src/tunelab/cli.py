@@ -49,6 +49,20 @@ def _bytes(text: str, option: str) -> int:
     return int(float(match.group(1)) * unit)
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from tunelab.environment import version_line
+
+        console.print(version_line(), markup=False, highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: bool = typer.Option(False, "--version", callback=_print_version,
+                                          is_eager=True, help="Print tunelab's version.")):
+    pass
+
+
 @app.command()
 def train(
     config: Path | None = typer.Argument(None, help="YAML config of the run."),
@@ -366,6 +380,35 @@ def compare(
     render_comparison(comparison, console)
     path = write_comparison(comparison, output)
     console.print(f"Comparison written to {path}")
+
+
+@app.command("env")
+def env_(json_out: bool = typer.Option(False, "--json", help="Print JSON instead.")) -> None:
+    """Versions, accelerators, machine and cache, as one block to paste into a bug report."""
+    from tunelab.environment import collect, render
+
+    env = collect()
+    console.print(json.dumps(env.to_dict(), indent=2) if json_out else render(env),
+                  markup=False, highlight=False, soft_wrap=True)
+
+
+@app.command("init")
+def init_(
+    folder: Path | None = typer.Argument(None, help="Where to write (default ./NAME)."),
+    example: str = typer.Option(..., "--example", help="A shipped example: sentiment, ner, "
+                                "translation, qa, summarisation, arithmetic, sentiment/chat, ..."),
+    force: bool = typer.Option(False, help="Write into a folder that is not empty."),
+) -> None:
+    """Start from a shipped example: its configs and data, written to a folder of your own."""
+    from tunelab.examples_init import init_example
+
+    written = init_example(example, folder, force=force)
+    console.print(f"Wrote {len(written.files)} files to {written.folder}", markup=False,
+                  highlight=False, soft_wrap=True)  # paths whole, to be copied
+    for command, paths in (("train", written.configs), ("sweep", written.sweeps)):
+        for path in paths:
+            console.print(f"  tunelab {command} {path}", markup=False, highlight=False,
+                          soft_wrap=True)
 
 
 def _trained_on_chat(run: Path) -> bool:

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 from rich.table import Table
 
+from tunelab.banner import print_evaluation_start
 from tunelab.config import Config, EvalConfig
 from tunelab.data.formats import Example, example_prompt
 from tunelab.data.preference import read_preference_splits
@@ -92,6 +93,7 @@ def evaluate(config: Config, *, run_dir: str | Path | RunDir | None = None, base
     leakage = _split_leakage(splits, eval_cfg.split)
     models = _load_models(config, run_dir, want_base=base, want_tuned=tuned,
                           preloaded=preloaded)
+    print_evaluation_start(console, models, config.model.device)
     started = time.perf_counter()
     result = {"name": eval_name(eval_cfg.split, task_name), "task": task.kind,
               "split": eval_cfg.split, "n": len(records), "primary_metric": task.primary,

@@ -48,6 +48,7 @@ import numpy as np
 import yaml
 from rich.console import Console
 
+from tunelab.banner import print_assessment_start
 from tunelab.config import Config
 from tunelab.errors import ConfigError, RunError
 from tunelab.experiments.assess_cost import (
@@ -203,6 +204,7 @@ def assess(config: Config, *, shots: Sequence[int] = DEFAULT_SHOTS,
                           where="--seeds", fix="give one count, or one per fraction")
     folder = assessment_folder(config)
     _open_folder(folder, config, overwrite)
+    print_assessment_start(console, config)
     progress = Progress(folder / "progress.json")
     started = time.perf_counter()
     records = _train_records(config)

@@ -24,6 +24,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from tunelab import allocator as malloc
+from tunelab.banner import print_start
 from tunelab.config import Config
 from tunelab.data.formats import Example
 from tunelab.data.mixture import task_token_counts
@@ -392,6 +393,8 @@ def _train(config: Config, cluster: distributed.Cluster, *, resume: str | Path |
     if resume:  # forget what was logged after the checkpoint (all of it: none was loaded)
         metrics.truncate_after(-1 if starting else state.step)
     state.plan = state.plan or _predicted(training, allocator["name"])
+    print_start(console, "train", training.prepared.model, training.prepared.device,
+                config.model.device, training=True, plan=state.plan)
     manifest = _start_manifest(training, state, allocator)
     with _removed_on_failure(run, resumed=bool(resume)):
         if cluster.is_main:
