@@ -728,6 +728,81 @@ def render_serve_load(result: dict) -> str:
         f"{workload['sequential_s']:.0f} s. Measured by {_origin(result)}.\n")
 
 
+def render_serve_engines(result: dict) -> str:
+    """The same runs and load on tunelab serve's own engine and on llama.cpp behind the same
+    API: rates, latency, errors, ratios, and how many greedy answers are identical."""
+    engines, comparison = result["engines"], result["comparison"]
+    own, cpp = engines["own"], engines["llama.cpp"]
+    workload = own["workload"]
+
+    def seconds(percentiles: dict | None) -> str:
+        return f"{percentiles['p50']:.2f} s / {percentiles['p95']:.2f} s" if percentiles else "–"
+
+    def row(label: str, pick: Callable[[dict], str], ratio: str = "") -> str:
+        return f"| {label} | {pick(own)} | {pick(cpp)} | {ratio} |"
+
+    def times(value: float | None) -> str:
+        return f"{value:.1f}×" if value is not None else "–"
+
+    lines = [
+        f"| {workload['clients']} concurrent clients | own engine (fp32, adapters unmerged) | "
+        "llama.cpp (GGUF F16 base + GGUF LoRA) | llama.cpp / own |", "|---|---|---|---|",
+        row("requests (errors)", lambda e: f"{e['under_load']['requests']} "
+            f"({e['under_load']['errors']})"),
+        row("requests/s", lambda e: f"{e['under_load']['requests_per_s']:.2f}",
+            f"**{times(comparison['requests_per_s_ratio'])}**"),
+        row("served tokens/s", lambda e: f"{e['under_load']['tokens_per_s']:.1f}",
+            times(comparison["tokens_per_s_ratio"])),
+        row("latency p50 / p95", lambda e: seconds(e["under_load"]["latency_s"]),
+            times(comparison["p50_latency_ratio"]) + " (p50)"),
+        row("time to first token p50 / p95 (streamed)",
+            lambda e: seconds(e["under_load"]["first_token_s"])),
+        row("served tokens/s, one request at a time",
+            lambda e: f"{e['one_at_a_time']['tokens_per_s']:.1f}",
+            times(comparison["one_at_a_time_tokens_per_s_ratio"])),
+    ]
+    return ("\n".join(lines) + "\n\n"
+            f"{' and '.join(workload['models'])} on one base, the same workload on both: "
+            f"{workload['endpoint']}, {workload['max_tokens']} new tokens greedy, every other "
+            f"request streamed, clients starting requests for {workload['duration_s']:.0f} s, "
+            f"then one client alone for {workload['sequential_s']:.0f} s. Greedy answers to the "
+            f"same prompts, one at a time: {comparison['greedy_identical']} of "
+            f"{comparison['greedy_compared']} identical on the two engines. "
+            f"Measured by {_origin(result)}.\n")
+
+
+def render_serve_tools(result: dict) -> str:
+    """A tool-calling run behind tunelab serve: held-out requests through the openai client
+    answered with the right call (function and arguments), base against tuned, both ways."""
+    lines = [f"| held-out requests (n = {result['n_requests']}) | base | tuned |", "|---|---|---|"]
+
+    def share(model: str, way: str, key: str = "right_call") -> str:
+        measured = result[model][way]
+        if key != "right_call":
+            return f"{measured[key]:.0%}"
+        low, high = measured["right_call_ci"]
+        return (f"{measured['right_calls']}/{measured['n']} ({measured['right_call']:.0%}, "
+                f"95% CI {low:.0%}–{high:.0%})")
+
+    for way, label in (("non_streamed", "right call, non-streamed"),
+                       ("streamed", "right call, streamed")):
+        lines.append(f"| {label} | {share('base', way)} | {share('tuned', way)} |")
+    names = [share(model, "non_streamed", "right_function") for model in ("base", "tuned")]
+    lines.append(f"| right function (any arguments) | {names[0]} | {names[1]} |")
+    lines.append("| streamed answer = non-streamed | "
+                 f"{result['base']['streamed_equals_non_streamed']:.0%} | "
+                 f"{result['tuned']['streamed_equals_non_streamed']:.0%} |")
+    lines.append(f"| median latency, non-streamed | "
+                 f"{result['base']['non_streamed']['median_latency_s']:.2f} s | "
+                 f"{result['tuned']['non_streamed']['median_latency_s']:.2f} s |")
+    training = result.get("training") or {}
+    trained = (f" The run: {training['steps']} optimizer steps, validation loss "
+               f"{training['val_loss_before']:.3f} → {training['val_loss_after']:.3f}."
+               if training.get("steps") else "")
+    return ("\n".join(lines) + f"\n\n`tunelab serve {result['run']}`, greedy, up to "
+            f"{result['max_tokens']} new tokens.{trained} Measured by {_origin(result)}.\n")
+
+
 def render_ship_checks(result: dict) -> str:
     """The sentiment run exported and checked, and the served runs' answers."""
     lines = ["| export | check | value | bound | passed |", "|---|---|---|---|---|"]
@@ -1222,6 +1297,8 @@ RENDERERS: dict[str, Callable[[dict], str]] = {
     "sweep": render_sweep,
     "multitask": render_multitask,
     "serve_load": render_serve_load,
+    "serve_engines": render_serve_engines,
+    "serve_tools": render_serve_tools,
     "ship_checks": render_ship_checks,
     "crash_drills": render_crash_drills,
     "distributed": render_distributed,

@@ -8,6 +8,12 @@ reads its prompts exactly as it was trained on them. Generation runs in ``ship/e
 (continuous batching on one thread). A request is checked completely before it reaches the
 model: problems come back as 4xx with OpenAI's error body ``{"error": {"message", "type",
 "param", "code"}}``, never a 500.
+
+What tunelab trains is served: ``tools`` and ``role: tool`` / assistant ``tool_calls`` turns go
+through the same renderer, and the calls the model writes come back as ``message.tool_calls``
+(``ship/tool_calls.py``: tool_choice, parsing, streaming). ``logprobs`` are the engine's, from
+the logits each token was picked from. A parameter this server cannot honour is refused with a
+400 that names it (``response_format`` json_object among them), never silently ignored.
 """
 
 from __future__ import annotations
