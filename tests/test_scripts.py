@@ -177,6 +177,22 @@ def test_serve_load_drives_two_adapters_without_errors(tmp_path):
     assert set(result["per_model"]) == {"smoke-a", "smoke-b"}
 
 
+def test_serve_load_measures_both_engines_on_the_same_runs(tmp_path):
+    from tunelab.ship.llamacpp import find_server
+
+    if find_server() is None:
+        pytest.skip("no llama-server on PATH or in tunelab's cache; build one: "
+                    "python benchmarks/llama_cpp_check.py --build-only (~15 min)")
+    run_smoke("benchmarks/serve_load.py", "--engine", "both", "--out",
+              str(tmp_path / "engines.json"))
+    result = renders_like("benchmarks/results/serve-engines.json", tmp_path / "engines.json")
+    assert set(result["engines"]) == {"own", "llama.cpp"}
+    for measured in result["engines"].values():
+        assert measured["under_load"]["requests"] > 0 and measured["under_load"]["errors"] == 0
+        assert set(measured["per_model"]) == {"smoke-a", "smoke-b"}
+    assert result["comparison"]["greedy_compared"] == 4  # 2 prompts x 2 runs
+
+
 def test_ship_checks_export_every_way_and_serve(tmp_path):
     run_smoke("benchmarks/ship_checks.py", "--out", str(tmp_path / "ship.json"))
     result = renders_like("benchmarks/results/serve-ship-checks.json", tmp_path / "ship.json")
