@@ -252,11 +252,14 @@ class TrainConfig(_Section):
     keep_checkpoints: int = Field(2, ge=1, description=(
         "How many of the newest checkpoints are kept."))
     log_every: int = Field(1, ge=1, description="Write a metrics.jsonl record every N steps.")
-    report_to: list[Literal["tensorboard", "mlflow"]] = Field([], description=(
-        "Also stream every metrics.jsonl record to these trackers: tensorboard (event files in "
-        "RUN/tensorboard; pip install \"tunelab[tensorboard]\") and mlflow (a local SQLite store, "
-        "output_dir/mlflow.db, unless MLFLOW_TRACKING_URI is set; pip install "
-        "\"tunelab[mlflow]\")."))
+    report_to: list[Literal["tensorboard", "mlflow", "wandb", "trackio"]] = Field(
+        [], description=(
+            "Also stream every metrics.jsonl record, and later the run's evaluations, to these "
+            "trackers (docs/trackers.md): tensorboard (event files in RUN/tensorboard), mlflow "
+            "(a local SQLite store, output_dir/mlflow.db, unless MLFLOW_TRACKING_URI is set), "
+            "wandb (RUN/wandb, offline unless WANDB_MODE or a W&B API key is set) and trackio "
+            "(its local database); each needs its extra, e.g. pip install "
+            "\"tunelab[mlflow]\". A resumed run continues the same tracker run."))
     memory: Literal["default", "low"] = Field("default", description=(
         "default: activations kept for the backward pass (fastest); low: each decoder layer's "
         "activations recomputed in the backward pass instead (activation checkpointing), and "

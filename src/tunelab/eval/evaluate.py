@@ -47,7 +47,9 @@ from tunelab.eval.result import SCHEMA_VERSION, EvalResult, ModelOutcome
 from tunelab.eval.stats import paired_comparison, spread
 from tunelab.eval.tasks import Task
 from tunelab.objectives import OBJECTIVES
+from tunelab.progress import progress_bar
 from tunelab.run.directory import RunDir, eval_name
+from tunelab.run.trackers import log_evaluation
 
 if TYPE_CHECKING:
     from tunelab.model.load import Preloaded
@@ -105,7 +107,7 @@ def evaluate(config: Config, *, run_dir: str | Path | RunDir | None = None, base
         with context():
             result["models"][which] = _evaluate_model(
                 model, tokenizer, task, eval_cfg, records, variants, completion, prompts_for,
-                golds, contexts, leaked=leakage["indices"])
+                golds, contexts, leaked=leakage["indices"], label=which, console=console)
     result["comparison"] = _compare(result["models"], task)
     for outcome in result["models"].values():
         outcome.pop("paired")  # a function of resampled indices for corpus metrics: not data
@@ -119,6 +121,7 @@ def evaluate(config: Config, *, run_dir: str | Path | RunDir | None = None, base
     if run_dir is not None:
         path = RunDir(run_dir).eval_file(eval_cfg.split, task_name)
         typed.write(path)
+        log_evaluation(RunDir(run_dir), typed, path)  # to the run's trackers, if it has any
     render_eval(typed, console, path=path)
     return typed
 
@@ -126,12 +129,14 @@ def evaluate(config: Config, *, run_dir: str | Path | RunDir | None = None, base
 def _evaluate_model(model, tokenizer, task: Task, eval_cfg: EvalConfig, records: list[Record],
                     variants: list[str | None], completion: str | None,
                     prompts_for: Callable[[str | None, object], list[EvalPrompt]], golds: list,
-                    contexts: list, leaked: set[int]) -> dict:
+                    contexts: list, leaked: set[int], label: str, console: Console) -> dict:
     outcome = {"variants": []}
     for number, template in enumerate(variants):
         prompts = prompts_for(template, tokenizer)
-        raw, predictions, failures, thinking = _predict(model, tokenizer, task, eval_cfg,
-                                                        prompts, completion)
+        which = f"{label}, variant {number + 1}/{len(variants)}" if len(variants) > 1 else label
+        with progress_bar(console, f"eval {which}", len(prompts)) as advance:
+            raw, predictions, failures, thinking = _predict(model, tokenizer, task, eval_cfg,
+                                                            prompts, completion, advance)
         scored = task.score(golds, predictions, contexts)
         outcome["variants"].append({"prompt": template, "metrics": scored.metrics,
                                     "parse_failures": {"count": failures,
@@ -194,7 +199,8 @@ def strip_thinking(output: str) -> tuple[str, str | None]:
 
 
 def _predict(model, tokenizer, task: Task, eval_cfg: EvalConfig, prompts: list[EvalPrompt],
-             completion: str | None) -> tuple[list[str], list, int, dict | None]:
+             completion: str | None, progress: Callable[[int], None] | None = None
+             ) -> tuple[list[str], list, int, dict | None]:
     """Outputs as scored, parsed predictions, the number of unparseable outputs, and the
     count of ``<think>`` blocks in generated ones (None when labels were scored)."""
     ids = [prompt.ids for prompt in prompts]
@@ -202,11 +208,12 @@ def _predict(model, tokenizer, task: Task, eval_cfg: EvalConfig, prompts: list[E
         # A label continues the prompt as training's target did: through the completion
         # template, or (chat, instruction, completion data) as the reply itself.
         options = [_label_completion(completion or "{label}", label) for label in eval_cfg.labels]
-        scores = score_continuations(model, tokenizer, ids, options)
+        scores = score_continuations(model, tokenizer, ids, options, progress=progress)
         chosen = [eval_cfg.labels[i] for i in scores.argmax(1).tolist()]
         return chosen, chosen, 0, None
     outputs = generate_texts(model, tokenizer, ids, max_new_tokens=eval_cfg.max_new_tokens,
-                             batch_size=eval_cfg.batch_size, stop=eval_cfg.stop)
+                             batch_size=eval_cfg.batch_size, stop=eval_cfg.stop,
+                             progress=progress)
     stripped = [strip_thinking(output) for output in outputs]
     kinds = [kind for _, kind in stripped]
     thinking = {"closed": kinds.count("closed"), "unterminated": kinds.count("unterminated"),

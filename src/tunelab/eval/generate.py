@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -12,11 +13,13 @@ from torch import nn
 def generate_texts(model: nn.Module, tokenizer, prompts: list[str] | list[list[int]], *,
                    max_new_tokens: int = 64,
                    temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-                   batch_size: int = 16, stop: list[str] | None = None) -> list[str]:
+                   batch_size: int = 16, stop: list[str] | None = None,
+                   progress: Callable[[int], None] | None = None) -> list[str]:
     """Complete each prompt; returns only the new text, cut at the first stop string.
 
     ``temperature`` 0 is greedy decoding; above 0 samples (seeded) with nucleus ``top_p``.
     Prompts are texts or token ids (``data.tokenize.eval_prompts``: the ids training used).
+    ``progress(n)`` is called after each batch with the number of prompts it completed.
     """
     device = next(model.parameters()).device
     was_training = model.training
@@ -43,6 +46,8 @@ def generate_texts(model: nn.Module, tokenizer, prompts: list[str] | list[list[i
             new_tokens = generated[:, encoded["input_ids"].shape[1]:]
             outputs += [_cut(text, stop) for text in
                         tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+            if progress is not None:
+                progress(len(chunk))
     finally:
         tokenizer.padding_side = side
         torch.set_rng_state(generator_state)
@@ -81,15 +86,16 @@ def _cut(text: str, stop: list[str] | None) -> str:
 
 @torch.no_grad()
 def score_continuations(model: nn.Module, tokenizer, prompts: list[str] | list[list[int]],
-                        options: list[str], *,
-                        batch_tokens: int = 4096, add_eos: bool = True) -> torch.Tensor:
+                        options: list[str], *, batch_tokens: int = 4096, add_eos: bool = True,
+                        progress: Callable[[int], None] | None = None) -> torch.Tensor:
     """Log-likelihood of each option after each prompt: a ``[prompts, options]`` tensor.
 
     Each prompt is computed once: its row holds the prompt followed by every option, each
     option attending to the prompt and to itself only (a tree mask, through the per-example
     attention of model/varlen.py), and rows are packed without padding. The option's tokens
     (and EOS, which stops a label that is a prefix of another from winning) are summed. Prompt
-    and option are tokenized separately, as in training.
+    and option are tokenized separately, as in training. ``progress(n)``: after each packed
+    batch, with the number of prompts it scored.
     """
     from tunelab.data.packing import plan_batches
     from tunelab.model import varlen
@@ -135,6 +141,8 @@ def score_continuations(model: nn.Module, tokenizer, prompts: list[str] | list[l
             sums = torch.zeros(len(rows) * len(options), device=device).index_add_(
                 0, owners, token_logp)
             scores[indices] = sums.view(len(rows), len(options)).cpu()
+            if progress is not None:
+                progress(len(indices))
     finally:
         if switched:
             model.set_attn_implementation(previous)

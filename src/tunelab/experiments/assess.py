@@ -68,6 +68,7 @@ from tunelab.experiments.verdict import (
     verdict,
 )
 from tunelab.run.directory import RunDir, create_run
+from tunelab.run.trackers import log_assessment
 
 DEFAULT_FRACTIONS = (0.125, 0.25, 0.5, 1.0)
 DEFAULT_SHOTS = (0, 4)
@@ -229,6 +230,7 @@ def assess(config: Config, *, shots: Sequence[int] = DEFAULT_SHOTS,
 
     write_assess_report(result, folder / "report.html")
     write_curve_svg(result, folder / "learning-curve.svg")
+    log_assessment(folder, config, result)  # to a tracker run of its own (train.report_to)
     progress.save()
     render_assessment(result, folder, console)
     return result

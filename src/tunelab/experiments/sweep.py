@@ -212,6 +212,7 @@ class _Objective:
 
     def __call__(self, trial) -> float:
         from tunelab.run.metrics import stream_metrics_to
+        from tunelab.run.trackers import log_sweep_trial, nested_in
         from tunelab.train.loop import train
 
         sweep = self.opened.sweep
@@ -224,10 +225,14 @@ class _Objective:
         trial.set_user_attr("run_dir", str(config.run_dir))
         quiet = Console(quiet=True)
         pruning = _PruningSink(trial, sweep.direction) if sweep.spec.pruner != "none" else None
-        with stream_metrics_to(pruning) if pruning else contextlib.nullcontext():
+        name = self.opened.directory.name  # trials' tracker runs nest under the sweep's
+        with stream_metrics_to(pruning) if pruning else contextlib.nullcontext(), \
+                nested_in(self.opened.directory, sweep.base, name=name):
             result = train(config, console=quiet)
-        value, interval = objective_value(config, result.val_loss_after, result.run_dir,
-                                          sweep.metric, console=quiet)
+            value, interval = objective_value(config, result.val_loss_after, result.run_dir,
+                                              sweep.metric, console=quiet)
+        log_sweep_trial(self.opened.directory, sweep.base, name=name, number=trial.number,
+                        value=value, interval=interval)
         trial.set_user_attr("ci", interval)
         trial.set_user_attr("val_loss", result.val_loss_after)
         return value

@@ -11,7 +11,11 @@ only when a model is touched, so the config can read the registry cheaply.
 from __future__ import annotations
 
 import json
+import os
 import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
@@ -177,13 +181,31 @@ def save_final(model: nn.Module, tokenizer, folder: Path, *,
     """
     from peft import PeftModel
 
+    loaded_from = model.get_base_model().name_or_path if isinstance(model, PeftModel) else ""
     base = _name_base_portably(model) if isinstance(model, PeftModel) else None
-    model.save_pretrained(folder, safe_serialization=True, state_dict=state_dict)
+    with _no_hub_lookup_warnings(loaded_from):
+        model.save_pretrained(folder, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(folder)
     if base is not None:
         from tunelab.model.load import BASE_SIDECAR
 
         (Path(folder) / BASE_SIDECAR).write_text(json.dumps(base, indent=2) + "\n")
+
+
+@contextmanager
+def _no_hub_lookup_warnings(loaded_from: str) -> Iterator[None]:
+    """peft's save looks the adapter's base up on the hub (for ``config.json``, to see whether
+    the vocabulary was resized, which tunelab never does) and warns twice when it cannot: a
+    failed fetch, then "Could not find a config file". Offline, or with the base loaded from
+    a local folder, both say nothing, so they are silenced there (and only those two)."""
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+    with warnings.catch_warnings():
+        if offline or (loaded_from and Path(loaded_from).is_dir()):
+            warnings.filterwarnings("ignore", message=r"Unable to fetch remote file due to the "
+                                    r"following error .* for the file config\.json in ")
+            warnings.filterwarnings("ignore", message=r"Could not find a config file in .* - "
+                                    r"will assume that the vocabulary was not modified")
+        yield
 
 
 def _name_base_portably(model) -> dict:

@@ -32,6 +32,7 @@ from tunelab.objectives import OBJECTIVES, Objective
 from tunelab.run.directory import RunDir, write_text
 from tunelab.run.manifest import Manifest
 from tunelab.run.metrics import read_metrics
+from tunelab.run.trackers import log_artifact
 
 TUNED_COLOUR = "#2563eb"
 BASE_COLOUR = "#9ca3af"
@@ -70,6 +71,7 @@ def write_report(run_dir: str | Path | RunDir, *, output: Path | None = None) ->
         page = render_report(run)
     output = Path(output) if output is not None else run_dir.report_path
     write_text(output, page)
+    log_artifact(run_dir, output)  # to the run's MLflow run, if it reports to one
     return output
 
 

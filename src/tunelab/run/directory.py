@@ -4,7 +4,8 @@
 ``manifest.json``, ``metrics.jsonl``, ``checkpoints/step-N/`` and the final ``adapter/`` (or
 ``model/`` for full fine-tuning); ``tunelab eval`` adds ``eval/<split>.json`` (a multitask run
 ``eval/<split>-<task>.json``), ``tunelab report`` ``report.html`` and ``tunelab export``
-``export/<kind>/``; ``train.report_to`` writes ``tensorboard/``. No other module spells these
+``export/<kind>/``; ``train.report_to`` writes ``trackers.json``, ``tensorboard/`` and
+``wandb/``. No other module spells these
 paths: they ask ``RunDir``, so "is this a run", "has it finished" and "where are its final
 weights" each have one answer.
 """
@@ -112,6 +113,11 @@ class RunDir:
     def tensorboard(self) -> Path:
         """TensorBoard event files (``train.report_to: [tensorboard]``)."""
         return self.path / "tensorboard"
+
+    @property
+    def trackers_file(self) -> Path:
+        """The run's tracker run ids (``run/trackers.py``), so a resume reopens them."""
+        return self.path / "trackers.json"
 
     # --- what the files say --------------------------------------------------------------------
 

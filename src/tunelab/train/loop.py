@@ -49,6 +49,7 @@ from tunelab.model.load import (
 from tunelab.model.swiglu import fuse_gated_activations
 from tunelab.objectives import OBJECTIVES
 from tunelab.peak_memory import peak_rss_bytes
+from tunelab.progress import training_line
 from tunelab.run.directory import RunDir, create_run, write_json
 from tunelab.run.load import starting_point
 from tunelab.run.manifest import Manifest
@@ -403,6 +404,8 @@ def _train(config: Config, cluster: distributed.Cluster, *, resume: str | Path |
             _measure_before(training, state, metrics)
         state = _run_steps(training, state, metrics, run, stop_after_steps)
     if state.step < training.total_steps:
+        if cluster.is_main:
+            metrics.close(finished=False)
         console.print(f"Stopped at step {state.step} of {training.total_steps}; finish with "
                       f"[bold]tunelab train --resume {run}[/]")
         return _result(run.path, state, None, time.perf_counter() - started)
@@ -414,6 +417,7 @@ def _train(config: Config, cluster: distributed.Cluster, *, resume: str | Path |
             final_train_loss=result.final_train_loss, steps=state.step, wall_s=result.wall_s,
             train_s=state.train_s, train_tokens=state.train_tokens,
             measured_peak_rss_bytes=peak_rss_bytes()))
+        metrics.close(finished=True)  # the trackers get the adapter and config
     cluster.barrier()  # the run directory is complete before any rank returns
     _print_summary(result, console)
     return result
@@ -563,6 +567,7 @@ def _run_steps(training: Training, state: TrainState, metrics, run: RunDir,
     """
     train_cfg, total = training.config.train, training.total_steps
     steps_this_call, saved_step, rng_at_step_start = 0, state.step, rng_states()
+    started = time.perf_counter()
     training.step_model.train()
     progress = _progress_bar(training.console)
     try:
@@ -576,7 +581,9 @@ def _run_steps(training: Training, state: TrainState, metrics, run: RunDir,
                 progress.update(bar, completed=state.step, status=status)
                 if not training.console.is_terminal and (state.step % max(1, total // 10) == 0
                                                          or state.step == total):
-                    training.console.print(f"step {state.step}/{total}  {status}")
+                    training.console.print(training_line(
+                        state.step, total, status, elapsed_s=time.perf_counter() - started,
+                        steps_done=steps_this_call), highlight=False)
                 at_save = train_cfg.save_every and state.step % train_cfg.save_every == 0
                 stopping = stop_after_steps is not None and steps_this_call >= stop_after_steps
                 if (at_save or stopping) and state.step < total:
@@ -629,7 +636,8 @@ def _step(training: Training, state: TrainState, metrics) -> str:
                       step_s=round(step_s, 4), **_task_tokens(group, training),
                       **(extra or {name: round(value, 6) for name, value in
                                    losses.stats.items()}))
-    status = f"loss {losses.loss:.4f}  {state.tokens_per_second:,.0f} tok/s"
+    status = (f"loss {losses.loss:.4f}  lr {lr:.2e}  grad norm {losses.grad_norm:.3g}  "
+              f"{state.tokens_per_second:,.0f} tok/s")
     if train_cfg.eval_every and state.step % train_cfg.eval_every == 0 \
             and state.step < training.total_steps:
         val, per_task = training.validate()
