@@ -253,18 +253,60 @@ def report(
 @app.command("config")
 def config_(
     key: str | None = typer.Argument(None, help="A field (train.lr) or a section (train); "
-                                     "every field when left out."),
+                                     "every field when left out. Or import (see --from)."),
+    file: Path | None = typer.Argument(None, help="import: the other tool's config file."),
     explain: bool = typer.Option(False, "--explain", help="Print type, default and meaning."),
+    from_: str | None = typer.Option(None, "--from", help="import: the tool that wrote FILE: "
+                                     "axolotl, trl or llamafactory."),
+    output: Path | None = typer.Option(None, "-o", "--output", help="import: the tunelab "
+                                       "config to write (default FILE's NAME.tunelab.yaml)."),
+    force: bool = typer.Option(False, "--force", help="import: overwrite --output."),
 ) -> None:
-    """Explain config fields: type, default and what each one does (tunelab config --explain)."""
+    """Explain config fields (tunelab config --explain [KEY]), or convert another tool's config
+    (tunelab config import --from axolotl|trl|llamafactory FILE [-o OUT])."""
     from tunelab.config import explain as explain_fields
     from tunelab.config import render_explanation
 
+    if key == "import":
+        _import_config(from_, file, output, force)
+        return
     if not explain:
-        raise ConfigError("tunelab config only explains fields for now", where="tunelab config",
-                          fix=f"add --explain: tunelab config --explain {key or '[KEY]'}")
+        raise ConfigError("tunelab config explains fields (--explain) or imports another "
+                          "tool's config (import)", where="tunelab config",
+                          fix=f"add --explain: tunelab config --explain {key or '[KEY]'}, or "
+                          "tunelab config import --from axolotl FILE")
     console.print(render_explanation(explain_fields(key)), markup=False, highlight=False,
                   soft_wrap=True)
+
+
+def _import_config(tool: str | None, file: Path | None, output: Path | None,
+                   force: bool) -> None:
+    """Translate, validate as tunelab will read it, write, then show what was carried over."""
+    from rich.table import Table
+
+    from tunelab.config import config_from_dict
+    from tunelab.importers import TOOLS, default_output, import_config
+
+    if tool is None or file is None:
+        raise ConfigError("tunelab config import needs the tool (--from) and the file",
+                          where="tunelab config import",
+                          fix=f"tunelab config import --from {'|'.join(TOOLS)} FILE [-o OUT]")
+    out = output or default_output(file)
+    if out.exists() and not force:
+        raise ConfigError(f"{out} exists", where="tunelab config import -o",
+                          fix="pass --force to overwrite it, or -o another path")
+    imported = import_config(tool, file, out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    config_from_dict(imported.config, source=f"{out} (imported from {file})",
+                     base_dir=out.parent)
+    out.write_text(imported.yaml())
+    table = Table(title=f"{TOOLS[tool]} {file} → {out}")
+    for column in (TOOLS[tool], "tunelab", "", "why / what differs"):
+        table.add_column(column, overflow="fold")
+    for row in imported.rows:
+        table.add_row(row.source, row.target or "—", row.kind, row.note)
+    console.print(table)
+    console.print(f"Wrote {out}. Check it (tunelab data check {out}), then: tunelab train {out}")
 
 
 @app.command()

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from tunelab.data.formats import FORMATS
 from tunelab.errors import ConfigError
 from tunelab.eval.tasks import TASKS
+from tunelab.importers import foreign_config_error
 from tunelab.model.adapters import METHODS
 from tunelab.objectives import OBJECTIVES, RL_LOSSES
 
@@ -111,8 +112,9 @@ class TaskData(_Section):
         "data (drawn with train.seed)."))
     format: Literal[("auto", *FORMATS)] = Field(  # type: ignore[valid-type]
         "auto", description="Record format: auto (detected per file), chat (OpenAI messages), "
-        "instruction (Alpaca), completion (prompt/completion), text, or template (data.prompt "
-        "and data.completion over any columns).")
+        "sharegpt (conversations of from/value turns), instruction (Alpaca), completion "
+        "(prompt/completion: strings, or TRL's conversational message lists), text, or template "
+        "(data.prompt and data.completion over any columns).")
     prompt: str | None = Field(None, description=(
         "Template mode: a format string over the record's columns that gives the prompt, e.g. "
         "'Review: {text}\\nSentiment:'. Needs data.completion."))
@@ -494,6 +496,9 @@ def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None
     if not isinstance(raw, dict):
         raise ConfigError("must be a YAML mapping of sections (name, model, method, data, train)",
                           where=str(path))
+    foreign = foreign_config_error(raw, path)  # an Axolotl, TRL or LLaMA-Factory config
+    if foreign is not None:
+        raise foreign
     for dotted, value in (overrides or {}).items():
         _set_dotted(raw, dotted, value)
     return config_from_dict(raw, source=str(path), document=document, base_dir=path.parent)
