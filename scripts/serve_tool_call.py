@@ -83,8 +83,13 @@ def ask(client, model: str, record: dict, stream: bool, max_tokens: int):
                "temperature": 0, "max_tokens": max_tokens}
     started = time.perf_counter()
     if stream:
+        import openai
+
         with client.chat.completions.stream(**options) as events:
-            choice = events.get_final_completion().choices[0]
+            try:
+                choice = events.get_final_completion().choices[0]
+            except openai.LengthFinishReasonError as cut:  # the helper refuses a cut answer
+                choice = cut.completion.choices[0]
     else:
         choice = client.chat.completions.create(**options).choices[0]
     return choice.message, choice.finish_reason, time.perf_counter() - started

@@ -304,3 +304,15 @@ def test_run_objectives_compares_every_stage_with_the_base_and_with_sft(tmp_path
         assert ("hallucination_rate" in comparisons["sft vs base"]) == grounded
     assert result["stages"]["grpo"]["preflight"]["prompts"] == 2
     assert "val_reward" in result["stages"]["grpo"]["validation"]["after"]
+
+
+@pytest.mark.slow  # a tiny training, then `tunelab serve` started as a process (~30 s)
+def test_serve_tool_call_asks_the_served_run_through_the_openai_client(tmp_path):
+    run_smoke("scripts/serve_tool_call.py", "--out", str(tmp_path / "serve.json"))
+    result = renders_like("examples/tools/results/serve.json", tmp_path / "serve.json")
+    assert result["n_requests"] == 3
+    for model in ("tuned", "base"):
+        for way in ("non_streamed", "streamed"):
+            measured = result[model][way]
+            assert measured["n"] == 3 and sum(measured["finish_reasons"].values()) == 3
+            assert 0 <= measured["right_call"] <= 1

@@ -239,7 +239,10 @@ def test_a_malformed_call_is_returned_as_content(client, server):
                    "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}
         if stream:
             with client.chat.completions.stream(**options) as events:
-                choice = events.get_final_completion().choices[0]
+                try:
+                    choice = events.get_final_completion().choices[0]
+                except openai.LengthFinishReasonError as cut:  # the client's parse helper
+                    choice = cut.completion.choices[0]  # refuses an answer cut at max_tokens
         else:
             choice = client.chat.completions.create(**options).choices[0]
         assert choice.finish_reason in ("length", "stop")
@@ -313,7 +316,7 @@ def test_completion_logprobs_in_the_legacy_shape(client):
                                          temperature=0, logprobs=2)
     choice = response.choices[0]
     logprobs = choice.logprobs
-    assert "".join(logprobs.tokens) == choice.text
+    assert "".join(logprobs.tokens).removesuffix("<|im_end|>") == choice.text  # EOS: no text
     assert len(logprobs.token_logprobs) == len(logprobs.tokens) == 5
     assert all(len(top) <= 2 and max(top.values()) == pytest.approx(value, abs=1e-6)
                for top, value in zip(logprobs.top_logprobs, logprobs.token_logprobs,
@@ -374,7 +377,7 @@ MALFORMED = [
     (chat(messages=[{"role": "user", "content": "hi", "colour": "red"}]), {}, 400,
      "messages.0.colour"),
     (chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]), {},
-     400, "messages.0.content.0.type"),
+     400, "messages.0.content"),
     (chat(messages=[{"role": "tool", "content": "12"}]), {}, 400, "messages.0.tool_call_id"),
     (chat(messages=[{"role": "user", "content": "hi"},
                     {"role": "tool", "tool_call_id": "call_9", "content": "12"}]), {}, 400,

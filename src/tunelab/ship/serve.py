@@ -515,7 +515,7 @@ def _check_message(message: ChatMessage, number: int) -> None:
     if message.content is None and not (message.role == "assistant" and message.tool_calls):
         raise ApiError(400, f"{where}.content is missing; only an assistant turn that calls "
                        "tools may leave it out", param=f"{where}.content")
-    if message.tool_calls and message.role != "assistant":
+    if message.tool_calls is not None and message.role != "assistant":
         raise ApiError(400, f"{where} is a {message.role} message with tool_calls; only "
                        "assistant turns call tools", param=f"{where}.tool_calls")
     if message.role == "tool" and message.tool_call_id is None:
