@@ -186,6 +186,8 @@ def _named_after(config: Config, preloaded: Preloaded) -> Config:
                           fix="leave out model= (the run's weights are loaded), or "
                           "train.init_from")
     if "path" in config.model.model_fields_set:
+        if preloaded.name_or_path is None:  # the adapter's sidecar names the base by it
+            preloaded.model.name_or_path = config.model.path
         return config
     if preloaded.name_or_path is None:
         raise ConfigError("the model handed in has no name_or_path (it was built from a config,"
