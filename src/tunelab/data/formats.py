@@ -535,6 +535,8 @@ def sharegpt_field(record: Record) -> str | None:
 
 def _sharegpt_example(record: Record) -> Example:
     """ShareGPT turns (plus the record's system and tools columns) → a chat Example."""
+    if "kto_tag" in record.fields or preference_shape(record) is not None:
+        detect_format(record)  # raises: preference data, even where data.format names sharegpt
     name = sharegpt_field(record)
     if name is None:
         raise DataError(
