@@ -792,15 +792,19 @@ def render_serve_tools(result: dict) -> str:
     lines.append("| streamed answer = non-streamed | "
                  f"{result['base']['streamed_equals_non_streamed']:.0%} | "
                  f"{result['tuned']['streamed_equals_non_streamed']:.0%} |")
+    reasons = [", ".join(f"{reason} {count}" for reason, count in sorted(
+        result[model]["non_streamed"]["finish_reasons"].items())) for model in ("base", "tuned")]
+    lines.append(f"| finish reasons | {reasons[0]} | {reasons[1]} |")
     lines.append(f"| median latency, non-streamed | "
                  f"{result['base']['non_streamed']['median_latency_s']:.2f} s | "
                  f"{result['tuned']['non_streamed']['median_latency_s']:.2f} s |")
     training = result.get("training") or {}
-    trained = (f" The run: {training['steps']} optimizer steps, validation loss "
-               f"{training['val_loss_before']:.3f} → {training['val_loss_after']:.3f}."
-               if training.get("steps") else "")
-    return ("\n".join(lines) + f"\n\n`tunelab serve {result['run']}`, greedy, up to "
-            f"{result['max_tokens']} new tokens.{trained} Measured by {_origin(result)}.\n")
+    trained = (f" (`tunelab train` {training['wall_s'] / 60:.1f} min, {training['steps']} "
+               f"optimizer steps, validation loss {training['val_loss_before']:.3f} → "
+               f"{training['val_loss_after']:.3f})" if training.get("steps") else "")
+    return ("\n".join(lines) + f"\n\n`tunelab serve` on the run {result['run']}{trained} and "
+            f"its base model, the first {result['n_requests']} records of {result['data']}, "
+            f"greedy, up to {result['max_tokens']} new tokens. Measured by {_origin(result)}.\n")
 
 
 def render_ship_checks(result: dict) -> str:

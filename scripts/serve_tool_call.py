@@ -111,7 +111,7 @@ def measure(client, model: str, records: list[dict], max_tokens: int) -> dict:
             names.append(float(tool_calls_match(gold, called, names_only=True)))
             reasons[reason] = reasons.get(reason, 0) + 1
             seconds.append(elapsed)
-            shown.append((message.content, called))
+            shown.append((message.content or None, called))  # the stream's is "", not None
         answers[stream] = shown
         outcome["streamed" if stream else "non_streamed"] = {
             "right_call": round(sum(right) / len(right), 4),
