@@ -44,8 +44,9 @@ DATA_FOLDER = "data"
 
 
 def data_file(run: RunDir | Path, split: str) -> Path:
-    """Where a run keeps the in-memory data of ``split``: ``data/<split>.jsonl``."""
-    return Path(run) / DATA_FOLDER / f"{split}.jsonl"
+    """Where a run keeps the in-memory data of ``split``: ``data/<split>.jsonl``, absolute
+    (a saved config's relative path would resolve against the config's own folder)."""
+    return (Path(run) / DATA_FOLDER / f"{split}.jsonl").resolve()
 
 
 def read_splits_in_memory(given: dict[str, Any], config: Config) -> dict[str, list[Record]]:
@@ -113,7 +114,7 @@ class StagedData:
         """The staged files, and ``config`` reading them."""
         output = Path(config.output_dir)
         output.mkdir(parents=True, exist_ok=True)
-        folder = Path(tempfile.mkdtemp(prefix=f".{config.name}-data-", dir=output))
+        folder = Path(tempfile.mkdtemp(prefix=f".{config.name}-data-", dir=output)).resolve()
         files = {split: folder / f"{split}.jsonl" for split in splits}
         for split, records in splits.items():
             write_text(files[split], jsonl_text(records))
