@@ -206,3 +206,18 @@ def test_the_front_refuses_as_it_does_for_the_own_engine(served):
                                         temperature=1.0, seed=7).choices[0].text
               for _ in range(2)]
     assert seeded[0] == seeded[1]
+
+
+def test_vllm_and_unknown_engines_say_what_is_missing(runs):
+    from tunelab.errors import ConfigError
+    from tunelab.ship.engines import load_engine
+    from tunelab.ship.vllm_engine import missing
+
+    with pytest.raises(ConfigError, match="unknown engine 'tgi'"):
+        load_engine("tgi", [str(runs["reviews"])])
+    lacking = missing()
+    if lacking is None:
+        pytest.skip("vLLM and a CUDA GPU are here: tunelab serve --engine vllm would start")
+    with pytest.raises(ModelError, match="--engine vllm cannot run here") as raised:
+        load_engine("vllm", [str(runs["reviews"])])
+    assert lacking in raised.value.message and raised.value.fix
