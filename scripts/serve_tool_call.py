@@ -147,9 +147,11 @@ def main(argv: list[str] | None = None) -> None:
     origin = provenance()
     records = [json.loads(line) for line in args.data.read_text().splitlines() if line.strip()]
     records = records[:3 if args.smoke else args.limit]
-    if args.smoke:  # the tiny model's 512 positions hold one function's definition, not three
-        records = [{**record, "tools": [tool for tool in record["tools"] if tool["function"][
-            "name"] in {call["name"] for call in reference_calls(record)}]} for record in records]
+    if args.smoke:  # the tiny model's 512 positions hold one request and function, not three
+        records = [{"messages": record["messages"][-2:], "tools": [
+            tool for tool in record["tools"]
+            if tool["function"]["name"] in {call["name"] for call in reference_calls(record)}]}
+            for record in records]
         args.max_tokens = 8
     with tempfile.TemporaryDirectory(prefix="tunelab-serve-tools-") as scratch:
         run = smoke_run(Path(scratch)) if args.smoke else args.run.resolve()
