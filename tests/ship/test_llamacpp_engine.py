@@ -25,7 +25,7 @@ from export_runs import GREETINGS, make_run
 from safetensors.numpy import load_file
 
 from tunelab.errors import ModelError
-from tunelab.ship.gguf import _permute
+from tunelab.ship.gguf import permute
 from tunelab.ship.gguf_lora import write_gguf_lora
 from tunelab.ship.llamacpp import find_server, free_port
 from tunelab.ship.serve import create_app, load_served_models
@@ -82,8 +82,8 @@ def test_the_gguf_lora_adapter_holds_llama_cpps_keys_names_and_shapes(runs, tmp_
     prefix = "base_model.model.model.layers.0."
     q_b = peft[prefix + "self_attn.q_proj.lora_B.weight"]
     np.testing.assert_array_equal(np.asarray(tensors["blk.0.attn_q.weight.lora_b"].data),
-                                  _permute(q_b, base_config.num_attention_heads))
-    assert not np.array_equal(_permute(q_b, base_config.num_attention_heads), q_b)
+                                  permute(q_b, base_config.num_attention_heads))
+    assert not np.array_equal(permute(q_b, base_config.num_attention_heads), q_b)
     np.testing.assert_array_equal(np.asarray(tensors["blk.0.attn_v.weight.lora_b"].data),
                                   peft[prefix + "self_attn.v_proj.lora_B.weight"])
     np.testing.assert_array_equal(np.asarray(tensors["blk.0.attn_q.weight.lora_a"].data),

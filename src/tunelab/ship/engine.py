@@ -265,7 +265,7 @@ class Engine:
             text, reason = text[:cut], "stop"
         elif reason is None and len(row.tokens) >= sampling.max_new_tokens:
             reason = "length"
-        ready = len(text) if reason else _safe_length(text, sampling.stop)
+        ready = len(text) if reason else safe_length(text, sampling.stop)
         if ready > row.sent_chars:
             row.request.on_event(Event("delta", row.index, text[row.sent_chars:ready],
                                        logprobs=_take(row.pending_logprobs)))
@@ -372,7 +372,7 @@ def _take(pending: list[TokenLogprob]) -> tuple[TokenLogprob, ...]:
     return taken
 
 
-def _safe_length(text: str, stop: tuple[str, ...]) -> int:
+def safe_length(text: str, stop: tuple[str, ...]) -> int:
     """How much of ``text`` can be sent: not a partial character, nor a stop string's start."""
     safe = len(text.rstrip("\ufffd"))  # an incomplete UTF-8 character decodes as U+FFFD
     for marker in stop:

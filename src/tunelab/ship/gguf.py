@@ -305,9 +305,9 @@ def _converted(hf_name: str, tensor: torch.Tensor, family: Family, config: Any,
                n_vocab: int) -> np.ndarray:
     weights = tensor.detach().to(torch.float32).cpu().numpy()
     if family.permute_qk and hf_name.endswith("q_proj.weight"):
-        weights = _permute(weights, config.num_attention_heads)
+        weights = permute(weights, config.num_attention_heads)
     elif family.permute_qk and hf_name.endswith("k_proj.weight"):
-        weights = _permute(weights, config.num_key_value_heads)
+        weights = permute(weights, config.num_key_value_heads)
     if family.norm_shift and hf_name.endswith("norm.weight"):
         weights = weights + family.norm_shift
     if family.trim_vocab and hf_name.endswith(("embed_tokens.weight", "lm_head.weight")):
@@ -342,7 +342,7 @@ def _extra_tensors(config: Any, family: Family) -> Iterator[tuple[str, np.ndarra
         np.asarray(factors, dtype=np.float32)
 
 
-def _permute(weights: np.ndarray, n_head: int) -> np.ndarray:
+def permute(weights: np.ndarray, n_head: int) -> np.ndarray:
     """Reorder each head's rows from rotate-half (transformers) to interleaved (llama.cpp)."""
     return (weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
             .swapaxes(1, 2)

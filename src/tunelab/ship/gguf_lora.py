@@ -21,7 +21,7 @@ import numpy as np
 
 from tunelab.errors import ModelError
 from tunelab.model.architecture import text_config
-from tunelab.ship.gguf import _permute, family_of
+from tunelab.ship.gguf import family_of, permute
 
 #: The prefix peft puts before the base model's own parameter names in adapter_model.safetensors.
 _PEFT_PREFIX = "base_model.model."
@@ -68,9 +68,9 @@ def write_gguf_lora(adapter_folder: Path, base_config: Any, path: Path, *, name:
         lora_a = weights[key].astype(np.float32)  # [rank, in]
         lora_b = weights[f"{module}.lora_B.weight"].astype(np.float32)  # [out, rank]
         if family.permute_qk and hf_name.endswith("q_proj"):
-            lora_b = _permute(lora_b, config.num_attention_heads)
+            lora_b = permute(lora_b, config.num_attention_heads)
         elif family.permute_qk and hf_name.endswith("k_proj"):
-            lora_b = _permute(lora_b, config.num_key_value_heads)
+            lora_b = permute(lora_b, config.num_key_value_heads)
         # float32: a rank-r adapter is small, and llama.cpp multiplies F32 A and B as they are
         for suffix, tensor in ((".lora_a", lora_a), (".lora_b", lora_b)):
             writer.add_tensor(gguf_name + suffix, np.ascontiguousarray(tensor))

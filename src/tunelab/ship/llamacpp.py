@@ -403,7 +403,7 @@ class LlamaCppEngine:
     def _report(self, request, index: int, row: _Sequence, pending: list) -> str | None:
         """Send the sequence's new text as the own engine does after each token (held back
         while it may be a stop string's start or a partial character); its finish reason."""
-        from tunelab.ship.engine import Event, _safe_length
+        from tunelab.ship.engine import Event, safe_length
 
         sampling = request.sampling
         reason = "stop" if row.tokens[-1] in self.eos_ids else None
@@ -413,7 +413,7 @@ class LlamaCppEngine:
             text, reason = text[:cut], "stop"
         elif reason is None and len(row.tokens) >= sampling.max_new_tokens:
             reason = "length"
-        ready = len(text) if reason else _safe_length(text, sampling.stop)
+        ready = len(text) if reason else safe_length(text, sampling.stop)
         if ready > row.sent_chars:
             request.on_event(Event("delta", index, text[row.sent_chars:ready],
                                    **_taken(pending)))
@@ -522,30 +522,21 @@ def load_llama_cpp(runs: list[str], *, base: str | None = None, console=None,
 
     from tunelab.model.adapters import METHODS
     from tunelab.model.load import load_tokenizer, resolve_model_path
-    from tunelab.run.directory import open_run
-    from tunelab.ship.serve import ServedModel, _check_servable, _common_base, _named_run
+    from tunelab.ship.served import common_base, open_runs, served_models
 
     if not runs:
         raise RunError("--engine llama.cpp serves runs: name at least one run directory",
                        where="tunelab serve --engine llama.cpp",
                        fix="tunelab serve --engine llama.cpp RUN_DIR ...; a bare base model is "
                            "served by the own engine (tunelab serve --base MODEL)")
-    opened = []
-    for argument in runs:
-        name, path = _named_run(argument)
-        run, config = open_run(path, need_data=False)
-        _check_servable(run, config)
+    opened = open_runs(runs)
+    for _, run, config in opened:
         if METHODS[config.method.kind].load_in_4bit:
             raise RunError(f"{run} was trained with QLoRA on a 4-bit base, which llama.cpp "
                            "does not load as it was trained", where=str(run),
                            fix="serve it with the own engine (tunelab serve without --engine) "
                                "or export it merged: tunelab export RUN --to gguf")
-        opened.append((name or config.name, run, config))
-    names = [name for name, _, _ in opened]
-    if len(set(names)) < len(names):
-        raise RunError("two runs would be served under one name", where="tunelab serve",
-                       fix="give one another name: tunelab serve NEWNAME=RUN_DIR ...")
-    base_ref = _common_base(opened, base)
+    base_ref = common_base(opened, base)
     binary = find_server(build_if_missing=True, console=console)
     source = resolve_model_path(*base_ref)
     tokenizer = load_tokenizer(*base_ref)  # as the own engine loads it (load_run_base)
@@ -560,11 +551,7 @@ def load_llama_cpp(runs: list[str], *, base: str | None = None, console=None,
     server = LlamaServer(binary, model_file, loras, slots=slots, slot_context=slot_context,
                          threads=threads)
     base_name = base_ref[0] if base_ref[1] is None else f"{base_ref[0]}/{base_ref[1]}"
-    served = [ServedModel(base_name, None)]
-    adapters = {}
-    for number, (name, _, config) in enumerate(opened):
-        adapters[f"adapter{number}"] = number
-        served.append(ServedModel(name, f"adapter{number}", config.data.chat_template,
-                                  config.data.chat_template_kwargs))
+    served = served_models(base_name, opened)
+    adapters = {model.adapter: number for number, model in enumerate(served[1:])}
     engine = LlamaCppEngine(server, tokenizer, adapters, context_tokens=slot_context)
     return tokenizer, served, engine

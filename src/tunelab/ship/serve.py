@@ -29,7 +29,6 @@ import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, FastAPI
@@ -41,9 +40,9 @@ from starlette.exceptions import HTTPException
 
 from tunelab.data.render import chat_template_of
 from tunelab.errors import ConfigError, DataError, RunError
-from tunelab.run.directory import RunDir, open_run
-from tunelab.run.load import attach_adapter, load_run_base, run_base
+from tunelab.run.load import attach_adapter, load_run_base
 from tunelab.ship.engine import Engine, Event, Request, Sampling, TokenLogprob, context_length
+from tunelab.ship.served import ServedModel, common_base, open_runs, served_models
 from tunelab.ship.tool_calls import (
     ToolCallStream,
     ToolChoiceError,
@@ -76,16 +75,6 @@ RESPONSE_FORMAT_FIX = (
     "send response_format {\"type\": \"text\"}")
 
 
-@dataclass(frozen=True)
-class ServedModel:
-    """A model id clients ask for: a run's adapter, or the base (``adapter`` None)."""
-
-    name: str
-    adapter: str | None
-    chat_template: str | None = None  # the run's data.chat_template, as training used it
-    chat_template_kwargs: dict | None = None  # and its data.chat_template_kwargs
-
-
 # --- loading -----------------------------------------------------------------------------------
 
 
@@ -98,26 +87,13 @@ def load_served_models(runs: list[str], *, base: str | None = None):
     base is loaded in 4 bits, as it was trained."""
     if not runs:
         return _load_bare_base(base)
-    opened = []
-    for argument in runs:
-        name, path = _named_run(argument)
-        run, config = open_run(path, need_data=False)
-        opened.append((name or config.name, run, config))
-    for _, run, config in opened:
-        _check_servable(run, config)
-    names = [name for name, _, _ in opened]
-    duplicates = sorted({name for name in names if names.count(name) > 1})
-    if duplicates:
-        raise RunError(f"two runs would be served as {duplicates[0]!r}", where="tunelab serve",
-                       fix="give one another name: tunelab serve NEWNAME=RUN_DIR ...")
-    base_path, gguf_file = _common_base(opened, base)
+    opened = open_runs(runs)
+    base_path, gguf_file = common_base(opened, base)
     model, tokenizer = load_run_base(opened[0][1], opened[0][2], base=(base_path, gguf_file))
-    served = [ServedModel(base_path if gguf_file is None else f"{base_path}/{gguf_file}", None)]
-    for number, (name, run, config) in enumerate(opened):
-        adapter = f"adapter{number}"  # peft keys modules by adapter name: no dots allowed
-        model = attach_adapter(model, run, config, name=adapter)
-        served.append(ServedModel(name, adapter, config.data.chat_template,
-                                  config.data.chat_template_kwargs))
+    served = served_models(base_path if gguf_file is None else f"{base_path}/{gguf_file}",
+                           opened)
+    for model_id, (_, run, config) in zip(served[1:], opened, strict=True):
+        model = attach_adapter(model, run, config, name=model_id.adapter)
     model.eval()
     return model, tokenizer, served
 
@@ -136,42 +112,6 @@ def _load_bare_base(base: str | None):
     model = load_model(base)
     model.eval()
     return model, tokenizer, [ServedModel(base, None)]
-
-
-def _named_run(argument: str) -> tuple[str | None, Path]:
-    name, sep, path = argument.partition("=")
-    if sep and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
-        return name, Path(path)
-    return None, Path(argument)
-
-
-def _check_servable(run: RunDir, config) -> None:
-    from tunelab.model.adapters import METHODS
-
-    if not METHODS[config.method.kind].adapter:
-        raise RunError(f"{run} is a {config.method.kind} fine-tune, not an adapter; tunelab "
-                       "serve serves adapters on a shared base", where=str(run),
-                       fix=f"serve its weights as the base: tunelab serve OTHER_RUN --base "
-                       f"{run.final_folder(config.method.kind)}, or train with method.kind lora")
-    run.final_weights(config.method.kind)  # a RunError when the run has no final adapter
-
-
-def _common_base(opened: list, base: str | None) -> tuple[str, str | None]:
-    """The one base every run was trained on (each found as :func:`run.load.run_base` finds
-    it), or ``base``; QLoRA runs (a 4-bit base) and others never share one."""
-    from tunelab.model.adapters import METHODS
-
-    in_4bit = {METHODS[config.method.kind].load_in_4bit for _, _, config in opened}
-    bases = {run_base(run, config) for _, run, config in opened}
-    if len(in_4bit) > 1 or (base is None and len(bases) > 1):
-        listing = "; ".join(f"{run}: {config.model.path}"
-                            + (" in 4 bits (QLoRA)" if METHODS[config.method.kind].load_in_4bit
-                               else "") for _, run, config in opened)
-        raise RunError(f"these runs were trained on different base models ({listing})",
-                       where="tunelab serve",
-                       fix="serve runs of one base together (one server per base), or pass "
-                       "--base MODEL if the bases are the same model at different paths")
-    return (base, None) if base is not None else bases.pop()
 
 
 # --- requests ----------------------------------------------------------------------------------

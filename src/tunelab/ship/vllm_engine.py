@@ -138,10 +138,9 @@ def load_vllm(runs: list[str], *, base: str | None = None, console=None):
     """(tokenizer, served models, :class:`VllmEngine`) for ``runs`` on their common base."""
     from tunelab.model.architecture import text_config
     from tunelab.model.load import load_tokenizer, resolve_model_path
-    from tunelab.run.directory import open_run
     from tunelab.ship.export import export_run
     from tunelab.ship.llamacpp import free_port
-    from tunelab.ship.serve import ServedModel, _check_servable, _common_base, _named_run
+    from tunelab.ship.served import ServedModel, common_base, open_runs
 
     lacking = missing()
     if lacking:
@@ -152,13 +151,8 @@ def load_vllm(runs: list[str], *, base: str | None = None, console=None):
         raise RunError("--engine vllm serves runs: name at least one run directory",
                        where="tunelab serve --engine vllm", fix="tunelab serve --engine vllm "
                        "RUN_DIR ...")
-    opened = []
-    for argument in runs:
-        name, path = _named_run(argument)
-        run, config = open_run(path, need_data=False)
-        _check_servable(run, config)
-        opened.append((name or config.name, run, config))
-    base_ref = _common_base(opened, base)
+    opened = open_runs(runs)
+    base_ref = common_base(opened, base)
     source = resolve_model_path(*base_ref)
     tokenizer = load_tokenizer(*base_ref)
     port = free_port()
