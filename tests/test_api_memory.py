@@ -1,7 +1,7 @@
 """The Python API on data in memory and on a model already loaded (docs/python-api.md): lists of
 dicts, datasets.Dataset, DataFrames; errors that name the row; a run trained from memory that
 the CLI evaluates and the API resumes; a preloaded model that is the one trained; the
-notebook snippet of docs/python-api.md run as written there."""
+README's notebook snippet run as written there."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from tunelab.data.readers import read_rows
 from tunelab.errors import ConfigError, DataError, RunError
 from tunelab.run.directory import RunDir
 
-DOCS = Path(__file__).resolve().parents[1] / "docs" / "python-api.md"
+DOCS = Path(__file__).resolve().parents[1] / "README.md"  # its notebook snippet
 
 
 def reviews(n: int, seed: int) -> list[dict]:
