@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.config import Config
-from tunelab.errors import ConfigError
+from tunelab.errors import ConfigError, TunelabError
 from tunelab.eval.result import EvalResult
 from tunelab.model.adapters import METHODS
 from tunelab.run.directory import RunDir, write_json
@@ -148,7 +148,10 @@ def log_artifact(run: RunDir, path: Path, folder: str | None = None) -> None:
     """A file a command wrote for a run (``report.html``) to its MLflow run, as an artifact."""
     if not run.is_run():
         return
-    target = run_target(run)
+    try:
+        target = run_target(run)
+    except TunelabError:  # a damaged or partial config: the report says so, tracking is moot
+        return
     if "mlflow" not in target.report_to:
         return
     with reopened(Target(target.folder, target.name, target.home, target.params,
