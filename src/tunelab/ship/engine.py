@@ -257,15 +257,9 @@ class Engine:
 
         Returns whether the row finished: end of sequence, a stop string, or its token budget.
         """
-        sampling = row.request.sampling
-        reason = "stop" if token in self.eos_ids else None
-        text = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
-        cut = min((i for i in (text.find(s) for s in sampling.stop) if i >= 0), default=-1)
-        if cut >= 0:
-            text, reason = text[:cut], "stop"
-        elif reason is None and len(row.tokens) >= sampling.max_new_tokens:
-            reason = "length"
-        ready = len(text) if reason else safe_length(text, sampling.stop)
+        text, ready, reason = settle(self.tokenizer.decode(row.tokens, skip_special_tokens=True),
+                                     row.request.sampling, ended=token in self.eos_ids,
+                                     produced=len(row.tokens))
         if ready > row.sent_chars:
             row.request.on_event(Event("delta", row.index, text[row.sent_chars:ready],
                                        logprobs=_take(row.pending_logprobs)))
@@ -370,6 +364,19 @@ def _take(pending: list[TokenLogprob]) -> tuple[TokenLogprob, ...]:
     taken = tuple(pending)
     pending.clear()
     return taken
+
+
+def settle(text: str, sampling: Sampling, *, ended: bool,
+           produced: int) -> tuple[str, int, str | None]:
+    """A sequence's text so far → (the text cut at its first stop string, how many of its
+    characters may be sent now, the finish reason or None): what every engine streams by."""
+    reason = "stop" if ended else None
+    cut = min((i for i in (text.find(s) for s in sampling.stop) if i >= 0), default=-1)
+    if cut >= 0:
+        text, reason = text[:cut], "stop"
+    elif reason is None and produced >= sampling.max_new_tokens:
+        reason = "length"
+    return text, (len(text) if reason else safe_length(text, sampling.stop)), reason
 
 
 def safe_length(text: str, stop: tuple[str, ...]) -> int:

@@ -403,17 +403,11 @@ class LlamaCppEngine:
     def _report(self, request, index: int, row: _Sequence, pending: list) -> str | None:
         """Send the sequence's new text as the own engine does after each token (held back
         while it may be a stop string's start or a partial character); its finish reason."""
-        from tunelab.ship.engine import Event, safe_length
+        from tunelab.ship.engine import Event, settle
 
-        sampling = request.sampling
-        reason = "stop" if row.tokens[-1] in self.eos_ids else None
-        text = row.text(self.tokenizer)
-        cut = min((i for i in (text.find(s) for s in sampling.stop) if i >= 0), default=-1)
-        if cut >= 0:
-            text, reason = text[:cut], "stop"
-        elif reason is None and len(row.tokens) >= sampling.max_new_tokens:
-            reason = "length"
-        ready = len(text) if reason else safe_length(text, sampling.stop)
+        text, ready, reason = settle(row.text(self.tokenizer), request.sampling,
+                                     ended=row.tokens[-1] in self.eos_ids,
+                                     produced=len(row.tokens))
         if ready > row.sent_chars:
             request.on_event(Event("delta", index, text[row.sent_chars:ready],
                                    **_taken(pending)))
