@@ -183,58 +183,13 @@ def hf_greedy(model, prompt_ids: list[int], new_tokens: int, suppress: list[int]
 # --- llama.cpp's side -----------------------------------------------------------------------
 
 
-class LlamaServer:
-    """``llama-server`` on one GGUF, on 127.0.0.1 (a free port), for the block's duration."""
+class LlamaServer(llamacpp.LlamaServer):
+    """``llama-server`` on one GGUF with one slot and llama.cpp's own chat templates (--jinja),
+    on a free loopback port, for the block's duration; what the check asks of it."""
 
     def __init__(self, binary: Path, gguf: Path, threads: int) -> None:
-        import socket
-
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
-        self.log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
-        self.process = subprocess.Popen(
-            [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(self.port),
-             "-c", "2048", "-np", "1", "-t", str(threads), "--no-webui", "--jinja"],
-            stdout=self.log, stderr=subprocess.STDOUT)
-
-    def __enter__(self) -> LlamaServer:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise SystemExit(f"llama-server exited ({self.process.returncode}):\n"
-                                 + Path(self.log.name).read_text()[-3000:])
-            try:
-                if self.get("/health").get("status") == "ok":
-                    return self
-            except OSError:
-                pass
-            time.sleep(1)
-        raise SystemExit("llama-server did not become healthy in 300 s")
-
-    def __exit__(self, *exc) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-        self.log.close()
-        os.unlink(self.log.name)
-
-    def get(self, path: str) -> dict:
-        import urllib.request
-
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=10) as r:
-            return json.loads(r.read())
-
-    def post(self, path: str, body: dict) -> dict:
-        import urllib.request
-
-        request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}",
-                                         data=json.dumps(body).encode(),
-                                         headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=600) as response:
-            return json.loads(response.read())
+        super().__init__(binary, gguf, [], slots=1, slot_context=2048, threads=threads,
+                         extra_args=("--jinja",))
 
     def tokenize(self, text: str) -> list[int]:
         """The text as llama.cpp tokenizes it: BOS as the GGUF says, special tokens parsed."""

@@ -253,7 +253,8 @@ class LlamaServer:
     tokens of context."""
 
     def __init__(self, binary: Path, model: Path, loras: list[Path], *, slots: int = 16,
-                 slot_context: int = 2048, threads: int | None = None) -> None:
+                 slot_context: int = 2048, threads: int | None = None,
+                 extra_args: tuple[str, ...] = ()) -> None:
         self.port = free_port()
         self.log = tempfile.NamedTemporaryFile("w+", prefix="llama-server-", suffix=".log",
                                                delete=False)
@@ -263,7 +264,15 @@ class LlamaServer:
                         "--no-webui", "--lora-init-without-apply"]
         for lora in loras:
             self.command += ["--lora", str(lora)]
+        self.command += list(extra_args)
         self.process: subprocess.Popen | None = None
+
+    def __enter__(self) -> LlamaServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
     def start(self, timeout_s: float = 300.0) -> None:
         self.process = subprocess.Popen(self.command, stdout=self.log, stderr=subprocess.STDOUT)
